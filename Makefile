@@ -1,0 +1,101 @@
+# qfuse build. `make` builds the library (static + shared), the CLI and the benchmark;
+# `make test` builds and runs every test (unit, Python against PyTorch, sanitizers, fuzzers).
+#
+#   make PORTABLE=1     no -march=native (SIMD kernels are still chosen at run time)
+#   make BLAS=blis      link BLIS instead of OpenBLAS (see docs/blas.md for the measurement)
+#   make test FUZZ_SECONDS=60
+
+CC      ?= cc
+PYTHON  ?= /usr/bin/python3
+BUILD   ?= build
+BLAS    ?= openblas
+FUZZ_SECONDS ?= 15
+
+ifeq ($(PORTABLE),1)
+ARCHFLAGS := -march=x86-64 -mtune=generic
+else
+ARCHFLAGS := $(shell $(CC) -march=native -E -x c /dev/null >/dev/null 2>&1 && echo -march=native)
+endif
+
+WARN    := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wno-unused-parameter
+CFLAGS  ?= -O2 -g
+CFLAGS  += -std=c11 -D_GNU_SOURCE -fPIC -fopenmp $(ARCHFLAGS) $(WARN) -Iinclude -Isrc -Isrc/core
+ifeq ($(BLAS),blis)
+BLAS_CFLAGS := -I/usr/include/blis -DQF_BLAS_BLIS
+BLAS_LIBS   := -lblis
+else
+BLAS_CFLAGS := -I/usr/include/x86_64-linux-gnu/openblas-pthread
+BLAS_LIBS   := -lopenblas
+endif
+CFLAGS  += $(BLAS_CFLAGS)
+LDLIBS  := -lcjson $(BLAS_LIBS) -lm -fopenmp
+
+LIB_SRC := $(sort $(wildcard src/core/*.c src/io/*.c src/ops/*.c src/models/*.c src/backend/*.c))
+LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/%.o)
+CLI_SRC := $(sort $(wildcard src/cli/*.c))
+CLI_OBJ := $(CLI_SRC:%.c=$(BUILD)/%.o)
+TEST_SRC := $(sort $(wildcard tests/c/test_*.c))
+TEST_BIN := $(TEST_SRC:tests/c/%.c=$(BUILD)/tests/%)
+FUZZ_SRC := $(sort $(wildcard fuzz/fuzz_*.c))
+
+.PHONY: all test test-c test-python sanitize fuzz bench clean
+all: $(BUILD)/libqfuse.a $(BUILD)/libqfuse.so $(BUILD)/qfuse $(BUILD)/bench_attention
+
+$(BUILD)/%.o: %.c $(wildcard include/*.h src/*/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/libqfuse.a: $(LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/libqfuse.so: $(LIB_OBJ)
+	$(CC) -shared -o $@ $^ $(LDLIBS)
+
+$(BUILD)/qfuse: $(CLI_OBJ) $(BUILD)/libqfuse.a
+	$(CC) $(CFLAGS) -o $@ $(CLI_OBJ) $(BUILD)/libqfuse.a $(LDLIBS)
+
+$(BUILD)/bench_attention: bench/bench_attention.c $(BUILD)/libqfuse.a
+	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libqfuse.a $(LDLIBS)
+
+$(BUILD)/tests/%: tests/c/%.c tests/c/testutil.h $(BUILD)/libqfuse.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Itests/c -o $@ $< $(BUILD)/libqfuse.a $(LDLIBS)
+
+# ---- tests -------------------------------------------------------------------------------
+test-c: $(TEST_BIN)
+	@set -e; for t in $(TEST_BIN); do echo "== $$t"; $$t; done
+
+test-python: $(BUILD)/libqfuse.so
+	QFUSE_LIBRARY=$(abspath $(BUILD)/libqfuse.so) PYTHONPATH=python $(PYTHON) -m pytest -q tests/python
+
+# The same C and Python tests under AddressSanitizer + UndefinedBehaviorSanitizer.
+SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+sanitize:
+	$(MAKE) BUILD=build-san CFLAGS="-O1 -g $(SAN_FLAGS)" LDFLAGS="$(SAN_FLAGS)" build-san/libqfuse.so test-c-san
+	ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
+	  QFUSE_LIBRARY=$(abspath build-san/libqfuse.so) QFUSE_TEST_QUICK=1 PYTHONPATH=python $(PYTHON) -m pytest -q -x tests/python
+test-c-san: $(TEST_BIN)
+	@set -e; for t in $(TEST_BIN); do echo "== $$t (asan+ubsan)"; $$t; done
+
+# libFuzzer targets, one per parser, each run for FUZZ_SECONDS from its seed corpus.
+FUZZ_CC := clang
+FUZZ_FLAGS := -g -O1 -fsanitize=fuzzer,address,undefined -std=c11 -D_GNU_SOURCE -fopenmp -Iinclude -Isrc -Isrc/core $(BLAS_CFLAGS)
+FUZZ_LIB_SRC := $(filter-out src/ops/% src/models/%,$(LIB_SRC))
+fuzz:
+	@mkdir -p build-fuzz
+	@set -e; for f in $(FUZZ_SRC); do n=$$(basename $$f .c); \
+	  echo "== $$n ($(FUZZ_SECONDS) s)"; \
+	  $(FUZZ_CC) $(FUZZ_FLAGS) -o build-fuzz/$$n $$f $(FUZZ_LIB_SRC) $(LDLIBS); \
+	  mkdir -p build-fuzz/corpus-$$n; \
+	  build-fuzz/$$n -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -print_final_stats=0 \
+	    build-fuzz/corpus-$$n fuzz/corpus/$${n#fuzz_} 2>&1 | tail -n 3; done
+
+test: all test-c test-python sanitize fuzz
+	@echo "all tests passed"
+
+bench: all
+	sh bench/run.sh
+
+clean:
+	rm -rf build build-san build-fuzz
