@@ -23,7 +23,15 @@ qf_status qf_fail_prefix(qf_status s, const char *fmt, ...) {
     vsnprintf(prefix, sizeof prefix, fmt, ap);
     va_end(ap);
     memcpy(old, qf_msg, sizeof old);
-    snprintf(qf_msg, sizeof qf_msg, "%s: %s", prefix, old);
+    /* truncation is intended: a message is capped at QF_MSG_CAP - 1 characters */
+    size_t n = strlen(prefix);
+    if (n > QF_MSG_CAP - 3) n = QF_MSG_CAP - 3;
+    memcpy(qf_msg, prefix, n);
+    memcpy(qf_msg + n, ": ", 2);
+    size_t rest = QF_MSG_CAP - 1 - (n + 2), m = strlen(old);
+    if (m > rest) m = rest;
+    memcpy(qf_msg + n + 2, old, m);
+    qf_msg[n + 2 + m] = '\0';
     return s;
 }
 
