@@ -1,0 +1,169 @@
+/* sdpa.c - public entry points of scaled dot-product attention: argument validation, mask
+ * broadcasting, NaN/Inf screening, then the backend's kernel (sdpa_forward.c, sdpa_backward.c).
+ *
+ * Every rule a caller can break is checked here, once, with a message naming the field; the
+ * kernels then run on a qf_sdpa_problem whose invariants are listed in sdpa_internal.h. */
+#include "sdpa_internal.h"
+#include "backend/backend.h"
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+/* Dimensions beyond these would make per-row kernel buffers unreasonable; far above any model. */
+#define QF_SDPA_MAX_HEAD_DIM 1024
+
+qf_sdpa_params qf_sdpa_defaults(int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t S, int64_t D) {
+    qf_sdpa_params p;
+    memset(&p, 0, sizeof p);
+    p.B = B; p.Hq = Hq; p.Hkv = Hkv; p.L = L; p.S = S; p.D = D; p.Dv = D;
+    p.scale = NAN;
+    p.enable_gqa = Hq != Hkv;
+    p.check_finite = 1;
+    p.mask.kind = QF_MASK_NONE;
+    return p;
+}
+
+static void fmt_shape(char *buf, size_t cap, int ndim, const int64_t *shape) {
+    size_t n = (size_t)snprintf(buf, cap, "[");
+    for (int i = 0; i < ndim && n < cap; i++)
+        n += (size_t)snprintf(buf + n, cap - n, i ? ",%lld" : "%lld", (long long)shape[i]);
+    if (n < cap) snprintf(buf + n, cap - n, "]");
+}
+
+/* Right-aligns the mask shape on [B,Hq,L,S] (numpy broadcasting) and derives element strides:
+ * 0 where the mask has extent 1, the contiguous stride otherwise. */
+static qf_status resolve_mask(const qf_sdpa_params *p, qf_sdpa_problem *pr) {
+    const qf_mask *m = &p->mask;
+    pr->mask_kind = m->kind;
+    pr->mask = NULL;
+    pr->ms_b = pr->ms_h = pr->ms_i = pr->ms_j = 0;
+    if (m->kind == QF_MASK_NONE) return QF_OK;
+    if (m->kind != QF_MASK_BOOL && m->kind != QF_MASK_FLOAT)
+        return qf_fail(QF_ERR_ARG, "sdpa: attn_mask kind %d is not NONE, BOOL or FLOAT", (int)m->kind);
+    if (!m->data) return qf_fail(QF_ERR_ARG, "sdpa: attn_mask data is NULL");
+    if (m->ndim < 0 || m->ndim > 4)
+        return qf_fail(QF_ERR_SHAPE, "sdpa: attn_mask has %d dims; at most 4 (broadcast to [B,Hq,L,S])", m->ndim);
+    const int64_t target[4] = {p->B, p->Hq, p->L, p->S};
+    int64_t full[4] = {1, 1, 1, 1}, stride[4] = {0, 0, 0, 0};
+    for (int d = 0; d < m->ndim; d++) full[4 - m->ndim + d] = m->shape[d];
+    int64_t st = 1;
+    for (int d = 3; d >= 0; d--) {
+        if (full[d] != 1 && full[d] != target[d]) {
+            char ms[96], ts[96];
+            fmt_shape(ms, sizeof ms, m->ndim, m->shape);
+            fmt_shape(ts, sizeof ts, 4, target);
+            static const char *names[4] = {"B", "Hq", "L", "S"};
+            return qf_fail(QF_ERR_SHAPE,
+                           "sdpa: attn_mask shape %s does not broadcast to [B,Hq,L,S] = %s (%s: %lld vs %lld)",
+                           ms, ts, names[d], (long long)full[d], (long long)target[d]);
+        }
+        if (full[d] < 1) return qf_fail(QF_ERR_SHAPE, "sdpa: attn_mask has an empty dimension");
+        stride[d] = full[d] == 1 ? 0 : st;
+        st *= full[d];
+    }
+    pr->mask = m->data;
+    pr->ms_b = stride[0]; pr->ms_h = stride[1]; pr->ms_i = stride[2]; pr->ms_j = stride[3];
+    return QF_OK;
+}
+
+qf_status qf_sdpa_resolve(const qf_sdpa_params *p, qf_sdpa_problem *pr) {
+    if (!p) return qf_fail(QF_ERR_ARG, "sdpa: params is NULL");
+    const struct { const char *name; int64_t v; } dims[] = {
+        {"B", p->B}, {"Hq", p->Hq}, {"Hkv", p->Hkv}, {"L", p->L}, {"S", p->S}, {"D", p->D}, {"Dv", p->Dv}};
+    for (size_t i = 0; i < sizeof dims / sizeof dims[0]; i++)
+        if (dims[i].v < 1) return qf_fail(QF_ERR_SHAPE, "sdpa: %s = %lld, must be >= 1", dims[i].name, (long long)dims[i].v);
+    if (p->D > QF_SDPA_MAX_HEAD_DIM || p->Dv > QF_SDPA_MAX_HEAD_DIM)
+        return qf_fail(QF_ERR_UNSUPPORTED, "sdpa: head dim D = %lld / Dv = %lld exceeds %d",
+                       (long long)p->D, (long long)p->Dv, QF_SDPA_MAX_HEAD_DIM);
+    if (p->Hq != p->Hkv) {
+        if (!p->enable_gqa)
+            return qf_fail(QF_ERR_SHAPE, "sdpa: q has %lld heads but k/v have %lld and enable_gqa is false",
+                           (long long)p->Hq, (long long)p->Hkv);
+        if (p->Hq % p->Hkv)
+            return qf_fail(QF_ERR_SHAPE, "sdpa: grouped-query attention needs Hq (%lld) to be a multiple of Hkv (%lld)",
+                           (long long)p->Hq, (long long)p->Hkv);
+    }
+    /* Largest tensor: the optional weights [B,Hq,L,S]; keep every index well inside int64/size_t. */
+    double biggest = (double)p->B * (double)p->Hq * (double)p->L * (double)(p->S > p->D ? p->S : p->D);
+    if ((double)p->B * p->Hq * p->L * p->Dv > biggest) biggest = (double)p->B * p->Hq * p->L * p->Dv;
+    if (biggest > 9.0e15) return qf_fail(QF_ERR_SHAPE, "sdpa: tensors too large (%.3g elements)", biggest);
+    if (isnan(p->scale)) pr->scale = 1.0f / sqrtf((float)p->D);
+    else if (!isfinite(p->scale)) return qf_fail(QF_ERR_ARG, "sdpa: scale is infinite");
+    else pr->scale = p->scale;
+    if (!(p->dropout_p >= 0.0f && p->dropout_p < 1.0f))
+        return qf_fail(QF_ERR_ARG, "sdpa: dropout_p = %g, must be in [0, 1)", (double)p->dropout_p);
+    pr->B = p->B; pr->Hq = p->Hq; pr->Hkv = p->Hkv; pr->L = p->L; pr->S = p->S; pr->D = p->D; pr->Dv = p->Dv;
+    pr->group = p->Hq / p->Hkv;
+    pr->is_causal = p->is_causal != 0;
+    pr->dropout_p = p->dropout_p;
+    pr->seed = p->seed;
+    pr->offset = p->offset;
+    return resolve_mask(p, pr);
+}
+
+qf_status qf_sdpa_check(const qf_sdpa_params *p) {
+    qf_sdpa_problem pr;
+    return qf_sdpa_resolve(p, &pr);
+}
+
+/* Reports the first NaN/Inf of x [d0,d1,d2,d3] with its index; the scan is one cheap pass. */
+static qf_status check_finite(const char *what, const float *x, int64_t d0, int64_t d1, int64_t d2, int64_t d3) {
+    size_t n = (size_t)(d0 * d1 * d2 * d3), bad = (size_t)-1;
+    #pragma omp parallel for num_threads(qf_threads()) reduction(min : bad) schedule(static)
+    for (size_t blk = 0; blk < (n + 4095) / 4096; blk++) {
+        size_t end = (blk + 1) * 4096 < n ? (blk + 1) * 4096 : n;
+        for (size_t i = blk * 4096; i < end; i++)
+            if (!isfinite(x[i])) { if (i < bad) bad = i; break; }
+    }
+    if (bad == (size_t)-1) return QF_OK;
+    int64_t i3 = (int64_t)(bad % (size_t)d3), r = (int64_t)(bad / (size_t)d3);
+    int64_t i2 = r % d2, i1 = (r / d2) % d1, i0 = r / d2 / d1;
+    return qf_fail(QF_ERR_NONFINITE, "sdpa: %s contains %s at [%lld,%lld,%lld,%lld]", what,
+                   isnan(x[bad]) ? "NaN" : "Inf", (long long)i0, (long long)i1, (long long)i2, (long long)i3);
+}
+
+/* A float mask may hold -inf (blocked) but not NaN or +inf (softmax would turn it into NaN). */
+static qf_status check_float_mask(const qf_sdpa_params *p) {
+    if (p->mask.kind != QF_MASK_FLOAT) return QF_OK;
+    size_t n = 1;
+    for (int d = 0; d < p->mask.ndim; d++) n *= (size_t)p->mask.shape[d];
+    const float *m = p->mask.data;
+    for (size_t i = 0; i < n; i++)
+        if (isnan(m[i]) || m[i] == INFINITY)
+            return qf_fail(QF_ERR_NONFINITE, "sdpa: attn_mask contains %s at flat index %zu (only finite values and -inf are allowed)",
+                           isnan(m[i]) ? "NaN" : "+Inf", i);
+    return QF_OK;
+}
+
+qf_status qf_sdpa_forward(const qf_sdpa_params *p, const float *q, const float *k, const float *v,
+                          float *out, float *lse, float *weights) {
+    qf_sdpa_problem pr;
+    QF_TRY(qf_sdpa_resolve(p, &pr));
+    if (!q || !k || !v || !out)
+        return qf_fail(QF_ERR_ARG, "sdpa: %s is NULL", !q ? "q" : !k ? "k" : !v ? "v" : "out");
+    if (p->check_finite) {
+        QF_TRY(check_finite("q", q, pr.B, pr.Hq, pr.L, pr.D));
+        QF_TRY(check_finite("k", k, pr.B, pr.Hkv, pr.S, pr.D));
+        QF_TRY(check_finite("v", v, pr.B, pr.Hkv, pr.S, pr.Dv));
+        QF_TRY(check_float_mask(p));
+    }
+    return qf_backend_cpu()->sdpa_forward(&pr, q, k, v, out, lse, weights);
+}
+
+qf_status qf_sdpa_backward(const qf_sdpa_params *p, const float *q, const float *k, const float *v,
+                           const float *out, const float *lse, const float *grad_out,
+                           float *dq, float *dk, float *dv) {
+    qf_sdpa_problem pr;
+    QF_TRY(qf_sdpa_resolve(p, &pr));
+    const char *null_name = !q ? "q" : !k ? "k" : !v ? "v" : !out ? "out" : !lse ? "lse"
+                          : !grad_out ? "grad_out" : !dq ? "dq" : !dk ? "dk" : !dv ? "dv" : NULL;
+    if (null_name) return qf_fail(QF_ERR_ARG, "sdpa_backward: %s is NULL", null_name);
+    if (p->check_finite) {
+        QF_TRY(check_finite("q", q, pr.B, pr.Hq, pr.L, pr.D));
+        QF_TRY(check_finite("k", k, pr.B, pr.Hkv, pr.S, pr.D));
+        QF_TRY(check_finite("v", v, pr.B, pr.Hkv, pr.S, pr.Dv));
+        QF_TRY(check_finite("grad_out", grad_out, pr.B, pr.Hq, pr.L, pr.Dv));
+        QF_TRY(check_float_mask(p));
+    }
+    return qf_backend_cpu()->sdpa_backward(&pr, q, k, v, out, lse, grad_out, dq, dk, dv);
+}

@@ -1,0 +1,42 @@
+/* sdpa_internal.h - the resolved form of an attention problem that the kernels consume.
+ *
+ * qf_sdpa_forward/backward (sdpa.c) validate the public qf_sdpa_params once and turn them into a
+ * qf_sdpa_problem: every size is checked, the scale is decided, the mask is reduced to a base
+ * pointer plus four element strides (0 on broadcast dimensions). Kernels may therefore assume:
+ *   - all sizes >= 1, Hq = group * Hkv, element counts fit in int64 and size_t;
+ *   - element (b,h,i,j) of the mask is mask[b*ms_b + h*ms_h + i*ms_i + j*ms_j] (h is the query
+ *     head); for BOOL, nonzero = attend; for FLOAT the value is added to the scaled score;
+ *   - is_causal: query i may attend key j iff j <= i (top-left alignment, torch's convention);
+ *   - dropout (p > 0): element (b,h,i,j) is kept iff
+ *       qf_philox_uniform(seed, offset, ((b*Hq + h)*L + i)*S + j) >= p, kept values scaled 1/(1-p);
+ *   - a row with no attendable key gives out = 0, lse = -INFINITY, weights = 0, and zero gradients.
+ * Softmax statistics: lse[b,h,i] = log(sum_j exp(scale*q_i.k_j + mask_ij)) over attendable j,
+ * i.e. before dropout. P_ij = exp(s_ij - lse_i). */
+#ifndef QF_SDPA_INTERNAL_H
+#define QF_SDPA_INTERNAL_H
+
+#include "internal.h"
+
+typedef struct {
+    int64_t B, Hq, Hkv, L, S, D, Dv, group;
+    float scale;
+    int is_causal;
+    float dropout_p;
+    uint64_t seed, offset;
+    qf_mask_kind mask_kind;
+    const void *mask;
+    int64_t ms_b, ms_h, ms_i, ms_j;
+} qf_sdpa_problem;
+
+/* Validates p (sizes, gqa, scale, dropout, mask broadcast) into *out. */
+qf_status qf_sdpa_resolve(const qf_sdpa_params *p, qf_sdpa_problem *out);
+
+/* CPU kernels (sdpa_forward.c, sdpa_backward.c). Inputs already validated; they may fail only
+ * for scratch memory (QF_ERR_NOMEM). */
+qf_status qf_cpu_sdpa_forward(const qf_sdpa_problem *pr, const float *q, const float *k,
+                              const float *v, float *out, float *lse, float *weights);
+qf_status qf_cpu_sdpa_backward(const qf_sdpa_problem *pr, const float *q, const float *k,
+                               const float *v, const float *out, const float *lse,
+                               const float *grad_out, float *dq, float *dk, float *dv);
+
+#endif
