@@ -1,6 +1,6 @@
 /* backend.h - the boundary between what an op means and where it runs.
  *
- * Public entry points (src/ops/*.c) validate arguments once, then call the backend's function
+ * Public entry points (the .c files of src/ops) validate arguments once, then call the backend's function
  * for the device that holds the tensors. Today only the CPU backend exists; the CUDA backend
  * (planned) fills the same table, and a cross-backend test will run every entry of every
  * backend against the CPU one (ggml's test-backend-ops pattern). An op enters this table when a
