@@ -19,7 +19,7 @@ endif
 
 WARN    := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wno-unused-parameter
 CFLAGS  ?= -O2 -g
-CFLAGS  += -std=c11 -D_GNU_SOURCE -fPIC -fopenmp $(ARCHFLAGS) $(WARN) -Iinclude -Isrc -Isrc/core
+override CFLAGS += -std=c11 -D_GNU_SOURCE -fPIC -fopenmp $(ARCHFLAGS) $(WARN) -Iinclude -Isrc -Isrc/core
 ifeq ($(BLAS),blis)
 BLAS_CFLAGS := -I/usr/include/blis -DQF_BLAS_BLIS
 BLAS_LIBS   := -lblis
@@ -27,7 +27,7 @@ else
 BLAS_CFLAGS := -I/usr/include/x86_64-linux-gnu/openblas-pthread
 BLAS_LIBS   := -lopenblas
 endif
-CFLAGS  += $(BLAS_CFLAGS)
+override CFLAGS += $(BLAS_CFLAGS)
 LDLIBS  := -lcjson $(BLAS_LIBS) -lm -fopenmp
 
 LIB_SRC := $(sort $(wildcard src/core/*.c src/io/*.c src/ops/*.c src/models/*.c src/backend/*.c))
@@ -50,7 +50,7 @@ $(BUILD)/libqfuse.a: $(LIB_OBJ)
 	ar rcs $@ $^
 
 $(BUILD)/libqfuse.so: $(LIB_OBJ)
-	$(CC) -shared -o $@ $^ $(LDLIBS)
+	$(CC) -shared $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
 $(BUILD)/qfuse: $(CLI_OBJ) $(BUILD)/libqfuse.a
 	$(CC) $(CFLAGS) -o $@ $(CLI_OBJ) $(BUILD)/libqfuse.a $(LDLIBS)
