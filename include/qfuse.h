@@ -276,6 +276,8 @@ int qf_mha_num_params(const qf_mha *m);
 qf_status qf_mha_param(qf_mha *m, int i, qf_param *out);
 void qf_mha_zero_grad(qf_mha *m);
 
+#include "qfuse_ops.h"
+
 #ifdef __cplusplus
 }
 #endif
