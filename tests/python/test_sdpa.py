@@ -405,3 +405,14 @@ def test_dropout_forward_and_backward_match_torch_with_same_mask():
 def test_dropout_zero_is_exact_no_dropout():
     q, k, v, _ = _drop_inputs(L=8, S=8)
     assert np.array_equal(qfuse.sdpa(q, k, v), qfuse.sdpa(q, k, v, dropout_p=0.0, seed=3))
+
+
+def test_dropout_mask_follows_documented_stream():
+    """qfuse.h: element (b,h,i,j) draws index ((b*Hq+h)*L+i)*S+j of stream (seed, offset);
+    qfuse's dropout keeps an element iff that uniform >= p (src/ops/dropout.c)."""
+    B, H, L, S = 2, 3, 9, 11
+    q, k, v, _ = _drop_inputs(B=B, H=H, L=L, S=S)
+    p, seed = 0.3, 0x1234567890
+    _, w = qfuse.sdpa(q, k, v, dropout_p=p, seed=seed, return_weights=True)
+    u = util.philox_uniform(seed, 0, np.arange(B * H * L * S)).reshape(B, H, L, S)
+    assert np.array_equal(w == 0, u < p)

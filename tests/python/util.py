@@ -174,3 +174,26 @@ def sdpa_ref(q, k, v, attn_mask=None, is_causal=False, scale=None, grad_out=None
         return out.detach().numpy()
     out.backward(t.tensor(np.asarray(grad_out, np.float64)))
     return out.detach().numpy(), tq.grad.numpy(), tk.grad.numpy(), tv.grad.numpy()
+
+
+# ---- Philox4x32-10 (Salmon et al., SC'11), written from the paper for an independent check ------
+
+def philox_uniform(seed, offset, index):
+    """qfuse's documented dropout stream in numpy: element `index` (array) of stream
+    (seed, offset) takes word index % 4 of Philox4x32-10 at key = seed, counter =
+    (lo 64 bits: index // 4, hi 64 bits: offset), mapped to [0,1) as (word >> 8) / 2^24."""
+    index = np.asarray(index, np.uint64)
+    m32 = np.uint64(0xFFFFFFFF)
+    ctr = index >> np.uint64(2)
+    c = [ctr & m32, ctr >> np.uint64(32),
+         np.full_like(ctr, np.uint64(offset) & m32), np.full_like(ctr, np.uint64(offset) >> np.uint64(32))]
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    M0, M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    W0, W1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
+    for _ in range(10):
+        p0, p1 = M0 * c[0], M1 * c[2]
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & m32, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & m32]
+        k0, k1 = (k0 + W0) & m32, (k1 + W1) & m32
+    words = np.stack(c)  # [4, n]
+    w = np.take_along_axis(words, (index & np.uint64(3)).astype(np.int64)[None], 0)[0]
+    return (w >> np.uint64(8)).astype(np.float64) / 16777216.0
