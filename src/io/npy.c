@@ -9,7 +9,8 @@
  * Invariants: a successful parse yields a known little-endian dtype, C order, 0..QF_MAX_DIMS
  * dims whose product x element size equals the number of data bytes present (no more, no less),
  * and out->data owned by the caller (never NULL, even for an empty array). On failure *out is
- * zeroed and nothing is allocated. Writing produces version 1.0 with the data 64-byte aligned. */
+ * zeroed and nothing is allocated. Writing produces version 1.0 with the data 64-byte aligned,
+ * the same bytes numpy 1.24's np.save writes. */
 #include "io_internal.h"
 #include <inttypes.h>
 #include <stdio.h>
@@ -253,9 +254,16 @@ qf_status qf_npy_write(const char *path, qf_dtype dtype, int ndim, const int64_t
     }
     if (nbytes && !data) return qf_fail(QF_ERR_ARG, "%s: npy: data is NULL for %zu bytes", path, nbytes);
     at += snprintf(head + 10 + at, sizeof head - 10 - (size_t)at, ndim == 1 ? ",), }" : "), }");
-    /* pad with spaces so magic + length + header is a multiple of 64, then end with '\n' */
-    size_t total = qf_align_up(10 + (size_t)at + 1, 64);
-    memset(head + 10 + at, ' ', total - 10 - (size_t)at);
+    /* Byte-for-byte what numpy >= 1.24 writes: spare spaces so the first dim can grow to 21
+     * digits in place, then 1..64 spaces and '\n' so magic + length + header is a multiple of 64. */
+    if (ndim > 0) {
+        char digits[24];
+        int nd = snprintf(digits, sizeof digits, "%" PRId64, shape[0]);
+        for (int i = nd; i < 21; i++) head[10 + at++] = ' ';
+    }
+    size_t pad = 64 - ((10 + (size_t)at + 1) % 64);
+    size_t total = 10 + (size_t)at + pad + 1;
+    memset(head + 10 + at, ' ', pad);
     head[total - 1] = '\n';
     size_t hlen = total - 10;
     memcpy(head, "\x93NUMPY\x01\x00", 8);
