@@ -403,7 +403,11 @@ qf_status qf_st_read_f32(const qf_safetensors *f, const char *name, int ndim, co
     }
     size_t n = v.nbytes / qf_dtype_size(v.dtype);
     if (n && !dst) return qf_fail(QF_ERR_ARG, "%s: tensor \"%s\": destination is NULL", f->label, name);
-    if (qf_to_f32(v.dtype, v.data, dst, n) != QF_OK)
+    if (v.dtype != QF_F32 && v.dtype != QF_F64 && v.dtype != QF_F16 && v.dtype != QF_BF16)
+        return qf_fail(QF_ERR_DTYPE, "%s: tensor \"%s\": dtype %s is not a float type (F64/F32/F16/BF16)",
+                       f->label, name, qf_dtype_name(v.dtype));
+    /* n == 0 skips the call: memmove(NULL, ..., 0) inside it would be undefined behaviour */
+    if (n && qf_to_f32(v.dtype, v.data, dst, n) != QF_OK)
         return qf_fail_prefix(QF_ERR_DTYPE, "%s: tensor \"%s\"", f->label, name);
     return QF_OK;
 }
