@@ -2,7 +2,10 @@
  *   erf:  y = x Phi(x),  Phi(x) = 0.5 erfc(-x / sqrt 2);       y' = Phi(x) + x phi(x)
  *   tanh: y = 0.5 x (1 + t),  t = tanh(u),  u = k0 (x + k1 x^3);
  *         y' = 0.5 (1 + t) + 0.5 x (1 - t^2) k0 (1 + 3 k1 x^2)
- * The scalar path uses libm (erfcf, tanhf, expf). The SIMD paths use a degree-7 polynomial exp
+ * The tanh form is evaluated from e = exp(2u) as 1 + t = 2 e/(e+1) and 1 - t^2 = 4 e/(e+1)^2,
+ * which keeps full relative precision in both tails (1 - tanh(u)^2 from a rounded tanh is 0 or
+ * off by 30% once |u| > 8). 2u is clamped to <= 80 so e+1 stays a normal float.
+ * The scalar path uses libm (erfcf, expf). The SIMD paths use a degree-7 polynomial exp
  * (relative error ~1e-7) and Abramowitz-Stegun 7.1.26 for erfc (absolute error <= 1.5e-7), so
  * they agree with the scalar path to ~2e-7 relative to max|y|. erfc is evaluated on |x| and
  * mirrored, so Phi(x) for x << 0 has no cancellation.
@@ -30,10 +33,12 @@ static void gelu_scalar(float *y, const float *x, const float *dy, int64_t n, in
     for (int64_t i = 0; i < n; i++) {
         float v = x[i], r;
         if (tanh_form) {
-            float t = tanhf(GELU_K0 * (v + GELU_K1 * v * v * v));
-            r = dy ? dy[i] * (0.5f * (1.0f + t) +
-                              0.5f * v * (1.0f - t * t) * GELU_K0 * (1.0f + 3.0f * GELU_K1 * v * v))
-                   : 0.5f * v * (1.0f + t);
+            float u2 = 2.0f * GELU_K0 * (v + GELU_K1 * v * v * v);
+            float e = expf(u2 < 80.0f ? u2 : 80.0f), rcp = 1.0f / (e + 1.0f), er = e * rcp;
+            float one_plus_t = 2.0f * er, sech2 = 4.0f * er * rcp;
+            r = dy ? dy[i] * (0.5f * one_plus_t +
+                              0.5f * v * sech2 * GELU_K0 * (1.0f + 3.0f * GELU_K1 * v * v))
+                   : 0.5f * v * one_plus_t;
         } else {
             float phi_cdf = 0.5f * erfcf(-v * INV_SQRT2);
             r = dy ? dy[i] * (phi_cdf + v * INV_SQRT_2PI * expf(-0.5f * v * v)) : v * phi_cdf;
@@ -80,10 +85,13 @@ QF_TARGET_AVX2 static inline __m256 phi256(__m256 x, __m256 *gauss) {
     return _mm256_blendv_ps(half_erfc, _mm256_sub_ps(_mm256_set1_ps(1.0f), half_erfc), pos);
 }
 
-QF_TARGET_AVX2 static inline __m256 tanh256(__m256 u) {
-    __m256 e = exp256(_mm256_add_ps(u, u));
-    return _mm256_sub_ps(_mm256_set1_ps(1.0f),
-                         _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
+/* 1 + tanh(u) and 1 - tanh(u)^2 (see the file comment) */
+QF_TARGET_AVX2 static inline __m256 tanh256(__m256 u, __m256 *sech2) {
+    __m256 e = exp256(_mm256_min_ps(_mm256_set1_ps(80.0f), _mm256_add_ps(u, u)));
+    __m256 rcp = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f)));
+    __m256 er = _mm256_mul_ps(e, rcp);
+    *sech2 = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(4.0f), er), rcp);
+    return _mm256_mul_ps(_mm256_set1_ps(2.0f), er);
 }
 
 QF_TARGET_AVX2 static void gelu_avx2(float *y, const float *x, const float *dy, int64_t n, int tanh_form) {
@@ -95,16 +103,15 @@ QF_TARGET_AVX2 static void gelu_avx2(float *y, const float *x, const float *dy, 
             __m256 v2 = _mm256_mul_ps(v, v);
             __m256 u = _mm256_mul_ps(_mm256_set1_ps(GELU_K0),
                                      _mm256_fmadd_ps(_mm256_mul_ps(v2, v), _mm256_set1_ps(GELU_K1), v));
-            __m256 t = tanh256(u);
+            __m256 sech2, opt = tanh256(u, &sech2);
             if (dy) {
                 __m256 du = _mm256_mul_ps(_mm256_set1_ps(GELU_K0),
                                           _mm256_fmadd_ps(v2, _mm256_set1_ps(3.0f * GELU_K1), one));
-                __m256 sech2 = _mm256_fnmadd_ps(t, t, one);
                 r = _mm256_fmadd_ps(_mm256_mul_ps(half, v), _mm256_mul_ps(sech2, du),
-                                    _mm256_mul_ps(half, _mm256_add_ps(one, t)));
+                                    _mm256_mul_ps(half, opt));
                 r = _mm256_mul_ps(r, _mm256_loadu_ps(dy + i));
             } else {
-                r = _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, t));
+                r = _mm256_mul_ps(_mm256_mul_ps(half, v), opt);
             }
         } else {
             __m256 g, p = phi256(v, &g);
@@ -153,10 +160,12 @@ QF_TARGET_AVX512 static inline __m512 phi512(__m512 x, __m512 *gauss) {
     return _mm512_mask_sub_ps(half_erfc, pos, _mm512_set1_ps(1.0f), half_erfc);
 }
 
-QF_TARGET_AVX512 static inline __m512 tanh512(__m512 u) {
-    __m512 e = exp512(_mm512_add_ps(u, u));
-    return _mm512_sub_ps(_mm512_set1_ps(1.0f),
-                         _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
+QF_TARGET_AVX512 static inline __m512 tanh512(__m512 u, __m512 *sech2) {
+    __m512 e = exp512(_mm512_min_ps(_mm512_set1_ps(80.0f), _mm512_add_ps(u, u)));
+    __m512 rcp = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(e, _mm512_set1_ps(1.0f)));
+    __m512 er = _mm512_mul_ps(e, rcp);
+    *sech2 = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(4.0f), er), rcp);
+    return _mm512_mul_ps(_mm512_set1_ps(2.0f), er);
 }
 
 QF_TARGET_AVX512 static void gelu_avx512(float *y, const float *x, const float *dy, int64_t n, int tanh_form) {
@@ -168,16 +177,15 @@ QF_TARGET_AVX512 static void gelu_avx512(float *y, const float *x, const float *
             __m512 v2 = _mm512_mul_ps(v, v);
             __m512 u = _mm512_mul_ps(_mm512_set1_ps(GELU_K0),
                                      _mm512_fmadd_ps(_mm512_mul_ps(v2, v), _mm512_set1_ps(GELU_K1), v));
-            __m512 t = tanh512(u);
+            __m512 sech2, opt = tanh512(u, &sech2);
             if (dy) {
                 __m512 du = _mm512_mul_ps(_mm512_set1_ps(GELU_K0),
                                           _mm512_fmadd_ps(v2, _mm512_set1_ps(3.0f * GELU_K1), one));
-                __m512 sech2 = _mm512_fnmadd_ps(t, t, one);
                 r = _mm512_fmadd_ps(_mm512_mul_ps(half, v), _mm512_mul_ps(sech2, du),
-                                    _mm512_mul_ps(half, _mm512_add_ps(one, t)));
+                                    _mm512_mul_ps(half, opt));
                 r = _mm512_mul_ps(r, _mm512_maskz_loadu_ps(m, dy + i));
             } else {
-                r = _mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_add_ps(one, t));
+                r = _mm512_mul_ps(_mm512_mul_ps(half, v), opt);
             }
         } else {
             __m512 g, p = phi512(v, &g);
