@@ -146,6 +146,7 @@ static void test_st_roundtrip(void) {
         {"i16", QF_I16, 1, {1}, i16}, {"i8", QF_I8, 1, {2}, i8}, {"u8", QF_U8, 1, {5}, u8},
         {"bool", QF_BOOL, 1, {2}, b}, {"scalar", QF_F32, 0, {0}, &scalar},
         {"empty", QF_F32, 2, {0, 4}, NULL}, {"empty2", QF_I64, 1, {0}, NULL},
+        {"odd \"name\"\\/\t\xc3\xbc", QF_U8, 1, {1}, u8}, /* JSON escapes and UTF-8 survive */
     };
     int n = (int)(sizeof t / sizeof t[0]);
     const char *meta[] = {"format", "pt", "note", "quoted \"text\"\n", NULL};
