@@ -1,15 +1,52 @@
-/* sdpa_forward.c - CPU forward of scaled dot-product attention (float32).
+/* sdpa_forward.c - CPU forward of scaled dot-product attention (float32): fused, tiled,
+ * online softmax (the FlashAttention recurrence), parallel over (batch, head, query block).
  *
- * STEP 1 (placeholder): a plain per-row scalar version, obviously correct, so the API can be
- * exercised. Per (b,h,i): scores s_j = scale*q_i.k_j (+mask), causal j <= i, max, exp, sum,
- * dropout, out. Uses a per-thread scratch row of S floats. Invariants: see sdpa_internal.h. */
+ * For each query block of Br rows and each key block of Bc keys, one thread computes the score
+ * tile S = scale * Q_blk K_blk^T (+ mask) in its scratch slice, updates the running row max m,
+ * row sum l and the output accumulator O (rescaled by exp(m_old - m_new) as the max moves), and
+ * after the last key block writes out = O / l (times 1/(1-p) under dropout) and lse = m + log l.
+ * Only one Br x Bc tile per thread ever exists; the L x S matrix is materialised only when the
+ * caller asks for the weights (a second pass recomputes the tiles and writes exp(s - lse)).
+ *
+ * Invariants and choices:
+ *   - K of every (batch, kv head) pair is packed once per call into panels of W transposed keys
+ *     (sdpa_simd.h); pairs are packed in chunks so the packed copy stays under KT_CHUNK_BYTES.
+ *     Query heads h of a group share the pair h / group (GQA).
+ *   - Causal: a key block entirely right of the diagonal of the query block is never visited
+ *     (the key loop stops at the block's last row + 1); rows of the diagonal block see keys
+ *     < i + 1 through the per-row limit `nvalid`.
+ *   - Dropout masks P after the row sum was taken (l is the undropped normaliser); element
+ *     (b,h,i,j) uses Philox index ((b*Hq+h)*L+i)*S+j, so any tiling draws the same mask.
+ *   - Few query blocks but many keys (decoding: L = 1): the key range of each block is split
+ *     across threads and the partial (m, l, O) are merged with log-sum-exp weights.
+ *   - A row with no attendable key keeps m = -inf, l = 0: out = 0, lse = -inf, weights = 0.
+ *   - The scalar path is a plain per-row loop (the reference the SIMD paths are tested beside);
+ *     AVX2 and AVX-512 share the driver below and differ only in the microkernels. */
 #include "sdpa_internal.h"
+#include "sdpa_simd.h"
 #include <math.h>
 #include <omp.h>
 #include <string.h>
 
-qf_status qf_cpu_sdpa_forward(const qf_sdpa_problem *pr, const float *q, const float *k,
-                              const float *v, float *out, float *lse, float *weights) {
+#define KT_CHUNK_BYTES ((size_t)128 << 20)
+
+typedef struct {
+    int W; /* key panel width of the packed K */
+    void (*scores)(const float *a, int64_t lda, int64_t nrows, const float *kt, int64_t nk,
+                   int64_t D, float scale, float *c, int64_t ldc);
+    void (*softmax_row)(float *s, int64_t nk, int64_t nvalid, const qf_sdpa_maskrow *mk,
+                        float *m, float *l, float *alpha);
+    void (*pv)(const float *p, int64_t ldp, int64_t nrows, int64_t nk, const float *v, int64_t ldv,
+               int64_t Dv, const float *alpha, float *o, int64_t ldo);
+} fwd_isa;
+
+static const fwd_isa isa512 = {QF_SDPA_W512, qf_sdpa_scores512, qf_sdpa_softmax_row512, qf_sdpa_pv512};
+static const fwd_isa isa256 = {QF_SDPA_W256, qf_sdpa_scores256, qf_sdpa_softmax_row256, qf_sdpa_pv256};
+
+/* ---------------------------------- scalar path ---------------------------------- */
+
+static qf_status forward_scalar(const qf_sdpa_problem *pr, const float *q, const float *k,
+                                const float *v, float *out, float *lse, float *weights) {
     const int64_t B = pr->B, Hq = pr->Hq, L = pr->L, S = pr->S, D = pr->D, Dv = pr->Dv;
     const int nt = qf_threads();
     size_t row = qf_align_up((size_t)S * sizeof(float), 64);
@@ -61,4 +98,255 @@ qf_status qf_cpu_sdpa_forward(const qf_sdpa_problem *pr, const float *q, const f
         }
     }
     return QF_OK;
+}
+
+/* ---------------------------------- tiled driver ---------------------------------- */
+
+typedef struct {
+    const qf_sdpa_problem *pr;
+    const fwd_isa *isa;
+    const float *q, *k, *v;
+    int64_t Br, Bc, nqb, ldo, npanel, pair_floats;
+    float keep_scale;
+} fwd_plan;
+
+static void mask_row(const qf_sdpa_problem *pr, int64_t b, int64_t h, int64_t i, int64_t j0,
+                     qf_sdpa_maskrow *mk) {
+    mk->kind = pr->mask_kind;
+    mk->sj = pr->ms_j;
+    mk->row = NULL;
+    if (pr->mask_kind == QF_MASK_NONE) return;
+    int64_t e = b * pr->ms_b + h * pr->ms_h + i * pr->ms_i + j0 * pr->ms_j;
+    mk->row = pr->mask_kind == QF_MASK_BOOL ? (const void *)((const uint8_t *)pr->mask + e)
+                                            : (const void *)((const float *)pr->mask + e);
+}
+
+/* Zeroes the dropped entries of p[0:n) (element j has Philox index idx0 + j). Philox yields
+ * four words per counter, so one call serves four consecutive keys. */
+static void dropout_row(float *p, int64_t n, const qf_sdpa_problem *pr, uint64_t idx0) {
+    uint32_t w[4];
+    uint64_t have = UINT64_MAX;
+    for (int64_t j = 0; j < n; j++) {
+        if (p[j] == 0.0f) continue;
+        uint64_t idx = idx0 + (uint64_t)j;
+        if (idx >> 2 != have) { have = idx >> 2; qf_philox4x32(pr->seed, pr->offset, have, w); }
+        float u = (float)(w[idx & 3] >> 8) * (1.0f / 16777216.0f); /* = qf_philox_uniform */
+        if (u < pr->dropout_p) p[j] = 0.0f;
+    }
+}
+
+/* Online softmax of query rows [i0, i0+nr) of head (b,h) over keys [j_begin, j_end) (j_begin a
+ * multiple of Bc): leaves the unnormalised O (nr x ldo), the row max m and row sum l. */
+static void attend_rows(const fwd_plan *pl, const float *kt_pair, int64_t b, int64_t h, int64_t i0,
+                        int64_t nr, int64_t j_begin, int64_t j_end, float *tile, float *o, float *m,
+                        float *l, float *alpha) {
+    const qf_sdpa_problem *pr = pl->pr;
+    const int64_t D = pr->D, Dv = pr->Dv, S = pr->S, Bc = pl->Bc;
+    const int64_t hk = h / pr->group;
+    const float *qb = pl->q + ((b * pr->Hq + h) * pr->L + i0) * D;
+    const float *vb = pl->v + (b * pr->Hkv + hk) * S * Dv;
+    for (int64_t r = 0; r < nr; r++) { m[r] = -INFINITY; l[r] = 0.0f; }
+    memset(o, 0, (size_t)(nr * pl->ldo) * sizeof(float));
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += Bc) {
+        const int64_t nk = j_end - j0 < Bc ? j_end - j0 : Bc;
+        pl->isa->scores(qb, D, nr, kt_pair + j0 * D, nk, D, pr->scale, tile, Bc);
+        for (int64_t r = 0; r < nr; r++) {
+            const int64_t i = i0 + r;
+            qf_sdpa_maskrow mk;
+            mask_row(pr, b, h, i, j0, &mk);
+            int64_t nvalid = pr->is_causal ? i + 1 - j0 : nk;
+            pl->isa->softmax_row(tile + r * Bc, nk, nvalid, &mk, &m[r], &l[r], &alpha[r]);
+            if (pr->dropout_p > 0)
+                dropout_row(tile + r * Bc, nk, pr, (uint64_t)(((b * pr->Hq + h) * pr->L + i) * S + j0));
+        }
+        pl->isa->pv(tile, Bc, nr, nk, vb + j0 * Dv, Dv, Dv, alpha, o, pl->ldo);
+    }
+}
+
+/* out = O * keep / l, lse = m + log l; rows that saw no key get zeros and -inf. */
+static void finish_rows(const fwd_plan *pl, int64_t row0, int64_t nr, const float *o, const float *m,
+                        const float *l, float *out, float *lse) {
+    const int64_t Dv = pl->pr->Dv;
+    for (int64_t r = 0; r < nr; r++) {
+        float *dst = out + (row0 + r) * Dv;
+        if (m[r] == -INFINITY) {
+            memset(dst, 0, (size_t)Dv * sizeof(float));
+            if (lse) lse[row0 + r] = -INFINITY;
+            continue;
+        }
+        const float inv = pl->keep_scale / l[r];
+        const float *src = o + r * pl->ldo;
+        for (int64_t d = 0; d < Dv; d++) dst[d] = src[d] * inv;
+        if (lse) lse[row0 + r] = m[r] + logf(l[r]);
+    }
+}
+
+/* weights rows [i0, i0+nr) of head (b,h): exp(s - lse), dropped and scaled; lse is final. */
+static void weight_rows(const fwd_plan *pl, const float *kt_pair, int64_t b, int64_t h, int64_t i0,
+                        int64_t nr, const float *lse, float *tile, float *weights) {
+    const qf_sdpa_problem *pr = pl->pr;
+    const int64_t D = pr->D, S = pr->S, Bc = pl->Bc;
+    const int64_t row0 = (b * pr->Hq + h) * pr->L + i0;
+    const float *qb = pl->q + row0 * D;
+    for (int64_t j0 = 0; j0 < S; j0 += Bc) {
+        const int64_t nk = S - j0 < Bc ? S - j0 : Bc;
+        if (pr->is_causal && j0 > i0 + nr - 1) {
+            for (int64_t r = 0; r < nr; r++) memset(weights + (row0 + r) * S + j0, 0, (size_t)nk * sizeof(float));
+            continue;
+        }
+        pl->isa->scores(qb, D, nr, kt_pair + j0 * D, nk, D, pr->scale, tile, Bc);
+        for (int64_t r = 0; r < nr; r++) {
+            const int64_t i = i0 + r;
+            float *t = tile + r * Bc, *w = weights + (row0 + r) * S + j0;
+            qf_sdpa_maskrow mk;
+            mask_row(pr, b, h, i, j0, &mk);
+            float m = lse[row0 + r], l = 0.0f, alpha;
+            pl->isa->softmax_row(t, nk, pr->is_causal ? i + 1 - j0 : nk, &mk, &m, &l, &alpha);
+            if (pr->dropout_p > 0) dropout_row(t, nk, pr, (uint64_t)((row0 + r) * S + j0));
+            for (int64_t j = 0; j < nk; j++) w[j] = t[j] * pl->keep_scale;
+        }
+    }
+}
+
+static qf_status forward_tiled(const qf_sdpa_problem *pr, const fwd_isa *isa, const float *q,
+                               const float *k, const float *v, float *out, float *lse, float *weights) {
+    const int64_t B = pr->B, Hq = pr->Hq, Hkv = pr->Hkv, L = pr->L, S = pr->S, D = pr->D, Dv = pr->Dv;
+    const int64_t group = pr->group;
+    const int nt = qf_threads();
+    fwd_plan pl = {.pr = pr, .isa = isa, .q = q, .k = k, .v = v};
+    pl.Br = 48;
+    pl.Bc = D <= 64 ? 256 : D <= 128 ? 128 : 64;
+    if (pl.Bc < isa->W) pl.Bc = isa->W;
+    if (pl.Br > L) pl.Br = L;
+    pl.nqb = (L + pl.Br - 1) / pl.Br;
+    pl.ldo = (int64_t)qf_align_up((size_t)Dv, 16);
+    pl.npanel = (S + isa->W - 1) / isa->W;
+    pl.pair_floats = pl.npanel * isa->W * D;
+    pl.keep_scale = pr->dropout_p > 0 ? 1.0f / (1.0f - pr->dropout_p) : 1.0f;
+
+    /* Pairs per chunk of packed K, and the key split for work too coarse for the threads. */
+    const int64_t npairs = B * Hkv;
+    int64_t chunk = (int64_t)(KT_CHUNK_BYTES / ((size_t)pl.pair_floats * sizeof(float)));
+    if (chunk < 1) chunk = 1;
+    if (chunk > npairs) chunk = npairs;
+    const int64_t nkb = (S + pl.Bc - 1) / pl.Bc;
+    int64_t nsplit = 1;
+    const int64_t tasks_all = B * Hq * pl.nqb;
+    if (!weights && tasks_all < 2 * (int64_t)nt && nkb > 1) {
+        nsplit = (2 * (int64_t)nt + tasks_all - 1) / tasks_all;
+        if (nsplit > nkb) nsplit = nkb;
+    }
+    const int64_t kb_per_split = (nkb + nsplit - 1) / nsplit;
+
+    /* Scratch: packed K chunk | per-thread slices | split partials | lse for weights. */
+    const size_t kt_bytes = qf_align_up((size_t)(chunk * pl.pair_floats) * sizeof(float), 64);
+    const size_t tile_f = (size_t)(pl.Br * pl.Bc), o_f = (size_t)(pl.Br * pl.ldo), vec_f = qf_align_up((size_t)pl.Br, 16);
+    const size_t slice_bytes = (tile_f + o_f + 3 * vec_f) * sizeof(float);
+    const size_t part_row_f = (size_t)pl.ldo + 2;
+    const size_t part_bytes = nsplit > 1 ? qf_align_up((size_t)(tasks_all * nsplit * pl.Br) * part_row_f * sizeof(float), 64) : 0;
+    const size_t lse_bytes = weights && !lse ? qf_align_up((size_t)(B * Hq * L) * sizeof(float), 64) : 0;
+    void *scr;
+    QF_TRY(qf_scratch(kt_bytes + slice_bytes * (size_t)nt + part_bytes + lse_bytes, &scr));
+    float *kt = (float *)scr;
+    char *slices = (char *)scr + kt_bytes;
+    float *parts = (float *)(slices + slice_bytes * (size_t)nt);
+    float *lse_out = lse ? lse : (float *)((char *)parts + part_bytes);
+    if (!weights) lse_out = lse;
+
+    for (int64_t p0 = 0; p0 < npairs; p0 += chunk) {
+        const int64_t np = npairs - p0 < chunk ? npairs - p0 : chunk;
+        /* 1. pack K of the chunk's pairs, one panel per iteration */
+        #pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t u = 0; u < np * pl.npanel; u++) {
+            const int64_t pp = u / pl.npanel, pan = u % pl.npanel, j0 = pan * isa->W;
+            const int64_t nkeys = S - j0 < isa->W ? S - j0 : isa->W;
+            qf_sdpa_pack_kt(kt + pp * pl.pair_floats + j0 * D, k + ((p0 + pp) * S + j0) * D, D, nkeys, D, isa->W);
+        }
+        /* 2. attention: (pair, head of its group, query block descending, key split) */
+        const int64_t units = np * group * pl.nqb * nsplit;
+        #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+        for (int64_t u = 0; u < units; u++) {
+            char *sl = slices + slice_bytes * (size_t)omp_get_thread_num();
+            float *tile = (float *)sl, *o = tile + tile_f, *m = o + o_f, *l = m + vec_f, *alpha = l + vec_f;
+            const int64_t split = u % nsplit, t = u / nsplit;
+            const int64_t pp = t / (group * pl.nqb), g = (t / pl.nqb) % group, qbi = t % pl.nqb;
+            const int64_t qbk = pr->is_causal ? pl.nqb - 1 - qbi : qbi;
+            const int64_t pair = p0 + pp, b = pair / Hkv, h = (pair % Hkv) * group + g;
+            const int64_t i0 = qbk * pl.Br, nr = L - i0 < pl.Br ? L - i0 : pl.Br;
+            const int64_t kv_end = pr->is_causal && i0 + nr < S ? i0 + nr : S;
+            int64_t jb = split * kb_per_split * pl.Bc, je = jb + kb_per_split * pl.Bc;
+            if (je > kv_end) je = kv_end;
+            const int64_t row0 = (b * Hq + h) * L + i0;
+            if (jb >= je) { /* an empty split (causal): contributes nothing */
+                for (int64_t r = 0; r < nr; r++) { m[r] = -INFINITY; l[r] = 0.0f; }
+            } else {
+                attend_rows(&pl, kt + pp * pl.pair_floats, b, h, i0, nr, jb, je, tile, o, m, l, alpha);
+            }
+            if (nsplit == 1) {
+                finish_rows(&pl, row0, nr, o, m, l, out, lse_out);
+            } else {
+                float *pt = parts + (size_t)((((b * Hq + h) * pl.nqb + qbk) * nsplit + split) * pl.Br) * part_row_f;
+                for (int64_t r = 0; r < nr; r++) {
+                    float *dst = pt + (size_t)r * part_row_f;
+                    dst[0] = m[r]; dst[1] = l[r];
+                    if (m[r] == -INFINITY) memset(dst + 2, 0, (size_t)Dv * sizeof(float));
+                    else memcpy(dst + 2, o + r * pl.ldo, (size_t)Dv * sizeof(float));
+                }
+            }
+        }
+        /* 3. merge the key splits: weights exp(m_s - M) bring every partial to a common max */
+        if (nsplit > 1) {
+            const int64_t rows = np * group * L;
+            #pragma omp parallel for num_threads(nt) schedule(static)
+            for (int64_t u = 0; u < rows; u++) {
+                const int64_t pair = p0 + u / (group * L), g = (u / L) % group, i = u % L;
+                const int64_t b = pair / Hkv, h = (pair % Hkv) * group + g, row = (b * Hq + h) * L + i;
+                const int64_t qbk = i / pl.Br, r = i % pl.Br;
+                const float *pt = parts + (size_t)((((b * Hq + h) * pl.nqb + qbk) * nsplit) * pl.Br + r) * part_row_f;
+                const size_t sstride = (size_t)pl.Br * part_row_f;
+                float M = -INFINITY;
+                for (int64_t s = 0; s < nsplit; s++) if (pt[s * sstride] > M) M = pt[s * sstride];
+                float *dst = out + row * Dv;
+                if (M == -INFINITY) {
+                    memset(dst, 0, (size_t)Dv * sizeof(float));
+                    if (lse_out) lse_out[row] = -INFINITY;
+                    continue;
+                }
+                float lsum = 0.0f;
+                memset(dst, 0, (size_t)Dv * sizeof(float));
+                for (int64_t s = 0; s < nsplit; s++) {
+                    const float *ps = pt + s * sstride;
+                    if (ps[0] == -INFINITY) continue;
+                    const float w = expf(ps[0] - M);
+                    lsum += ps[1] * w;
+                    for (int64_t d = 0; d < Dv; d++) dst[d] += ps[2 + d] * w;
+                }
+                const float inv = pl.keep_scale / lsum;
+                for (int64_t d = 0; d < Dv; d++) dst[d] *= inv;
+                if (lse_out) lse_out[row] = M + logf(lsum);
+            }
+        }
+        /* 4. optional weights: recompute the tiles, P = exp(s - lse) */
+        if (weights) {
+            const int64_t wunits = np * group * pl.nqb;
+            #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+            for (int64_t u = 0; u < wunits; u++) {
+                float *tile = (float *)(slices + slice_bytes * (size_t)omp_get_thread_num());
+                const int64_t pp = u / (group * pl.nqb), g = (u / pl.nqb) % group, qbk = u % pl.nqb;
+                const int64_t pair = p0 + pp, b = pair / Hkv, h = (pair % Hkv) * group + g;
+                const int64_t i0 = qbk * pl.Br, nr = L - i0 < pl.Br ? L - i0 : pl.Br;
+                weight_rows(&pl, kt + pp * pl.pair_floats, b, h, i0, nr, lse_out, tile, weights);
+            }
+        }
+    }
+    return QF_OK;
+}
+
+qf_status qf_cpu_sdpa_forward(const qf_sdpa_problem *pr, const float *q, const float *k,
+                              const float *v, float *out, float *lse, float *weights) {
+    switch (qf_get_isa()) {
+    case QF_ISA_AVX512: return forward_tiled(pr, &isa512, q, k, v, out, lse, weights);
+    case QF_ISA_AVX2: return forward_tiled(pr, &isa256, q, k, v, out, lse, weights);
+    default: return forward_scalar(pr, q, k, v, out, lse, weights);
+    }
 }

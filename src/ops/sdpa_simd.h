@@ -1,0 +1,501 @@
+/* sdpa_simd.h - SIMD building blocks of the fused attention kernels (forward and backward).
+ *
+ * Everything here is a static inline function compiled for one ISA (QF_TARGET_AVX512 or
+ * QF_TARGET_AVX2); callers pick by qf_get_isa(). The pieces:
+ *   - qf_sdpa_exp512 / qf_sdpa_exp256: expf on vectors. Range reduction x = n*ln2 + r with ln2
+ *     split in two (Cody-Waite), |r| <= ln2/2, then a degree-6 polynomial (Cephes' expf
+ *     coefficients): relative error ~1e-7 on [-87, 88]. Inputs below -87.3 (-inf included) give
+ *     exactly 0, so masked scores (-inf) vanish without a test.
+ *   - K panels: keys are packed transposed in panels of W keys, panel p = kt[p][d][w] =
+ *     k[p*W + w][d] (zero for keys >= S). W = QF_SDPA_W512 (64) / QF_SDPA_W256 (16). A panel is
+ *     contiguous and 64-byte aligned when the buffer is, so the score kernel streams it.
+ *   - qf_sdpa_scores_*: C[r][j] = scale * (A_r . Kt[:, j]) for r < nrows, j < nk (nk <= what
+ *     the panels hold); A rows have stride lda. Writes whole 16-lane (8-lane) groups: C rows need
+ *     round_up(nk, 16) floats (the extra lanes hold scale*0 = 0, callers ignore them).
+ *     Register tile: 6 rows x 64 keys (AVX-512, 24 zmm accumulators) / 6 x 16 (AVX2, 12 ymm).
+ *   - qf_sdpa_pv_*: O[r][0:Dv] = alpha[r] * O[r][0:Dv] + sum_{j<nk} P[r][j] * V[j][0:Dv]
+ *     (alpha may be NULL: 1). Register tile 6 rows x 64 columns (AVX-512) / 6 x 16 (AVX2); the
+ *     Dv tail uses masked loads/stores, so O and V need no padding. Applying alpha while
+ *     loading O makes the online-softmax rescale free.
+ * Nothing here allocates, branches on data or reads outside the stated extents. */
+#ifndef QF_SDPA_SIMD_H
+#define QF_SDPA_SIMD_H
+
+#include "internal.h"
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define QF_SDPA_W512 64
+#define QF_SDPA_W256 16
+#define QF_SDPA_ALWAYS_INLINE inline __attribute__((always_inline))
+
+/* ---- packing (plain C: memory bound) ----
+ * Packs keys [0, S) of k (row stride ldk) into npanel = ceil(S/W) panels of W keys. */
+static inline void qf_sdpa_pack_kt(float *kt, const float *k, int64_t ldk, int64_t S, int64_t D, int W) {
+    for (int64_t p0 = 0; p0 < S; p0 += W) {
+        float *dst = kt + p0 * D;
+        int64_t n = S - p0 < W ? S - p0 : W;
+        for (int64_t w = 0; w < n; w++) {
+            const float *src = k + (p0 + w) * ldk;
+            for (int64_t d = 0; d < D; d++) dst[d * W + w] = src[d];
+        }
+        for (int64_t w = n; w < W; w++)
+            for (int64_t d = 0; d < D; d++) dst[d * W + w] = 0.0f;
+    }
+}
+
+/* ====================================== AVX-512 ====================================== */
+
+QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE __m512 qf_sdpa_exp512(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-88.0f), x);
+    x = _mm512_min_ps(_mm512_set1_ps(88.7f), x);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    /* n = -127 for the clamp value -88: 2^-127 * y is a denormal ~1e-38; the softmax row max
+     * contributes 1, so that is far below rounding. Below -87.3, give an exact 0 instead. */
+    y = _mm512_scalef_ps(y, n);
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ), y);
+}
+
+/* One register tile of scores: R rows (<= 6) x NV*16 keys (NV <= 4) of one panel. */
+QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE void qf_sdpa_scores_tile512(
+    const float *a, int64_t lda, const float *kt, int64_t D, float scale, float *c, int64_t ldc,
+    const int R, const int NV) {
+    __m512 acc[6][4];
+#pragma GCC unroll 6
+    for (int r = 0; r < 6; r++)
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; v++) acc[r][v] = _mm512_setzero_ps();
+    const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda, *a5 = a + 5 * lda;
+    for (int64_t d = 0; d < D; d++) {
+        __m512 b[4];
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; v++)
+            if (v < NV) b[v] = _mm512_load_ps(kt + d * QF_SDPA_W512 + 16 * v);
+        const float *rows[6] = {a0, a1, a2, a3, a4, a5};
+#pragma GCC unroll 6
+        for (int r = 0; r < 6; r++) {
+            if (r >= R) break;
+            __m512 x = _mm512_set1_ps(rows[r][d]);
+#pragma GCC unroll 4
+            for (int v = 0; v < 4; v++)
+                if (v < NV) acc[r][v] = _mm512_fmadd_ps(x, b[v], acc[r][v]);
+        }
+    }
+    const __m512 s = _mm512_set1_ps(scale);
+#pragma GCC unroll 6
+    for (int r = 0; r < 6; r++) {
+        if (r >= R) break;
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; v++)
+            if (v < NV) _mm512_storeu_ps(c + r * ldc + 16 * v, _mm512_mul_ps(acc[r][v], s));
+    }
+}
+
+#define QF_SDPA_SCORES512_CASE(R)                                                               \
+    case R:                                                                                     \
+        switch (nv) {                                                                           \
+        case 1: qf_sdpa_scores_tile512(ar, lda, kp, D, scale, cr, ldc, R, 1); break;            \
+        case 2: qf_sdpa_scores_tile512(ar, lda, kp, D, scale, cr, ldc, R, 2); break;            \
+        case 3: qf_sdpa_scores_tile512(ar, lda, kp, D, scale, cr, ldc, R, 3); break;            \
+        default: qf_sdpa_scores_tile512(ar, lda, kp, D, scale, cr, ldc, R, 4); break;           \
+        }                                                                                       \
+        break;
+
+/* C[r][j] = scale * a_r . k_j, r < nrows, j < nk; kt = the first panel of keys 0..nk-1. */
+QF_TARGET_AVX512 static inline void qf_sdpa_scores512(const float *a, int64_t lda, int64_t nrows,
+                                                      const float *kt, int64_t nk, int64_t D,
+                                                      float scale, float *c, int64_t ldc) {
+    for (int64_t p0 = 0; p0 < nk; p0 += QF_SDPA_W512) {
+        const float *kp = kt + p0 * D;
+        int64_t left = nk - p0;
+        int nv = left >= QF_SDPA_W512 ? 4 : (int)((left + 15) / 16);
+        for (int64_t r0 = 0; r0 < nrows; r0 += 6) {
+            const float *ar = a + r0 * lda;
+            float *cr = c + r0 * ldc + p0;
+            switch (nrows - r0 >= 6 ? 6 : (int)(nrows - r0)) {
+                QF_SDPA_SCORES512_CASE(1)
+                QF_SDPA_SCORES512_CASE(2)
+                QF_SDPA_SCORES512_CASE(3)
+                QF_SDPA_SCORES512_CASE(4)
+                QF_SDPA_SCORES512_CASE(5)
+                default: QF_SDPA_SCORES512_CASE(6)
+            }
+        }
+    }
+}
+
+/* One register tile of P.V: R rows (<= 6) x NV*16 columns (NV <= 4; the last vector masked
+ * by `tail`). */
+QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE void qf_sdpa_pv_tile512(
+    const float *p, int64_t ldp, int64_t nk, const float *v, int64_t ldv, const float *alpha,
+    float *o, int64_t ldo, __mmask16 tail, const int R, const int NV) {
+    __m512 acc[6][4];
+#pragma GCC unroll 6
+    for (int r = 0; r < 6; r++) {
+        if (r >= R) break;
+        __m512 al = _mm512_set1_ps(alpha ? alpha[r] : 1.0f);
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++)
+            if (c < NV)
+                acc[r][c] = _mm512_mul_ps(al, _mm512_maskz_loadu_ps(c == NV - 1 ? tail : (__mmask16)0xFFFF,
+                                                                    o + r * ldo + 16 * c));
+    }
+    const float *p0 = p, *p1 = p + ldp, *p2 = p + 2 * ldp, *p3 = p + 3 * ldp, *p4 = p + 4 * ldp, *p5 = p + 5 * ldp;
+    for (int64_t j = 0; j < nk; j++) {
+        __m512 b[4];
+        const float *vj = v + j * ldv;
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++)
+            if (c < NV) b[c] = _mm512_maskz_loadu_ps(c == NV - 1 ? tail : (__mmask16)0xFFFF, vj + 16 * c);
+        const float *rows[6] = {p0, p1, p2, p3, p4, p5};
+#pragma GCC unroll 6
+        for (int r = 0; r < 6; r++) {
+            if (r >= R) break;
+            __m512 x = _mm512_set1_ps(rows[r][j]);
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++)
+                if (c < NV) acc[r][c] = _mm512_fmadd_ps(x, b[c], acc[r][c]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < 6; r++) {
+        if (r >= R) break;
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++)
+            if (c < NV)
+                _mm512_mask_storeu_ps(o + r * ldo + 16 * c, c == NV - 1 ? tail : (__mmask16)0xFFFF, acc[r][c]);
+    }
+}
+
+#define QF_SDPA_PV512_CASE(R)                                                                   \
+    case R:                                                                                     \
+        switch (nv) {                                                                           \
+        case 1: qf_sdpa_pv_tile512(pr_, ldp, nk, vc, ldv, al, oc, ldo, tail, R, 1); break;      \
+        case 2: qf_sdpa_pv_tile512(pr_, ldp, nk, vc, ldv, al, oc, ldo, tail, R, 2); break;      \
+        case 3: qf_sdpa_pv_tile512(pr_, ldp, nk, vc, ldv, al, oc, ldo, tail, R, 3); break;      \
+        default: qf_sdpa_pv_tile512(pr_, ldp, nk, vc, ldv, al, oc, ldo, tail, R, 4); break;     \
+        }                                                                                       \
+        break;
+
+/* O[r][:Dv] = alpha[r] * O[r][:Dv] + sum_{j<nk} P[r][j] V[j][:Dv] for r < nrows. */
+QF_TARGET_AVX512 static inline void qf_sdpa_pv512(const float *p, int64_t ldp, int64_t nrows, int64_t nk,
+                                                  const float *v, int64_t ldv, int64_t Dv,
+                                                  const float *alpha, float *o, int64_t ldo) {
+    for (int64_t c0 = 0; c0 < Dv; c0 += 64) {
+        int64_t left = Dv - c0;
+        int nv = left >= 64 ? 4 : (int)((left + 15) / 16);
+        int last = (int)(left >= 64 ? 16 : left - 16 * (nv - 1));
+        __mmask16 tail = (__mmask16)(last == 16 ? 0xFFFF : (1u << last) - 1);
+        const float *vc = v + c0;
+        for (int64_t r0 = 0; r0 < nrows; r0 += 6) {
+            const float *pr_ = p + r0 * ldp;
+            const float *al = alpha ? alpha + r0 : NULL;
+            float *oc = o + r0 * ldo + c0;
+            switch (nrows - r0 >= 6 ? 6 : (int)(nrows - r0)) {
+                QF_SDPA_PV512_CASE(1)
+                QF_SDPA_PV512_CASE(2)
+                QF_SDPA_PV512_CASE(3)
+                QF_SDPA_PV512_CASE(4)
+                QF_SDPA_PV512_CASE(5)
+                default: QF_SDPA_PV512_CASE(6)
+            }
+        }
+    }
+}
+
+
+/* Where a row's mask lives: element (b,h,i,j0) of the mask and its key stride (0 or 1). */
+typedef struct {
+    qf_mask_kind kind;
+    const void *row;
+    int64_t sj;
+} qf_sdpa_maskrow;
+
+/* Online-softmax step on one row of scores s[0:nk) (in place): keys >= nvalid (the causal
+ * limit) and keys the mask blocks become -inf, a float mask is added; then with the running
+ * max *m and sum *l: m' = max(*m, max s), s = exp(s - m') (0 where blocked),
+ * *alpha = exp(*m - m'), *l = *l * alpha + sum s, *m = m'. While m' = -inf (nothing attendable
+ * yet) s = 0 and *alpha = 1. s must be 64-byte aligned with round_up(nk, 16) floats. */
+QF_TARGET_AVX512 static inline void qf_sdpa_softmax_row512(float *s, int64_t nk, int64_t nvalid,
+                                                           const qf_sdpa_maskrow *mk, float *m,
+                                                           float *l, float *alpha) {
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    __m512 fadd = _mm512_setzero_ps();
+    int per_key = mk->kind != QF_MASK_NONE && mk->sj != 0;
+    if (mk->kind != QF_MASK_NONE && mk->sj == 0) {      /* one mask value for the whole row */
+        if (mk->kind == QF_MASK_BOOL) { if (!*(const uint8_t *)mk->row) nvalid = 0; }
+        else fadd = _mm512_set1_ps(*(const float *)mk->row);
+    }
+    if (nvalid > nk) nvalid = nk;
+    if (nvalid < 0) nvalid = 0;
+    __m512 mx = ninf;
+    for (int64_t j = 0; j < nk; j += 16) {
+        int64_t left = nvalid - j;
+        __mmask16 k = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+        __m512 x = _mm512_load_ps(s + j);
+        if (per_key) {
+            if (mk->kind == QF_MASK_BOOL) {
+                __m128i b = _mm_maskz_loadu_epi8(k, (const uint8_t *)mk->row + j);
+                k = _mm_test_epi8_mask(b, b);
+            } else {
+                x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(k, (const float *)mk->row + j));
+            }
+        } else {
+            x = _mm512_add_ps(x, fadd);
+        }
+        x = _mm512_mask_blend_ps(k, ninf, x);
+        _mm512_store_ps(s + j, x);
+        mx = _mm512_max_ps(mx, x);
+    }
+    float mnew = _mm512_reduce_max_ps(mx);
+    if (*m > mnew) mnew = *m;
+    if (mnew == -INFINITY) {
+        for (int64_t j = 0; j < nk; j += 16) _mm512_store_ps(s + j, _mm512_setzero_ps());
+        *alpha = 1.0f;
+        return;
+    }
+    const __m512 mv = _mm512_set1_ps(mnew);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < nk; j += 16) {
+        __m512 e = qf_sdpa_exp512(_mm512_sub_ps(_mm512_load_ps(s + j), mv));
+        if (nk - j < 16) e = _mm512_maskz_mov_ps((__mmask16)((1u << (nk - j)) - 1), e);
+        _mm512_store_ps(s + j, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    float a = *m == -INFINITY ? 0.0f : expf(*m - mnew);
+    *alpha = a;
+    *l = *l * a + _mm512_reduce_add_ps(sum);
+    *m = mnew;
+}
+
+/* ======================================= AVX2 ======================================= */
+
+QF_TARGET_AVX2 static QF_SDPA_ALWAYS_INLINE __m256 qf_sdpa_exp256(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.3f);
+    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(lo, x);
+    x = _mm256_min_ps(_mm256_set1_ps(88.3f), x);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    return _mm256_andnot_ps(under, y);
+}
+
+/* Lane mask (all-ones for lanes < n, n in 0..8) for maskload/maskstore. */
+QF_TARGET_AVX2 static QF_SDPA_ALWAYS_INLINE __m256i qf_sdpa_lanes256(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+QF_TARGET_AVX2 static QF_SDPA_ALWAYS_INLINE void qf_sdpa_scores_tile256(
+    const float *a, int64_t lda, const float *kt, int64_t D, float scale, float *c, int64_t ldc,
+    const int R, const int NV) {
+    __m256 acc[6][2];
+#pragma GCC unroll 6
+    for (int r = 0; r < 6; r++)
+#pragma GCC unroll 2
+        for (int v = 0; v < 2; v++) acc[r][v] = _mm256_setzero_ps();
+    const float *rows[6] = {a, a + lda, a + 2 * lda, a + 3 * lda, a + 4 * lda, a + 5 * lda};
+    for (int64_t d = 0; d < D; d++) {
+        __m256 b[2];
+#pragma GCC unroll 2
+        for (int v = 0; v < 2; v++)
+            if (v < NV) b[v] = _mm256_load_ps(kt + d * QF_SDPA_W256 + 8 * v);
+#pragma GCC unroll 6
+        for (int r = 0; r < 6; r++) {
+            if (r >= R) break;
+            __m256 x = _mm256_broadcast_ss(rows[r] + d);
+#pragma GCC unroll 2
+            for (int v = 0; v < 2; v++)
+                if (v < NV) acc[r][v] = _mm256_fmadd_ps(x, b[v], acc[r][v]);
+        }
+    }
+    const __m256 s = _mm256_set1_ps(scale);
+#pragma GCC unroll 6
+    for (int r = 0; r < 6; r++) {
+        if (r >= R) break;
+#pragma GCC unroll 2
+        for (int v = 0; v < 2; v++)
+            if (v < NV) _mm256_storeu_ps(c + r * ldc + 8 * v, _mm256_mul_ps(acc[r][v], s));
+    }
+}
+
+#define QF_SDPA_SCORES256_CASE(R)                                                               \
+    case R:                                                                                     \
+        if (nv == 1) qf_sdpa_scores_tile256(ar, lda, kp, D, scale, cr, ldc, R, 1);              \
+        else qf_sdpa_scores_tile256(ar, lda, kp, D, scale, cr, ldc, R, 2);                      \
+        break;
+
+QF_TARGET_AVX2 static inline void qf_sdpa_scores256(const float *a, int64_t lda, int64_t nrows,
+                                                    const float *kt, int64_t nk, int64_t D,
+                                                    float scale, float *c, int64_t ldc) {
+    for (int64_t p0 = 0; p0 < nk; p0 += QF_SDPA_W256) {
+        const float *kp = kt + p0 * D;
+        int nv = nk - p0 > 8 ? 2 : 1;
+        for (int64_t r0 = 0; r0 < nrows; r0 += 6) {
+            const float *ar = a + r0 * lda;
+            float *cr = c + r0 * ldc + p0;
+            switch (nrows - r0 >= 6 ? 6 : (int)(nrows - r0)) {
+                QF_SDPA_SCORES256_CASE(1)
+                QF_SDPA_SCORES256_CASE(2)
+                QF_SDPA_SCORES256_CASE(3)
+                QF_SDPA_SCORES256_CASE(4)
+                QF_SDPA_SCORES256_CASE(5)
+                default: QF_SDPA_SCORES256_CASE(6)
+            }
+        }
+    }
+}
+
+QF_TARGET_AVX2 static QF_SDPA_ALWAYS_INLINE void qf_sdpa_pv_tile256(
+    const float *p, int64_t ldp, int64_t nk, const float *v, int64_t ldv, const float *alpha,
+    float *o, int64_t ldo, __m256i tail, const int R, const int NV) {
+    const __m256i full = _mm256_set1_epi32(-1);
+    __m256 acc[6][2];
+#pragma GCC unroll 6
+    for (int r = 0; r < 6; r++) {
+        if (r >= R) break;
+        __m256 al = _mm256_set1_ps(alpha ? alpha[r] : 1.0f);
+#pragma GCC unroll 2
+        for (int c = 0; c < 2; c++)
+            if (c < NV) acc[r][c] = _mm256_mul_ps(al, _mm256_maskload_ps(o + r * ldo + 8 * c, c == NV - 1 ? tail : full));
+    }
+    const float *rows[6] = {p, p + ldp, p + 2 * ldp, p + 3 * ldp, p + 4 * ldp, p + 5 * ldp};
+    for (int64_t j = 0; j < nk; j++) {
+        __m256 b[2];
+        const float *vj = v + j * ldv;
+#pragma GCC unroll 2
+        for (int c = 0; c < 2; c++)
+            if (c < NV) b[c] = _mm256_maskload_ps(vj + 8 * c, c == NV - 1 ? tail : full);
+#pragma GCC unroll 6
+        for (int r = 0; r < 6; r++) {
+            if (r >= R) break;
+            __m256 x = _mm256_broadcast_ss(rows[r] + j);
+#pragma GCC unroll 2
+            for (int c = 0; c < 2; c++)
+                if (c < NV) acc[r][c] = _mm256_fmadd_ps(x, b[c], acc[r][c]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < 6; r++) {
+        if (r >= R) break;
+#pragma GCC unroll 2
+        for (int c = 0; c < 2; c++)
+            if (c < NV) _mm256_maskstore_ps(o + r * ldo + 8 * c, c == NV - 1 ? tail : full, acc[r][c]);
+    }
+}
+
+#define QF_SDPA_PV256_CASE(R)                                                                   \
+    case R:                                                                                     \
+        if (nv == 1) qf_sdpa_pv_tile256(pr_, ldp, nk, vc, ldv, al, oc, ldo, tail, R, 1);        \
+        else qf_sdpa_pv_tile256(pr_, ldp, nk, vc, ldv, al, oc, ldo, tail, R, 2);                \
+        break;
+
+QF_TARGET_AVX2 static inline void qf_sdpa_pv256(const float *p, int64_t ldp, int64_t nrows, int64_t nk,
+                                                const float *v, int64_t ldv, int64_t Dv,
+                                                const float *alpha, float *o, int64_t ldo) {
+    for (int64_t c0 = 0; c0 < Dv; c0 += 16) {
+        int64_t left = Dv - c0;
+        int nv = left > 8 ? 2 : 1;
+        __m256i tail = qf_sdpa_lanes256((int)(left >= 16 ? 8 : left - 8 * (nv - 1)));
+        const float *vc = v + c0;
+        for (int64_t r0 = 0; r0 < nrows; r0 += 6) {
+            const float *pr_ = p + r0 * ldp;
+            const float *al = alpha ? alpha + r0 : NULL;
+            float *oc = o + r0 * ldo + c0;
+            switch (nrows - r0 >= 6 ? 6 : (int)(nrows - r0)) {
+                QF_SDPA_PV256_CASE(1)
+                QF_SDPA_PV256_CASE(2)
+                QF_SDPA_PV256_CASE(3)
+                QF_SDPA_PV256_CASE(4)
+                QF_SDPA_PV256_CASE(5)
+                default: QF_SDPA_PV256_CASE(6)
+            }
+        }
+    }
+}
+
+/* AVX2 twin of qf_sdpa_softmax_row512; s must be 32-byte aligned with round_up(nk, 8) floats. */
+QF_TARGET_AVX2 static inline void qf_sdpa_softmax_row256(float *s, int64_t nk, int64_t nvalid,
+                                                         const qf_sdpa_maskrow *mk, float *m,
+                                                         float *l, float *alpha) {
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    __m256 fadd = _mm256_setzero_ps();
+    int per_key = mk->kind != QF_MASK_NONE && mk->sj != 0;
+    if (mk->kind != QF_MASK_NONE && mk->sj == 0) {
+        if (mk->kind == QF_MASK_BOOL) { if (!*(const uint8_t *)mk->row) nvalid = 0; }
+        else fadd = _mm256_set1_ps(*(const float *)mk->row);
+    }
+    if (nvalid > nk) nvalid = nk;
+    if (nvalid < 0) nvalid = 0;
+    __m256 mx = ninf;
+    for (int64_t j = 0; j < nk; j += 8) {
+        int64_t left = nvalid - j;
+        int n = left >= 8 ? 8 : left <= 0 ? 0 : (int)left;
+        __m256i lanes = qf_sdpa_lanes256(n);
+        __m256 x = _mm256_load_ps(s + j);
+        if (per_key) {
+            if (mk->kind == QF_MASK_BOOL) {
+                const uint8_t *mb = (const uint8_t *)mk->row + j;
+                int32_t att[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+                for (int t = 0; t < n; t++) att[t] = mb[t] ? -1 : 0;
+                lanes = _mm256_loadu_si256((const __m256i *)att);
+            } else {
+                x = _mm256_add_ps(x, _mm256_maskload_ps((const float *)mk->row + j, lanes));
+            }
+        } else {
+            x = _mm256_add_ps(x, fadd);
+        }
+        x = _mm256_blendv_ps(ninf, x, _mm256_castsi256_ps(lanes));
+        _mm256_store_ps(s + j, x);
+        mx = _mm256_max_ps(mx, x);
+    }
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+    float mnew = _mm_cvtss_f32(h);
+    if (*m > mnew) mnew = *m;
+    if (mnew == -INFINITY) {
+        for (int64_t j = 0; j < nk; j += 8) _mm256_store_ps(s + j, _mm256_setzero_ps());
+        *alpha = 1.0f;
+        return;
+    }
+    const __m256 mv = _mm256_set1_ps(mnew);
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < nk; j += 8) {
+        __m256 e = qf_sdpa_exp256(_mm256_sub_ps(_mm256_load_ps(s + j), mv));
+        if (nk - j < 8) e = _mm256_and_ps(e, _mm256_castsi256_ps(qf_sdpa_lanes256((int)(nk - j))));
+        _mm256_store_ps(s + j, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    __m128 t = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+    t = _mm_add_ss(t, _mm_shuffle_ps(t, t, 1));
+    float a = *m == -INFINITY ? 0.0f : expf(*m - mnew);
+    *alpha = a;
+    *l = *l * a + _mm_cvtss_f32(t);
+    *m = mnew;
+}
+
+#endif
