@@ -318,3 +318,54 @@ def test_backward_without_forward_fails(tmp_path):
     s = qfuse._native.lib.qf_mha_backward(mha._h, np.zeros(8, np.float32).ctypes.data, None, None, None)
     assert qfuse._native.status_name(s) == "QF_ERR_ARG"
     assert "no successful qf_mha_forward" in qfuse._native.last_error()
+
+
+def test_training_dropout_vs_manual_reference(tmp_path):
+    """training=True: attention dropout on qfuse's documented stream. The float64 reference is
+    MHA written out in torch with the keep mask computed independently (util.philox_uniform at
+    index ((b*H + h)*L + i)*S + j, offset 0); returned weights are post-dropout as in torch.
+    Output, weights and (when the library has sdpa backward) all gradients are compared."""
+    rng, seed = _rng()
+    E, H, B, L, S, p = 12, 3, 2, 4, 5, 0.3
+    hd = E // H
+    t = util.torch()
+    sd = {"in_proj_weight": rng.standard_normal((3 * E, E)).astype(np.float32) * 0.3,
+          "in_proj_bias": rng.standard_normal(3 * E).astype(np.float32) * 0.1,
+          "out_proj.weight": rng.standard_normal((E, E)).astype(np.float32) * 0.3,
+          "out_proj.bias": rng.standard_normal(E).astype(np.float32) * 0.1}
+    path = str(tmp_path / "d.safetensors")
+    util.write_safetensors(path, sd)
+    mha = qfuse.MultiheadAttention.load(path, E, H, batch_first=True, dropout=p)
+    q, k, v = _inputs(rng, B, L, S, E, None, None, True)
+    kpm = np.zeros((B, S), bool)
+    kpm[1, 3:] = True
+    dseed = int(rng.integers(0, 2**62))
+    keep = util.philox_uniform(dseed, 0, np.arange(B * H * L * S)).reshape(B, H, L, S) >= p
+
+    P = {n: t.tensor(a.astype(np.float64), requires_grad=True) for n, a in sd.items()}
+    X = [t.tensor(a.astype(np.float64), requires_grad=True) for a in (q, k, v)]
+    W, bias = P["in_proj_weight"], P["in_proj_bias"]
+    heads = [(X[i] @ W[i * E:(i + 1) * E].T + bias[i * E:(i + 1) * E]).reshape(B, -1, H, hd).transpose(1, 2)
+             for i in range(3)]
+    scores = heads[0] @ heads[1].transpose(-1, -2) / np.sqrt(hd)
+    scores = scores.masked_fill(t.from_numpy(kpm)[:, None, None, :], float("-inf"))
+    probs = t.softmax(scores, -1) * t.from_numpy(keep.astype(np.float64)) / (1 - p)
+    merged = (probs @ heads[2]).transpose(1, 2).reshape(B, L, E)
+    ref_out = merged @ P["out_proj.weight"].T + P["out_proj.bias"]
+
+    out, w = mha(q, k, v, key_padding_mask=kpm, training=True, seed=dseed, average_attn_weights=False)
+    assert util.rel_err(out, ref_out.detach().numpy()) < TOL, seed
+    assert util.rel_err(w, probs.detach().numpy()) < TOL, seed
+    out_eval, _ = mha(q, k, v, key_padding_mask=kpm)  # training off: no dropout
+    assert util.rel_err(out_eval, ref_out.detach().numpy()) > 1e-3
+    try:
+        _need_backward()
+    except pytest.skip.Exception:
+        return
+    g = rng.standard_normal(out.shape).astype(np.float32)
+    ref_out.backward(t.from_numpy(g.astype(np.float64)))
+    mha(q, k, v, key_padding_mask=kpm, training=True, seed=dseed)
+    gr = mha.backward(g)
+    for name, r in list(zip(("query", "key", "value"), X)) + list(P.items()):
+        e = util.rel_err(gr[name], r.grad.numpy())
+        assert e < TOL, "grad %s rel err %.3g (seed %d)" % (name, e, seed)
