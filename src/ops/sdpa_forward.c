@@ -32,6 +32,7 @@
 
 typedef struct {
     int W; /* key panel width of the packed K */
+    void (*pack)(float *kt, const float *k, int64_t ldk, int64_t S, int64_t D);
     void (*scores)(const float *a, int64_t lda, int64_t nrows, const float *kt, int64_t nk,
                    int64_t D, float scale, float *c, int64_t ldc);
     void (*softmax_row)(float *s, int64_t nk, int64_t nvalid, const qf_sdpa_maskrow *mk,
@@ -40,8 +41,8 @@ typedef struct {
                int64_t Dv, const float *alpha, float *o, int64_t ldo);
 } fwd_isa;
 
-static const fwd_isa isa512 = {QF_SDPA_W512, qf_sdpa_scores512, qf_sdpa_softmax_row512, qf_sdpa_pv512};
-static const fwd_isa isa256 = {QF_SDPA_W256, qf_sdpa_scores256, qf_sdpa_softmax_row256, qf_sdpa_pv256};
+static const fwd_isa isa512 = {QF_SDPA_W512, qf_sdpa_pack_kt512, qf_sdpa_scores512, qf_sdpa_softmax_row512, qf_sdpa_pv512};
+static const fwd_isa isa256 = {QF_SDPA_W256, qf_sdpa_pack_kt256, qf_sdpa_scores256, qf_sdpa_softmax_row256, qf_sdpa_pv256};
 
 /* ---------------------------------- scalar path ---------------------------------- */
 
@@ -149,17 +150,32 @@ static void attend_rows(const fwd_plan *pl, const float *kt_pair, int64_t b, int
     memset(o, 0, (size_t)(nr * pl->ldo) * sizeof(float));
     for (int64_t j0 = j_begin; j0 < j_end; j0 += Bc) {
         const int64_t nk = j_end - j0 < Bc ? j_end - j0 : Bc;
-        pl->isa->scores(qb, D, nr, kt_pair + j0 * D, nk, D, pr->scale, tile, Bc);
-        for (int64_t r = 0; r < nr; r++) {
-            const int64_t i = i0 + r;
-            qf_sdpa_maskrow mk;
-            mask_row(pr, b, h, i, j0, &mk);
-            int64_t nvalid = pr->is_causal ? i + 1 - j0 : nk;
-            pl->isa->softmax_row(tile + r * Bc, nk, nvalid, &mk, &m[r], &l[r], &alpha[r]);
-            if (pr->dropout_p > 0)
-                dropout_row(tile + r * Bc, nk, pr, (uint64_t)(((b * pr->Hq + h) * pr->L + i) * S + j0));
+        /* On a causal diagonal block, row group g only needs keys j <= its last row: groups of
+         * 6 rows (the register tile height) each get their own key count, so the masked triangle is (almost)
+         * never computed. Elsewhere the whole block is one group. */
+        const int diag = pr->is_causal && j0 + nk > i0 + 1;
+        const int64_t G = diag ? 6 : nr;
+        for (int64_t r0 = 0; r0 < nr; r0 += G) {
+            const int64_t rr = nr - r0 < G ? nr - r0 : G;
+            int64_t nkg = nk;
+            if (diag && i0 + r0 + rr - j0 < nkg) nkg = i0 + r0 + rr - j0;
+            if (nkg <= 0) { /* these rows see no key of the block: state unchanged */
+                for (int64_t r = r0; r < r0 + rr; r++) alpha[r] = 1.0f;
+                continue;
+            }
+            float *tg = tile + r0 * Bc;
+            pl->isa->scores(qb + r0 * D, D, rr, kt_pair + j0 * D, nkg, D, pr->scale, tg, Bc);
+            for (int64_t r = r0; r < r0 + rr; r++) {
+                const int64_t i = i0 + r;
+                qf_sdpa_maskrow mk;
+                mask_row(pr, b, h, i, j0, &mk);
+                int64_t nvalid = pr->is_causal ? i + 1 - j0 : nkg;
+                pl->isa->softmax_row(tile + r * Bc, nkg, nvalid, &mk, &m[r], &l[r], &alpha[r]);
+                if (pr->dropout_p > 0)
+                    dropout_row(tile + r * Bc, nkg, pr, (uint64_t)(((b * pr->Hq + h) * pr->L + i) * S + j0));
+            }
+            pl->isa->pv(tg, Bc, rr, nkg, vb + j0 * Dv, Dv, Dv, alpha + r0, o + r0 * pl->ldo, pl->ldo);
         }
-        pl->isa->pv(tile, Bc, nr, nk, vb + j0 * Dv, Dv, Dv, alpha, o, pl->ldo);
     }
 }
 
@@ -238,8 +254,17 @@ static qf_status forward_tiled(const qf_sdpa_problem *pr, const fwd_isa *isa, co
     }
     const int64_t kb_per_split = (nkb + nsplit - 1) / nsplit;
 
-    /* Scratch: packed K chunk | per-thread slices | split partials | lse for weights. */
-    const size_t kt_bytes = qf_align_up((size_t)(chunk * pl.pair_floats) * sizeof(float), 64);
+    /* Enough (batch, kv head) pairs to keep every thread busy with whole pairs: a task packs
+     * its pair's K into the thread's own buffer (still in cache when the query blocks read it)
+     * and runs every query block of every head of the group; pairs cost the same, so dynamic
+     * scheduling balances them. Otherwise K is packed in chunks by all threads, then the
+     * (pair, head, query block, key split) units run. */
+    const int pair_mode = nsplit == 1 && npairs >= 4 * (int64_t)nt;
+    const size_t pair_bytes = qf_align_up((size_t)pl.pair_floats * sizeof(float), 64);
+
+    /* Scratch: packed K (chunk or per-thread) | per-thread slices | split partials | lse. */
+    const size_t kt_bytes = pair_mode ? pair_bytes * (size_t)nt
+                                      : qf_align_up((size_t)(chunk * pl.pair_floats) * sizeof(float), 64);
     const size_t tile_f = (size_t)(pl.Br * pl.Bc), o_f = (size_t)(pl.Br * pl.ldo), vec_f = qf_align_up((size_t)pl.Br, 16);
     const size_t slice_bytes = (tile_f + o_f + 3 * vec_f) * sizeof(float);
     const size_t part_row_f = (size_t)pl.ldo + 2;
@@ -253,6 +278,33 @@ static qf_status forward_tiled(const qf_sdpa_problem *pr, const fwd_isa *isa, co
     float *lse_out = lse ? lse : (float *)((char *)parts + part_bytes);
     if (!weights) lse_out = lse;
 
+    if (pair_mode) {
+        #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+        for (int64_t pair = 0; pair < npairs; pair++) {
+            const int tid = omp_get_thread_num();
+            float *ktp = (float *)((char *)kt + pair_bytes * (size_t)tid);
+            float *tile = (float *)(slices + slice_bytes * (size_t)tid);
+            float *o = tile + tile_f, *m = o + o_f, *l = m + vec_f, *alpha = l + vec_f;
+            const int64_t b = pair / Hkv;
+            isa->pack(ktp, k + pair * S * D, D, S, D);
+            for (int64_t g = 0; g < group; g++) {
+                const int64_t h = (pair % Hkv) * group + g;
+                for (int64_t qbk = 0; qbk < pl.nqb; qbk++) {
+                    const int64_t i0 = qbk * pl.Br, nr = L - i0 < pl.Br ? L - i0 : pl.Br;
+                    const int64_t kv_end = pr->is_causal && i0 + nr < S ? i0 + nr : S;
+                    attend_rows(&pl, ktp, b, h, i0, nr, 0, kv_end, tile, o, m, l, alpha);
+                    finish_rows(&pl, (b * Hq + h) * L + i0, nr, o, m, l, out, lse_out);
+                }
+                if (weights)
+                    for (int64_t qbk = 0; qbk < pl.nqb; qbk++) {
+                        const int64_t i0 = qbk * pl.Br, nr = L - i0 < pl.Br ? L - i0 : pl.Br;
+                        weight_rows(&pl, ktp, b, h, i0, nr, lse_out, tile, weights);
+                    }
+            }
+        }
+        return QF_OK;
+    }
+
     for (int64_t p0 = 0; p0 < npairs; p0 += chunk) {
         const int64_t np = npairs - p0 < chunk ? npairs - p0 : chunk;
         /* 1. pack K of the chunk's pairs, one panel per iteration */
@@ -260,7 +312,7 @@ static qf_status forward_tiled(const qf_sdpa_problem *pr, const fwd_isa *isa, co
         for (int64_t u = 0; u < np * pl.npanel; u++) {
             const int64_t pp = u / pl.npanel, pan = u % pl.npanel, j0 = pan * isa->W;
             const int64_t nkeys = S - j0 < isa->W ? S - j0 : isa->W;
-            qf_sdpa_pack_kt(kt + pp * pl.pair_floats + j0 * D, k + ((p0 + pp) * S + j0) * D, D, nkeys, D, isa->W);
+            isa->pack(kt + pp * pl.pair_floats + j0 * D, k + ((p0 + pp) * S + j0) * D, D, nkeys, D);
         }
         /* 2. attention: (pair, head of its group, query block descending, key split) */
         const int64_t units = np * group * pl.nqb * nsplit;

@@ -68,6 +68,60 @@ QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE __m512 qf_sdpa_exp512(__m512 x) {
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ), y);
 }
 
+/* 16 x 16 transpose of r[0..15] in place (r[c] becomes column c): pairs, quads, lanes. */
+QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE void qf_sdpa_transpose16(__m512 r[16]) {
+    __m512 t[16], u[16];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; g++) {
+        __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
+        __m512d c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
+        u[4 * g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    /* u[4g+c], 128-bit lane L: rows 4g..4g+3 of column 4L+c */
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; c++) {
+        __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+        __m512 w0 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88), w1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+        r[c] = _mm512_shuffle_f32x4(v0, w0, 0x88);
+        r[8 + c] = _mm512_shuffle_f32x4(v0, w0, 0xDD);
+        r[4 + c] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+        r[12 + c] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
+    }
+}
+
+/* qf_sdpa_pack_kt for W = QF_SDPA_W512 with 16 x 16 register transposes. */
+QF_TARGET_AVX512 static inline void qf_sdpa_pack_kt512(float *kt, const float *k, int64_t ldk, int64_t S, int64_t D) {
+    for (int64_t p0 = 0; p0 < S; p0 += QF_SDPA_W512) {
+        float *dst = kt + p0 * D;
+        for (int64_t w0 = 0; w0 < QF_SDPA_W512; w0 += 16) {
+            const int64_t nkeys = S - p0 - w0 < 0 ? 0 : S - p0 - w0 >= 16 ? 16 : S - p0 - w0;
+            for (int64_t d0 = 0; d0 < D; d0 += 16) {
+                const int64_t nd = D - d0 >= 16 ? 16 : D - d0;
+                const __mmask16 dm = (__mmask16)(nd == 16 ? 0xFFFF : (1u << nd) - 1);
+                __m512 r[16];
+#pragma GCC unroll 16
+                for (int t = 0; t < 16; t++)
+                    r[t] = t < nkeys ? _mm512_maskz_loadu_ps(dm, k + (p0 + w0 + t) * ldk + d0) : _mm512_setzero_ps();
+                qf_sdpa_transpose16(r);
+                if (nd == 16) {
+#pragma GCC unroll 16
+                    for (int c = 0; c < 16; c++) _mm512_store_ps(dst + (d0 + c) * QF_SDPA_W512 + w0, r[c]);
+                } else {
+                    for (int64_t c = 0; c < nd; c++) _mm512_store_ps(dst + (d0 + c) * QF_SDPA_W512 + w0, r[c]);
+                }
+            }
+        }
+    }
+}
+
 /* One register tile of scores: R rows (<= 6) x NV*16 keys (NV <= 4) of one panel. */
 QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE void qf_sdpa_scores_tile512(
     const float *a, int64_t lda, const float *kt, int64_t D, float scale, float *c, int64_t ldc,
@@ -301,6 +355,11 @@ QF_TARGET_AVX2 static QF_SDPA_ALWAYS_INLINE __m256 qf_sdpa_exp256(__m256 x) {
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
     return _mm256_andnot_ps(under, y);
+}
+
+/* qf_sdpa_pack_kt for W = QF_SDPA_W256 (plain C; the AVX2 path is the fallback, not tuned). */
+static inline void qf_sdpa_pack_kt256(float *kt, const float *k, int64_t ldk, int64_t S, int64_t D) {
+    qf_sdpa_pack_kt(kt, k, ldk, S, D, QF_SDPA_W256);
 }
 
 /* Lane mask (all-ones for lanes < n, n in 0..8) for maskload/maskstore. */
