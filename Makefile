@@ -80,7 +80,7 @@ test-c-san: $(TEST_BIN)
 
 # libFuzzer targets, one per parser, each run for FUZZ_SECONDS from its seed corpus.
 FUZZ_CC := clang
-FUZZ_FLAGS := -g -O1 -fsanitize=fuzzer,address,undefined -std=c11 -D_GNU_SOURCE -fopenmp -Iinclude -Isrc -Isrc/core $(BLAS_CFLAGS)
+FUZZ_FLAGS := -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -std=c11 -D_GNU_SOURCE -fopenmp -Iinclude -Isrc -Isrc/core $(BLAS_CFLAGS)
 FUZZ_LIB_SRC := $(filter-out src/ops/% src/models/% src/backend/%,$(LIB_SRC))
 fuzz:
 	@mkdir -p build-fuzz
@@ -88,8 +88,10 @@ fuzz:
 	  echo "== $$n ($(FUZZ_SECONDS) s)"; \
 	  $(FUZZ_CC) $(FUZZ_FLAGS) -o build-fuzz/$$n $$f $(FUZZ_LIB_SRC) $(LDLIBS); \
 	  mkdir -p build-fuzz/corpus-$$n; \
-	  build-fuzz/$$n -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -print_final_stats=0 \
-	    build-fuzz/corpus-$$n fuzz/corpus/$${n#fuzz_} 2>&1 | tail -n 3; done
+	  if ! build-fuzz/$$n -max_total_time=$(FUZZ_SECONDS) -max_len=65536 \
+	    build-fuzz/corpus-$$n fuzz/corpus/$${n#fuzz_} > build-fuzz/$$n.log 2>&1; then \
+	    tail -n 40 build-fuzz/$$n.log; echo "fuzz: $$n FAILED (log: build-fuzz/$$n.log)"; exit 1; fi; \
+	  tail -n 1 build-fuzz/$$n.log; done
 
 test: all test-c test-python sanitize fuzz
 	@echo "all tests passed"

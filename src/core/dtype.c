@@ -73,6 +73,8 @@ static uint16_t f32_to_bf16(float f) {
 
 qf_status qf_to_f32(qf_dtype t, const void *src, float *dst, size_t n) {
     if (n && (!src || !dst)) return qf_fail(QF_ERR_ARG, "qf_to_f32: NULL buffer");
+    if (n == 0) return t == QF_F32 || t == QF_F64 || t == QF_F16 || t == QF_BF16 ? QF_OK
+                     : qf_fail(QF_ERR_DTYPE, "qf_to_f32: cannot convert %s to F32 (float dtypes only)", qf_dtype_name(t));
     const unsigned char *s = src;
     switch (t) {
     case QF_F32: memmove(dst, src, n * 4); return QF_OK;
@@ -92,6 +94,8 @@ qf_status qf_to_f32(qf_dtype t, const void *src, float *dst, size_t n) {
 
 qf_status qf_from_f32(qf_dtype t, const float *src, void *dst, size_t n) {
     if (n && (!src || !dst)) return qf_fail(QF_ERR_ARG, "qf_from_f32: NULL buffer");
+    if (n == 0) return t == QF_F32 || t == QF_F64 || t == QF_F16 || t == QF_BF16 ? QF_OK
+                     : qf_fail(QF_ERR_DTYPE, "qf_from_f32: cannot convert F32 to %s (float dtypes only)", qf_dtype_name(t));
     unsigned char *d = dst;
     switch (t) {
     case QF_F32: memmove(dst, src, n * 4); return QF_OK;
