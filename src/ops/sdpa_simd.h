@@ -49,10 +49,13 @@ static inline void qf_sdpa_pack_kt(float *kt, const float *k, int64_t ldk, int64
 /* ====================================== AVX-512 ====================================== */
 
 QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE __m512 qf_sdpa_exp512(__m512 x) {
-    x = _mm512_max_ps(_mm512_set1_ps(-88.0f), x);
-    x = _mm512_min_ps(_mm512_set1_ps(88.7f), x);
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    /* t = x*log2(e) + 1.5*2^23 rounds to an integer n held in t's low mantissa bits, so
+     * n << 23 (an integer shift of t) is the exponent increment that multiplies by 2^n. */
+    const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
+    x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-88.0f), x));
+    const __m512 magic = _mm512_set1_ps(12582912.0f);
+    __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic);
+    __m512 n = _mm512_sub_ps(t, magic);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
     __m512 p = _mm512_set1_ps(1.9875691500e-4f);
@@ -62,10 +65,9 @@ QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE __m512 qf_sdpa_exp512(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
     __m512 y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    /* n = -127 for the clamp value -88: 2^-127 * y is a denormal ~1e-38; the softmax row max
-     * contributes 1, so that is far below rounding. Below -87.3, give an exact 0 instead. */
-    y = _mm512_scalef_ps(y, n);
-    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ), y);
+    /* below -87.3 (and -inf, NaN) the result is exactly 0 */
+    __m512i e = _mm512_maskz_add_epi32(live, _mm512_castps_si512(y), _mm512_slli_epi32(_mm512_castps_si512(t), 23));
+    return _mm512_castsi512_ps(e);
 }
 
 /* 16 x 16 transpose of r[0..15] in place (r[c] becomes column c): pairs, quads, lanes. */
@@ -295,7 +297,10 @@ QF_TARGET_AVX512 static inline void qf_sdpa_softmax_row512(float *s, int64_t nk,
     if (nvalid > nk) nvalid = nk;
     if (nvalid < 0) nvalid = 0;
     __m512 mx = ninf;
-    for (int64_t j = 0; j < nk; j += 16) {
+    int64_t j0 = 0;
+    if (mk->kind == QF_MASK_NONE) /* nothing to mask before nvalid: max only, no store */
+        for (; j0 + 16 <= nvalid; j0 += 16) mx = _mm512_max_ps(mx, _mm512_load_ps(s + j0));
+    for (int64_t j = j0; j < nk; j += 16) {
         int64_t left = nvalid - j;
         __mmask16 k = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
         __m512 x = _mm512_load_ps(s + j);
@@ -321,13 +326,23 @@ QF_TARGET_AVX512 static inline void qf_sdpa_softmax_row512(float *s, int64_t nk,
         return;
     }
     const __m512 mv = _mm512_set1_ps(mnew);
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < nk; j += 16) {
+    __m512 sum = _mm512_setzero_ps(), sum2 = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 32 <= nk; j += 32) { /* two independent chains for the out-of-order core */
+        __m512 e0 = qf_sdpa_exp512(_mm512_sub_ps(_mm512_load_ps(s + j), mv));
+        __m512 e1 = qf_sdpa_exp512(_mm512_sub_ps(_mm512_load_ps(s + j + 16), mv));
+        _mm512_store_ps(s + j, e0);
+        _mm512_store_ps(s + j + 16, e1);
+        sum = _mm512_add_ps(sum, e0);
+        sum2 = _mm512_add_ps(sum2, e1);
+    }
+    for (; j < nk; j += 16) {
         __m512 e = qf_sdpa_exp512(_mm512_sub_ps(_mm512_load_ps(s + j), mv));
         if (nk - j < 16) e = _mm512_maskz_mov_ps((__mmask16)((1u << (nk - j)) - 1), e);
         _mm512_store_ps(s + j, e);
         sum = _mm512_add_ps(sum, e);
     }
+    sum = _mm512_add_ps(sum, sum2);
     float a = *m == -INFINITY ? 0.0f : expf(*m - mnew);
     *alpha = a;
     *l = *l * a + _mm512_reduce_add_ps(sum);
