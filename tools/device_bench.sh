@@ -1,0 +1,104 @@
+#!/bin/bash
+# device_bench.sh - the official benchmark run on the device machine's CPU (see bench/README.md).
+#
+#   bash tools/device_bench.sh probe|blas|full        (in the repository root, .debs/ carried)
+#
+# The device image has a compiler and PyTorch but no package registry and none of qfuse's
+# libraries, so the Debian 12 packages in .debs/ (apt-get download, see bench/README.md) are
+# unpacked with dpkg -x into $DEPS (never into /) and everything links to them by absolute path
+# with an RPATH, so nothing else on the machine (PyTorch above all) sees them.
+#   probe: machine facts, a quick sgemm comparison of every BLAS variant, a compile of qfuse,
+#          a quick torch_peer.py run (checks the PyTorch side works)
+#   blas:  the sgemm comparison (docs/blas.md) at 2 and 16 threads, full timing
+#   full:  blas, then qfuse built with the default BLAS and bench/run.sh at 2 and 16 threads
+# Writes into $OUT (at most 8 files come back): log.txt, blas.txt, table-2t.txt, table-16t.txt,
+# raw.tar.gz.
+set -u
+mode=${1:-probe}
+OUT=${OUT:-/tmp/qfuse-out}
+DEPS=/tmp/qfuse-deps
+LIB=$DEPS/usr/lib/x86_64-linux-gnu
+mkdir -p "$OUT" "$DEPS"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+
+for f in .debs/*.deb; do dpkg -x "$f" "$DEPS"; done
+RP="-Wl,--disable-new-dtags -Wl,-rpath,$LIB -Wl,-rpath-link,$LIB"
+W="-std=c11 -D_GNU_SOURCE -O2 -march=native -fopenmp -Wall -Wextra -Wshadow"
+
+facts() {
+    echo "== machine"
+    gcc --version | head -n 1
+    lscpu | grep -E '^(Model name|CPU\(s\)|Thread|Core|Socket|L2|L3|Flags)' | cut -c1-400
+    nproc; free -g | head -n 2
+    python3 -c 'import torch; print("torch", torch.__version__, "mkldnn", torch.backends.mkldnn.is_available()); print(torch.__config__.parallel_info())' 2>&1 | head -n 12
+}
+
+# gemm-only builds of bench_attention against each BLAS variant
+build_gemm_benches() {
+    mkdir -p /tmp/gb
+    cc $W -DQF_BENCH_GEMM_ONLY -I$DEPS/usr/include/x86_64-linux-gnu/openblas-pthread bench/bench_attention.c \
+        -o /tmp/gb/openblas-pthread $LIB/openblas-pthread/libopenblasp-r0.3.21.so $RP -Wl,-rpath,$LIB/openblas-pthread -lm
+    cc $W -DQF_BENCH_GEMM_ONLY -I$DEPS/usr/include/x86_64-linux-gnu/openblas-pthread bench/bench_attention.c \
+        -o /tmp/gb/openblas-openmp $LIB/openblas-openmp/libopenblasp-r0.3.21.so $RP -Wl,-rpath,$LIB/openblas-openmp -lm
+    for v in openmp pthread; do
+        cc $W -Wno-unused-function -DQF_BENCH_GEMM_ONLY -I$DEPS/usr/include/x86_64-linux-gnu/blis-openmp bench/bench_attention.c \
+            -o /tmp/gb/blis-$v $LIB/blis-$v/libblis.so.4 $RP -Wl,-rpath,$LIB/blis-$v -lm
+    done
+    ls /tmp/gb
+}
+
+# blas_compare QUICKFLAG THREADS...: every variant, detected core and forced AVX-512 cores
+blas_compare() {
+    local quick=$1; shift
+    for t in "$@"; do
+        for b in openblas-pthread openblas-openmp blis-openmp blis-pthread; do
+            echo "== $b, $t threads (detected core)"
+            OMP_NUM_THREADS=$t OPENBLAS_VERBOSE=2 /tmp/gb/$b --threads $t --only gemm $quick
+        done
+        if grep -q avx512f /proc/cpuinfo; then
+            for c in SkylakeX Cooperlake; do
+                echo "== openblas-pthread, $t threads, OPENBLAS_CORETYPE=$c"
+                OPENBLAS_CORETYPE=$c /tmp/gb/openblas-pthread --threads $t --only gemm $quick
+            done
+            echo "== blis-openmp, $t threads, BLIS_ARCH_TYPE=0 (skx)"
+            OMP_NUM_THREADS=$t BLIS_ARCH_TYPE=0 /tmp/gb/blis-openmp --threads $t --only gemm $quick
+        fi
+    done
+}
+
+build_qfuse() {
+    echo "== build qfuse (build-dev)"
+    # CFLAGS from the environment: the Makefile appends its own flags to it.
+    CFLAGS="-O2 -g -I$DEPS/usr/include -I$DEPS/usr/include/x86_64-linux-gnu/openblas-pthread -L$LIB -L$LIB/openblas-pthread $RP -Wl,-rpath,$LIB/openblas-pthread" \
+        make -j16 BUILD=build-dev build-dev/libqfuse.a build-dev/bench_attention 2>&1 | grep -vE '^(cc|ar) ' | tail -n 30
+    ls -la build-dev/bench_attention 2>/dev/null
+}
+
+facts
+case "$mode" in
+probe)
+    build_gemm_benches
+    blas_compare --quick 2 16 | grep -vE '^M.threads'
+    build_qfuse
+    echo "== torch_peer quick, 16 threads"
+    PYTHONUNBUFFERED=1 python3 bench/torch_peer.py --threads 16 --quick
+    if [ -x build-dev/bench_attention ]; then
+        BUILD=build-dev QUICK=1 sh bench/run.sh 16
+    fi
+    ;;
+blas)
+    build_gemm_benches
+    blas_compare "" 2 16 | tee "$OUT/blas.txt"
+    ;;
+full)
+    build_gemm_benches
+    blas_compare "" 2 16 >"$OUT/blas.txt" 2>&1
+    grep -E '^(==|R|M.blas)' "$OUT/blas.txt" | grep -v ceiling
+    build_qfuse
+    BUILD=build-dev RESULTS_DIR=/tmp/res sh bench/run.sh 2 16
+    cp /tmp/res/table-2t.txt /tmp/res/table-16t.txt "$OUT/" 2>/dev/null
+    tar -C /tmp/res -czf "$OUT/raw.tar.gz" .
+    ;;
+build) build_gemm_benches; build_qfuse ;;
+*) echo "device_bench.sh: mode '$mode' is not probe, blas or full"; exit 2 ;;
+esac
