@@ -35,14 +35,17 @@ typedef struct {
     void (*pack)(float *kt, const float *k, int64_t ldk, int64_t S, int64_t D);
     void (*scores)(const float *a, int64_t lda, int64_t nrows, const float *kt, int64_t nk,
                    int64_t D, float scale, float *c, int64_t ldc);
+    /* scores from unpacked K (row stride ldk); NULL where the ISA has none */
+    void (*scores_dot)(const float *a, int64_t lda, int64_t nrows, const float *k, int64_t ldk,
+                       int64_t nk, int64_t D, float scale, float *c, int64_t ldc);
     void (*softmax_row)(float *s, int64_t nk, int64_t nvalid, const qf_sdpa_maskrow *mk,
                         float *m, float *l, float *alpha);
     void (*pv)(const float *p, int64_t ldp, int64_t nrows, int64_t nk, const float *v, int64_t ldv,
                int64_t Dv, const float *alpha, float *o, int64_t ldo);
 } fwd_isa;
 
-static const fwd_isa isa512 = {QF_SDPA_W512, qf_sdpa_pack_kt512, qf_sdpa_scores512, qf_sdpa_softmax_row512, qf_sdpa_pv512};
-static const fwd_isa isa256 = {QF_SDPA_W256, qf_sdpa_pack_kt256, qf_sdpa_scores256, qf_sdpa_softmax_row256, qf_sdpa_pv256};
+static const fwd_isa isa512 = {QF_SDPA_W512, qf_sdpa_pack_kt512, qf_sdpa_scores512, qf_sdpa_scores_dot512, qf_sdpa_softmax_row512, qf_sdpa_pv512};
+static const fwd_isa isa256 = {QF_SDPA_W256, qf_sdpa_pack_kt256, qf_sdpa_scores256, NULL, qf_sdpa_softmax_row256, qf_sdpa_pv256};
 
 /* ---------------------------------- scalar path ---------------------------------- */
 
@@ -109,7 +112,17 @@ typedef struct {
     const float *q, *k, *v;
     int64_t Br, Bc, nqb, ldo, npanel, pair_floats;
     float keep_scale;
+    int nopack; /* few query rows per key: scores straight from K, no packed copy */
 } fwd_plan;
+
+/* Score tile of nrows query rows (from a) against keys [j0, j0+nk) of one pair, whose K is
+ * kbase: the packed panels, or K itself when nopack. */
+static void block_scores(const fwd_plan *pl, const float *a, int64_t nrows, const float *kbase,
+                         int64_t j0, int64_t nk, float *c, int64_t ldc) {
+    const int64_t D = pl->pr->D;
+    if (pl->nopack) pl->isa->scores_dot(a, D, nrows, kbase + j0 * D, D, nk, D, pl->pr->scale, c, ldc);
+    else pl->isa->scores(a, D, nrows, kbase + j0 * D, nk, D, pl->pr->scale, c, ldc);
+}
 
 static void mask_row(const qf_sdpa_problem *pr, int64_t b, int64_t h, int64_t i, int64_t j0,
                      qf_sdpa_maskrow *mk) {
@@ -164,7 +177,7 @@ static void attend_rows(const fwd_plan *pl, const float *kt_pair, int64_t b, int
                 continue;
             }
             float *tg = tile + r0 * Bc;
-            pl->isa->scores(qb + r0 * D, D, rr, kt_pair + j0 * D, nkg, D, pr->scale, tg, Bc);
+            block_scores(pl, qb + r0 * D, rr, kt_pair, j0, nkg, tg, Bc);
             for (int64_t r = r0; r < r0 + rr; r++) {
                 const int64_t i = i0 + r;
                 qf_sdpa_maskrow mk;
@@ -210,7 +223,7 @@ static void weight_rows(const fwd_plan *pl, const float *kt_pair, int64_t b, int
             for (int64_t r = 0; r < nr; r++) memset(weights + (row0 + r) * S + j0, 0, (size_t)nk * sizeof(float));
             continue;
         }
-        pl->isa->scores(qb, D, nr, kt_pair + j0 * D, nk, D, pr->scale, tile, Bc);
+        block_scores(pl, qb, nr, kt_pair, j0, nk, tile, Bc);
         for (int64_t r = 0; r < nr; r++) {
             const int64_t i = i0 + r;
             float *t = tile + r * Bc, *w = weights + (row0 + r) * S + j0;
@@ -222,6 +235,11 @@ static void weight_rows(const fwd_plan *pl, const float *kt_pair, int64_t b, int
             for (int64_t j = 0; j < nk; j++) w[j] = t[j] * pl->keep_scale;
         }
     }
+}
+
+/* K of pair `pair` as the score kernels read it: packed slot `slot` of kt, or K itself. */
+static const float *pair_k(const fwd_plan *pl, const float *kt, int64_t pair, int64_t slot) {
+    return pl->nopack ? pl->k + pair * pl->pr->S * pl->pr->D : kt + slot * pl->pair_floats;
 }
 
 static qf_status forward_tiled(const qf_sdpa_problem *pr, const fwd_isa *isa, const float *q,
@@ -239,10 +257,13 @@ static qf_status forward_tiled(const qf_sdpa_problem *pr, const fwd_isa *isa, co
     pl.npanel = (S + isa->W - 1) / isa->W;
     pl.pair_floats = pl.npanel * isa->W * D;
     pl.keep_scale = pr->dropout_p > 0 ? 1.0f / (1.0f - pr->dropout_p) : 1.0f;
+    /* Packing K costs about a pass over K; it pays off once several query rows reuse each key. */
+    pl.nopack = isa->scores_dot && L * group <= 4;
+    if (pl.nopack) pl.pair_floats = 0;
 
     /* Pairs per chunk of packed K, and the key split for work too coarse for the threads. */
     const int64_t npairs = B * Hkv;
-    int64_t chunk = (int64_t)(KT_CHUNK_BYTES / ((size_t)pl.pair_floats * sizeof(float)));
+    int64_t chunk = pl.nopack ? npairs : (int64_t)(KT_CHUNK_BYTES / ((size_t)pl.pair_floats * sizeof(float)));
     if (chunk < 1) chunk = 1;
     if (chunk > npairs) chunk = npairs;
     const int64_t nkb = (S + pl.Bc - 1) / pl.Bc;
@@ -286,7 +307,8 @@ static qf_status forward_tiled(const qf_sdpa_problem *pr, const fwd_isa *isa, co
             float *tile = (float *)(slices + slice_bytes * (size_t)tid);
             float *o = tile + tile_f, *m = o + o_f, *l = m + vec_f, *alpha = l + vec_f;
             const int64_t b = pair / Hkv;
-            isa->pack(ktp, k + pair * S * D, D, S, D);
+            if (pl.nopack) ktp = (float *)(k + pair * S * D); /* read only */
+            else isa->pack(ktp, k + pair * S * D, D, S, D);
             for (int64_t g = 0; g < group; g++) {
                 const int64_t h = (pair % Hkv) * group + g;
                 for (int64_t qbk = 0; qbk < pl.nqb; qbk++) {
@@ -309,7 +331,7 @@ static qf_status forward_tiled(const qf_sdpa_problem *pr, const fwd_isa *isa, co
         const int64_t np = npairs - p0 < chunk ? npairs - p0 : chunk;
         /* 1. pack K of the chunk's pairs, one panel per iteration */
         #pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t u = 0; u < np * pl.npanel; u++) {
+        for (int64_t u = 0; u < (pl.nopack ? 0 : np * pl.npanel); u++) {
             const int64_t pp = u / pl.npanel, pan = u % pl.npanel, j0 = pan * isa->W;
             const int64_t nkeys = S - j0 < isa->W ? S - j0 : isa->W;
             isa->pack(kt + pp * pl.pair_floats + j0 * D, k + ((p0 + pp) * S + j0) * D, D, nkeys, D);
@@ -332,7 +354,7 @@ static qf_status forward_tiled(const qf_sdpa_problem *pr, const fwd_isa *isa, co
             if (jb >= je) { /* an empty split (causal): contributes nothing */
                 for (int64_t r = 0; r < nr; r++) { m[r] = -INFINITY; l[r] = 0.0f; }
             } else {
-                attend_rows(&pl, kt + pp * pl.pair_floats, b, h, i0, nr, jb, je, tile, o, m, l, alpha);
+                attend_rows(&pl, pair_k(&pl, kt, p0 + pp, pp), b, h, i0, nr, jb, je, tile, o, m, l, alpha);
             }
             if (nsplit == 1) {
                 finish_rows(&pl, row0, nr, o, m, l, out, lse_out);
@@ -387,7 +409,7 @@ static qf_status forward_tiled(const qf_sdpa_problem *pr, const fwd_isa *isa, co
                 const int64_t pp = u / (group * pl.nqb), g = (u / pl.nqb) % group, qbk = u % pl.nqb;
                 const int64_t pair = p0 + pp, b = pair / Hkv, h = (pair % Hkv) * group + g;
                 const int64_t i0 = qbk * pl.Br, nr = L - i0 < pl.Br ? L - i0 : pl.Br;
-                weight_rows(&pl, kt + pp * pl.pair_floats, b, h, i0, nr, lse_out, tile, weights);
+                weight_rows(&pl, pair_k(&pl, kt, p0 + pp, pp), b, h, i0, nr, lse_out, tile, weights);
             }
         }
     }

@@ -192,6 +192,55 @@ QF_TARGET_AVX512 static inline void qf_sdpa_scores512(const float *a, int64_t ld
     }
 }
 
+/* Lane t of the result = sum of the 16 lanes of x[t] (a transpose folded into the adds). */
+QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE __m512 qf_sdpa_hsum16x16(const __m512 x[16]) {
+    __m512 t[8], v[4];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++) /* per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] */
+        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(x[2 * i], x[2 * i + 1]), _mm512_unpackhi_ps(x[2 * i], x[2 * i + 1]));
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) { /* per 128-bit lane: partial sums of x[4i..4i+3] */
+        __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+        v[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x88), _mm512_shuffle_f32x4(v[0], v[1], 0xDD));
+    __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(v[2], v[3], 0x88), _mm512_shuffle_f32x4(v[2], v[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+}
+
+/* Scores without packed keys, for few query rows per key (decoding): C[r][j] = scale * a_r . k_j
+ * with k in its natural layout (row stride ldk), 16 keys per step reduced by
+ * qf_sdpa_hsum16x16. Writes round_up(nk, 16) lanes per row like qf_sdpa_scores512; lanes past
+ * nk repeat key nk-1 (finite, ignored). */
+QF_TARGET_AVX512 static inline void qf_sdpa_scores_dot512(const float *a, int64_t lda, int64_t nrows,
+                                                          const float *k, int64_t ldk, int64_t nk,
+                                                          int64_t D, float scale, float *c, int64_t ldc) {
+    const int64_t dfull = D & ~(int64_t)15;
+    const __mmask16 dt = (__mmask16)((1u << (D & 15)) - 1);
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int64_t j0 = 0; j0 < nk; j0 += 16) {
+        const float *kr[16];
+        for (int t = 0; t < 16; t++) kr[t] = k + (j0 + t < nk ? j0 + t : nk - 1) * ldk;
+        for (int64_t r = 0; r < nrows; r++) {
+            const float *ar = a + r * lda;
+            __m512 acc[16];
+#pragma GCC unroll 16
+            for (int t = 0; t < 16; t++) acc[t] = _mm512_setzero_ps();
+            for (int64_t d = 0; d < dfull; d += 16) {
+                __m512 qa = _mm512_loadu_ps(ar + d);
+#pragma GCC unroll 16
+                for (int t = 0; t < 16; t++) acc[t] = _mm512_fmadd_ps(qa, _mm512_loadu_ps(kr[t] + d), acc[t]);
+            }
+            if (dt) {
+                __m512 qa = _mm512_maskz_loadu_ps(dt, ar + dfull);
+#pragma GCC unroll 16
+                for (int t = 0; t < 16; t++) acc[t] = _mm512_fmadd_ps(qa, _mm512_maskz_loadu_ps(dt, kr[t] + dfull), acc[t]);
+            }
+            _mm512_storeu_ps(c + r * ldc + j0, _mm512_mul_ps(qf_sdpa_hsum16x16(acc), sc));
+        }
+    }
+}
+
 /* One register tile of P.V: R rows (<= 6) x NV*16 columns (NV <= 4; the last vector masked
  * by `tail`). */
 QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE void qf_sdpa_pv_tile512(

@@ -194,6 +194,9 @@ int main(void) {
     cases[n++] = (sdpa_case){"decode gqa", 1, 4, 1, 1, 1500, 128, 0, 0, 0, 0, {0}, 0, 0, 0, 1, 2.0f, NAN};
     cases[n++] = (sdpa_case){"decode causal", 1, 1, 1, 3, 2000, 40, 0, 1, 0, 0, {0}, 0, 0, 0, 1, 2.0f, NAN};
     cases[n++] = (sdpa_case){"decode mask", 1, 1, 1, 2, 3000, 64, 0, 0, QF_MASK_BOOL, 2, {2, 3000}, 1, 0, 0, 1, 2.0f, NAN};
+    cases[n++] = (sdpa_case){"decode tiny head", 1, 3, 3, 1, 100, 8, 0, 0, 0, 0, {0}, 0, 0, 0, 1, 2.0f, NAN};
+    cases[n++] = (sdpa_case){"decode weights", 2, 4, 2, 2, 300, 24, 0, 0, QF_MASK_FLOAT, 2, {2, 300}, 0, 0.1f, 1, 1, 2.0f, NAN};
+    cases[n++] = (sdpa_case){"decode batch", 9, 2, 2, 1, 200, 72, 0, 0, 0, 0, {0}, 0, 0, 0, 1, 2.0f, NAN};
     cases[n++] = (sdpa_case){"decode dropout", 1, 1, 1, 1, 3000, 64, 0, 0, 0, 0, {0}, 0, 0.3f, 0, 1, 2.0f, NAN};
     /* masks: full, per-(L,S), key padding [B,1,1,S], per-row broadcast over keys [L,1], scalar */
     cases[n++] = (sdpa_case){"bool full", 2, 3, 3, 33, 70, 40, 0, 0, QF_MASK_BOOL, 4, {2, 3, 33, 70}, 0, 0, 1, 1, 1.0f, NAN};
