@@ -278,10 +278,11 @@ static qf_status forward_tiled(const qf_sdpa_problem *pr, const fwd_isa *isa, co
     /* Enough (batch, kv head) pairs to keep every thread busy with whole pairs: a task packs
      * its pair's K into the thread's own buffer (still in cache when the query blocks read it)
      * and runs every query block of every head of the group; pairs cost the same, so dynamic
-     * scheduling balances them. Otherwise K is packed in chunks by all threads, then the
-     * (pair, head, query block, key split) units run. */
-    const int pair_mode = nsplit == 1 && npairs >= 4 * (int64_t)nt;
+     * scheduling balances them. Otherwise (few pairs, or a packed pair too big to stay in
+     * cache) K is packed in chunks by all threads, then the (pair, head, query block, key
+     * split) units run. */
     const size_t pair_bytes = qf_align_up((size_t)pl.pair_floats * sizeof(float), 64);
+    const int pair_mode = nsplit == 1 && npairs >= 4 * (int64_t)nt && pair_bytes <= ((size_t)4 << 20);
 
     /* Scratch: packed K (chunk or per-thread) | per-thread slices | split partials | lse. */
     const size_t kt_bytes = pair_mode ? pair_bytes * (size_t)nt

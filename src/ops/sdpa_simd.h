@@ -2,22 +2,28 @@
  *
  * Everything here is a static inline function compiled for one ISA (QF_TARGET_AVX512 or
  * QF_TARGET_AVX2); callers pick by qf_get_isa(). The pieces:
- *   - qf_sdpa_exp512 / qf_sdpa_exp256: expf on vectors. Range reduction x = n*ln2 + r with ln2
- *     split in two (Cody-Waite), |r| <= ln2/2, then a degree-6 polynomial (Cephes' expf
- *     coefficients): relative error ~1e-7 on [-87, 88]. Inputs below -87.3 (-inf included) give
- *     exactly 0, so masked scores (-inf) vanish without a test.
+ *   - qf_sdpa_exp512 / qf_sdpa_exp256: expf on vectors for x <= 88 (softmax feeds x <= 0).
+ *     Range reduction x = n*ln2 + r with ln2 split in two (Cody-Waite), |r| <= ln2/2, then a
+ *     degree-6 polynomial (Cephes' expf coefficients); 2^n is applied by adding n to the
+ *     exponent bits. Relative error <= 1.2e-7 on [-87, 10] (measured against double exp).
+ *     Inputs below -87.3 (-inf included) give exactly 0, so masked scores vanish without a test.
  *   - K panels: keys are packed transposed in panels of W keys, panel p = kt[p][d][w] =
  *     k[p*W + w][d] (zero for keys >= S). W = QF_SDPA_W512 (64) / QF_SDPA_W256 (16). A panel is
  *     contiguous and 64-byte aligned when the buffer is, so the score kernel streams it.
- *   - qf_sdpa_scores_*: C[r][j] = scale * (A_r . Kt[:, j]) for r < nrows, j < nk (nk <= what
- *     the panels hold); A rows have stride lda. Writes whole 16-lane (8-lane) groups: C rows need
- *     round_up(nk, 16) floats (the extra lanes hold scale*0 = 0, callers ignore them).
+ *   - qf_sdpa_scores512/256: C[r][j] = scale * (A_r . Kt[:, j]) for r < nrows, j < nk (nk <=
+ *     what the panels hold); A rows have stride lda. Writes whole 16-lane (8-lane) groups: C
+ *     rows need round_up(nk, 16) floats (the extra lanes are finite; callers ignore them).
  *     Register tile: 6 rows x 64 keys (AVX-512, 24 zmm accumulators) / 6 x 16 (AVX2, 12 ymm).
+ *     qf_sdpa_scores_dot512 computes the same from K in its natural layout (for decoding, where
+ *     packing would cost more than it saves).
  *   - qf_sdpa_pv_*: O[r][0:Dv] = alpha[r] * O[r][0:Dv] + sum_{j<nk} P[r][j] * V[j][0:Dv]
  *     (alpha may be NULL: 1). Register tile 6 rows x 64 columns (AVX-512) / 6 x 16 (AVX2); the
  *     Dv tail uses masked loads/stores, so O and V need no padding. Applying alpha while
  *     loading O makes the online-softmax rescale free.
- * Nothing here allocates, branches on data or reads outside the stated extents. */
+ *   - qf_sdpa_softmax_row512/256: one online-softmax step on one row of a score tile (mask,
+ *     causal limit, running max/sum, exp in place).
+ *   - qf_sdpa_pack_kt512 (16x16 register transposes) / qf_sdpa_pack_kt256 build the K panels.
+ * Nothing here allocates or reads outside the stated extents. */
 #ifndef QF_SDPA_SIMD_H
 #define QF_SDPA_SIMD_H
 
@@ -52,7 +58,7 @@ QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE __m512 qf_sdpa_exp512(__m512 x) {
     /* t = x*log2(e) + 1.5*2^23 rounds to an integer n held in t's low mantissa bits, so
      * n << 23 (an integer shift of t) is the exponent increment that multiplies by 2^n. */
     const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
-    x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-88.0f), x));
+    /* no clamping: -inf (and NaN) turn into NaN below but `live` zeroes them; x <= 88 assumed */
     const __m512 magic = _mm512_set1_ps(12582912.0f);
     __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic);
     __m512 n = _mm512_sub_ps(t, magic);
