@@ -3,6 +3,7 @@
  * checks only that each call succeeds and gives finite numbers.
  *
  *   bench_attention [--threads N] [--quick] [--only sdpa|gemm] [--table]
+ *   bench_attention --blas-info      prints the linked BLAS and the kernel core it chose, exits
  *
  * Threads: --threads N, else QFUSE_THREADS, else all cores (qfuse and the BLAS use the same count).
  * Each case: warm-up runs (at least one, until 0.2 s), then timed runs (at least 3, at most 25,
@@ -267,7 +268,7 @@ static const char *blas_name(void) {
 }
 
 static void usage(void) {
-    fprintf(stderr, "usage: bench_attention [--threads N] [--quick] [--only sdpa|gemm] [--table]\n"
+    fprintf(stderr, "usage: bench_attention [--threads N] [--quick] [--only sdpa|gemm] [--table] | --blas-info\n"
                     "  times qfuse SDPA forward/backward and Q-Former GEMMs; see bench/README.md\n");
 }
 
@@ -279,6 +280,7 @@ int main(int argc, char **argv) {
             if (threads < 1) { fprintf(stderr, "bench_attention: --threads %s: expected a count >= 1\n", argv[i]); return 2; }
         } else if (!strcmp(argv[i], "--quick")) quick_factor = 0.2;
         else if (!strcmp(argv[i], "--table")) table_mode = 1;
+        else if (!strcmp(argv[i], "--blas-info")) { puts(blas_name()); return 0; }
         else if (!strcmp(argv[i], "--only") && i + 1 < argc) {
             i++;
             do_sdpa = !strcmp(argv[i], "sdpa");

@@ -31,6 +31,32 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 PYTHON=${PYTHON:-python3}
 
+# OpenBLAS 0.3.21 (Debian 12) picks its kernels from the CPU model number and falls back to old
+# ones on CPUs it does not know: Prescott (SSE3) on the device machine's virtualised Xeon,
+# Haswell (AVX2) on Zen 5, each several times slower than its AVX-512 kernels (docs/blas.md).
+# Where the CPU has AVX-512 and the detected core lacks it, ask for the SkylakeX kernels (BLIS:
+# arch skx, id 0), unless the caller chose a core; the table's header says so.
+blas_note=""
+[ -n "${OPENBLAS_CORETYPE:-}" ] && blas_note="OPENBLAS_CORETYPE=$OPENBLAS_CORETYPE (from the environment)"
+[ -n "${BLIS_ARCH_TYPE:-}" ] && blas_note="BLIS_ARCH_TYPE=$BLIS_ARCH_TYPE (from the environment)"
+avx512=$(grep -m1 -o -w 'avx512f\|avx512bw\|avx512dq\|avx512vl' /proc/cpuinfo 2>/dev/null | wc -l)
+if [ "$avx512" -ge 4 ] 2>/dev/null; then
+    info=$("$bench" --blas-info 2>/dev/null)
+    case "$info" in
+    OpenBLAS*SkylakeX*|OpenBLAS*Cooperlake*|OpenBLAS*SapphireRapids*|BLIS*skx*) ;;
+    OpenBLAS*)
+        if [ -z "${OPENBLAS_CORETYPE:-}" ]; then
+            export OPENBLAS_CORETYPE=SkylakeX
+            blas_note="OPENBLAS_CORETYPE=SkylakeX set by run.sh (detected: ${info##*core })"
+        fi ;;
+    BLIS*)
+        if [ -z "${BLIS_ARCH_TYPE:-}" ]; then
+            export BLIS_ARCH_TYPE=0
+            blas_note="BLIS_ARCH_TYPE=0 (skx) set by run.sh (detected: ${info##*arch })"
+        fi ;;
+    esac
+fi
+
 cpu=$(lscpu 2>/dev/null | sed -n 's/^Model name:[[:space:]]*//p' | head -n 1)
 cores=$(nproc)
 tmp=$(mktemp -d)
@@ -48,7 +74,7 @@ for t in "$@"; do
         [ -n "$why" ] || why="torch_peer.py exited $trc: $(tail -n 1 "$tmp/terr")"
         printf 'N\twhy\t%s\n' "$why" >>"$tmp/t"
     fi
-    awk -F '\t' -v cpu="$cpu" -v cores="$cores" -v threads="$t" '
+    awk -F '\t' -v note="$blas_note" -v cpu="$cpu" -v cores="$cores" -v threads="$t" '
         { file = (FILENAME == ARGV[1]) ? 1 : 2 }
         file == 1 && $1 == "M" { qm[$2] = $3 }
         file == 1 && $1 == "R" { n++; name[n] = $2; qms[$2] = $3; flop[$2] = $4 }
@@ -63,18 +89,21 @@ for t in "$@"; do
                 cpu, cores, threads, qm["blas"], qm["qfuse"], qm["isa"], \
                 have_t ? sprintf("torch %s (%s, path: %s)", tm["torch"], label, tm["sdpa_path"]) : "torch: not run"
             if (!have_t) printf "# torch columns empty: %s\n", why
+            if (note != "") printf "# BLAS kernels: %s\n", note
             printf "# GEMM ceiling: %s GFLOP/s (sgemm %s, same BLAS and threads). FLOPs: SDPA fwd 4*B*H*L*S*D,\n", \
                 qm["ceiling_gflops"], qm["ceiling_shape"]
             printf "#   causal (L==S) counts computed pairs L*(L+1)/2 instead of L*S; bwd = 2.5x fwd; GEMM 2*M*N*K.\n"
             printf "#   Shapes B x H x L x S x D; times are medians in ms; speedup = torch ms / qfuse ms.\n"
-            printf "| %-42s | %9s | %9s | %7s | %8s | %7s |\n", "case", "qfuse ms", label " ms", "speedup", "GFLOP/s", "% ceil"
-            printf "|%s|%s|%s|%s|%s|%s|\n", "--------------------------------------------", \
-                "-----------", "-----------", "---------", "----------", "---------"
+            tw = length(label " ms"); if (tw < 9) tw = 9
+            dash = "--------------------------------------------"
+            printf "| %-42s | %9s | %*s | %7s | %8s | %7s |\n", "case", "qfuse ms", tw, label " ms", "speedup", "GFLOP/s", "% ceil"
+            printf "|%s|%s|%s|%s|%s|%s|\n", dash, substr(dash, 1, 11), substr(dash, 1, tw + 2), \
+                substr(dash, 1, 9), substr(dash, 1, 10), substr(dash, 1, 9)
             for (i = 1; i <= n; i++) {
                 k = name[i]
                 if (k in qerr) { printf "| %-42s | FAILED: %s\n", k, qerr[k]; continue }
                 g = flop[k] / qms[k] / 1e6
-                ts = (k in tms) ? sprintf("%9.3f", tms[k]) : sprintf("%9s", "-")
+                ts = (k in tms) ? sprintf("%*.3f", tw, tms[k]) : sprintf("%*s", tw, "-")
                 sp = (k in tms) ? sprintf("%6.2fx", tms[k] / qms[k]) : sprintf("%7s", "-")
                 ce = qm["ceiling_gflops"] > 0 ? sprintf("%6.1f%%", 100 * g / qm["ceiling_gflops"]) : "-"
                 printf "| %-42s | %9.3f | %s | %s | %8.1f | %7s |\n", k, qms[k], ts, sp, g, ce
