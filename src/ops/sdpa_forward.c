@@ -29,6 +29,7 @@
 #include <string.h>
 
 #define KT_CHUNK_BYTES ((size_t)128 << 20)
+#define QF_SDPA_BR 48 /* query rows per block */
 
 typedef struct {
     int W; /* key panel width of the packed K */
@@ -40,12 +41,15 @@ typedef struct {
                        int64_t nk, int64_t D, float scale, float *c, int64_t ldc);
     void (*softmax_row)(float *s, int64_t nk, int64_t nvalid, const qf_sdpa_maskrow *mk,
                         float *m, float *l, float *alpha);
+    void (*softmax_block)(float *tile, int64_t ldt, int64_t nrows, const int64_t *nk,
+                          const int64_t *nvalid, const qf_sdpa_maskrow *mk, float *m, float *l,
+                          float *alpha);
     void (*pv)(const float *p, int64_t ldp, int64_t nrows, int64_t nk, const float *v, int64_t ldv,
                int64_t Dv, const float *alpha, float *o, int64_t ldo);
 } fwd_isa;
 
-static const fwd_isa isa512 = {QF_SDPA_W512, qf_sdpa_pack_kt512, qf_sdpa_scores512, qf_sdpa_scores_dot512, qf_sdpa_softmax_row512, qf_sdpa_pv512};
-static const fwd_isa isa256 = {QF_SDPA_W256, qf_sdpa_pack_kt256, qf_sdpa_scores256, NULL, qf_sdpa_softmax_row256, qf_sdpa_pv256};
+static const fwd_isa isa512 = {QF_SDPA_W512, qf_sdpa_pack_kt512, qf_sdpa_scores512, qf_sdpa_scores_dot512, qf_sdpa_softmax_row512, qf_sdpa_softmax_block512, qf_sdpa_pv512};
+static const fwd_isa isa256 = {QF_SDPA_W256, qf_sdpa_pack_kt256, qf_sdpa_scores256, NULL, qf_sdpa_softmax_row256, qf_sdpa_softmax_block256, qf_sdpa_pv256};
 
 /* ---------------------------------- scalar path ---------------------------------- */
 
@@ -161,33 +165,35 @@ static void attend_rows(const fwd_plan *pl, const float *kt_pair, int64_t b, int
     const float *vb = pl->v + (b * pr->Hkv + hk) * S * Dv;
     for (int64_t r = 0; r < nr; r++) { m[r] = -INFINITY; l[r] = 0.0f; }
     memset(o, 0, (size_t)(nr * pl->ldo) * sizeof(float));
+    int64_t nkr[QF_SDPA_BR], nvalid[QF_SDPA_BR];
+    qf_sdpa_maskrow mk[QF_SDPA_BR];
     for (int64_t j0 = j_begin; j0 < j_end; j0 += Bc) {
         const int64_t nk = j_end - j0 < Bc ? j_end - j0 : Bc;
         /* On a causal diagonal block, row group g only needs keys j <= its last row: groups of
-         * 6 rows (the register tile height) each get their own key count, so the masked triangle is (almost)
-         * never computed. Elsewhere the whole block is one group. */
+         * 6 rows (the register tile height) each get their own key count, so the masked
+         * triangle is (almost) never computed. Elsewhere the whole block is one group. */
         const int diag = pr->is_causal && j0 + nk > i0 + 1;
         const int64_t G = diag ? 6 : nr;
         for (int64_t r0 = 0; r0 < nr; r0 += G) {
             const int64_t rr = nr - r0 < G ? nr - r0 : G;
             int64_t nkg = nk;
             if (diag && i0 + r0 + rr - j0 < nkg) nkg = i0 + r0 + rr - j0;
-            if (nkg <= 0) { /* these rows see no key of the block: state unchanged */
-                for (int64_t r = r0; r < r0 + rr; r++) alpha[r] = 1.0f;
-                continue;
-            }
-            float *tg = tile + r0 * Bc;
-            block_scores(pl, qb + r0 * D, rr, kt_pair, j0, nkg, tg, Bc);
+            if (nkg < 0) nkg = 0;  /* these rows see no key of the block: state unchanged */
+            if (nkg > 0) block_scores(pl, qb + r0 * D, rr, kt_pair, j0, nkg, tile + r0 * Bc, Bc);
             for (int64_t r = r0; r < r0 + rr; r++) {
-                const int64_t i = i0 + r;
-                qf_sdpa_maskrow mk;
-                mask_row(pr, b, h, i, j0, &mk);
-                int64_t nvalid = pr->is_causal ? i + 1 - j0 : nkg;
-                pl->isa->softmax_row(tile + r * Bc, nkg, nvalid, &mk, &m[r], &l[r], &alpha[r]);
-                if (pr->dropout_p > 0)
-                    dropout_row(tile + r * Bc, nkg, pr, (uint64_t)(((b * pr->Hq + h) * pr->L + i) * S + j0));
+                nkr[r] = nkg;
+                nvalid[r] = pr->is_causal ? i0 + r + 1 - j0 : nkg;
+                mask_row(pr, b, h, i0 + r, j0, &mk[r]);
             }
-            pl->isa->pv(tg, Bc, rr, nkg, vb + j0 * Dv, Dv, Dv, alpha + r0, o + r0 * pl->ldo, pl->ldo);
+        }
+        pl->isa->softmax_block(tile, Bc, nr, nkr, nvalid, mk, m, l, alpha);
+        if (pr->dropout_p > 0)
+            for (int64_t r = 0; r < nr; r++)
+                dropout_row(tile + r * Bc, nkr[r], pr, (uint64_t)(((b * pr->Hq + h) * pr->L + i0 + r) * S + j0));
+        for (int64_t r0 = 0; r0 < nr; r0 += G) {
+            const int64_t rr = nr - r0 < G ? nr - r0 : G;
+            if (nkr[r0] > 0)
+                pl->isa->pv(tile + r0 * Bc, Bc, rr, nkr[r0], vb + j0 * Dv, Dv, Dv, alpha + r0, o + r0 * pl->ldo, pl->ldo);
         }
     }
 }
@@ -248,7 +254,7 @@ static qf_status forward_tiled(const qf_sdpa_problem *pr, const fwd_isa *isa, co
     const int64_t group = pr->group;
     const int nt = qf_threads();
     fwd_plan pl = {.pr = pr, .isa = isa, .q = q, .k = k, .v = v};
-    pl.Br = 48;
+    pl.Br = QF_SDPA_BR;
     pl.Bc = D <= 64 ? 256 : D <= 128 ? 128 : 64;
     if (pl.Bc < isa->W) pl.Bc = isa->W;
     if (pl.Br > L) pl.Br = L;

@@ -21,7 +21,9 @@
  *     Dv tail uses masked loads/stores, so O and V need no padding. Applying alpha while
  *     loading O makes the online-softmax rescale free.
  *   - qf_sdpa_softmax_row512/256: one online-softmax step on one row of a score tile (mask,
- *     causal limit, running max/sum, exp in place).
+ *     causal limit, running max/sum, exp in place); qf_sdpa_softmax_block512/256 the same on
+ *     the rows of a tile, 16 at a time (row reductions by transposes, one vector exp for the
+ *     rescale factors).
  *   - qf_sdpa_pack_kt512 (16x16 register transposes) / qf_sdpa_pack_kt256 build the K panels.
  * Nothing here allocates or reads outside the stated extents. */
 #ifndef QF_SDPA_SIMD_H
@@ -334,14 +336,11 @@ typedef struct {
     int64_t sj;
 } qf_sdpa_maskrow;
 
-/* Online-softmax step on one row of scores s[0:nk) (in place): keys >= nvalid (the causal
- * limit) and keys the mask blocks become -inf, a float mask is added; then with the running
- * max *m and sum *l: m' = max(*m, max s), s = exp(s - m') (0 where blocked),
- * *alpha = exp(*m - m'), *l = *l * alpha + sum s, *m = m'. While m' = -inf (nothing attendable
- * yet) s = 0 and *alpha = 1. s must be 64-byte aligned with round_up(nk, 16) floats. */
-QF_TARGET_AVX512 static inline void qf_sdpa_softmax_row512(float *s, int64_t nk, int64_t nvalid,
-                                                           const qf_sdpa_maskrow *mk, float *m,
-                                                           float *l, float *alpha) {
+/* First half of a softmax step on one row s[0:nk) (in place): keys >= nvalid (the causal
+ * limit) and keys the mask blocks become -inf, a float mask is added. Returns the lane-wise
+ * max (reduce it for the row max). s must be 64-byte aligned with round_up(nk, 16) floats. */
+QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE __m512 qf_sdpa_mask_max512(float *s, int64_t nk, int64_t nvalid,
+                                                                      const qf_sdpa_maskrow *mk) {
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
     __m512 fadd = _mm512_setzero_ps();
     int per_key = mk->kind != QF_MASK_NONE && mk->sj != 0;
@@ -373,14 +372,17 @@ QF_TARGET_AVX512 static inline void qf_sdpa_softmax_row512(float *s, int64_t nk,
         _mm512_store_ps(s + j, x);
         mx = _mm512_max_ps(mx, x);
     }
-    float mnew = _mm512_reduce_max_ps(mx);
-    if (*m > mnew) mnew = *m;
-    if (mnew == -INFINITY) {
+    return mx;
+}
+
+/* Second half: s = exp(s - m) in place (0 past nk), returns the lane-wise sum. m = -inf (no
+ * attendable key yet) zeroes the row. */
+QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE __m512 qf_sdpa_exp_sum512(float *s, int64_t nk, float m) {
+    if (m == -INFINITY) {
         for (int64_t j = 0; j < nk; j += 16) _mm512_store_ps(s + j, _mm512_setzero_ps());
-        *alpha = 1.0f;
-        return;
+        return _mm512_setzero_ps();
     }
-    const __m512 mv = _mm512_set1_ps(mnew);
+    const __m512 mv = _mm512_set1_ps(m);
     __m512 sum = _mm512_setzero_ps(), sum2 = _mm512_setzero_ps();
     int64_t j = 0;
     for (; j + 32 <= nk; j += 32) { /* two independent chains for the out-of-order core */
@@ -397,11 +399,70 @@ QF_TARGET_AVX512 static inline void qf_sdpa_softmax_row512(float *s, int64_t nk,
         _mm512_store_ps(s + j, e);
         sum = _mm512_add_ps(sum, e);
     }
-    sum = _mm512_add_ps(sum, sum2);
+    return _mm512_add_ps(sum, sum2);
+}
+
+/* Online-softmax step on one row of scores s[0:nk) (in place): masking as in
+ * qf_sdpa_mask_max512; then with the running max *m and sum *l: m' = max(*m, max s),
+ * s = exp(s - m') (0 where blocked), *alpha = exp(*m - m'), *l = *l * alpha + sum s, *m = m'.
+ * While m' = -inf (nothing attendable yet) s = 0 and *alpha = 1. */
+QF_TARGET_AVX512 static inline void qf_sdpa_softmax_row512(float *s, int64_t nk, int64_t nvalid,
+                                                           const qf_sdpa_maskrow *mk, float *m,
+                                                           float *l, float *alpha) {
+    float mnew = _mm512_reduce_max_ps(qf_sdpa_mask_max512(s, nk, nvalid, mk));
+    if (*m > mnew) mnew = *m;
+    __m512 sum = qf_sdpa_exp_sum512(s, nk, mnew);
+    if (mnew == -INFINITY) { *alpha = 1.0f; return; }
     float a = *m == -INFINITY ? 0.0f : expf(*m - mnew);
     *alpha = a;
     *l = *l * a + _mm512_reduce_add_ps(sum);
     *m = mnew;
+}
+
+/* Lane t of the result = max of the 16 lanes of x[t] (qf_sdpa_hsum16x16 with max). */
+QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE __m512 qf_sdpa_hmax16x16(const __m512 x[16]) {
+    __m512 t[8], v[4];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++)
+        t[i] = _mm512_max_ps(_mm512_unpacklo_ps(x[2 * i], x[2 * i + 1]), _mm512_unpackhi_ps(x[2 * i], x[2 * i + 1]));
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) {
+        __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+        v[i] = _mm512_max_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    __m512 w0 = _mm512_max_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x88), _mm512_shuffle_f32x4(v[0], v[1], 0xDD));
+    __m512 w1 = _mm512_max_ps(_mm512_shuffle_f32x4(v[2], v[3], 0x88), _mm512_shuffle_f32x4(v[2], v[3], 0xDD));
+    return _mm512_max_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+}
+
+/* qf_sdpa_softmax_row512 on rows r < nrows of a tile (row stride ldt), row r with nk[r] keys,
+ * limit nvalid[r] and mask mk[r]; m, l, alpha indexed by row. Sixteen rows at a time, so the
+ * row reductions are transposes and the rescale factors one vector exp. */
+QF_TARGET_AVX512 static inline void qf_sdpa_softmax_block512(float *tile, int64_t ldt, int64_t nrows,
+                                                             const int64_t *nk, const int64_t *nvalid,
+                                                             const qf_sdpa_maskrow *mk, float *m,
+                                                             float *l, float *alpha) {
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    for (int64_t r0 = 0; r0 < nrows; r0 += 16) {
+        const int nr = nrows - r0 >= 16 ? 16 : (int)(nrows - r0);
+        const __mmask16 rows = (__mmask16)(nr == 16 ? 0xFFFF : (1u << nr) - 1);
+        __m512 v[16];
+        for (int t = 0; t < 16; t++)
+            v[t] = t < nr ? qf_sdpa_mask_max512(tile + (r0 + t) * ldt, nk[r0 + t], nvalid[r0 + t], &mk[r0 + t]) : ninf;
+        const __m512 mold = _mm512_mask_loadu_ps(ninf, rows, m + r0);
+        const __m512 mnew = _mm512_max_ps(mold, qf_sdpa_hmax16x16(v));
+        /* exp(m_old - m_new): 0 when m_old = -inf < m_new; 1 while both are -inf */
+        const __mmask16 dead = _mm512_cmp_ps_mask(mnew, ninf, _CMP_EQ_OQ);
+        const __m512 a = _mm512_mask_blend_ps(dead, qf_sdpa_exp512(_mm512_sub_ps(mold, mnew)), _mm512_set1_ps(1.0f));
+        float mrow[16];
+        _mm512_storeu_ps(mrow, mnew);
+        for (int t = 0; t < 16; t++)
+            v[t] = t < nr ? qf_sdpa_exp_sum512(tile + (r0 + t) * ldt, nk[r0 + t], mrow[t]) : _mm512_setzero_ps();
+        const __m512 lold = _mm512_maskz_loadu_ps(rows, l + r0);
+        _mm512_mask_storeu_ps(l + r0, rows, _mm512_fmadd_ps(lold, a, qf_sdpa_hsum16x16(v)));
+        _mm512_mask_storeu_ps(m + r0, rows, mnew);
+        _mm512_mask_storeu_ps(alpha + r0, rows, a);
+    }
 }
 
 /* ======================================= AVX2 ======================================= */
@@ -625,6 +686,15 @@ QF_TARGET_AVX2 static inline void qf_sdpa_softmax_row256(float *s, int64_t nk, i
     *alpha = a;
     *l = *l * a + _mm_cvtss_f32(t);
     *m = mnew;
+}
+
+/* AVX2 twin of qf_sdpa_softmax_block512 (row by row). */
+QF_TARGET_AVX2 static inline void qf_sdpa_softmax_block256(float *tile, int64_t ldt, int64_t nrows,
+                                                           const int64_t *nk, const int64_t *nvalid,
+                                                           const qf_sdpa_maskrow *mk, float *m,
+                                                           float *l, float *alpha) {
+    for (int64_t r = 0; r < nrows; r++)
+        qf_sdpa_softmax_row256(tile + r * ldt, nk[r], nvalid[r], &mk[r], &m[r], &l[r], &alpha[r]);
 }
 
 #endif
