@@ -142,6 +142,10 @@ static void mask_row(const qf_sdpa_problem *pr, int64_t b, int64_t h, int64_t i,
 /* Zeroes the dropped entries of p[0:n) (element j has Philox index idx0 + j). Philox yields
  * four words per counter, so one call serves four consecutive keys. */
 static void dropout_row(float *p, int64_t n, const qf_sdpa_problem *pr, uint64_t idx0) {
+    if (qf_get_isa() == QF_ISA_AVX512) {
+        qf_sdpa_dropout512(p, n, pr->seed, pr->offset, idx0, pr->dropout_p);
+        return;
+    }
     uint32_t w[4];
     uint64_t have = UINT64_MAX;
     for (int64_t j = 0; j < n; j++) {

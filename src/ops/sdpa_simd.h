@@ -24,6 +24,7 @@
  *     causal limit, running max/sum, exp in place); qf_sdpa_softmax_block512/256 the same on
  *     the rows of a tile, 16 at a time (row reductions by transposes, one vector exp for the
  *     rescale factors).
+ *   - qf_sdpa_dropout512: the Philox dropout mask of a run of elements, 64 at a time.
  *   - qf_sdpa_pack_kt512 (16x16 register transposes) / qf_sdpa_pack_kt256 build the K panels.
  * Nothing here allocates or reads outside the stated extents. */
 #ifndef QF_SDPA_SIMD_H
@@ -462,6 +463,66 @@ QF_TARGET_AVX512 static inline void qf_sdpa_softmax_block512(float *tile, int64_
         _mm512_mask_storeu_ps(l + r0, rows, _mm512_fmadd_ps(lold, a, qf_sdpa_hsum16x16(v)));
         _mm512_mask_storeu_ps(m + r0, rows, mnew);
         _mm512_mask_storeu_ps(alpha + r0, rows, a);
+    }
+}
+
+/* 32 x 32 -> 64-bit products of the 16 lanes of a with m: low and high halves. */
+QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE void qf_sdpa_mulhilo512(__m512i a, __m512i m, __m512i *hi, __m512i *lo) {
+    __m512i pe = _mm512_mul_epu32(a, m);                        /* products of even lanes */
+    __m512i po = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m); /* products of odd lanes */
+    *lo = _mm512_mask_blend_epi32((__mmask16)0xAAAA, pe, _mm512_slli_epi64(po, 32));
+    *hi = _mm512_mask_blend_epi32((__mmask16)0xAAAA, _mm512_srli_epi64(pe, 32), po);
+}
+
+/* Dropout on p[0:n) whose element j has Philox index idx0 + j: zeroes p[j] unless
+ * qf_philox_uniform(seed, offset, idx0 + j) >= prob (no 1/(1-prob) scaling here). Bit-exact
+ * with the scalar generator: Philox4x32-10 on 16 counters at once (64 elements), the four
+ * output words interleaved back into element order by a 4 x 16 transpose. */
+QF_TARGET_AVX512 static inline void qf_sdpa_dropout512(float *p, int64_t n, uint64_t seed, uint64_t offset,
+                                                       uint64_t idx0, float prob) {
+    const __m512 thr = _mm512_set1_ps(prob * 16777216.0f); /* u >= prob  <=>  (w >> 8) >= prob * 2^24 */
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i M0 = _mm512_set1_epi32((int)0xD2511F53u), M1 = _mm512_set1_epi32((int)0xCD9E8D57u);
+    const uint64_t end = idx0 + (uint64_t)n;
+    for (uint64_t base = idx0 & ~(uint64_t)63; base < end; base += 64) {
+        const uint64_t ctr = base >> 2;
+        const __m512i lo0 = _mm512_set1_epi32((int)(uint32_t)ctr);
+        __m512i c0 = _mm512_add_epi32(lo0, iota);
+        const __mmask16 carry = _mm512_cmplt_epu32_mask(c0, lo0);
+        __m512i c1 = _mm512_mask_add_epi32(_mm512_set1_epi32((int)(uint32_t)(ctr >> 32)), carry,
+                                           _mm512_set1_epi32((int)(uint32_t)(ctr >> 32)), _mm512_set1_epi32(1));
+        __m512i c2 = _mm512_set1_epi32((int)(uint32_t)offset), c3 = _mm512_set1_epi32((int)(uint32_t)(offset >> 32));
+        uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+        for (int r = 0; r < 10; r++) {
+            __m512i h0, l0, h1, l1;
+            qf_sdpa_mulhilo512(c0, M0, &h0, &l0);
+            qf_sdpa_mulhilo512(c2, M1, &h1, &l1);
+            c0 = _mm512_xor_si512(_mm512_xor_si512(h1, c1), _mm512_set1_epi32((int)k0));
+            c1 = l1;
+            c2 = _mm512_xor_si512(_mm512_xor_si512(h0, c3), _mm512_set1_epi32((int)k1));
+            c3 = l0;
+            k0 += 0x9E3779B9u;
+            k1 += 0xBB67AE85u;
+        }
+        /* element 4t + w of the 64 is word w of counter t */
+        __m512i t0 = _mm512_unpacklo_epi32(c0, c1), t1 = _mm512_unpackhi_epi32(c0, c1);
+        __m512i t2 = _mm512_unpacklo_epi32(c2, c3), t3 = _mm512_unpackhi_epi32(c2, c3);
+        __m512i u0 = _mm512_unpacklo_epi64(t0, t2), u1 = _mm512_unpackhi_epi64(t0, t2);
+        __m512i u2 = _mm512_unpacklo_epi64(t1, t3), u3 = _mm512_unpackhi_epi64(t1, t3);
+        __m512i a0 = _mm512_shuffle_i32x4(u0, u1, 0x88), a1 = _mm512_shuffle_i32x4(u0, u1, 0xDD);
+        __m512i b0 = _mm512_shuffle_i32x4(u2, u3, 0x88), b1 = _mm512_shuffle_i32x4(u2, u3, 0xDD);
+        __m512i w[4] = {_mm512_shuffle_i32x4(a0, b0, 0x88), _mm512_shuffle_i32x4(a1, b1, 0x88),
+                        _mm512_shuffle_i32x4(a0, b0, 0xDD), _mm512_shuffle_i32x4(a1, b1, 0xDD)};
+        for (int v = 0; v < 4; v++) {
+            const uint64_t g = base + 16 * (uint64_t)v; /* global index of lane 0 */
+            if (g + 16 <= idx0 || g >= end) continue;
+            __mmask16 in = 0xFFFF;
+            if (g < idx0) in &= (__mmask16)(0xFFFFu << (idx0 - g));
+            if (g + 16 > end) in &= (__mmask16)((1u << (end - g)) - 1);
+            __mmask16 keep = _mm512_cmp_ps_mask(_mm512_cvtepi32_ps(_mm512_srli_epi32(w[v], 8)), thr, _CMP_GE_OQ);
+            float *pv = p + ((int64_t)(g - idx0)); /* lanes before p are masked off */
+            _mm512_mask_storeu_ps(pv, in, _mm512_maskz_mov_ps(keep, _mm512_maskz_loadu_ps(in, pv)));
+        }
     }
 }
 

@@ -5,8 +5,10 @@
  * L > S, bool/float masks with broadcast strides, fully masked rows, dropout, weights, key splits
  * for decoding) quickly, for each of the scalar, AVX2 and AVX-512 kernels.
  * The dropout keep decision uses qf_philox_uniform, which test_core checks against the Philox
- * known-answer vectors. */
+ * known-answer vectors; the vectorised generator and exp of sdpa_simd.h are checked against it
+ * and libm's double exp directly (simd_helpers). */
 #include "testutil.h"
+#include "ops/sdpa_simd.h"
 #include <stdint.h>
 
 static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
@@ -162,7 +164,44 @@ static void run_case(const sdpa_case *c, const char *isa) {
     free(q); free(k); free(v); free(mask); free(out); free(lse); free(w); free(ro); free(rl); free(rw);
 }
 
+/* qf_sdpa_dropout512 must reproduce qf_philox_uniform bit for bit (any start, any length,
+ * counters whose low word wraps); qf_sdpa_exp512 must stay within 2e-7 of exp and give 0 for
+ * -inf and far-negative inputs. */
+QF_TARGET_AVX512 static void simd_helpers(void) {
+    static const uint64_t starts[] = {0, 1, 3, 63, 64, 77, 1000003, ((uint64_t)1 << 34) - 37, ((uint64_t)1 << 34) - 64};
+    float p[300];
+    for (size_t s = 0; s < sizeof starts / sizeof *starts; s++)
+        for (int64_t n = 1; n <= 300; n += 37) {
+            for (int64_t j = 0; j < n; j++) p[j] = 1.0f + (float)j;
+            qf_sdpa_dropout512(p, n, 99, 5, starts[s], 0.3f);
+            int bad = 0;
+            for (int64_t j = 0; j < n; j++) {
+                int keep = qf_philox_uniform(99, 5, starts[s] + (uint64_t)j) >= 0.3f;
+                if (p[j] != (keep ? 1.0f + (float)j : 0.0f)) bad++;
+            }
+            CHECK(bad == 0);
+        }
+    double worst = 0;
+    for (double x = -87.0; x <= 1.0; x += 0.0013) {
+        float in[16], out[16];
+        for (int t = 0; t < 16; t++) in[t] = (float)(x + t * 1e-4);
+        _mm512_storeu_ps(out, qf_sdpa_exp512(_mm512_loadu_ps(in)));
+        for (int t = 0; t < 16; t++) {
+            double e = fabs(out[t] - exp((double)in[t])) / exp((double)in[t]);
+            if (e > worst) worst = e;
+        }
+    }
+    CHECK(worst < 2e-7);
+    float in[16] = {-INFINITY, -88.0f, -1000.0f, -87.5f}, out[16];
+    _mm512_storeu_ps(out, qf_sdpa_exp512(_mm512_loadu_ps(in)));
+    CHECK(out[0] == 0.0f && out[1] == 0.0f && out[2] == 0.0f && out[3] == 0.0f && out[4] == 1.0f);
+    printf("test_sdpa: simd helpers: dropout512 bit-exact, exp512 worst rel err %.2e\n", worst);
+}
+
 int main(void) {
+    const qf_isa isa0 = qf_get_isa();
+    if (qf_set_isa(QF_ISA_AVX512) == QF_OK) simd_helpers();
+    qf_set_isa(isa0);
     static const int64_t dims[] = {8, 24, 40, 64, 72, 128, 200, 256};
     static const int64_t lens[] = {1, 7, 16, 33, 128, 300};
     sdpa_case cases[256];
