@@ -10,18 +10,24 @@
  *
  * Invariants and choices:
  *   - K of every (batch, kv head) pair is packed once per call into panels of W transposed keys
- *     (sdpa_simd.h); pairs are packed in chunks so the packed copy stays under KT_CHUNK_BYTES.
- *     Query heads h of a group share the pair h / group (GQA).
+ *     (sdpa_simd.h). With at least 4 pairs per thread a task is a whole pair: it packs K into
+ *     its own buffer (still in cache for its query blocks) and runs every query block of every
+ *     head of the group. Otherwise all threads pack a chunk of pairs (under KT_CHUNK_BYTES)
+ *     and then share its (pair, head, query block, key split) units, largest causal ones
+ *     first. Query heads h of a group share the pair h / group (GQA).
+ *   - Few query rows per key (L * group <= 4, decoding; AVX-512): no packing, the scores are
+ *     dot products straight from K, since packing would cost more than the scores.
  *   - Causal: a key block entirely right of the diagonal of the query block is never visited
- *     (the key loop stops at the block's last row + 1); rows of the diagonal block see keys
- *     < i + 1 through the per-row limit `nvalid`.
+ *     (the key loop stops at the block's last row + 1); on the diagonal block each group of 6
+ *     rows computes only keys up to its last row, and rows see keys < i + 1 through `nvalid`.
  *   - Dropout masks P after the row sum was taken (l is the undropped normaliser); element
- *     (b,h,i,j) uses Philox index ((b*Hq+h)*L+i)*S+j, so any tiling draws the same mask.
+ *     (b,h,i,j) uses Philox index ((b*Hq+h)*L+i)*S+j, so any tiling draws the same mask (the
+ *     AVX-512 generator is bit-exact with qf_philox_uniform).
  *   - Few query blocks but many keys (decoding: L = 1): the key range of each block is split
  *     across threads and the partial (m, l, O) are merged with log-sum-exp weights.
  *   - A row with no attendable key keeps m = -inf, l = 0: out = 0, lse = -inf, weights = 0.
  *   - The scalar path is a plain per-row loop (the reference the SIMD paths are tested beside);
- *     AVX2 and AVX-512 share the driver below and differ only in the microkernels. */
+ *     AVX2 and AVX-512 share the driver below and differ only in the kernels. */
 #include "sdpa_internal.h"
 #include "sdpa_simd.h"
 #include <math.h>
