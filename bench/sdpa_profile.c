@@ -5,7 +5,7 @@
  *
  *   cc -O2 -fopenmp -march=native -Iinclude bench/sdpa_profile.c BUILD/libqfuse.a \
  *      -lcjson -lopenblas -lm -o sdpa_profile
- *   ./sdpa_profile [threads] [filter]                                               */
+ *   ./sdpa_profile [threads] [filter]      (CHECK=1 in the environment: keep check_finite on) */
 #include "qfuse.h"
 #include <cblas.h>
 #include <math.h>
@@ -49,7 +49,7 @@ int main(int argc, char **argv) {
         if (filter && !strstr(shapes[s].name, filter)) continue;
         qf_sdpa_params p = qf_sdpa_defaults(shapes[s].B, shapes[s].H, shapes[s].H, shapes[s].L, shapes[s].S, shapes[s].D);
         p.is_causal = shapes[s].causal;
-        p.check_finite = 0;
+        p.check_finite = getenv("CHECK") != NULL;
         size_t nq = (size_t)(p.B * p.Hq * p.L * p.D), nk = (size_t)(p.B * p.Hkv * p.S * p.D);
         float *q = malloc(nq * 4), *k = malloc(nk * 4), *v = malloc(nk * 4), *o = malloc(nq * 4);
         float *lse = malloc((size_t)(p.B * p.Hq * p.L) * 4);
