@@ -10,7 +10,7 @@
 #   probe: machine facts, a quick sgemm comparison of every BLAS variant, a compile of qfuse,
 #          a quick torch_peer.py run (checks the PyTorch side works)
 #   blas:  the sgemm comparison (docs/blas.md) at 2 and 16 threads, full timing
-#   full:  blas, then qfuse built with the default BLAS and bench/run.sh at 2 and 16 threads
+#   full:  qfuse built with the default BLAS (Makefile) and bench/run.sh at 2 and 16 threads
 # Writes into $OUT (at most 8 files come back): log.txt, blas.txt, table-2t.txt, table-16t.txt,
 # raw.tar.gz.
 set -u
@@ -91,9 +91,6 @@ blas)
     blas_compare "" 2 16 | tee "$OUT/blas.txt"
     ;;
 full)
-    build_gemm_benches
-    blas_compare "" 2 16 >"$OUT/blas.txt" 2>&1
-    grep -E '^(==|R|M.blas)' "$OUT/blas.txt" | grep -v ceiling
     build_qfuse
     BUILD=build-dev RESULTS_DIR=/tmp/res sh bench/run.sh 2 16
     cp /tmp/res/table-2t.txt /tmp/res/table-16t.txt "$OUT/" 2>/dev/null
