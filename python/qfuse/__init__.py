@@ -17,7 +17,7 @@ Conventions (invariants of this module):
   shape of rank <= 4 is passed to C unchanged; C checks the broadcast and names the problem.
 - MultiheadAttention masks use torch's nn.MultiheadAttention convention: key_padding_mask bool
   [B,S] True = ignore that key; attn_mask bool True = NOT allowed, or float (added), [L,S] or
-  [B*H,L,S].
+  [B*H,L,S]. uint8 masks are taken as bool there (nonzero = True), as torch does.
 - Every failure raises QfuseError: a library status carries qf_last_error()'s message; argument
   problems the C side cannot see (it receives raw pointers, not shapes, for q/k/v) are checked
   here with messages in the same style. `.status` is the qf_status name.
@@ -318,21 +318,24 @@ class MultiheadAttention:
             raise QfuseError("%s: value has shape %s but key %s: key lengths differ" % (
                 fn, _shape(v), _shape(k)), "QF_ERR_SHAPE")
 
+        # torch's nn.MultiheadAttention also takes uint8 masks as bool (nonzero = True).
+        if attn_mask is not None and np.asarray(attn_mask).dtype == np.uint8:
+            attn_mask = np.asarray(attn_mask) != 0
         kpm_buf = None
         if key_padding_mask is not None:
             kpm = np.asarray(key_padding_mask)
             if kpm.shape != (B, S):
                 raise QfuseError("%s: key_padding_mask has shape %s; expected [B,S] = [%d,%d]"
                                  % (fn, _shape(kpm), B, S), "QF_ERR_SHAPE")
-            if kpm.dtype == np.bool_:
-                kpm_buf = np.ascontiguousarray(kpm, dtype=np.uint8)
+            if kpm.dtype in (np.bool_, np.uint8):
+                kpm_buf = np.ascontiguousarray(kpm != 0, dtype=np.uint8)
             elif np.issubdtype(kpm.dtype, np.floating):
                 # A float padding mask is added to the scores: fold it into a float attn_mask
                 # of shape [B*H,L,S] (the C API takes a bool padding mask only).
                 attn_mask = self._fold_float_padding(attn_mask, kpm, B, L, S)
             else:
                 raise QfuseError("%s: key_padding_mask has dtype %s; expected bool (True = "
-                                 "ignore) or float (added)" % (fn, kpm.dtype), "QF_ERR_DTYPE")
+                                 "ignore; uint8 nonzero = ignore) or float (added)" % (fn, kpm.dtype), "QF_ERR_DTYPE")
         args = _native.qf_mha_args()
         args.B, args.L, args.S = B, L, S
         args.key_padding_mask = _ptr(kpm_buf)
