@@ -147,8 +147,11 @@ def test_gelu(isa, approximate, n, rng):
     tx = T(x, True)
     ty = t.nn.functional.gelu(tx, approximate=approximate)
     ty.backward(T(g))
-    check("gelu out", ops.gelu(x, approximate), ty.detach().numpy(), rng)
-    check("gelu d_x", ops.gelu_backward(g, x, approximate), tx.grad.numpy(), rng)
+    # floor 1e-2: a lone draw deep in the negative tail (x ~ -7, |y| ~ 1e-12) would otherwise
+    # compare rounding noise with rounding noise -- torch's float64 tanh form computes 1 + tanh(u)
+    # with cancellation there, and the SIMD erfc is accurate to ~1e-14 absolute, not relative.
+    check("gelu out", ops.gelu(x, approximate), ty.detach().numpy(), rng, floor=1e-2)
+    check("gelu d_x", ops.gelu_backward(g, x, approximate), tx.grad.numpy(), rng, floor=1e-2)
 
 
 def test_gelu_paths_agree_pointwise(rng):
