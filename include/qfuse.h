@@ -210,7 +210,8 @@ typedef struct {
     qf_mask mask;
 } qf_sdpa_params;
 
-/* Fills the shape fields; scale = NaN (default), Dv = D, no mask, no dropout, finite check on. */
+/* Fills the shape fields; scale = NaN (default), Dv = D, enable_gqa = (Hq != Hkv), no mask, no
+ * dropout, finite check on (which also rejects NaN/+Inf in a float mask). */
 qf_sdpa_params qf_sdpa_defaults(int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t S, int64_t D);
 
 /* Validates p and the mask's broadcast; the message names the offending field. */
