@@ -11,11 +11,30 @@
  * attendable key) contributes nothing and gets dq = 0.
  *
  * Invariants: dq, dk, dv are overwritten; the dropout decision of element (b,h,i,j) is
- * qf_philox_uniform(seed, offset, ((b*Hq+h)*L+i)*S+j) >= p, exactly the forward's.
+ * qf_philox_uniform(seed, offset, ((b*Hq+h)*L+i)*S+j) >= p, exactly the forward's (the AVX-512
+ * generator of sdpa_simd.h is bit-exact with it).
  *
+ * Tiled path (AVX-512; AVX2 machines use the scalar path):
+ *   - Pass 1, per query row: D_i = dO_i . out_i, lse' = lse (+inf for dead rows, so that
+ *     exp(s - lse') is 0 without a test), dq row zeroed.
+ *   - Pass 2, a work item = (batch, kv head) pair and a split s of its key blocks (blocks
+ *     s, s + nsplit, ...). The item owns the dk/dv rows of its blocks. Per key block of Bc = 64
+ *     keys it packs K^T and V^T panels once, then for every query head of the group and every
+ *     query block of Br = 64 rows (causal: only blocks reaching the diagonal) runs 5 block
+ *     GEMMs as register-tiled microkernels (6 rows x 64 columns, broadcast-FMA):
+ *         S = Q K^T (scores kernel, packed K^T)      P = exp(S + mask - lse')
+ *         dP = dO V^T (scores kernel, packed V^T)    dS = scale * P * (Z dP - D)
+ *         dV += (Z P)^T dO, dK += dS^T Q  (tn kernel: reads P / dS transposed by broadcast,
+ *                                          so no tile is ever transposed in memory)
+ *         dQ += dS K (pv kernel, K in its natural layout).
+ *     dQ of split 0 goes straight to dq; split s > 0 accumulates into its own full-size partial
+ *     buffer, added into dq in pass 3. nsplit > 1 only when there are too few pairs to keep
+ *     every thread busy (and the partials stay under QF_SDPA_BWD_PARTIAL_BYTES).
  * Scalar path: parallel over (batch, kv head) pairs; each pair walks its query heads and rows
- * in order, so it owns its dk/dv rows and the dq rows of its heads (no atomics). */
+ * in order, so it owns its dk/dv rows and the dq rows of its heads (no atomics). It is the
+ * plain reference the tiled path is tested beside. */
 #include "sdpa_internal.h"
+#include "sdpa_simd.h"
 #include <math.h>
 #include <omp.h>
 #include <string.h>
@@ -91,8 +110,267 @@ static qf_status backward_scalar(const qf_sdpa_problem *pr, const float *q, cons
     return QF_OK;
 }
 
+/* ---------------------------------- tiled path (AVX-512) ---------------------------------- */
+
+#define BWD_BR 64 /* query rows per block */
+#define BWD_BC 64 /* keys per block = one packed panel of QF_SDPA_W512 */
+#define QF_SDPA_BWD_PARTIAL_BYTES ((size_t)256 << 20)
+
+/* One register tile of O[j][c] += sum_{i<ni} P[i*ldp + j] X[i*ldx + c]: R rows j (<= 6) x NV*16
+ * columns c (the last vector masked by tail). P is read transposed, one broadcast per (i, j). */
+QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE void tn_tile512(const float *p, int64_t ldp, int64_t ni,
+                                                             const float *x, int64_t ldx, float *o, int64_t ldo,
+                                                             __mmask16 tail, const int R, const int NV) {
+    __m512 acc[6][4];
+#pragma GCC unroll 6
+    for (int r = 0; r < 6; r++) {
+        if (r >= R) break;
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++)
+            if (c < NV) acc[r][c] = _mm512_maskz_loadu_ps(c == NV - 1 ? tail : (__mmask16)0xFFFF, o + r * ldo + 16 * c);
+    }
+    for (int64_t i = 0; i < ni; i++) {
+        const float *xi = x + i * ldx, *pi = p + i * ldp;
+        __m512 b[4];
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++)
+            if (c < NV) b[c] = _mm512_maskz_loadu_ps(c == NV - 1 ? tail : (__mmask16)0xFFFF, xi + 16 * c);
+#pragma GCC unroll 6
+        for (int r = 0; r < 6; r++) {
+            if (r >= R) break;
+            __m512 a = _mm512_set1_ps(pi[r]);
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++)
+                if (c < NV) acc[r][c] = _mm512_fmadd_ps(a, b[c], acc[r][c]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < 6; r++) {
+        if (r >= R) break;
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++)
+            if (c < NV) _mm512_mask_storeu_ps(o + r * ldo + 16 * c, c == NV - 1 ? tail : (__mmask16)0xFFFF, acc[r][c]);
+    }
+}
+
+#define TN512_CASE(R)                                                                           \
+    case R:                                                                                     \
+        switch (nv) {                                                                           \
+        case 1: tn_tile512(pj, ldp, ni, xc, ldx, oc, ldo, tail, R, 1); break;                   \
+        case 2: tn_tile512(pj, ldp, ni, xc, ldx, oc, ldo, tail, R, 2); break;                   \
+        case 3: tn_tile512(pj, ldp, ni, xc, ldx, oc, ldo, tail, R, 3); break;                   \
+        default: tn_tile512(pj, ldp, ni, xc, ldx, oc, ldo, tail, R, 4); break;                  \
+        }                                                                                       \
+        break;
+
+/* O[j][0:ncols] += sum_{i<ni} P[i][j] X[i][0:ncols] for j < nj (P^T X without transposing P). */
+QF_TARGET_AVX512 static void tn512(const float *p, int64_t ldp, int64_t ni, int64_t nj, const float *x,
+                                   int64_t ldx, int64_t ncols, float *o, int64_t ldo) {
+    for (int64_t c0 = 0; c0 < ncols; c0 += 64) {
+        const int64_t left = ncols - c0;
+        const int nv = left >= 64 ? 4 : (int)((left + 15) / 16);
+        const int last = (int)(left >= 64 ? 16 : left - 16 * (nv - 1));
+        const __mmask16 tail = (__mmask16)(last == 16 ? 0xFFFF : (1u << last) - 1);
+        const float *xc = x + c0;
+        for (int64_t j0 = 0; j0 < nj; j0 += 6) {
+            const float *pj = p + j0;
+            float *oc = o + j0 * ldo + c0;
+            switch (nj - j0 >= 6 ? 6 : (int)(nj - j0)) {
+                TN512_CASE(1)
+                TN512_CASE(2)
+                TN512_CASE(3)
+                TN512_CASE(4)
+                TN512_CASE(5)
+                default: TN512_CASE(6)
+            }
+        }
+    }
+}
+
+/* Lanes of keys [jv, jv+16) of one row that may be attended: below the causal/size limit and
+ * not blocked by a bool mask; *add receives the float mask (0 without one). */
+QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE __mmask16 row_lanes512(const qf_sdpa_problem *pr, const void *mrow,
+                                                                    int64_t nvalid, int64_t jv, __m512 *add) {
+    int64_t left = nvalid - jv;
+    __mmask16 k = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+    *add = _mm512_setzero_ps();
+    if (pr->mask_kind == QF_MASK_BOOL) {
+        if (pr->ms_j) {
+            __m128i bm = _mm_maskz_loadu_epi8(k, (const uint8_t *)mrow + jv);
+            k = _mm_test_epi8_mask(bm, bm);
+        } else if (!*(const uint8_t *)mrow) {
+            k = 0;
+        }
+    } else if (pr->mask_kind == QF_MASK_FLOAT) {
+        *add = pr->ms_j ? _mm512_maskz_loadu_ps(k, (const float *)mrow + jv) : _mm512_set1_ps(*(const float *)mrow);
+    }
+    return k;
+}
+
+typedef struct {
+    const qf_sdpa_problem *pr;
+    const float *q, *k, *v, *grad_out;
+    const float *lse2, *Di; /* per query row: lse (+inf when dead), dO . out */
+    float *dq, *dk, *dv, *dq_part;
+    int64_t nkb, nsplit;
+    float keep_scale;
+} bwd_plan;
+
+/* One (query block, key block) tile of head (b,h): accumulates into dk/dv (rows of the key
+ * block, dkb/dvb) and dq rows dqb. kt/vt: packed panels of the key block. */
+QF_TARGET_AVX512 static void bwd_tile512(const bwd_plan *pl, int64_t b, int64_t h, int64_t i0, int64_t nr,
+                                         int64_t j0, int64_t nk, const float *kt, const float *vt,
+                                         float *dkb, float *dvb, float *dqb, float *sp, float *dp, float *pd) {
+    const qf_sdpa_problem *pr = pl->pr;
+    const int64_t D = pr->D, Dv = pr->Dv, L = pr->L, S = pr->S;
+    const int64_t row0 = (b * pr->Hq + h) * L + i0;
+    const int64_t kvp = b * pr->Hkv + h / pr->group;
+    const float *qb = pl->q + row0 * D, *gb = pl->grad_out + row0 * Dv;
+    const float *kb = pl->k + (kvp * S + j0) * D;
+    /* S = scale Q K^T, then P = exp(S + mask - lse') in place */
+    qf_sdpa_scores512(qb, D, nr, kt, nk, D, pr->scale, sp, BWD_BC);
+    for (int64_t r = 0; r < nr; r++) {
+        const int64_t i = i0 + r;
+        const int64_t nvalid = pr->is_causal ? (i - j0 + 1 < nk ? i - j0 + 1 : nk) : nk;
+        const void *mrow = NULL;
+        if (pr->mask_kind != QF_MASK_NONE) {
+            int64_t e = b * pr->ms_b + h * pr->ms_h + i * pr->ms_i + j0 * pr->ms_j;
+            mrow = pr->mask_kind == QF_MASK_BOOL ? (const void *)((const uint8_t *)pr->mask + e)
+                                                 : (const void *)((const float *)pr->mask + e);
+        }
+        const __m512 l = _mm512_set1_ps(pl->lse2[row0 + r]);
+        float *srow = sp + r * BWD_BC;
+        for (int64_t jv = 0; jv < nk; jv += 16) {
+            __m512 add;
+            __mmask16 k = row_lanes512(pr, mrow, nvalid, jv, &add);
+            __m512 s = _mm512_add_ps(_mm512_load_ps(srow + jv), add);
+            _mm512_store_ps(srow + jv, _mm512_maskz_mov_ps(k, qf_sdpa_exp512(_mm512_sub_ps(s, l))));
+        }
+    }
+    /* dP = dO V^T */
+    qf_sdpa_scores512(gb, Dv, nr, vt, nk, Dv, 1.0f, dp, BWD_BC);
+    const float *pv = sp; /* the probabilities dV sees: Z P */
+    if (pr->dropout_p > 0) {
+        const __m512 ks = _mm512_set1_ps(pl->keep_scale);
+        for (int64_t r = 0; r < nr; r++) {
+            float *drow = pd + r * BWD_BC;
+            const float *srow = sp + r * BWD_BC;
+            for (int64_t jv = 0; jv < nk; jv += 16) _mm512_store_ps(drow + jv, _mm512_mul_ps(_mm512_load_ps(srow + jv), ks));
+            qf_sdpa_dropout512(drow, nk, pr->seed, pr->offset, (uint64_t)((row0 + r) * S + j0), pr->dropout_p);
+        }
+        pv = pd;
+    }
+    /* dV += (Z P)^T dO */
+    tn512(pv, BWD_BC, nr, nk, gb, Dv, Dv, dvb, Dv);
+    /* dS = scale * (Z P dP - P D) in place of dP */
+    const __m512 sc = _mm512_set1_ps(pr->scale);
+    for (int64_t r = 0; r < nr; r++) {
+        const __m512 di = _mm512_set1_ps(pl->Di[row0 + r]);
+        float *drow = dp + r * BWD_BC;
+        const float *srow = sp + r * BWD_BC, *zrow = pv + r * BWD_BC;
+        for (int64_t jv = 0; jv < nk; jv += 16) {
+            __m512 p = _mm512_load_ps(srow + jv), z = _mm512_load_ps(zrow + jv), g = _mm512_load_ps(drow + jv);
+            __m512 ds = _mm512_fmsub_ps(z, g, _mm512_mul_ps(p, di));
+            _mm512_store_ps(drow + jv, _mm512_mul_ps(ds, sc));
+        }
+    }
+    /* dK += dS^T Q, dQ += dS K */
+    tn512(dp, BWD_BC, nr, nk, qb, D, D, dkb, D);
+    qf_sdpa_pv512(dp, BWD_BC, nr, nk, kb, D, D, NULL, dqb, D);
+}
+
+/* dot of two rows of n floats */
+QF_TARGET_AVX512 static float dot512(const float *a, const float *b, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t d = 0;
+    for (; d + 16 <= n; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
+    if (d < n) {
+        __mmask16 m = (__mmask16)((1u << (n - d)) - 1);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + d), _mm512_maskz_loadu_ps(m, b + d), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* Fraction of thread time used when `items` equal items run on nt threads. */
+static double fill(int64_t items, int nt) {
+    int64_t rounds = (items + nt - 1) / nt;
+    return (double)items / (double)(rounds * nt);
+}
+
+QF_TARGET_AVX512 static qf_status backward_tiled512(const qf_sdpa_problem *pr, const float *q, const float *k,
+                                                    const float *v, const float *out, const float *lse,
+                                                    const float *grad_out, float *dq, float *dk, float *dv) {
+    const int64_t B = pr->B, Hq = pr->Hq, Hkv = pr->Hkv, L = pr->L, S = pr->S, D = pr->D, Dv = pr->Dv;
+    const int64_t group = pr->group, rows = B * Hq * L, npairs = B * Hkv;
+    const int nt = qf_threads();
+    bwd_plan pl = {pr, q, k, v, grad_out, NULL, NULL, dq, dk, dv, NULL, (S + BWD_BC - 1) / BWD_BC, 1,
+                   pr->dropout_p > 0 ? 1.0f / (1.0f - pr->dropout_p) : 1.0f};
+    /* key splits only while threads would idle and the dq partials stay small */
+    const size_t dq_bytes = (size_t)rows * (size_t)D * sizeof(float);
+    while (pl.nsplit < pl.nkb && fill(npairs * pl.nsplit, nt) < 0.85 &&
+           (size_t)pl.nsplit * dq_bytes <= QF_SDPA_BWD_PARTIAL_BYTES)
+        pl.nsplit++;
+    const size_t vec_bytes = qf_align_up((size_t)rows * sizeof(float), 64);
+    const size_t part_bytes = qf_align_up((size_t)(pl.nsplit - 1) * dq_bytes, 64);
+    const size_t kt_f = (size_t)(BWD_BC * D), vt_f = (size_t)(BWD_BC * Dv), tile_f = (size_t)(BWD_BR * BWD_BC);
+    const size_t slice_bytes = (kt_f + vt_f + 3 * tile_f) * sizeof(float);
+    void *scr;
+    QF_TRY(qf_scratch(2 * vec_bytes + part_bytes + slice_bytes * (size_t)nt, &scr));
+    float *lse2 = (float *)scr, *Di = (float *)((char *)scr + vec_bytes);
+    pl.lse2 = lse2;
+    pl.Di = Di;
+    pl.dq_part = (float *)((char *)scr + 2 * vec_bytes);
+    char *slices = (char *)scr + 2 * vec_bytes + part_bytes;
+
+    /* pass 1: per-row statistics, dq (and partials) zeroed */
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        lse2[r] = lse[r] == -INFINITY ? INFINITY : lse[r];
+        Di[r] = lse[r] == -INFINITY ? 0.0f : dot512(grad_out + r * Dv, out + r * Dv, Dv);
+        memset(dq + r * D, 0, (size_t)D * sizeof(float));
+        for (int64_t s = 1; s < pl.nsplit; s++) memset(pl.dq_part + ((s - 1) * rows + r) * D, 0, (size_t)D * sizeof(float));
+    }
+    /* pass 2: (pair, split) items */
+    const int64_t items = npairs * pl.nsplit;
+    #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; it++) {
+        float *kt = (float *)(slices + slice_bytes * (size_t)omp_get_thread_num());
+        float *vt = kt + kt_f, *sp = vt + vt_f, *dp = sp + tile_f, *pd = dp + tile_f;
+        const int64_t pair = it / pl.nsplit, split = it % pl.nsplit, b = pair / Hkv, g = pair % Hkv;
+        float *dqt = split == 0 ? dq : pl.dq_part + (split - 1) * rows * D;
+        for (int64_t jb = split; jb < pl.nkb; jb += pl.nsplit) {
+            const int64_t j0 = jb * BWD_BC, nk = S - j0 < BWD_BC ? S - j0 : BWD_BC;
+            float *dkb = dk + (pair * S + j0) * D, *dvb = dv + (pair * S + j0) * Dv;
+            memset(dkb, 0, (size_t)(nk * D) * sizeof(float));
+            memset(dvb, 0, (size_t)(nk * Dv) * sizeof(float));
+            const int64_t qb0 = pr->is_causal ? j0 / BWD_BR : 0; /* causal: rows i < j0 see none of these keys */
+            if (qb0 * BWD_BR >= L) continue;
+            qf_sdpa_pack_kt512(kt, k + (pair * S + j0) * D, D, nk, D);
+            qf_sdpa_pack_kt512(vt, v + (pair * S + j0) * Dv, Dv, nk, Dv);
+            for (int64_t h = g * group; h < (g + 1) * group; h++)
+                for (int64_t i0 = qb0 * BWD_BR; i0 < L; i0 += BWD_BR) {
+                    const int64_t nr = L - i0 < BWD_BR ? L - i0 : BWD_BR;
+                    bwd_tile512(&pl, b, h, i0, nr, j0, nk, kt, vt, dkb, dvb,
+                                dqt + ((b * Hq + h) * L + i0) * D, sp, dp, pd);
+                }
+        }
+    }
+    /* pass 3: add the key splits' dq partials */
+    if (pl.nsplit > 1) {
+        #pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t s = 1; s < pl.nsplit; s++) {
+                const float *src = pl.dq_part + ((s - 1) * rows + r) * D;
+                float *dst = dq + r * D;
+                for (int64_t d = 0; d < D; d++) dst[d] += src[d];
+            }
+    }
+    return QF_OK;
+}
+
 qf_status qf_cpu_sdpa_backward(const qf_sdpa_problem *pr, const float *q, const float *k,
                                const float *v, const float *out, const float *lse,
                                const float *grad_out, float *dq, float *dk, float *dv) {
+    if (qf_get_isa() == QF_ISA_AVX512) return backward_tiled512(pr, q, k, v, out, lse, grad_out, dq, dk, dv);
     return backward_scalar(pr, q, k, v, out, lse, grad_out, dq, dk, dv);
 }
