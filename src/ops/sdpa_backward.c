@@ -156,24 +156,28 @@ QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE void tn_tile512(const float *p, in
 #define TN512_CASE(R)                                                                           \
     case R:                                                                                     \
         switch (nv) {                                                                           \
-        case 1: tn_tile512(pj, ldp, ni, xc, ldx, oc, ldo, tail, R, 1); break;                   \
-        case 2: tn_tile512(pj, ldp, ni, xc, ldx, oc, ldo, tail, R, 2); break;                   \
-        case 3: tn_tile512(pj, ldp, ni, xc, ldx, oc, ldo, tail, R, 3); break;                   \
-        default: tn_tile512(pj, ldp, ni, xc, ldx, oc, ldo, tail, R, 4); break;                  \
+        case 1: tn_tile512(pj, ldp, ni_g, xc, ldx, oc, ldo, tail, R, 1); break;                   \
+        case 2: tn_tile512(pj, ldp, ni_g, xc, ldx, oc, ldo, tail, R, 2); break;                   \
+        case 3: tn_tile512(pj, ldp, ni_g, xc, ldx, oc, ldo, tail, R, 3); break;                   \
+        default: tn_tile512(pj, ldp, ni_g, xc, ldx, oc, ldo, tail, R, 4); break;                  \
         }                                                                                       \
         break;
 
 /* O[j][0:ncols] += sum_{i<ni} P[i][j] X[i][0:ncols] for j < nj (P^T X without transposing P). */
+/* causal_off >= 0 trims a causal diagonal tile: P[i][j] is zero for i < j + causal_off, so the
+ * sum for row group j0.. starts at i = j0 + causal_off (pass -1 for no trimming). */
 QF_TARGET_AVX512 static void tn512(const float *p, int64_t ldp, int64_t ni, int64_t nj, const float *x,
-                                   int64_t ldx, int64_t ncols, float *o, int64_t ldo) {
+                                   int64_t ldx, int64_t ncols, float *o, int64_t ldo, int64_t causal_off) {
     for (int64_t c0 = 0; c0 < ncols; c0 += 64) {
         const int64_t left = ncols - c0;
         const int nv = left >= 64 ? 4 : (int)((left + 15) / 16);
         const int last = (int)(left >= 64 ? 16 : left - 16 * (nv - 1));
         const __mmask16 tail = (__mmask16)(last == 16 ? 0xFFFF : (1u << last) - 1);
-        const float *xc = x + c0;
         for (int64_t j0 = 0; j0 < nj; j0 += 6) {
-            const float *pj = p + j0;
+            const int64_t i_begin = causal_off < 0 ? 0 : j0 + causal_off;
+            if (i_begin >= ni) break;
+            const float *pj = p + i_begin * ldp + j0, *xc = x + i_begin * ldx + c0;
+            const int64_t ni_g = ni - i_begin;
             float *oc = o + j0 * ldo + c0;
             switch (nj - j0 >= 6 ? 6 : (int)(nj - j0)) {
                 TN512_CASE(1)
@@ -227,8 +231,19 @@ QF_TARGET_AVX512 static void bwd_tile512(const bwd_plan *pl, int64_t b, int64_t 
     const int64_t kvp = b * pr->Hkv + h / pr->group;
     const float *qb = pl->q + row0 * D, *gb = pl->grad_out + row0 * Dv;
     const float *kb = pl->k + (kvp * S + j0) * D;
+    /* A causal tile crossing the diagonal: row group r0.. (6 rows, the register tile height)
+     * needs keys below i0 + r0 + 6 - j0 only, key j rows i >= j only. */
+    const int diag = pr->is_causal && j0 + nk - 1 > i0;
+    const int64_t G = diag ? 6 : nr;
+    int64_t nkg[BWD_BR / 6 + 1];
+    for (int64_t r0 = 0, g = 0; r0 < nr; r0 += G, g++) {
+        const int64_t rr = nr - r0 < G ? nr - r0 : G;
+        nkg[g] = diag && i0 + r0 + rr - j0 < nk ? i0 + r0 + rr - j0 : nk;
+        if (nkg[g] < 0) nkg[g] = 0;
+    }
     /* S = scale Q K^T, then P = exp(S + mask - lse') in place */
-    qf_sdpa_scores512(qb, D, nr, kt, nk, D, pr->scale, sp, BWD_BC);
+    for (int64_t r0 = 0, g = 0; r0 < nr; r0 += G, g++)
+        if (nkg[g] > 0) qf_sdpa_scores512(qb + r0 * D, D, nr - r0 < G ? nr - r0 : G, kt, nkg[g], D, pr->scale, sp + r0 * BWD_BC, BWD_BC);
     for (int64_t r = 0; r < nr; r++) {
         const int64_t i = i0 + r;
         const int64_t nvalid = pr->is_causal ? (i - j0 + 1 < nk ? i - j0 + 1 : nk) : nk;
@@ -248,7 +263,8 @@ QF_TARGET_AVX512 static void bwd_tile512(const bwd_plan *pl, int64_t b, int64_t 
         }
     }
     /* dP = dO V^T */
-    qf_sdpa_scores512(gb, Dv, nr, vt, nk, Dv, 1.0f, dp, BWD_BC);
+    for (int64_t r0 = 0, g = 0; r0 < nr; r0 += G, g++)
+        if (nkg[g] > 0) qf_sdpa_scores512(gb + r0 * Dv, Dv, nr - r0 < G ? nr - r0 : G, vt, nkg[g], Dv, 1.0f, dp + r0 * BWD_BC, BWD_BC);
     const float *pv = sp; /* the probabilities dV sees: Z P */
     if (pr->dropout_p > 0) {
         const __m512 ks = _mm512_set1_ps(pl->keep_scale);
@@ -261,22 +277,27 @@ QF_TARGET_AVX512 static void bwd_tile512(const bwd_plan *pl, int64_t b, int64_t 
         pv = pd;
     }
     /* dV += (Z P)^T dO */
-    tn512(pv, BWD_BC, nr, nk, gb, Dv, Dv, dvb, Dv);
+    tn512(pv, BWD_BC, nr, nk, gb, Dv, Dv, dvb, Dv, diag ? j0 - i0 : -1);
     /* dS = scale * (Z P dP - P D) in place of dP */
     const __m512 sc = _mm512_set1_ps(pr->scale);
     for (int64_t r = 0; r < nr; r++) {
         const __m512 di = _mm512_set1_ps(pl->Di[row0 + r]);
         float *drow = dp + r * BWD_BC;
         const float *srow = sp + r * BWD_BC, *zrow = pv + r * BWD_BC;
+        /* past the row's causal limit dP was not computed (diagonal tiles): dS = 0 there */
+        const int64_t nvalid = pr->is_causal ? (i0 + r - j0 + 1 < nk ? i0 + r - j0 + 1 : nk) : nk;
         for (int64_t jv = 0; jv < nk; jv += 16) {
+            const int64_t left = nvalid - jv;
+            const __mmask16 k = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
             __m512 p = _mm512_load_ps(srow + jv), z = _mm512_load_ps(zrow + jv), g = _mm512_load_ps(drow + jv);
             __m512 ds = _mm512_fmsub_ps(z, g, _mm512_mul_ps(p, di));
-            _mm512_store_ps(drow + jv, _mm512_mul_ps(ds, sc));
+            _mm512_store_ps(drow + jv, _mm512_maskz_mul_ps(k, ds, sc));
         }
     }
     /* dK += dS^T Q, dQ += dS K */
-    tn512(dp, BWD_BC, nr, nk, qb, D, D, dkb, D);
-    qf_sdpa_pv512(dp, BWD_BC, nr, nk, kb, D, D, NULL, dqb, D);
+    tn512(dp, BWD_BC, nr, nk, qb, D, D, dkb, D, diag ? j0 - i0 : -1);
+    for (int64_t r0 = 0, g = 0; r0 < nr; r0 += G, g++)
+        if (nkg[g] > 0) qf_sdpa_pv512(dp + r0 * BWD_BC, BWD_BC, nr - r0 < G ? nr - r0 : G, nkg[g], kb, D, D, NULL, dqb + r0 * D, D);
 }
 
 /* dot of two rows of n floats */
