@@ -14,7 +14,7 @@
  * qf_philox_uniform(seed, offset, ((b*Hq+h)*L+i)*S+j) >= p, exactly the forward's (the AVX-512
  * generator of sdpa_simd.h is bit-exact with it).
  *
- * Tiled path (AVX-512; AVX2 machines use the scalar path):
+ * Tiled path (AVX-512 and AVX2: the same driver, ISA-specific kernels in a bwd_isa table):
  *   - Pass 1, per query row: D_i = dO_i . out_i, lse' = lse (+inf for dead rows, so that
  *     exp(s - lse') is 0 without a test), dq row zeroed.
  *   - Pass 2, a work item = (batch, kv head) pair and a split s of its key blocks (blocks
@@ -211,93 +211,33 @@ QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE __mmask16 row_lanes512(const qf_sd
     return k;
 }
 
-typedef struct {
-    const qf_sdpa_problem *pr;
-    const float *q, *k, *v, *grad_out;
-    const float *lse2, *Di; /* per query row: lse (+inf when dead), dO . out */
-    float *dq, *dk, *dv, *dq_part;
-    int64_t nkb, nsplit;
-    float keep_scale;
-} bwd_plan;
+/* P row (AVX-512): s[0:nk) = exp(s + mask - lse) on attendable keys (< nvalid, not blocked),
+ * 0 elsewhere; s holds round_up(nk, 16) floats, 64-byte aligned. */
+QF_TARGET_AVX512 static void prob_row512(float *s, int64_t nk, int64_t nvalid, const qf_sdpa_problem *pr,
+                                         const void *mrow, float lse) {
+    const __m512 l = _mm512_set1_ps(lse);
+    for (int64_t jv = 0; jv < nk; jv += 16) {
+        __m512 add;
+        __mmask16 k = row_lanes512(pr, mrow, nvalid, jv, &add);
+        __m512 x = _mm512_add_ps(_mm512_load_ps(s + jv), add);
+        _mm512_store_ps(s + jv, _mm512_maskz_mov_ps(k, qf_sdpa_exp512(_mm512_sub_ps(x, l))));
+    }
+}
 
-/* One (query block, key block) tile of head (b,h): accumulates into dk/dv (rows of the key
- * block, dkb/dvb) and dq rows dqb. kt/vt: packed panels of the key block. */
-QF_TARGET_AVX512 static void bwd_tile512(const bwd_plan *pl, int64_t b, int64_t h, int64_t i0, int64_t nr,
-                                         int64_t j0, int64_t nk, const float *kt, const float *vt,
-                                         float *dkb, float *dvb, float *dqb, float *sp, float *dp, float *pd) {
-    const qf_sdpa_problem *pr = pl->pr;
-    const int64_t D = pr->D, Dv = pr->Dv, L = pr->L, S = pr->S;
-    const int64_t row0 = (b * pr->Hq + h) * L + i0;
-    const int64_t kvp = b * pr->Hkv + h / pr->group;
-    const float *qb = pl->q + row0 * D, *gb = pl->grad_out + row0 * Dv;
-    const float *kb = pl->k + (kvp * S + j0) * D;
-    /* A causal tile crossing the diagonal: row group r0.. (6 rows, the register tile height)
-     * needs keys below i0 + r0 + 6 - j0 only, key j rows i >= j only. */
-    const int diag = pr->is_causal && j0 + nk - 1 > i0;
-    const int64_t G = diag ? 6 : nr;
-    int64_t nkg[BWD_BR / 6 + 1];
-    for (int64_t r0 = 0, g = 0; r0 < nr; r0 += G, g++) {
-        const int64_t rr = nr - r0 < G ? nr - r0 : G;
-        nkg[g] = diag && i0 + r0 + rr - j0 < nk ? i0 + r0 + rr - j0 : nk;
-        if (nkg[g] < 0) nkg[g] = 0;
+/* dS row: dp = scale * (zp * dp - p * di) for keys < nvalid, 0 elsewhere (zp = Z P). */
+QF_TARGET_AVX512 static void ds_row512(float *dp, const float *p, const float *zp, int64_t nk, int64_t nvalid,
+                                       float di, float scale) {
+    const __m512 d = _mm512_set1_ps(di), sc = _mm512_set1_ps(scale);
+    for (int64_t jv = 0; jv < nk; jv += 16) {
+        const int64_t left = nvalid - jv;
+        const __mmask16 k = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+        __m512 ds = _mm512_fmsub_ps(_mm512_load_ps(zp + jv), _mm512_load_ps(dp + jv), _mm512_mul_ps(_mm512_load_ps(p + jv), d));
+        _mm512_store_ps(dp + jv, _mm512_maskz_mul_ps(k, ds, sc));
     }
-    /* S = scale Q K^T, then P = exp(S + mask - lse') in place */
-    for (int64_t r0 = 0, g = 0; r0 < nr; r0 += G, g++)
-        if (nkg[g] > 0) qf_sdpa_scores512(qb + r0 * D, D, nr - r0 < G ? nr - r0 : G, kt, nkg[g], D, pr->scale, sp + r0 * BWD_BC, BWD_BC);
-    for (int64_t r = 0; r < nr; r++) {
-        const int64_t i = i0 + r;
-        const int64_t nvalid = pr->is_causal ? (i - j0 + 1 < nk ? i - j0 + 1 : nk) : nk;
-        const void *mrow = NULL;
-        if (pr->mask_kind != QF_MASK_NONE) {
-            int64_t e = b * pr->ms_b + h * pr->ms_h + i * pr->ms_i + j0 * pr->ms_j;
-            mrow = pr->mask_kind == QF_MASK_BOOL ? (const void *)((const uint8_t *)pr->mask + e)
-                                                 : (const void *)((const float *)pr->mask + e);
-        }
-        const __m512 l = _mm512_set1_ps(pl->lse2[row0 + r]);
-        float *srow = sp + r * BWD_BC;
-        for (int64_t jv = 0; jv < nk; jv += 16) {
-            __m512 add;
-            __mmask16 k = row_lanes512(pr, mrow, nvalid, jv, &add);
-            __m512 s = _mm512_add_ps(_mm512_load_ps(srow + jv), add);
-            _mm512_store_ps(srow + jv, _mm512_maskz_mov_ps(k, qf_sdpa_exp512(_mm512_sub_ps(s, l))));
-        }
-    }
-    /* dP = dO V^T */
-    for (int64_t r0 = 0, g = 0; r0 < nr; r0 += G, g++)
-        if (nkg[g] > 0) qf_sdpa_scores512(gb + r0 * Dv, Dv, nr - r0 < G ? nr - r0 : G, vt, nkg[g], Dv, 1.0f, dp + r0 * BWD_BC, BWD_BC);
-    const float *pv = sp; /* the probabilities dV sees: Z P */
-    if (pr->dropout_p > 0) {
-        const __m512 ks = _mm512_set1_ps(pl->keep_scale);
-        for (int64_t r = 0; r < nr; r++) {
-            float *drow = pd + r * BWD_BC;
-            const float *srow = sp + r * BWD_BC;
-            for (int64_t jv = 0; jv < nk; jv += 16) _mm512_store_ps(drow + jv, _mm512_mul_ps(_mm512_load_ps(srow + jv), ks));
-            qf_sdpa_dropout512(drow, nk, pr->seed, pr->offset, (uint64_t)((row0 + r) * S + j0), pr->dropout_p);
-        }
-        pv = pd;
-    }
-    /* dV += (Z P)^T dO */
-    tn512(pv, BWD_BC, nr, nk, gb, Dv, Dv, dvb, Dv, diag ? j0 - i0 : -1);
-    /* dS = scale * (Z P dP - P D) in place of dP */
-    const __m512 sc = _mm512_set1_ps(pr->scale);
-    for (int64_t r = 0; r < nr; r++) {
-        const __m512 di = _mm512_set1_ps(pl->Di[row0 + r]);
-        float *drow = dp + r * BWD_BC;
-        const float *srow = sp + r * BWD_BC, *zrow = pv + r * BWD_BC;
-        /* past the row's causal limit dP was not computed (diagonal tiles): dS = 0 there */
-        const int64_t nvalid = pr->is_causal ? (i0 + r - j0 + 1 < nk ? i0 + r - j0 + 1 : nk) : nk;
-        for (int64_t jv = 0; jv < nk; jv += 16) {
-            const int64_t left = nvalid - jv;
-            const __mmask16 k = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-            __m512 p = _mm512_load_ps(srow + jv), z = _mm512_load_ps(zrow + jv), g = _mm512_load_ps(drow + jv);
-            __m512 ds = _mm512_fmsub_ps(z, g, _mm512_mul_ps(p, di));
-            _mm512_store_ps(drow + jv, _mm512_maskz_mul_ps(k, ds, sc));
-        }
-    }
-    /* dK += dS^T Q, dQ += dS K */
-    tn512(dp, BWD_BC, nr, nk, qb, D, D, dkb, D, diag ? j0 - i0 : -1);
-    for (int64_t r0 = 0, g = 0; r0 < nr; r0 += G, g++)
-        if (nkg[g] > 0) qf_sdpa_pv512(dp + r0 * BWD_BC, BWD_BC, nr - r0 < G ? nr - r0 : G, nkg[g], kb, D, D, NULL, dqb + r0 * D, D);
+}
+
+QF_TARGET_AVX512 static void dropout_row512(float *p, int64_t n, const qf_sdpa_problem *pr, uint64_t idx0) {
+    qf_sdpa_dropout512(p, n, pr->seed, pr->offset, idx0, pr->dropout_p);
 }
 
 /* dot of two rows of n floats */
@@ -312,19 +252,249 @@ QF_TARGET_AVX512 static float dot512(const float *a, const float *b, int64_t n) 
     return _mm512_reduce_add_ps(acc);
 }
 
+/* ------------------------------------- AVX2 pieces ------------------------------------- */
+
+/* AVX2 twin of tn_tile512: R rows (<= 6) x NV*8 columns (NV <= 2). */
+QF_TARGET_AVX2 static QF_SDPA_ALWAYS_INLINE void tn_tile256(const float *p, int64_t ldp, int64_t ni,
+                                                           const float *x, int64_t ldx, float *o, int64_t ldo,
+                                                           __m256i tail, const int R, const int NV) {
+    const __m256i full = _mm256_set1_epi32(-1);
+    __m256 acc[6][2];
+#pragma GCC unroll 6
+    for (int r = 0; r < 6; r++) {
+        if (r >= R) break;
+#pragma GCC unroll 2
+        for (int c = 0; c < 2; c++)
+            if (c < NV) acc[r][c] = _mm256_maskload_ps(o + r * ldo + 8 * c, c == NV - 1 ? tail : full);
+    }
+    for (int64_t i = 0; i < ni; i++) {
+        const float *xi = x + i * ldx, *pi = p + i * ldp;
+        __m256 b[2];
+#pragma GCC unroll 2
+        for (int c = 0; c < 2; c++)
+            if (c < NV) b[c] = _mm256_maskload_ps(xi + 8 * c, c == NV - 1 ? tail : full);
+#pragma GCC unroll 6
+        for (int r = 0; r < 6; r++) {
+            if (r >= R) break;
+            __m256 a = _mm256_broadcast_ss(pi + r);
+#pragma GCC unroll 2
+            for (int c = 0; c < 2; c++)
+                if (c < NV) acc[r][c] = _mm256_fmadd_ps(a, b[c], acc[r][c]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < 6; r++) {
+        if (r >= R) break;
+#pragma GCC unroll 2
+        for (int c = 0; c < 2; c++)
+            if (c < NV) _mm256_maskstore_ps(o + r * ldo + 8 * c, c == NV - 1 ? tail : full, acc[r][c]);
+    }
+}
+
+#define TN256_CASE(R)                                                                           \
+    case R:                                                                                     \
+        if (nv == 1) tn_tile256(pj, ldp, ni_g, xc, ldx, oc, ldo, tail, R, 1);                   \
+        else tn_tile256(pj, ldp, ni_g, xc, ldx, oc, ldo, tail, R, 2);                           \
+        break;
+
+/* AVX2 twin of tn512. */
+QF_TARGET_AVX2 static void tn256(const float *p, int64_t ldp, int64_t ni, int64_t nj, const float *x,
+                                 int64_t ldx, int64_t ncols, float *o, int64_t ldo, int64_t causal_off) {
+    for (int64_t c0 = 0; c0 < ncols; c0 += 16) {
+        const int64_t left = ncols - c0;
+        const int nv = left > 8 ? 2 : 1;
+        const __m256i tail = qf_sdpa_lanes256((int)(left >= 16 ? 8 : left - 8 * (nv - 1)));
+        for (int64_t j0 = 0; j0 < nj; j0 += 6) {
+            const int64_t i_begin = causal_off < 0 ? 0 : j0 + causal_off;
+            if (i_begin >= ni) break;
+            const float *pj = p + i_begin * ldp + j0, *xc = x + i_begin * ldx + c0;
+            const int64_t ni_g = ni - i_begin;
+            float *oc = o + j0 * ldo + c0;
+            switch (nj - j0 >= 6 ? 6 : (int)(nj - j0)) {
+                TN256_CASE(1)
+                TN256_CASE(2)
+                TN256_CASE(3)
+                TN256_CASE(4)
+                TN256_CASE(5)
+                default: TN256_CASE(6)
+            }
+        }
+    }
+}
+
+/* AVX2 twin of prob_row512 (s 32-byte aligned, round_up(nk, 8) floats). */
+QF_TARGET_AVX2 static void prob_row256(float *s, int64_t nk, int64_t nvalid, const qf_sdpa_problem *pr,
+                                       const void *mrow, float lse) {
+    const __m256 l = _mm256_set1_ps(lse);
+    __m256 fadd = _mm256_setzero_ps();
+    const int per_key = pr->mask_kind != QF_MASK_NONE && pr->ms_j != 0;
+    if (pr->mask_kind != QF_MASK_NONE && pr->ms_j == 0) { /* one mask value for the whole row */
+        if (pr->mask_kind == QF_MASK_BOOL) { if (!*(const uint8_t *)mrow) nvalid = 0; }
+        else fadd = _mm256_set1_ps(*(const float *)mrow);
+    }
+    for (int64_t jv = 0; jv < nk; jv += 8) {
+        const int64_t left = nvalid - jv;
+        const int n = left >= 8 ? 8 : left <= 0 ? 0 : (int)left;
+        __m256i lanes = qf_sdpa_lanes256(n);
+        __m256 x = _mm256_load_ps(s + jv);
+        if (per_key && pr->mask_kind == QF_MASK_BOOL) {
+            const uint8_t *mb = (const uint8_t *)mrow + jv;
+            int32_t att[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            for (int t = 0; t < n; t++) att[t] = mb[t] ? -1 : 0;
+            lanes = _mm256_loadu_si256((const __m256i *)att);
+        } else if (per_key) {
+            x = _mm256_add_ps(x, _mm256_maskload_ps((const float *)mrow + jv, lanes));
+        } else {
+            x = _mm256_add_ps(x, fadd);
+        }
+        /* lanes off the row may hold anything (even NaN): the and clears them */
+        _mm256_store_ps(s + jv, _mm256_and_ps(_mm256_castsi256_ps(lanes), qf_sdpa_exp256(_mm256_sub_ps(x, l))));
+    }
+}
+
+QF_TARGET_AVX2 static void ds_row256(float *dp, const float *p, const float *zp, int64_t nk, int64_t nvalid,
+                                     float di, float scale) {
+    const __m256 d = _mm256_set1_ps(di), sc = _mm256_set1_ps(scale);
+    for (int64_t jv = 0; jv < nk; jv += 8) {
+        const int64_t left = nvalid - jv;
+        const __m256 lanes = _mm256_castsi256_ps(qf_sdpa_lanes256(left >= 8 ? 8 : left <= 0 ? 0 : (int)left));
+        __m256 ds = _mm256_fmsub_ps(_mm256_load_ps(zp + jv), _mm256_load_ps(dp + jv), _mm256_mul_ps(_mm256_load_ps(p + jv), d));
+        _mm256_store_ps(dp + jv, _mm256_and_ps(lanes, _mm256_mul_ps(ds, sc)));
+    }
+}
+
+/* Zeroes the dropped entries of p[0:n) (element j has Philox index idx0 + j), one Philox call
+ * per four consecutive keys; the same decision as qf_philox_uniform(...) >= p. */
+static void dropout_row_c(float *p, int64_t n, const qf_sdpa_problem *pr, uint64_t idx0) {
+    uint32_t w[4];
+    uint64_t have = UINT64_MAX;
+    for (int64_t j = 0; j < n; j++) {
+        if (p[j] == 0.0f) continue;
+        const uint64_t idx = idx0 + (uint64_t)j;
+        if (idx >> 2 != have) { have = idx >> 2; qf_philox4x32(pr->seed, pr->offset, have, w); }
+        if ((float)(w[idx & 3] >> 8) * (1.0f / 16777216.0f) < pr->dropout_p) p[j] = 0.0f;
+    }
+}
+
+QF_TARGET_AVX2 static float dot256(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 8 <= n; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+    float t[8];
+    _mm256_storeu_ps(t, acc);
+    float sum = ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]));
+    for (; d < n; d++) sum += a[d] * b[d];
+    return sum;
+}
+
+/* ------------------------------------- tiled driver ------------------------------------- */
+
+typedef struct {
+    void (*pack)(float *kt, const float *k, int64_t ldk, int64_t S, int64_t D);
+    void (*scores)(const float *a, int64_t lda, int64_t nrows, const float *kt, int64_t nk,
+                   int64_t D, float scale, float *c, int64_t ldc);
+    void (*pv)(const float *p, int64_t ldp, int64_t nrows, int64_t nk, const float *v, int64_t ldv,
+               int64_t Dv, const float *alpha, float *o, int64_t ldo);
+    void (*tn)(const float *p, int64_t ldp, int64_t ni, int64_t nj, const float *x, int64_t ldx,
+               int64_t ncols, float *o, int64_t ldo, int64_t causal_off);
+    void (*prob_row)(float *s, int64_t nk, int64_t nvalid, const qf_sdpa_problem *pr, const void *mrow, float lse);
+    void (*ds_row)(float *dp, const float *p, const float *zp, int64_t nk, int64_t nvalid, float di, float scale);
+    void (*dropout_row)(float *p, int64_t n, const qf_sdpa_problem *pr, uint64_t idx0);
+    float (*dot)(const float *a, const float *b, int64_t n);
+} bwd_isa;
+
+static const bwd_isa isa512 = {qf_sdpa_pack_kt512, qf_sdpa_scores512, qf_sdpa_pv512, tn512,
+                               prob_row512, ds_row512, dropout_row512, dot512};
+static const bwd_isa isa256 = {qf_sdpa_pack_kt256, qf_sdpa_scores256, qf_sdpa_pv256, tn256,
+                               prob_row256, ds_row256, dropout_row_c, dot256};
+
+typedef struct {
+    const qf_sdpa_problem *pr;
+    const bwd_isa *isa;
+    const float *q, *k, *v, *grad_out;
+    const float *lse2, *Di; /* per query row: lse (+inf when dead), dO . out */
+    float *dq, *dk, *dv, *dq_part;
+    int64_t nkb, nsplit;
+    float keep_scale;
+} bwd_plan;
+
+/* One (query block, key block) tile of head (b,h): accumulates into dk/dv (rows of the key
+ * block, dkb/dvb) and dq rows dqb. kt/vt: packed panels of the key block; sp, dp, pd: tiles of
+ * BWD_BR x BWD_BC floats. */
+static void bwd_tile(const bwd_plan *pl, int64_t b, int64_t h, int64_t i0, int64_t nr, int64_t j0, int64_t nk,
+                     const float *kt, const float *vt, float *dkb, float *dvb, float *dqb, float *sp,
+                     float *dp, float *pd) {
+    const qf_sdpa_problem *pr = pl->pr;
+    const bwd_isa *isa = pl->isa;
+    const int64_t D = pr->D, Dv = pr->Dv, L = pr->L, S = pr->S;
+    const int64_t row0 = (b * pr->Hq + h) * L + i0;
+    const int64_t kvp = b * pr->Hkv + h / pr->group;
+    const float *qb = pl->q + row0 * D, *gb = pl->grad_out + row0 * Dv;
+    const float *kb = pl->k + (kvp * S + j0) * D;
+    /* A causal tile crossing the diagonal: row group r0.. (6 rows, the register tile height)
+     * needs keys below i0 + r0 + 6 - j0 only; key j gets rows i >= j only. Lanes a group does
+     * not compute are never read unmasked: prob_row and ds_row zero every key >= nvalid. */
+    const int diag = pr->is_causal && j0 + nk - 1 > i0;
+    const int64_t G = diag ? 6 : nr;
+    int64_t nkg[BWD_BR / 6 + 1];
+    for (int64_t r0 = 0, g = 0; r0 < nr; r0 += G, g++) {
+        const int64_t rr = nr - r0 < G ? nr - r0 : G;
+        nkg[g] = diag && i0 + r0 + rr - j0 < nk ? i0 + r0 + rr - j0 : nk;
+        if (nkg[g] < 0) nkg[g] = 0;
+    }
+    /* S = scale Q K^T, then P = exp(S + mask - lse') in place */
+    for (int64_t r0 = 0, g = 0; r0 < nr; r0 += G, g++)
+        if (nkg[g] > 0) isa->scores(qb + r0 * D, D, nr - r0 < G ? nr - r0 : G, kt, nkg[g], D, pr->scale, sp + r0 * BWD_BC, BWD_BC);
+    for (int64_t r = 0; r < nr; r++) {
+        const int64_t i = i0 + r;
+        const int64_t nvalid = pr->is_causal ? (i - j0 + 1 < nk ? i - j0 + 1 : nk) : nk;
+        const void *mrow = NULL;
+        if (pr->mask_kind != QF_MASK_NONE) {
+            int64_t e = b * pr->ms_b + h * pr->ms_h + i * pr->ms_i + j0 * pr->ms_j;
+            mrow = pr->mask_kind == QF_MASK_BOOL ? (const void *)((const uint8_t *)pr->mask + e)
+                                                 : (const void *)((const float *)pr->mask + e);
+        }
+        isa->prob_row(sp + r * BWD_BC, nk, nvalid, pr, mrow, pl->lse2[row0 + r]);
+    }
+    /* dP = dO V^T */
+    for (int64_t r0 = 0, g = 0; r0 < nr; r0 += G, g++)
+        if (nkg[g] > 0) isa->scores(gb + r0 * Dv, Dv, nr - r0 < G ? nr - r0 : G, vt, nkg[g], Dv, 1.0f, dp + r0 * BWD_BC, BWD_BC);
+    const float *zp = sp; /* the probabilities dV sees: Z P */
+    if (pr->dropout_p > 0) {
+        for (int64_t r = 0; r < nr; r++) {
+            float *drow = pd + r * BWD_BC;
+            const float *srow = sp + r * BWD_BC;
+            for (int64_t j = 0; j < nk; j++) drow[j] = srow[j] * pl->keep_scale;
+            isa->dropout_row(drow, nk, pr, (uint64_t)((row0 + r) * S + j0));
+        }
+        zp = pd;
+    }
+    /* dV += (Z P)^T dO */
+    isa->tn(zp, BWD_BC, nr, nk, gb, Dv, Dv, dvb, Dv, diag ? j0 - i0 : -1);
+    /* dS = scale * (Z P dP - P D) in place of dP */
+    for (int64_t r = 0; r < nr; r++) {
+        const int64_t nvalid = pr->is_causal ? (i0 + r - j0 + 1 < nk ? i0 + r - j0 + 1 : nk) : nk;
+        isa->ds_row(dp + r * BWD_BC, sp + r * BWD_BC, zp + r * BWD_BC, nk, nvalid, pl->Di[row0 + r], pr->scale);
+    }
+    /* dK += dS^T Q, dQ += dS K */
+    isa->tn(dp, BWD_BC, nr, nk, qb, D, D, dkb, D, diag ? j0 - i0 : -1);
+    for (int64_t r0 = 0, g = 0; r0 < nr; r0 += G, g++)
+        if (nkg[g] > 0) isa->pv(dp + r0 * BWD_BC, BWD_BC, nr - r0 < G ? nr - r0 : G, nkg[g], kb, D, D, NULL, dqb + r0 * D, D);
+}
+
 /* Fraction of thread time used when `items` equal items run on nt threads. */
 static double fill(int64_t items, int nt) {
     int64_t rounds = (items + nt - 1) / nt;
     return (double)items / (double)(rounds * nt);
 }
 
-QF_TARGET_AVX512 static qf_status backward_tiled512(const qf_sdpa_problem *pr, const float *q, const float *k,
-                                                    const float *v, const float *out, const float *lse,
-                                                    const float *grad_out, float *dq, float *dk, float *dv) {
+static qf_status backward_tiled(const qf_sdpa_problem *pr, const bwd_isa *isa, const float *q, const float *k,
+                                const float *v, const float *out, const float *lse,
+                                const float *grad_out, float *dq, float *dk, float *dv) {
     const int64_t B = pr->B, Hq = pr->Hq, Hkv = pr->Hkv, L = pr->L, S = pr->S, D = pr->D, Dv = pr->Dv;
     const int64_t group = pr->group, rows = B * Hq * L, npairs = B * Hkv;
     const int nt = qf_threads();
-    bwd_plan pl = {pr, q, k, v, grad_out, NULL, NULL, dq, dk, dv, NULL, (S + BWD_BC - 1) / BWD_BC, 1,
+    bwd_plan pl = {pr, isa, q, k, v, grad_out, NULL, NULL, dq, dk, dv, NULL, (S + BWD_BC - 1) / BWD_BC, 1,
                    pr->dropout_p > 0 ? 1.0f / (1.0f - pr->dropout_p) : 1.0f};
     /* key splits only while threads would idle and the dq partials stay small */
     const size_t dq_bytes = (size_t)rows * (size_t)D * sizeof(float);
@@ -347,7 +517,7 @@ QF_TARGET_AVX512 static qf_status backward_tiled512(const qf_sdpa_problem *pr, c
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         lse2[r] = lse[r] == -INFINITY ? INFINITY : lse[r];
-        Di[r] = lse[r] == -INFINITY ? 0.0f : dot512(grad_out + r * Dv, out + r * Dv, Dv);
+        Di[r] = lse[r] == -INFINITY ? 0.0f : isa->dot(grad_out + r * Dv, out + r * Dv, Dv);
         memset(dq + r * D, 0, (size_t)D * sizeof(float));
         for (int64_t s = 1; s < pl.nsplit; s++) memset(pl.dq_part + ((s - 1) * rows + r) * D, 0, (size_t)D * sizeof(float));
     }
@@ -366,12 +536,12 @@ QF_TARGET_AVX512 static qf_status backward_tiled512(const qf_sdpa_problem *pr, c
             memset(dvb, 0, (size_t)(nk * Dv) * sizeof(float));
             const int64_t qb0 = pr->is_causal ? j0 / BWD_BR : 0; /* causal: rows i < j0 see none of these keys */
             if (qb0 * BWD_BR >= L) continue;
-            qf_sdpa_pack_kt512(kt, k + (pair * S + j0) * D, D, nk, D);
-            qf_sdpa_pack_kt512(vt, v + (pair * S + j0) * Dv, Dv, nk, Dv);
+            isa->pack(kt, k + (pair * S + j0) * D, D, nk, D);
+            isa->pack(vt, v + (pair * S + j0) * Dv, Dv, nk, Dv);
             for (int64_t h = g * group; h < (g + 1) * group; h++)
                 for (int64_t i0 = qb0 * BWD_BR; i0 < L; i0 += BWD_BR) {
                     const int64_t nr = L - i0 < BWD_BR ? L - i0 : BWD_BR;
-                    bwd_tile512(&pl, b, h, i0, nr, j0, nk, kt, vt, dkb, dvb,
+                    bwd_tile(&pl, b, h, i0, nr, j0, nk, kt, vt, dkb, dvb,
                                 dqt + ((b * Hq + h) * L + i0) * D, sp, dp, pd);
                 }
         }
@@ -392,6 +562,9 @@ QF_TARGET_AVX512 static qf_status backward_tiled512(const qf_sdpa_problem *pr, c
 qf_status qf_cpu_sdpa_backward(const qf_sdpa_problem *pr, const float *q, const float *k,
                                const float *v, const float *out, const float *lse,
                                const float *grad_out, float *dq, float *dk, float *dv) {
-    if (qf_get_isa() == QF_ISA_AVX512) return backward_tiled512(pr, q, k, v, out, lse, grad_out, dq, dk, dv);
-    return backward_scalar(pr, q, k, v, out, lse, grad_out, dq, dk, dv);
+    switch (qf_get_isa()) {
+    case QF_ISA_AVX512: return backward_tiled(pr, &isa512, q, k, v, out, lse, grad_out, dq, dk, dv);
+    case QF_ISA_AVX2: return backward_tiled(pr, &isa256, q, k, v, out, lse, grad_out, dq, dk, dv);
+    default: return backward_scalar(pr, q, k, v, out, lse, grad_out, dq, dk, dv);
+    }
 }
