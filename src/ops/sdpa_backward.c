@@ -115,6 +115,7 @@ static qf_status backward_scalar(const qf_sdpa_problem *pr, const float *q, cons
 #define BWD_BR 64 /* query rows per block */
 #define BWD_BC 64 /* keys per block = one packed panel of QF_SDPA_W512 */
 #define QF_SDPA_BWD_PARTIAL_BYTES ((size_t)256 << 20)
+#define QF_SDPA_BWD_SUPER_BYTES ((size_t)512 << 10)
 
 /* One register tile of O[j][c] += sum_{i<ni} P[i*ldp + j] X[i*ldx + c]: R rows j (<= 6) x NV*16
  * columns c (the last vector masked by tail). P is read transposed, one broadcast per (i, j). */
@@ -498,13 +499,20 @@ static qf_status backward_tiled(const qf_sdpa_problem *pr, const bwd_isa *isa, c
                    pr->dropout_p > 0 ? 1.0f / (1.0f - pr->dropout_p) : 1.0f};
     /* key splits only while threads would idle and the dq partials stay small */
     const size_t dq_bytes = (size_t)rows * (size_t)D * sizeof(float);
-    while (pl.nsplit < pl.nkb && fill(npairs * pl.nsplit, nt) < 0.85 &&
+    /* KB key blocks form a super-block: a query block's Q, dO and dq rows are read once for
+     * KB tiles, while the packed K/V panels and the dk/dv rows of the super-block (about
+     * QF_SDPA_BWD_SUPER_BYTES) stay in L2. */
+    int64_t KB = (int64_t)(QF_SDPA_BWD_SUPER_BYTES / ((size_t)(D + Dv) * BWD_BC * 2 * sizeof(float)));
+    if (KB < 1) KB = 1;
+    if (KB > 4) KB = 4;
+    const int64_t nsb = (pl.nkb + KB - 1) / KB;
+    while (pl.nsplit < nsb && fill(npairs * pl.nsplit, nt) < 0.85 &&
            (size_t)pl.nsplit * dq_bytes <= QF_SDPA_BWD_PARTIAL_BYTES)
         pl.nsplit++;
     const size_t vec_bytes = qf_align_up((size_t)rows * sizeof(float), 64);
     const size_t part_bytes = qf_align_up((size_t)(pl.nsplit - 1) * dq_bytes, 64);
     const size_t kt_f = (size_t)(BWD_BC * D), vt_f = (size_t)(BWD_BC * Dv), tile_f = (size_t)(BWD_BR * BWD_BC);
-    const size_t slice_bytes = (kt_f + vt_f + 3 * tile_f) * sizeof(float);
+    const size_t slice_bytes = ((kt_f + vt_f) * (size_t)KB + 3 * tile_f) * sizeof(float);
     void *scr;
     QF_TRY(qf_scratch(2 * vec_bytes + part_bytes + slice_bytes * (size_t)nt, &scr));
     float *lse2 = (float *)scr, *Di = (float *)((char *)scr + vec_bytes);
@@ -526,23 +534,34 @@ static qf_status backward_tiled(const qf_sdpa_problem *pr, const bwd_isa *isa, c
     #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (int64_t it = 0; it < items; it++) {
         float *kt = (float *)(slices + slice_bytes * (size_t)omp_get_thread_num());
-        float *vt = kt + kt_f, *sp = vt + vt_f, *dp = sp + tile_f, *pd = dp + tile_f;
+        float *vt = kt + kt_f * (size_t)KB, *sp = vt + vt_f * (size_t)KB, *dp = sp + tile_f, *pd = dp + tile_f;
         const int64_t pair = it / pl.nsplit, split = it % pl.nsplit, b = pair / Hkv, g = pair % Hkv;
         float *dqt = split == 0 ? dq : pl.dq_part + (split - 1) * rows * D;
-        for (int64_t jb = split; jb < pl.nkb; jb += pl.nsplit) {
-            const int64_t j0 = jb * BWD_BC, nk = S - j0 < BWD_BC ? S - j0 : BWD_BC;
-            float *dkb = dk + (pair * S + j0) * D, *dvb = dv + (pair * S + j0) * Dv;
-            memset(dkb, 0, (size_t)(nk * D) * sizeof(float));
-            memset(dvb, 0, (size_t)(nk * Dv) * sizeof(float));
-            const int64_t qb0 = pr->is_causal ? j0 / BWD_BR : 0; /* causal: rows i < j0 see none of these keys */
+        for (int64_t sb = split; sb < nsb; sb += pl.nsplit) {
+            const int64_t jb_begin = sb * KB, jb_end = jb_begin + KB < pl.nkb ? jb_begin + KB : pl.nkb;
+            for (int64_t jb = jb_begin; jb < jb_end; jb++) {
+                const int64_t j0 = jb * BWD_BC, nk = S - j0 < BWD_BC ? S - j0 : BWD_BC;
+                memset(dk + (pair * S + j0) * D, 0, (size_t)(nk * D) * sizeof(float));
+                memset(dv + (pair * S + j0) * Dv, 0, (size_t)(nk * Dv) * sizeof(float));
+            }
+            /* causal: rows i < j0 see none of these keys */
+            const int64_t qb0 = pr->is_causal ? jb_begin * BWD_BC / BWD_BR : 0;
             if (qb0 * BWD_BR >= L) continue;
-            isa->pack(kt, k + (pair * S + j0) * D, D, nk, D);
-            isa->pack(vt, v + (pair * S + j0) * Dv, Dv, nk, Dv);
+            for (int64_t jb = jb_begin; jb < jb_end; jb++) {
+                const int64_t j0 = jb * BWD_BC, nk = S - j0 < BWD_BC ? S - j0 : BWD_BC;
+                isa->pack(kt + (jb - jb_begin) * kt_f, k + (pair * S + j0) * D, D, nk, D);
+                isa->pack(vt + (jb - jb_begin) * vt_f, v + (pair * S + j0) * Dv, Dv, nk, Dv);
+            }
             for (int64_t h = g * group; h < (g + 1) * group; h++)
                 for (int64_t i0 = qb0 * BWD_BR; i0 < L; i0 += BWD_BR) {
                     const int64_t nr = L - i0 < BWD_BR ? L - i0 : BWD_BR;
-                    bwd_tile(&pl, b, h, i0, nr, j0, nk, kt, vt, dkb, dvb,
-                                dqt + ((b * Hq + h) * L + i0) * D, sp, dp, pd);
+                    float *dqb = dqt + ((b * Hq + h) * L + i0) * D;
+                    for (int64_t jb = jb_begin; jb < jb_end; jb++) {
+                        const int64_t j0 = jb * BWD_BC, nk = S - j0 < BWD_BC ? S - j0 : BWD_BC;
+                        if (pr->is_causal && i0 + nr - 1 < j0) break; /* this and later blocks: all masked */
+                        bwd_tile(&pl, b, h, i0, nr, j0, nk, kt + (jb - jb_begin) * kt_f, vt + (jb - jb_begin) * vt_f,
+                                 dk + (pair * S + j0) * D, dv + (pair * S + j0) * Dv, dqb, sp, dp, pd);
+                    }
                 }
         }
     }

@@ -303,6 +303,7 @@ int main(void) {
         {"threads", 2, 4, 2, 200, 260, 64, 0, 0, 0, 0, {0}, 0, 0, 1.0f},
         {"threads causal", 1, 3, 1, 300, 300, 128, 0, 1, 0, 0, {0}, 0, 0.1f, 1.0f},
         {"threads 1 pair", 1, 1, 1, 260, 300, 64, 0, 0, QF_MASK_BOOL, 2, {260, 300}, 0, 0, 1.0f},
+        {"threads super-blocks", 1, 2, 1, 600, 700, 40, 0, 1, QF_MASK_FLOAT, 2, {600, 700}, 1, 0.2f, 1.0f},
     };
     for (size_t i = 0; i < sizeof thr / sizeof *thr; i++) run_case(&thr[i], all + 1, 2, many, 3);
     qf_set_isa(isa0);
