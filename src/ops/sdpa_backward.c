@@ -17,19 +17,26 @@
  * Tiled path (AVX-512 and AVX2: the same driver, ISA-specific kernels in a bwd_isa table):
  *   - Pass 1, per query row: D_i = dO_i . out_i, lse' = lse (+inf for dead rows, so that
  *     exp(s - lse') is 0 without a test), dq row zeroed.
- *   - Pass 2, a work item = (batch, kv head) pair and a split s of its key blocks (blocks
- *     s, s + nsplit, ...). The item owns the dk/dv rows of its blocks. Per key block of Bc = 64
- *     keys it packs K^T and V^T panels once, then for every query head of the group and every
- *     query block of Br = 64 rows (causal: only blocks reaching the diagonal) runs 5 block
- *     GEMMs as register-tiled microkernels (6 rows x 64 columns, broadcast-FMA):
+ *   - Pass 2, a work item = (batch, kv head) pair and a split s of its key super-blocks (KB <= 4
+ *     key blocks of Bc = 64 keys; super-blocks s, s + nsplit, ...). The item owns the dk/dv rows
+ *     of its blocks. Per super-block it packs K^T and V^T panels once, then for every query head
+ *     of the group and every query block of Br = 64 rows (causal: blocks right of the diagonal
+ *     are skipped) runs, per key block, 5 block GEMMs as register-tiled microkernels (6 rows x
+ *     64 columns AVX-512 / 6 x 16 AVX2, broadcast-FMA):
  *         S = Q K^T (scores kernel, packed K^T)      P = exp(S + mask - lse')
  *         dP = dO V^T (scores kernel, packed V^T)    dS = scale * P * (Z dP - D)
  *         dV += (Z P)^T dO, dK += dS^T Q  (tn kernel: reads P / dS transposed by broadcast,
  *                                          so no tile is ever transposed in memory)
  *         dQ += dS K (pv kernel, K in its natural layout).
+ *     The super-block makes a query block's Q, dO and dq rows serve KB tiles per read, while
+ *     the super-block's panels and dk/dv rows stay in L2. On a causal diagonal tile each group
+ *     of 6 rows computes only keys up to its last row, and the dK/dV sums start at the diagonal.
  *     dQ of split 0 goes straight to dq; split s > 0 accumulates into its own full-size partial
  *     buffer, added into dq in pass 3. nsplit > 1 only when there are too few pairs to keep
  *     every thread busy (and the partials stay under QF_SDPA_BWD_PARTIAL_BYTES).
+ *   - Lanes of a score tile that a kernel did not write (tails, trimmed diagonal groups) may
+ *     hold anything; prob_row and ds_row zero every key at or past the row's limit, and the
+ *     GEMMs read only rows < nr and keys < nk.
  * Scalar path: parallel over (batch, kv head) pairs; each pair walks its query heads and rows
  * in order, so it owns its dk/dv rows and the dq rows of its heads (no atomics). It is the
  * plain reference the tiled path is tested beside. */
@@ -115,6 +122,7 @@ static qf_status backward_scalar(const qf_sdpa_problem *pr, const float *q, cons
 #define BWD_BR 64 /* query rows per block */
 #define BWD_BC 64 /* keys per block = one packed panel of QF_SDPA_W512 */
 #define QF_SDPA_BWD_PARTIAL_BYTES ((size_t)256 << 20)
+#define NO_TRIM (INT64_MIN / 2) /* causal_off of a tile without causal trimming */
 #define QF_SDPA_BWD_SUPER_BYTES ((size_t)512 << 10)
 
 /* One register tile of O[j][c] += sum_{i<ni} P[i*ldp + j] X[i*ldx + c]: R rows j (<= 6) x NV*16
@@ -165,8 +173,8 @@ QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE void tn_tile512(const float *p, in
         break;
 
 /* O[j][0:ncols] += sum_{i<ni} P[i][j] X[i][0:ncols] for j < nj (P^T X without transposing P). */
-/* causal_off >= 0 trims a causal diagonal tile: P[i][j] is zero for i < j + causal_off, so the
- * sum for row group j0.. starts at i = j0 + causal_off (pass -1 for no trimming). */
+/* causal_off trims a causal diagonal tile: P[i][j] is zero for i < j + causal_off, so the sum
+ * for row group j0.. starts at i = j0 + causal_off (NO_TRIM: from 0). */
 QF_TARGET_AVX512 static void tn512(const float *p, int64_t ldp, int64_t ni, int64_t nj, const float *x,
                                    int64_t ldx, int64_t ncols, float *o, int64_t ldo, int64_t causal_off) {
     for (int64_t c0 = 0; c0 < ncols; c0 += 64) {
@@ -175,7 +183,7 @@ QF_TARGET_AVX512 static void tn512(const float *p, int64_t ldp, int64_t ni, int6
         const int last = (int)(left >= 64 ? 16 : left - 16 * (nv - 1));
         const __mmask16 tail = (__mmask16)(last == 16 ? 0xFFFF : (1u << last) - 1);
         for (int64_t j0 = 0; j0 < nj; j0 += 6) {
-            const int64_t i_begin = causal_off < 0 ? 0 : j0 + causal_off;
+            const int64_t i_begin = j0 + causal_off > 0 ? j0 + causal_off : 0;
             if (i_begin >= ni) break;
             const float *pj = p + i_begin * ldp + j0, *xc = x + i_begin * ldx + c0;
             const int64_t ni_g = ni - i_begin;
@@ -306,7 +314,7 @@ QF_TARGET_AVX2 static void tn256(const float *p, int64_t ldp, int64_t ni, int64_
         const int nv = left > 8 ? 2 : 1;
         const __m256i tail = qf_sdpa_lanes256((int)(left >= 16 ? 8 : left - 8 * (nv - 1)));
         for (int64_t j0 = 0; j0 < nj; j0 += 6) {
-            const int64_t i_begin = causal_off < 0 ? 0 : j0 + causal_off;
+            const int64_t i_begin = j0 + causal_off > 0 ? j0 + causal_off : 0;
             if (i_begin >= ni) break;
             const float *pj = p + i_begin * ldp + j0, *xc = x + i_begin * ldx + c0;
             const int64_t ni_g = ni - i_begin;
@@ -471,14 +479,14 @@ static void bwd_tile(const bwd_plan *pl, int64_t b, int64_t h, int64_t i0, int64
         zp = pd;
     }
     /* dV += (Z P)^T dO */
-    isa->tn(zp, BWD_BC, nr, nk, gb, Dv, Dv, dvb, Dv, diag ? j0 - i0 : -1);
+    isa->tn(zp, BWD_BC, nr, nk, gb, Dv, Dv, dvb, Dv, diag ? j0 - i0 : NO_TRIM);
     /* dS = scale * (Z P dP - P D) in place of dP */
     for (int64_t r = 0; r < nr; r++) {
         const int64_t nvalid = pr->is_causal ? (i0 + r - j0 + 1 < nk ? i0 + r - j0 + 1 : nk) : nk;
         isa->ds_row(dp + r * BWD_BC, sp + r * BWD_BC, zp + r * BWD_BC, nk, nvalid, pl->Di[row0 + r], pr->scale);
     }
     /* dK += dS^T Q, dQ += dS K */
-    isa->tn(dp, BWD_BC, nr, nk, qb, D, D, dkb, D, diag ? j0 - i0 : -1);
+    isa->tn(dp, BWD_BC, nr, nk, qb, D, D, dkb, D, diag ? j0 - i0 : NO_TRIM);
     for (int64_t r0 = 0, g = 0; r0 < nr; r0 += G, g++)
         if (nkg[g] > 0) isa->pv(dp + r0 * BWD_BC, BWD_BC, nr - r0 < G ? nr - r0 : G, nkg[g], kb, D, D, NULL, dqb + r0 * D, D);
 }
