@@ -21,7 +21,7 @@ WARN    := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wno-unused-parameter
 CFLAGS  ?= -O2 -g
 override CFLAGS += -std=c11 -D_GNU_SOURCE -fPIC -fopenmp $(ARCHFLAGS) $(WARN) -Iinclude -Isrc -Isrc/core
 ifeq ($(BLAS),blis)
-BLAS_CFLAGS := -I/usr/include/blis -DQF_BLAS_BLIS
+BLAS_CFLAGS := -isystem /usr/include/x86_64-linux-gnu/blis-openmp -DQF_BLAS_BLIS
 BLAS_LIBS   := -lblis
 else
 BLAS_CFLAGS := -I/usr/include/x86_64-linux-gnu/openblas-pthread

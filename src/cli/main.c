@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 
 static const char *usage_text =
@@ -55,10 +56,22 @@ static void print_shape(const int64_t *shape, int ndim) {
     printf("]");
 }
 
+/* Weak: present when the linked BLAS is OpenBLAS. */
+extern char *openblas_get_corename(void) __attribute__((weak));
+
 static int cmd_info(void) {
     printf("qfuse %s\n", QFUSE_VERSION);
     printf("threads: %d\n", qf_get_num_threads());
     printf("simd:    %s\n", qf_isa_name(qf_get_isa()));
+    if (openblas_get_corename) {
+        const char *core = openblas_get_corename();
+        printf("blas:    OpenBLAS, %s kernels\n", core);
+        int avx512_core = !strcasecmp(core, "SkylakeX") || !strcasecmp(core, "Cooperlake") ||
+                          !strcasecmp(core, "SapphireRapids");
+        if (qf_get_isa() == QF_ISA_AVX512 && !avx512_core)
+            printf("note:    this CPU has AVX-512 but OpenBLAS runs %s kernels (linear layers up to 5x\n"
+                   "         slower); export OPENBLAS_CORETYPE=SkylakeX before starting (docs/blas.md)\n", core);
+    }
     return 0;
 }
 
