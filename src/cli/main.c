@@ -56,14 +56,16 @@ static void print_shape(const int64_t *shape, int ndim) {
     printf("]");
 }
 
-/* Weak: present when the linked BLAS is OpenBLAS. */
-extern char *openblas_get_corename(void) __attribute__((weak));
+#ifndef QF_BLAS_BLIS
+extern char *openblas_get_corename(void); /* the Makefile links OpenBLAS unless BLAS=blis */
+#endif
 
 static int cmd_info(void) {
     printf("qfuse %s\n", QFUSE_VERSION);
     printf("threads: %d\n", qf_get_num_threads());
     printf("simd:    %s\n", qf_isa_name(qf_get_isa()));
-    if (openblas_get_corename) {
+#ifndef QF_BLAS_BLIS
+    {
         const char *core = openblas_get_corename();
         printf("blas:    OpenBLAS, %s kernels\n", core);
         int avx512_core = !strcasecmp(core, "SkylakeX") || !strcasecmp(core, "Cooperlake") ||
@@ -72,6 +74,7 @@ static int cmd_info(void) {
             printf("note:    this CPU has AVX-512 but OpenBLAS runs %s kernels (linear layers up to 5x\n"
                    "         slower); export OPENBLAS_CORETYPE=SkylakeX before starting (docs/blas.md)\n", core);
     }
+#endif
     return 0;
 }
 
