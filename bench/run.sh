@@ -47,12 +47,12 @@ if [ "$avx512" -ge 4 ] 2>/dev/null; then
     OpenBLAS*)
         if [ -z "${OPENBLAS_CORETYPE:-}" ]; then
             export OPENBLAS_CORETYPE=SkylakeX
-            blas_note="OPENBLAS_CORETYPE=SkylakeX set by run.sh (detected: ${info##*core })"
+            blas_note="OPENBLAS_CORETYPE=SkylakeX set by run.sh (detected: $(echo "${info##*core }" | tr -d "()"))"
         fi ;;
     BLIS*)
         if [ -z "${BLIS_ARCH_TYPE:-}" ]; then
             export BLIS_ARCH_TYPE=0
-            blas_note="BLIS_ARCH_TYPE=0 (skx) set by run.sh (detected: ${info##*arch })"
+            blas_note="BLIS_ARCH_TYPE=0 (skx) set by run.sh (detected: $(echo "${info##*arch }" | tr -d "()"))"
         fi ;;
     esac
 fi
