@@ -5,12 +5,13 @@
  * The tanh form is evaluated from e = exp(2u) as 1 + t = 2 e/(e+1) and 1 - t^2 = 4 e/(e+1)^2,
  * which keeps full relative precision in both tails (1 - tanh(u)^2 from a rounded tanh is 0 or
  * off by 30% once |u| > 8). 2u is clamped to <= 80 so e+1 stays a normal float.
- * The scalar path uses libm (erfcf, expf). The SIMD paths use a degree-7 polynomial exp
- * (relative error ~1e-7) and Abramowitz-Stegun 7.1.26 for erfc (absolute error <= 1.5e-7), so
+ * The scalar path uses libm (erfcf, expf). The SIMD paths use the degree-7 polynomial exp of
+ * simd_math.h (relative error ~1e-7) and Abramowitz-Stegun 7.1.26 for erfc (absolute error <= 1.5e-7), so
  * they agree with the scalar path to ~2e-7 relative to max|y|. erfc is evaluated on |x| and
  * mirrored, so Phi(x) for x << 0 has no cancellation.
  * Arrays are cut into blocks processed in parallel; elementwise, so in place is fine. */
 #include "internal.h"
+#include "simd_math.h"
 #include <immintrin.h>
 #include <math.h>
 
@@ -48,27 +49,6 @@ static void gelu_scalar(float *y, const float *x, const float *dy, int64_t n, in
 }
 
 /* ---- AVX2 ---- */
-QF_TARGET_AVX2 static inline __m256 exp256(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.37f);
-    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_min_ps(hi, _mm256_max_ps(lo, x)); /* constant first: NaN in x propagates */
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.4426950408889634f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    p = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-    return _mm256_andnot_ps(under, p);
-}
-
 /* Phi(x) and exp(-x^2/2) */
 QF_TARGET_AVX2 static inline __m256 phi256(__m256 x, __m256 *gauss) {
     __m256 z = _mm256_mul_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), x), _mm256_set1_ps(INV_SQRT2));
@@ -78,7 +58,7 @@ QF_TARGET_AVX2 static inline __m256 phi256(__m256 x, __m256 *gauss) {
     q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(AS_A3));
     q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(AS_A2));
     q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(AS_A1));
-    __m256 g = exp256(_mm256_mul_ps(_mm256_set1_ps(-1.0f), _mm256_mul_ps(z, z)));
+    __m256 g = qf_exp256(_mm256_mul_ps(_mm256_set1_ps(-1.0f), _mm256_mul_ps(z, z)));
     *gauss = g;
     __m256 half_erfc = _mm256_mul_ps(_mm256_set1_ps(0.5f), _mm256_mul_ps(_mm256_mul_ps(q, t), g));
     __m256 pos = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ);
@@ -87,7 +67,7 @@ QF_TARGET_AVX2 static inline __m256 phi256(__m256 x, __m256 *gauss) {
 
 /* 1 + tanh(u) and 1 - tanh(u)^2 (see the file comment) */
 QF_TARGET_AVX2 static inline __m256 tanh256(__m256 u, __m256 *sech2) {
-    __m256 e = exp256(_mm256_min_ps(_mm256_set1_ps(80.0f), _mm256_add_ps(u, u)));
+    __m256 e = qf_exp256(_mm256_min_ps(_mm256_set1_ps(80.0f), _mm256_add_ps(u, u)));
     __m256 rcp = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f)));
     __m256 er = _mm256_mul_ps(e, rcp);
     *sech2 = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(4.0f), er), rcp);
@@ -128,23 +108,6 @@ QF_TARGET_AVX2 static void gelu_avx2(float *y, const float *x, const float *dy, 
 }
 
 /* ---- AVX-512 ---- */
-QF_TARGET_AVX512 static inline __m512 exp512(__m512 x) {
-    x = _mm512_min_ps(_mm512_set1_ps(88.37f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n); /* p * 2^n, exact down into the subnormals */
-}
-
 QF_TARGET_AVX512 static inline __m512 phi512(__m512 x, __m512 *gauss) {
     __m512 z = _mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(INV_SQRT2));
     __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(z, _mm512_set1_ps(AS_P), _mm512_set1_ps(1.0f)));
@@ -153,7 +116,7 @@ QF_TARGET_AVX512 static inline __m512 phi512(__m512 x, __m512 *gauss) {
     q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(AS_A3));
     q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(AS_A2));
     q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(AS_A1));
-    __m512 g = exp512(_mm512_mul_ps(_mm512_set1_ps(-1.0f), _mm512_mul_ps(z, z)));
+    __m512 g = qf_exp512(_mm512_mul_ps(_mm512_set1_ps(-1.0f), _mm512_mul_ps(z, z)));
     *gauss = g;
     __m512 half_erfc = _mm512_mul_ps(_mm512_set1_ps(0.5f), _mm512_mul_ps(_mm512_mul_ps(q, t), g));
     __mmask16 pos = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ);
@@ -161,7 +124,7 @@ QF_TARGET_AVX512 static inline __m512 phi512(__m512 x, __m512 *gauss) {
 }
 
 QF_TARGET_AVX512 static inline __m512 tanh512(__m512 u, __m512 *sech2) {
-    __m512 e = exp512(_mm512_min_ps(_mm512_set1_ps(80.0f), _mm512_add_ps(u, u)));
+    __m512 e = qf_exp512(_mm512_min_ps(_mm512_set1_ps(80.0f), _mm512_add_ps(u, u)));
     __m512 rcp = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(e, _mm512_set1_ps(1.0f)));
     __m512 er = _mm512_mul_ps(e, rcp);
     *sech2 = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(4.0f), er), rcp);

@@ -3,9 +3,11 @@
  * every exponent <= 0 (no overflow) and the largest term equal to 1 (no total underflow).
  * A row whose max is -inf (every entry -inf: fully masked) is written as zeros.
  * Backward per row: d_x = y * (d_y - sum(d_y * y)).
- * The SIMD paths use a degree-7 polynomial exp (relative error ~1e-7); they differ from the
- * scalar path (libm expf) only in rounding and summation order. Rows run in parallel. */
+ * The SIMD paths use the degree-7 polynomial exp of simd_math.h (relative error ~1e-7); they
+ * differ from the scalar path (libm expf) only in rounding and summation order. Rows run in
+ * parallel. */
 #include "internal.h"
+#include "simd_math.h"
 #include <immintrin.h>
 #include <math.h>
 
@@ -47,28 +49,6 @@ QF_TARGET_AVX2 static inline float hmax256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* exp for x <= 0 (softmax only needs that): below -87.3 the result is 0. */
-QF_TARGET_AVX2 static inline __m256 exp256(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.3f), hi = _mm256_set1_ps(88.37f);
-    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_min_ps(hi, _mm256_max_ps(lo, x)); /* constant first: NaN in x propagates */
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.4426950408889634f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    p = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-    return _mm256_andnot_ps(under, p);
-}
-
 QF_TARGET_AVX2 static void sm_fwd_avx2(float *y, const float *x, int64_t C) {
     __m256 mv = _mm256_set1_ps(-INFINITY);
     int64_t c = 0;
@@ -82,7 +62,7 @@ QF_TARGET_AVX2 static void sm_fwd_avx2(float *y, const float *x, int64_t C) {
     mv = _mm256_set1_ps(m);
     __m256 acc = _mm256_setzero_ps();
     for (c = 0; c + 8 <= C; c += 8) {
-        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + c), mv));
+        __m256 e = qf_exp256(_mm256_sub_ps(_mm256_loadu_ps(x + c), mv));
         _mm256_storeu_ps(y + c, e);
         acc = _mm256_add_ps(acc, e);
     }
@@ -106,23 +86,6 @@ QF_TARGET_AVX2 static void sm_bwd_avx2(float *dx, const float *dy, const float *
 }
 
 /* ---- AVX-512 ---- */
-QF_TARGET_AVX512 static inline __m512 exp512(__m512 x) {
-    x = _mm512_min_ps(_mm512_set1_ps(88.37f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
 QF_TARGET_AVX512 static void sm_fwd_avx512(float *y, const float *x, int64_t C) {
     __m512 mv = _mm512_set1_ps(-INFINITY);
     for (int64_t c = 0; c < C; c += 16) {
@@ -138,7 +101,7 @@ QF_TARGET_AVX512 static void sm_fwd_avx512(float *y, const float *x, int64_t C) 
     __m512 acc = _mm512_setzero_ps();
     for (int64_t c = 0; c < C; c += 16) {
         __mmask16 k = C - c >= 16 ? 0xFFFF : (__mmask16)((1u << (C - c)) - 1);
-        __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + c), mv));
+        __m512 e = qf_exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + c), mv));
         _mm512_mask_storeu_ps(y + c, k, e);
         acc = _mm512_mask_add_ps(acc, k, acc, e);
     }
