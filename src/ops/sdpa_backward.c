@@ -200,35 +200,17 @@ QF_TARGET_AVX512 static void tn512(const float *p, int64_t ldp, int64_t ni, int6
     }
 }
 
-/* Lanes of keys [jv, jv+16) of one row that may be attended: below the causal/size limit and
- * not blocked by a bool mask; *add receives the float mask (0 without one). */
-QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE __mmask16 row_lanes512(const qf_sdpa_problem *pr, const void *mrow,
-                                                                    int64_t nvalid, int64_t jv, __m512 *add) {
-    int64_t left = nvalid - jv;
-    __mmask16 k = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-    *add = _mm512_setzero_ps();
-    if (pr->mask_kind == QF_MASK_BOOL) {
-        if (pr->ms_j) {
-            __m128i bm = _mm_maskz_loadu_epi8(k, (const uint8_t *)mrow + jv);
-            k = _mm_test_epi8_mask(bm, bm);
-        } else if (!*(const uint8_t *)mrow) {
-            k = 0;
-        }
-    } else if (pr->mask_kind == QF_MASK_FLOAT) {
-        *add = pr->ms_j ? _mm512_maskz_loadu_ps(k, (const float *)mrow + jv) : _mm512_set1_ps(*(const float *)mrow);
-    }
-    return k;
-}
-
 /* P row (AVX-512): s[0:nk) = exp(s + mask - lse) on attendable keys (< nvalid, not blocked),
  * 0 elsewhere; s holds round_up(nk, 16) floats, 64-byte aligned. */
 QF_TARGET_AVX512 static void prob_row512(float *s, int64_t nk, int64_t nvalid, const qf_sdpa_problem *pr,
                                          const void *mrow, float lse) {
     const __m512 l = _mm512_set1_ps(lse);
+    const qf_sdpa_maskrow mk = {pr->mask_kind, mrow, pr->ms_j};
+    __m512 fadd;
+    const int per_key = qf_sdpa_row_mask512(&mk, &nvalid, &fadd);
     for (int64_t jv = 0; jv < nk; jv += 16) {
-        __m512 add;
-        __mmask16 k = row_lanes512(pr, mrow, nvalid, jv, &add);
-        __m512 x = _mm512_add_ps(_mm512_load_ps(s + jv), add);
+        __m512 x = _mm512_load_ps(s + jv);
+        const __mmask16 k = qf_sdpa_mask_lanes512(&mk, per_key, fadd, nvalid, jv, &x);
         _mm512_store_ps(s + jv, _mm512_maskz_mov_ps(k, qf_sdpa_exp512(_mm512_sub_ps(x, l))));
     }
 }
@@ -335,27 +317,12 @@ QF_TARGET_AVX2 static void tn256(const float *p, int64_t ldp, int64_t ni, int64_
 QF_TARGET_AVX2 static void prob_row256(float *s, int64_t nk, int64_t nvalid, const qf_sdpa_problem *pr,
                                        const void *mrow, float lse) {
     const __m256 l = _mm256_set1_ps(lse);
-    __m256 fadd = _mm256_setzero_ps();
-    const int per_key = pr->mask_kind != QF_MASK_NONE && pr->ms_j != 0;
-    if (pr->mask_kind != QF_MASK_NONE && pr->ms_j == 0) { /* one mask value for the whole row */
-        if (pr->mask_kind == QF_MASK_BOOL) { if (!*(const uint8_t *)mrow) nvalid = 0; }
-        else fadd = _mm256_set1_ps(*(const float *)mrow);
-    }
+    const qf_sdpa_maskrow mk = {pr->mask_kind, mrow, pr->ms_j};
+    __m256 fadd;
+    const int per_key = qf_sdpa_row_mask256(&mk, &nvalid, &fadd);
     for (int64_t jv = 0; jv < nk; jv += 8) {
-        const int64_t left = nvalid - jv;
-        const int n = left >= 8 ? 8 : left <= 0 ? 0 : (int)left;
-        __m256i lanes = qf_sdpa_lanes256(n);
         __m256 x = _mm256_load_ps(s + jv);
-        if (per_key && pr->mask_kind == QF_MASK_BOOL) {
-            const uint8_t *mb = (const uint8_t *)mrow + jv;
-            int32_t att[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            for (int t = 0; t < n; t++) att[t] = mb[t] ? -1 : 0;
-            lanes = _mm256_loadu_si256((const __m256i *)att);
-        } else if (per_key) {
-            x = _mm256_add_ps(x, _mm256_maskload_ps((const float *)mrow + jv, lanes));
-        } else {
-            x = _mm256_add_ps(x, fadd);
-        }
+        const __m256i lanes = qf_sdpa_mask_lanes256(&mk, per_key, fadd, nvalid, jv, &x);
         /* lanes off the row may hold anything (even NaN): the and clears them */
         _mm256_store_ps(s + jv, _mm256_and_ps(_mm256_castsi256_ps(lanes), qf_sdpa_exp256(_mm256_sub_ps(x, l))));
     }

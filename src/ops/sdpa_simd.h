@@ -20,6 +20,9 @@
  *     (alpha may be NULL: 1). Register tile 6 rows x 64 columns (AVX-512) / 6 x 16 (AVX2); the
  *     Dv tail uses masked loads/stores, so O and V need no padding. Applying alpha while
  *     loading O makes the online-softmax rescale free.
+ *   - qf_sdpa_row_mask512/256 + qf_sdpa_mask_lanes512/256: which keys of a score row may be
+ *     attended (causal/size limit, bool mask) and the float mask to add; shared by the
+ *     forward's softmax and the backward's P rows, so both read a mask the same way.
  *   - qf_sdpa_softmax_row512/256: one online-softmax step on one row of a score tile (mask,
  *     causal limit, running max/sum, exp in place); qf_sdpa_softmax_block512/256 the same on
  *     the rows of a tile, 16 at a time (row reductions by transposes, one vector exp for the
@@ -340,15 +343,44 @@ typedef struct {
 /* First half of a softmax step on one row s[0:nk) (in place): keys >= nvalid (the causal
  * limit) and keys the mask blocks become -inf, a float mask is added. Returns the lane-wise
  * max (reduce it for the row max). s must be 64-byte aligned with round_up(nk, 16) floats. */
+/* Row-wide part of a mask row (one value for the whole row, sj == 0): a bool mask that blocks
+ * the row sets *nvalid = 0, a float mask's value goes to *fadd (0 otherwise). Returns whether
+ * the mask is per key, i.e. left to qf_sdpa_mask_lanes512. */
+QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE int qf_sdpa_row_mask512(const qf_sdpa_maskrow *mk, int64_t *nvalid,
+                                                                     __m512 *fadd) {
+    *fadd = _mm512_setzero_ps();
+    if (mk->kind != QF_MASK_NONE && mk->sj == 0) {
+        if (mk->kind == QF_MASK_BOOL) { if (!*(const uint8_t *)mk->row) *nvalid = 0; }
+        else *fadd = _mm512_set1_ps(*(const float *)mk->row);
+    }
+    return mk->kind != QF_MASK_NONE && mk->sj != 0;
+}
+
+/* Keys [j, j+16) of a row: returns the lanes that may be attended (below nvalid, not blocked
+ * by a per-key bool mask) and adds the float mask (per key, or the row's fadd) to *x. */
+QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE __mmask16 qf_sdpa_mask_lanes512(const qf_sdpa_maskrow *mk, int per_key,
+                                                                           __m512 fadd, int64_t nvalid, int64_t j,
+                                                                           __m512 *x) {
+    int64_t left = nvalid - j;
+    __mmask16 k = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+    if (per_key) {
+        if (mk->kind == QF_MASK_BOOL) {
+            __m128i b = _mm_maskz_loadu_epi8(k, (const uint8_t *)mk->row + j);
+            k = _mm_test_epi8_mask(b, b);
+        } else {
+            *x = _mm512_add_ps(*x, _mm512_maskz_loadu_ps(k, (const float *)mk->row + j));
+        }
+    } else {
+        *x = _mm512_add_ps(*x, fadd);
+    }
+    return k;
+}
+
 QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE __m512 qf_sdpa_mask_max512(float *s, int64_t nk, int64_t nvalid,
                                                                       const qf_sdpa_maskrow *mk) {
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
-    __m512 fadd = _mm512_setzero_ps();
-    int per_key = mk->kind != QF_MASK_NONE && mk->sj != 0;
-    if (mk->kind != QF_MASK_NONE && mk->sj == 0) {      /* one mask value for the whole row */
-        if (mk->kind == QF_MASK_BOOL) { if (!*(const uint8_t *)mk->row) nvalid = 0; }
-        else fadd = _mm512_set1_ps(*(const float *)mk->row);
-    }
+    __m512 fadd;
+    const int per_key = qf_sdpa_row_mask512(mk, &nvalid, &fadd);
     if (nvalid > nk) nvalid = nk;
     if (nvalid < 0) nvalid = 0;
     __m512 mx = ninf;
@@ -356,19 +388,8 @@ QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE __m512 qf_sdpa_mask_max512(float *
     if (mk->kind == QF_MASK_NONE) /* nothing to mask before nvalid: max only, no store */
         for (; j0 + 16 <= nvalid; j0 += 16) mx = _mm512_max_ps(mx, _mm512_load_ps(s + j0));
     for (int64_t j = j0; j < nk; j += 16) {
-        int64_t left = nvalid - j;
-        __mmask16 k = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
         __m512 x = _mm512_load_ps(s + j);
-        if (per_key) {
-            if (mk->kind == QF_MASK_BOOL) {
-                __m128i b = _mm_maskz_loadu_epi8(k, (const uint8_t *)mk->row + j);
-                k = _mm_test_epi8_mask(b, b);
-            } else {
-                x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(k, (const float *)mk->row + j));
-            }
-        } else {
-            x = _mm512_add_ps(x, fadd);
-        }
+        const __mmask16 k = qf_sdpa_mask_lanes512(mk, per_key, fadd, nvalid, j, &x);
         x = _mm512_mask_blend_ps(k, ninf, x);
         _mm512_store_ps(s + j, x);
         mx = _mm512_max_ps(mx, x);
@@ -687,37 +708,52 @@ QF_TARGET_AVX2 static inline void qf_sdpa_pv256(const float *p, int64_t ldp, int
     }
 }
 
+/* AVX2 twin of qf_sdpa_row_mask512. */
+QF_TARGET_AVX2 static QF_SDPA_ALWAYS_INLINE int qf_sdpa_row_mask256(const qf_sdpa_maskrow *mk, int64_t *nvalid,
+                                                                   __m256 *fadd) {
+    *fadd = _mm256_setzero_ps();
+    if (mk->kind != QF_MASK_NONE && mk->sj == 0) {
+        if (mk->kind == QF_MASK_BOOL) { if (!*(const uint8_t *)mk->row) *nvalid = 0; }
+        else *fadd = _mm256_set1_ps(*(const float *)mk->row);
+    }
+    return mk->kind != QF_MASK_NONE && mk->sj != 0;
+}
+
+/* AVX2 twin of qf_sdpa_mask_lanes512 (keys [j, j+8); the lanes as an all-ones/zero mask). */
+QF_TARGET_AVX2 static QF_SDPA_ALWAYS_INLINE __m256i qf_sdpa_mask_lanes256(const qf_sdpa_maskrow *mk, int per_key,
+                                                                        __m256 fadd, int64_t nvalid, int64_t j,
+                                                                        __m256 *x) {
+    int64_t left = nvalid - j;
+    int n = left >= 8 ? 8 : left <= 0 ? 0 : (int)left;
+    __m256i lanes = qf_sdpa_lanes256(n);
+    if (per_key) {
+        if (mk->kind == QF_MASK_BOOL) {
+            const uint8_t *mb = (const uint8_t *)mk->row + j;
+            int32_t att[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            for (int t = 0; t < n; t++) att[t] = mb[t] ? -1 : 0;
+            lanes = _mm256_loadu_si256((const __m256i *)att);
+        } else {
+            *x = _mm256_add_ps(*x, _mm256_maskload_ps((const float *)mk->row + j, lanes));
+        }
+    } else {
+        *x = _mm256_add_ps(*x, fadd);
+    }
+    return lanes;
+}
+
 /* AVX2 twin of qf_sdpa_softmax_row512; s must be 32-byte aligned with round_up(nk, 8) floats. */
 QF_TARGET_AVX2 static inline void qf_sdpa_softmax_row256(float *s, int64_t nk, int64_t nvalid,
                                                          const qf_sdpa_maskrow *mk, float *m,
                                                          float *l, float *alpha) {
     const __m256 ninf = _mm256_set1_ps(-INFINITY);
-    __m256 fadd = _mm256_setzero_ps();
-    int per_key = mk->kind != QF_MASK_NONE && mk->sj != 0;
-    if (mk->kind != QF_MASK_NONE && mk->sj == 0) {
-        if (mk->kind == QF_MASK_BOOL) { if (!*(const uint8_t *)mk->row) nvalid = 0; }
-        else fadd = _mm256_set1_ps(*(const float *)mk->row);
-    }
+    __m256 fadd;
+    const int per_key = qf_sdpa_row_mask256(mk, &nvalid, &fadd);
     if (nvalid > nk) nvalid = nk;
     if (nvalid < 0) nvalid = 0;
     __m256 mx = ninf;
     for (int64_t j = 0; j < nk; j += 8) {
-        int64_t left = nvalid - j;
-        int n = left >= 8 ? 8 : left <= 0 ? 0 : (int)left;
-        __m256i lanes = qf_sdpa_lanes256(n);
         __m256 x = _mm256_load_ps(s + j);
-        if (per_key) {
-            if (mk->kind == QF_MASK_BOOL) {
-                const uint8_t *mb = (const uint8_t *)mk->row + j;
-                int32_t att[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-                for (int t = 0; t < n; t++) att[t] = mb[t] ? -1 : 0;
-                lanes = _mm256_loadu_si256((const __m256i *)att);
-            } else {
-                x = _mm256_add_ps(x, _mm256_maskload_ps((const float *)mk->row + j, lanes));
-            }
-        } else {
-            x = _mm256_add_ps(x, fadd);
-        }
+        const __m256i lanes = qf_sdpa_mask_lanes256(mk, per_key, fadd, nvalid, j, &x);
         x = _mm256_blendv_ps(ninf, x, _mm256_castsi256_ps(lanes));
         _mm256_store_ps(s + j, x);
         mx = _mm256_max_ps(mx, x);
