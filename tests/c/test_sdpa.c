@@ -7,15 +7,12 @@
  * The dropout keep decision uses qf_philox_uniform, which test_core checks against the Philox
  * known-answer vectors; the vectorised generator and exp of sdpa_simd.h are checked against it
  * and libm's double exp directly (simd_helpers). */
-#include "testutil.h"
+#include "sdpa_testutil.h"
 #include "ops/sdpa_simd.h"
 #include <stdint.h>
 
 static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
-static float frand(void) { /* uniform in [-1, 1) */
-    rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
-    return (float)((rng_state >> 40) * (1.0 / 8388608.0) - 1.0);
-}
+static float frand(void) { return tu_lcg_uniform(&rng_state); } /* uniform in [-1, 1) */
 
 typedef struct {
     const char *name;
@@ -37,12 +34,8 @@ static void reference(const qf_sdpa_params *p, const float *q, const float *k, c
     const int64_t B = p->B, Hq = p->Hq, L = p->L, S = p->S, D = p->D, Dv = p->Dv;
     const int64_t group = p->Hq / p->Hkv;
     const double scale = isnan(p->scale) ? (double)(1.0f / sqrtf((float)D)) : (double)p->scale;
-    int64_t full[4] = {1, 1, 1, 1}, st[4] = {0, 0, 0, 0};
-    if (p->mask.kind != QF_MASK_NONE) {
-        for (int d = 0; d < p->mask.ndim; d++) full[4 - p->mask.ndim + d] = p->mask.shape[d];
-        int64_t s = 1;
-        for (int d = 3; d >= 0; d--) { st[d] = full[d] == 1 ? 0 : s; s *= full[d]; }
-    }
+    int64_t st[4] = {0, 0, 0, 0};
+    if (p->mask.kind != QF_MASK_NONE) tu_mask_strides(p->mask.ndim, p->mask.shape, st);
     double *sc = malloc((size_t)S * sizeof(double));
     for (int64_t b = 0; b < B; b++)
         for (int64_t h = 0; h < Hq; h++)
@@ -115,23 +108,7 @@ static void run_case(const sdpa_case *c, const char *isa) {
     for (size_t i = 0; i < nv; i++) v[i] = frand();
     void *mask = NULL;
     if (c->mask_kind != QF_MASK_NONE) {
-        size_t n = 1;
-        for (int d = 0; d < c->mask_ndim; d++) n *= (size_t)c->mask_shape[d];
-        int64_t last = c->mask_ndim ? c->mask_shape[c->mask_ndim - 1] : 1;
-        if (c->mask_kind == QF_MASK_BOOL) {
-            uint8_t *m = malloc(n);
-            for (size_t i = 0; i < n; i++) m[i] = frand() > -0.4f;     /* ~70% attend */
-            if (c->mask_dead_rows)                                         /* every 3rd mask row blocked */
-                for (size_t r = 0; r * (size_t)last < n; r += 3) memset(m + r * (size_t)last, 0, (size_t)last);
-            mask = m;
-        } else {
-            float *m = malloc(n * 4);
-            for (size_t i = 0; i < n; i++) m[i] = frand() > -0.6f ? frand() * 2.0f : -INFINITY;
-            if (c->mask_dead_rows)
-                for (size_t r = 0; r * (size_t)last < n; r += 3)
-                    for (int64_t j = 0; j < last; j++) m[r * (size_t)last + (size_t)j] = -INFINITY;
-            mask = m;
-        }
+        mask = tu_sdpa_mask(c->mask_kind, c->mask_ndim, c->mask_shape, c->mask_dead_rows, &rng_state);
         p.mask.kind = c->mask_kind;
         p.mask.data = mask;
         p.mask.ndim = c->mask_ndim;

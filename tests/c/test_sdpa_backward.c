@@ -11,14 +11,11 @@
  * qf_philox_uniform, which test_core checks against Philox known-answer vectors), for each of
  * the scalar, AVX2 and AVX-512 kernels and several thread counts. Outputs are pre-filled with
  * NaN so a gradient the kernel forgets to write fails. */
-#include "testutil.h"
+#include "sdpa_testutil.h"
 #include <stdint.h>
 
 static uint64_t rng_state = 0x2545F4914F6CDD1Dull;
-static float frand(void) { /* uniform in [-1, 1) */
-    rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
-    return (float)((rng_state >> 40) * (1.0 / 8388608.0) - 1.0);
-}
+static float frand(void) { return tu_lcg_uniform(&rng_state); } /* uniform in [-1, 1) */
 
 typedef struct {
     const char *name;
@@ -188,30 +185,12 @@ static void run_case(const bwd_case *c, const qf_isa *isas, int nisa, const int 
                      NULL, {0, 0, 0, 0}, c->dropout, p.seed, p.offset, qd, kd, vd, gd};
     r.scale = (double)(1.0f / sqrtf((float)D)); /* the float scale the kernel uses */
     if (c->mask_kind != QF_MASK_NONE) {
-        size_t n = 1;
-        for (int d = 0; d < c->mask_ndim; d++) n *= (size_t)c->mask_shape[d];
-        int64_t last = c->mask_ndim ? c->mask_shape[c->mask_ndim - 1] : 1;
-        if (c->mask_kind == QF_MASK_BOOL) {
-            uint8_t *m = malloc(n);
-            for (size_t i = 0; i < n; i++) m[i] = frand() > -0.4f;
-            if (c->mask_dead_rows)
-                for (size_t rr = 0; rr * (size_t)last < n; rr += 3) memset(m + rr * (size_t)last, 0, (size_t)last);
-            mask = m;
-        } else {
-            float *m = malloc(n * 4);
-            for (size_t i = 0; i < n; i++) m[i] = frand() > -0.6f ? frand() * 2.0f : -INFINITY;
-            if (c->mask_dead_rows)
-                for (size_t rr = 0; rr * (size_t)last < n; rr += 3)
-                    for (int64_t j = 0; j < last; j++) m[rr * (size_t)last + (size_t)j] = -INFINITY;
-            mask = m;
-        }
+        mask = tu_sdpa_mask(c->mask_kind, c->mask_ndim, c->mask_shape, c->mask_dead_rows, &rng_state);
         p.mask.kind = c->mask_kind;
         p.mask.data = mask;
         p.mask.ndim = c->mask_ndim;
-        int64_t full[4] = {1, 1, 1, 1};
-        for (int d = 0; d < c->mask_ndim; d++) { p.mask.shape[d] = c->mask_shape[d]; full[4 - c->mask_ndim + d] = c->mask_shape[d]; }
-        int64_t s = 1;
-        for (int d = 3; d >= 0; d--) { r.st[d] = full[d] == 1 ? 0 : s; s *= full[d]; }
+        for (int d = 0; d < c->mask_ndim; d++) p.mask.shape[d] = c->mask_shape[d];
+        tu_mask_strides(c->mask_ndim, c->mask_shape, r.st);
         r.mask = mask;
     }
     double *rdq = malloc(nq * 8), *rdk = malloc(nk * 8), *rdv = malloc(nv * 8);
