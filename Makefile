@@ -58,7 +58,7 @@ $(BUILD)/qfuse: $(CLI_OBJ) $(BUILD)/libqfuse.a
 $(BUILD)/bench_attention: bench/bench_attention.c $(BUILD)/libqfuse.a
 	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libqfuse.a $(LDLIBS)
 
-$(BUILD)/tests/%: tests/c/%.c tests/c/testutil.h $(BUILD)/libqfuse.a
+$(BUILD)/tests/%: tests/c/%.c $(wildcard tests/c/*.h) $(BUILD)/libqfuse.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Itests/c -o $@ $< $(BUILD)/libqfuse.a $(LDLIBS)
 
