@@ -98,6 +98,7 @@ qf_status qf_sdpa_resolve(const qf_sdpa_params *p, qf_sdpa_problem *pr) {
     pr->dropout_p = p->dropout_p;
     pr->seed = p->seed;
     pr->offset = p->offset;
+    pr->screen = NULL;
     return resolve_mask(p, pr);
 }
 
@@ -171,13 +172,19 @@ qf_status qf_sdpa_forward(const qf_sdpa_params *p, const float *q, const float *
     QF_TRY(qf_sdpa_resolve(p, &pr));
     if (!q || !k || !v || !out)
         return qf_fail(QF_ERR_ARG, "sdpa: %s is NULL", !q ? "q" : !k ? "k" : !v ? "v" : "out");
+    /* The screen of q, k, v runs inside the kernel where it can (folded into the passes that
+     * read them anyway); otherwise, or when it saw a NaN/Inf, check_finite names the first one.
+     * On an error the outputs hold garbage (their contents are unspecified). */
+    int screen = QF_SDPA_UNSCREENED;
+    if (p->check_finite) pr.screen = &screen;
+    QF_TRY(qf_backend_cpu()->sdpa_forward(&pr, q, k, v, out, lse, weights));
     if (p->check_finite) {
         const finite_arg args[3] = {{"q", q, {pr.B, pr.Hq, pr.L, pr.D}}, {"k", k, {pr.B, pr.Hkv, pr.S, pr.D}},
                                     {"v", v, {pr.B, pr.Hkv, pr.S, pr.Dv}}};
-        QF_TRY(check_finite(args, 3));
+        if (screen != QF_SDPA_FINITE) QF_TRY(check_finite(args, 3));
         QF_TRY(check_float_mask(p));
     }
-    return qf_backend_cpu()->sdpa_forward(&pr, q, k, v, out, lse, weights);
+    return QF_OK;
 }
 
 qf_status qf_sdpa_backward(const qf_sdpa_params *p, const float *q, const float *k, const float *v,

@@ -15,6 +15,12 @@
  *     head of the group. Otherwise all threads pack a chunk of pairs (under KT_CHUNK_BYTES)
  *     and then share its (pair, head, query block, key split) units, largest causal ones
  *     first. Query heads h of a group share the pair h / group (GQA).
+ *   - NaN/Inf screen asked (pr->screen, see sdpa_internal.h): in the whole-pair mode with
+ *     AVX-512 it is folded into the pair's packing of K plus a pass over its V and Q rows just
+ *     before use (the separate screen pass cost ~25% of the cross-attention shape at 2 threads);
+ *     elsewhere the caller screens after the kernel.
+ *   - Key block Bc: 256 / 128 / 64 keys for D <= 64 / 128 / larger, widened to cover all keys
+ *     when S is at most 1.25 Bc (S = 257: one block, not a 1-key tail block).
  *   - Few query rows per key (L * group <= 4, decoding; AVX-512): no packing, the scores are
  *     dot products straight from K, since packing would cost more than the scores.
  *   - Causal: a key block entirely right of the diagonal of the query block is never visited
@@ -52,10 +58,13 @@ typedef struct {
                           float *alpha);
     void (*pv)(const float *p, int64_t ldp, int64_t nrows, int64_t nk, const float *v, int64_t ldv,
                int64_t Dv, const float *alpha, float *o, int64_t ldo);
+    /* pack that also screens for NaN/Inf, and a plain screen; NULL where the ISA has none */
+    int (*pack_screen)(float *kt, const float *k, int64_t ldk, int64_t S, int64_t D);
+    int (*any_nonfinite)(const float *x, int64_t n);
 } fwd_isa;
 
-static const fwd_isa isa512 = {QF_SDPA_W512, qf_sdpa_pack_kt512, qf_sdpa_scores512, qf_sdpa_scores_dot512, qf_sdpa_softmax_row512, qf_sdpa_softmax_block512, qf_sdpa_pv512};
-static const fwd_isa isa256 = {QF_SDPA_W256, qf_sdpa_pack_kt256, qf_sdpa_scores256, NULL, qf_sdpa_softmax_row256, qf_sdpa_softmax_block256, qf_sdpa_pv256};
+static const fwd_isa isa512 = {QF_SDPA_W512, qf_sdpa_pack_kt512, qf_sdpa_scores512, qf_sdpa_scores_dot512, qf_sdpa_softmax_row512, qf_sdpa_softmax_block512, qf_sdpa_pv512, qf_sdpa_pack_kt512_screen, qf_sdpa_any_nonfinite512};
+static const fwd_isa isa256 = {QF_SDPA_W256, qf_sdpa_pack_kt256, qf_sdpa_scores256, NULL, qf_sdpa_softmax_row256, qf_sdpa_softmax_block256, qf_sdpa_pv256, NULL, NULL};
 
 /* ---------------------------------- scalar path ---------------------------------- */
 
@@ -267,6 +276,9 @@ static qf_status forward_tiled(const qf_sdpa_problem *pr, const fwd_isa *isa, co
     pl.Br = QF_SDPA_BR;
     pl.Bc = D <= 64 ? 256 : D <= 128 ? 128 : 64;
     if (pl.Bc < isa->W) pl.Bc = isa->W;
+    /* A few keys past one block (S = 257 with Bc = 256) would cost a whole extra key step (a
+     * softmax pass over every row, the O rescale) for those keys: one wider block takes them. */
+    if (S > pl.Bc && S <= pl.Bc + pl.Bc / 4) pl.Bc = (S + isa->W - 1) / isa->W * isa->W;
     if (pl.Br > L) pl.Br = L;
     pl.nqb = (L + pl.Br - 1) / pl.Br;
     pl.ldo = (int64_t)qf_align_up((size_t)Dv, 16);
@@ -317,6 +329,11 @@ static qf_status forward_tiled(const qf_sdpa_problem *pr, const fwd_isa *isa, co
     if (!weights) lse_out = lse;
 
     if (pair_mode) {
+        /* NaN/Inf screen (pr->screen): K through the packing pass, V and the group's Q rows in
+         * a pass just before the pair's attention needs them, so no separate pass over the
+         * inputs (their only other read) goes to memory. */
+        const int fuse = pr->screen && !pl.nopack && isa->pack_screen;
+        int bad = 0;
         #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
         for (int64_t pair = 0; pair < npairs; pair++) {
             const int tid = omp_get_thread_num();
@@ -325,7 +342,15 @@ static qf_status forward_tiled(const qf_sdpa_problem *pr, const fwd_isa *isa, co
             float *o = tile + tile_f, *m = o + o_f, *l = m + vec_f, *alpha = l + vec_f;
             const int64_t b = pair / Hkv;
             if (pl.nopack) ktp = (float *)(k + pair * S * D); /* read only */
-            else isa->pack(ktp, k + pair * S * D, D, S, D);
+            else if (fuse) {
+                int hit = isa->pack_screen(ktp, k + pair * S * D, D, S, D);
+                hit |= isa->any_nonfinite(v + pair * S * Dv, S * Dv);
+                hit |= isa->any_nonfinite(q + (b * Hq + (pair % Hkv) * group) * L * D, group * L * D);
+                if (hit) {
+                    #pragma omp atomic write
+                    bad = 1;
+                }
+            } else isa->pack(ktp, k + pair * S * D, D, S, D);
             for (int64_t g = 0; g < group; g++) {
                 const int64_t h = (pair % Hkv) * group + g;
                 for (int64_t qbk = 0; qbk < pl.nqb; qbk++) {
@@ -341,6 +366,7 @@ static qf_status forward_tiled(const qf_sdpa_problem *pr, const fwd_isa *isa, co
                     }
             }
         }
+        if (fuse) *pr->screen = bad ? QF_SDPA_NONFINITE : QF_SDPA_FINITE;
         return QF_OK;
     }
 

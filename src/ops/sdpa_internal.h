@@ -26,7 +26,13 @@ typedef struct {
     qf_mask_kind mask_kind;
     const void *mask;
     int64_t ms_b, ms_h, ms_i, ms_j;
+    /* NaN/Inf screen of q, k, v fused into the forward kernel: NULL when not asked; else the
+     * caller sets *screen = QF_SDPA_UNSCREENED and a kernel that read every input value through
+     * its screen sets QF_SDPA_FINITE or QF_SDPA_NONFINITE (the caller then names the value). */
+    int *screen;
 } qf_sdpa_problem;
+
+enum { QF_SDPA_UNSCREENED = 0, QF_SDPA_FINITE = 1, QF_SDPA_NONFINITE = 2 };
 
 /* Validates p (sizes, gqa, scale, dropout, mask broadcast) into *out. */
 qf_status qf_sdpa_resolve(const qf_sdpa_params *p, qf_sdpa_problem *out);

@@ -28,7 +28,9 @@
  *     the rows of a tile, 16 at a time (row reductions by transposes, one vector exp for the
  *     rescale factors).
  *   - qf_sdpa_dropout512: the Philox dropout mask of a run of elements, 64 at a time.
- *   - qf_sdpa_pack_kt512 (16x16 register transposes) / qf_sdpa_pack_kt256 build the K panels.
+ *   - qf_sdpa_pack_kt512 (16x16 register transposes) / qf_sdpa_pack_kt256 build the K panels;
+ *     qf_sdpa_pack_kt512_screen also reports NaN/Inf among the keys it packs, and
+ *     qf_sdpa_any_nonfinite512 screens a run of floats (the forward's fused input screen).
  * Nothing here allocates or reads outside the stated extents. */
 #ifndef QF_SDPA_SIMD_H
 #define QF_SDPA_SIMD_H
@@ -111,8 +113,32 @@ QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE void qf_sdpa_transpose16(__m512 r[
     }
 }
 
-/* qf_sdpa_pack_kt for W = QF_SDPA_W512 with 16 x 16 register transposes. */
-QF_TARGET_AVX512 static inline void qf_sdpa_pack_kt512(float *kt, const float *k, int64_t ldk, int64_t S, int64_t D) {
+/* NaN/Inf lanes of x (exponent bits all ones), for the screens fused into the passes below. */
+QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE __mmask16 qf_sdpa_nonfinite_lanes512(__m512 x) {
+    const __m512i em = _mm512_set1_epi32(0x7f800000);
+    return _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(x), em), em);
+}
+
+/* Whether any of x[0:n) is NaN or Inf. */
+QF_TARGET_AVX512 static inline int qf_sdpa_any_nonfinite512(const float *x, int64_t n) {
+    __mmask16 bad = 0, bad2 = 0;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        bad |= qf_sdpa_nonfinite_lanes512(_mm512_loadu_ps(x + i));
+        bad2 |= qf_sdpa_nonfinite_lanes512(_mm512_loadu_ps(x + i + 16));
+    }
+    for (; i < n; i += 16) {
+        const __mmask16 in = (__mmask16)(n - i >= 16 ? 0xFFFF : (1u << (n - i)) - 1);
+        bad |= qf_sdpa_nonfinite_lanes512(_mm512_maskz_loadu_ps(in, x + i));
+    }
+    return (bad | bad2) != 0;
+}
+
+/* qf_sdpa_pack_kt for W = QF_SDPA_W512 with 16 x 16 register transposes. With `screen`, also
+ * returns whether any packed key value is NaN or Inf (0 otherwise). */
+QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE int qf_sdpa_pack_kt512_body(float *kt, const float *k, int64_t ldk,
+                                                                         int64_t S, int64_t D, const int screen) {
+    __mmask16 bad = 0;
     for (int64_t p0 = 0; p0 < S; p0 += QF_SDPA_W512) {
         float *dst = kt + p0 * D;
         for (int64_t w0 = 0; w0 < QF_SDPA_W512; w0 += 16) {
@@ -124,6 +150,9 @@ QF_TARGET_AVX512 static inline void qf_sdpa_pack_kt512(float *kt, const float *k
 #pragma GCC unroll 16
                 for (int t = 0; t < 16; t++)
                     r[t] = t < nkeys ? _mm512_maskz_loadu_ps(dm, k + (p0 + w0 + t) * ldk + d0) : _mm512_setzero_ps();
+                if (screen)
+#pragma GCC unroll 16
+                    for (int t = 0; t < 16; t++) bad |= qf_sdpa_nonfinite_lanes512(r[t]);
                 qf_sdpa_transpose16(r);
                 if (nd == 16) {
 #pragma GCC unroll 16
@@ -134,6 +163,16 @@ QF_TARGET_AVX512 static inline void qf_sdpa_pack_kt512(float *kt, const float *k
             }
         }
     }
+    return bad != 0;
+}
+
+QF_TARGET_AVX512 static inline void qf_sdpa_pack_kt512(float *kt, const float *k, int64_t ldk, int64_t S, int64_t D) {
+    qf_sdpa_pack_kt512_body(kt, k, ldk, S, D, 0);
+}
+
+/* qf_sdpa_pack_kt512 that also screens: returns whether any key value is NaN or Inf. */
+QF_TARGET_AVX512 static inline int qf_sdpa_pack_kt512_screen(float *kt, const float *k, int64_t ldk, int64_t S, int64_t D) {
+    return qf_sdpa_pack_kt512_body(kt, k, ldk, S, D, 1);
 }
 
 /* One register tile of scores: R rows (<= 6) x NV*16 keys (NV <= 4) of one panel. */
