@@ -195,11 +195,15 @@ qf_status qf_sdpa_backward(const qf_sdpa_params *p, const float *q, const float 
     const char *null_name = !q ? "q" : !k ? "k" : !v ? "v" : !out ? "out" : !lse ? "lse"
                           : !grad_out ? "grad_out" : !dq ? "dq" : !dk ? "dk" : !dv ? "dv" : NULL;
     if (null_name) return qf_fail(QF_ERR_ARG, "sdpa_backward: %s is NULL", null_name);
+    /* screen as in qf_sdpa_forward: inside the kernel where it can, check_finite names the value */
+    int screen = QF_SDPA_UNSCREENED;
+    if (p->check_finite) pr.screen = &screen;
+    QF_TRY(qf_backend_cpu()->sdpa_backward(&pr, q, k, v, out, lse, grad_out, dq, dk, dv));
     if (p->check_finite) {
         const finite_arg args[4] = {{"q", q, {pr.B, pr.Hq, pr.L, pr.D}}, {"k", k, {pr.B, pr.Hkv, pr.S, pr.D}},
                                     {"v", v, {pr.B, pr.Hkv, pr.S, pr.Dv}}, {"grad_out", grad_out, {pr.B, pr.Hq, pr.L, pr.Dv}}};
-        QF_TRY(check_finite(args, 4));
+        if (screen != QF_SDPA_FINITE) QF_TRY(check_finite(args, 4));
         QF_TRY(check_float_mask(p));
     }
-    return qf_backend_cpu()->sdpa_backward(&pr, q, k, v, out, lse, grad_out, dq, dk, dv);
+    return QF_OK;
 }

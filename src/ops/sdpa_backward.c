@@ -377,12 +377,16 @@ typedef struct {
     void (*ds_row)(float *dp, const float *p, const float *zp, int64_t nk, int64_t nvalid, float di, float scale);
     void (*dropout_row)(float *p, int64_t n, const qf_sdpa_problem *pr, uint64_t idx0);
     float (*dot)(const float *a, const float *b, int64_t n);
+    /* pack that also screens for NaN/Inf, and a plain screen; NULL where the ISA has none */
+    int (*pack_screen)(float *kt, const float *k, int64_t ldk, int64_t S, int64_t D);
+    int (*any_nonfinite)(const float *x, int64_t n);
 } bwd_isa;
 
 static const bwd_isa isa512 = {qf_sdpa_pack_kt512, qf_sdpa_scores512, qf_sdpa_pv512, tn512,
-                               prob_row512, ds_row512, dropout_row512, dot512};
+                               prob_row512, ds_row512, dropout_row512, dot512,
+                               qf_sdpa_pack_kt512_screen, qf_sdpa_any_nonfinite512};
 static const bwd_isa isa256 = {qf_sdpa_pack_kt256, qf_sdpa_scores256, qf_sdpa_pv256, tn256,
-                               prob_row256, ds_row256, dropout_row_c, dot256};
+                               prob_row256, ds_row256, dropout_row_c, dot256, NULL, NULL};
 
 typedef struct {
     const qf_sdpa_problem *pr;
@@ -496,9 +500,17 @@ static qf_status backward_tiled(const qf_sdpa_problem *pr, const bwd_isa *isa, c
     pl.dq_part = (float *)((char *)scr + 2 * vec_bytes);
     char *slices = (char *)scr + 2 * vec_bytes + part_bytes;
 
+    /* NaN/Inf screen (pr->screen, see sdpa_internal.h) folded into the passes that read the
+     * inputs: q and grad_out rows in pass 1, K and V while pass 2 packs them. */
+    const int fuse = pr->screen && isa->pack_screen;
+    int bad = 0;
     /* pass 1: per-row statistics, dq (and partials) zeroed */
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
+        if (fuse && (isa->any_nonfinite(grad_out + r * Dv, Dv) | isa->any_nonfinite(q + r * D, D))) {
+            #pragma omp atomic write
+            bad = 1;
+        }
         lse2[r] = lse[r] == -INFINITY ? INFINITY : lse[r];
         Di[r] = lse[r] == -INFINITY ? 0.0f : isa->dot(grad_out + r * Dv, out + r * Dv, Dv);
         memset(dq + r * D, 0, (size_t)D * sizeof(float));
@@ -521,9 +533,28 @@ static qf_status backward_tiled(const qf_sdpa_problem *pr, const bwd_isa *isa, c
             }
             /* causal: rows i < j0 see none of these keys */
             const int64_t qb0 = pr->is_causal ? jb_begin * BWD_BC / BWD_BR : 0;
-            if (qb0 * BWD_BR >= L) continue;
+            if (qb0 * BWD_BR >= L) {
+                if (fuse) /* keys no row sees still go through the screen */
+                    for (int64_t jb = jb_begin; jb < jb_end; jb++) {
+                        const int64_t j0 = jb * BWD_BC, nk = S - j0 < BWD_BC ? S - j0 : BWD_BC;
+                        if (isa->any_nonfinite(k + (pair * S + j0) * D, nk * D) |
+                            isa->any_nonfinite(v + (pair * S + j0) * Dv, nk * Dv)) {
+                            #pragma omp atomic write
+                            bad = 1;
+                        }
+                    }
+                continue;
+            }
             for (int64_t jb = jb_begin; jb < jb_end; jb++) {
                 const int64_t j0 = jb * BWD_BC, nk = S - j0 < BWD_BC ? S - j0 : BWD_BC;
+                if (fuse) {
+                    if (isa->pack_screen(kt + (jb - jb_begin) * kt_f, k + (pair * S + j0) * D, D, nk, D) |
+                        isa->pack_screen(vt + (jb - jb_begin) * vt_f, v + (pair * S + j0) * Dv, Dv, nk, Dv)) {
+                        #pragma omp atomic write
+                        bad = 1;
+                    }
+                    continue;
+                }
                 isa->pack(kt + (jb - jb_begin) * kt_f, k + (pair * S + j0) * D, D, nk, D);
                 isa->pack(vt + (jb - jb_begin) * vt_f, v + (pair * S + j0) * Dv, Dv, nk, Dv);
             }
@@ -550,6 +581,7 @@ static qf_status backward_tiled(const qf_sdpa_problem *pr, const bwd_isa *isa, c
                 for (int64_t d = 0; d < D; d++) dst[d] += src[d];
             }
     }
+    if (fuse) *pr->screen = bad ? QF_SDPA_NONFINITE : QF_SDPA_FINITE;
     return QF_OK;
 }
 

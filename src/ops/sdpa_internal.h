@@ -26,9 +26,10 @@ typedef struct {
     qf_mask_kind mask_kind;
     const void *mask;
     int64_t ms_b, ms_h, ms_i, ms_j;
-    /* NaN/Inf screen of q, k, v fused into the forward kernel: NULL when not asked; else the
-     * caller sets *screen = QF_SDPA_UNSCREENED and a kernel that read every input value through
-     * its screen sets QF_SDPA_FINITE or QF_SDPA_NONFINITE (the caller then names the value). */
+    /* NaN/Inf screen of the inputs (q, k, v; and grad_out in backward) fused into the kernels:
+     * NULL when not asked; else the caller sets *screen = QF_SDPA_UNSCREENED and a kernel that
+     * read every input value through its screen sets QF_SDPA_FINITE or QF_SDPA_NONFINITE (the
+     * caller then names the value). */
     int *screen;
 } qf_sdpa_problem;
 
