@@ -96,6 +96,15 @@ full)
     cp /tmp/res/table-2t.txt /tmp/res/table-16t.txt "$OUT/" 2>/dev/null
     tar -C /tmp/res -czf "$OUT/raw.tar.gz" .
     ;;
+two)
+    # 2-thread tables only, twice, threads pinned to distinct cores (OMP_PLACES=cores) for qfuse and
+    # PyTorch alike: unpinned 2-thread runs on this VM swung the sgemm ceiling from 143 to 298 GFLOP/s.
+    build_qfuse
+    for r in 1 2; do
+        OMP_PROC_BIND=close OMP_PLACES=cores BUILD=build-dev RESULTS_DIR=/tmp/res$r sh bench/run.sh 2
+        cp /tmp/res$r/table-2t.txt "$OUT/table-2t-pinned-$r.txt" 2>/dev/null
+    done
+    ;;
 build) build_gemm_benches; build_qfuse ;;
-*) echo "device_bench.sh: mode '$mode' is not probe, blas or full"; exit 2 ;;
+*) echo "device_bench.sh: mode '$mode' is not probe, blas, full or two"; exit 2 ;;
 esac
