@@ -206,7 +206,8 @@ typedef struct {
     int enable_gqa;          /* Hq may be a multiple of Hkv; otherwise Hq must equal Hkv      */
     float dropout_p;         /* in [0,1); applied to the attention probabilities              */
     uint64_t seed, offset;   /* dropout stream: element (b,h,i,j) draws index ((b*Hq+h)*L+i)*S+j */
-    int check_finite;        /* nonzero: reject NaN/Inf in q, k, v (one extra pass)           */
+    int check_finite;        /* nonzero: reject NaN/Inf in q, k, v (and grad_out); read while the
+                                kernel packs its inputs where it can, else one extra pass     */
     qf_mask mask;
 } qf_sdpa_params;
 
@@ -217,7 +218,8 @@ qf_sdpa_params qf_sdpa_defaults(int64_t B, int64_t Hq, int64_t Hkv, int64_t L, i
 /* Validates p and the mask's broadcast; the message names the offending field. */
 qf_status qf_sdpa_check(const qf_sdpa_params *p);
 
-/* Forward. out [B,Hq,L,Dv] is required. lse [B,Hq,L] (optional) receives the log-sum-exp of each
+/* Forward. On any error the contents of out, lse and weights are unspecified.
+ * out [B,Hq,L,Dv] is required. lse [B,Hq,L] (optional) receives the log-sum-exp of each
  * row's scaled, masked scores, which qf_sdpa_backward needs. weights [B,Hq,L,S] (optional)
  * receives the attention probabilities (after dropout when dropout_p > 0, as torch returns them).
  * A row whose every key is masked yields out = 0, weights = 0 and lse = -inf (torch's math path

@@ -225,3 +225,22 @@ def test_mha_forward_shape_errors(tmp_path):
     raises(lambda: m(r(3, 2, E), r(4, 2, E), r(4, 2, E), attn_mask=np.zeros((3, 5), bool)),
            "attn_mask", status="QF_ERR_SHAPE")
     raises(lambda: m.backward(r(3, 2, E)), "no forward")
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v", "grad_out"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_nonfinite_found_by_fused_screen(which, causal):
+    """Enough (batch, head) pairs that every thread takes whole pairs (the path where the kernel
+    screens inputs while packing them); the bad value sits in the last key, which a 257-key
+    problem handles in its tail, or for causal in a key no query row reaches."""
+    B, H, L, S, D = 4, 6, 5, 257, 16
+    t = {"q": r(B, H, L, D, seed=3), "k": r(B, H, S, D, seed=4), "v": r(B, H, S, D, seed=5),
+         "grad_out": r(B, H, L, D, seed=6)}
+    idx = (3, 5, L - 1, 7) if which in ("q", "grad_out") else (3, 5, S - 1, 7)
+    t[which][idx] = np.nan
+    where = "[%d,%d,%d,%d]" % idx
+    if which != "grad_out":
+        raises(lambda: qfuse.sdpa(t["q"], t["k"], t["v"], is_causal=causal), which, "NaN", where,
+               status="QF_ERR_NONFINITE")
+    raises(lambda: qfuse.sdpa_backward(t["q"], t["k"], t["v"], t["grad_out"], is_causal=causal), which,
+           "NaN", where, status="QF_ERR_NONFINITE")
