@@ -271,15 +271,17 @@ qf_status qf_mha_forward(qf_mha *m, const qf_mha_args *a, const float *query, co
 qf_status qf_mha_backward(qf_mha *m, const float *grad_out, float *grad_query, float *grad_key,
                           float *grad_value);
 
-/* Parameter and gradient views, named as in torch's state_dict. */
+/* Parameter and gradient views, named as in torch's state_dict (every model uses this view;
+ * shape[ndim..4) are 0; grad is NULL while the parameter's group is frozen). */
 typedef struct {
-    const char *name; float *data; float *grad; int ndim; int64_t shape[2];
+    const char *name; float *data; float *grad; int ndim; int64_t shape[4];
 } qf_param;
 int qf_mha_num_params(const qf_mha *m);
 qf_status qf_mha_param(qf_mha *m, int i, qf_param *out);
 void qf_mha_zero_grad(qf_mha *m);
 
 #include "qfuse_ops.h"
+#include "qfuse_models.h"
 
 #ifdef __cplusplus
 }

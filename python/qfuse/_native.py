@@ -94,7 +94,7 @@ class qf_param(ctypes.Structure):
                 ("data", ctypes.POINTER(c_float)),
                 ("grad", ctypes.POINTER(c_float)),
                 ("ndim", c_int),
-                ("shape", c_int64 * 2)]
+                ("shape", c_int64 * 4)]
 
 
 class qf_tensor_view(ctypes.Structure):

@@ -239,6 +239,7 @@ qf_status qf_mha_param(qf_mha *m, int i, qf_param *out) {
     out->ndim = p->ndim;
     out->shape[0] = p->shape[0];
     out->shape[1] = p->ndim == 2 ? p->shape[1] : 0;
+    out->shape[2] = out->shape[3] = 0;
     return QF_OK;
 }
 

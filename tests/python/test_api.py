@@ -100,7 +100,7 @@ def test_struct_layouts_match_c_abi():
     A = _native.qf_mha_args
     assert (A.key_padding_mask.offset, A.attn_mask.offset, A.is_causal.offset, A.seed.offset) == (24, 32, 88, 104)
     assert ctypes.sizeof(A) == 120
-    assert ctypes.sizeof(_native.qf_param) == 48 and _native.qf_param.shape.offset == 32
+    assert ctypes.sizeof(_native.qf_param) == 64 and _native.qf_param.shape.offset == 32
 
 
 def test_sdpa_defaults_round_trip():

@@ -1,0 +1,220 @@
+/* qfuse_models.h - whole models of libqfuse, loaded from their checkpoints (included by qfuse.h;
+ * do not include it alone). One source file per model in src/models/.
+ *
+ * CONVENTIONS (in addition to qfuse.h's)
+ *
+ *   - Models load from the files their own users have (a Hugging Face folder: config.json +
+ *     model.safetensors), by the checkpoint's own tensor names, any float storage dtype
+ *     (F64/F32/F16/BF16 are converted to float32 once, at load). Every loading error names the
+ *     file and the tensor or config key, and the rule that was broken.
+ *   - Activations are float32 in PyTorch's batch-first layouts ([B, tokens, width]).
+ *   - A model keeps grow-only planned buffers: a forward with the shapes of an earlier one
+ *     allocates nothing. A model handle is not safe to use from two threads at once.
+ *   - Forward is inference (eval mode): dropout is off.
+ */
+#ifndef QFUSE_MODELS_H
+#define QFUSE_MODELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- Q-Former core (transformers' Blip2QFormerModel / InstructBlipQFormerModel, LAVIS BertModel)
+ * Tokens are Lq query embeddings, then (InstructBLIP) Lt instruction-text tokens:
+ *   x = LayerNorm([query_embeds ; word_emb(text_ids) + pos_emb(0..Lt-1)])
+ *   per layer i:
+ *     x = LN(x + dense(SelfAttention(x)))       over all Lq+Lt tokens, text_attention_mask on keys
+ *     q = x[:, :Lq]                               on layers with i % cross_attention_frequency == 0:
+ *     q = LN(q + dense(CrossAttention(q, [prefix ; encoder_hidden_states])))
+ *     q = LN(q + dense(act(dense(q))))            "intermediate_query" / "output_query"
+ *     t = LN(t + dense(act(dense(t))))            text rows: "intermediate" / "output"
+ * Attention is softmax(q k^T / sqrt(head_dim) + mask) v over num_attention_heads heads.
+ * KV prefix (blip2_kv_prefix): prefix_k / prefix_v [B,P,hidden] are prepended, after the layer's
+ * own key/value projections of the encoder states, to the keys and values of EVERY
+ * cross-attention layer; prefix keys are always attended (the encoder mask is extended with ones).
+ * Tensor names are found by probing, under the tensor prefix:
+ *   transformers: "layernorm.*" (BLIP-2) or "embeddings.layernorm.*" (InstructBLIP),
+ *                 "encoder.layer.N.attention.attention.query.*", "...crossattention...", ...
+ *   LAVIS:        "bert.embeddings.LayerNorm.*", "bert.encoder.layer.N.attention.self.query.*",
+ *                 "...attention.output.dense.*", "...crossattention.self.key.*", ...
+ * Parameters are reported (qf_qformer_param) by the transformers names, whatever the file used. */
+
+typedef struct qf_qformer qf_qformer;
+
+typedef struct {
+    int64_t num_hidden_layers, hidden_size, num_attention_heads, intermediate_size;
+    int64_t cross_attention_frequency, encoder_hidden_size;
+    double layer_norm_eps;
+    qf_gelu_kind hidden_act;  /* "gelu" -> ERF; "gelu_new", "gelu_pytorch_tanh" -> TANH */
+    int has_text;             /* 1: word/position embeddings and the text FFN branch exist */
+    int64_t vocab_size, max_position_embeddings;   /* meaningful when has_text */
+} qf_qformer_config;
+
+/* Loads a Hugging Face folder: FOLDER/config.json and FOLDER/model.safetensors. The config is
+ * a Q-Former config (model_type "blip_2_qformer" / "instructblip_qformer": tensors at the top)
+ * or a whole BLIP-2 / InstructBLIP config (model_type "blip-2" / "instructblip": the Q-Former
+ * config under "qformer_config", its tensors under "qformer."). An unsupported value is
+ * QF_ERR_UNSUPPORTED or QF_ERR_FORMAT naming the key; every expected tensor must be present with
+ * its shape (QF_ERR_NOT_FOUND / QF_ERR_SHAPE naming it). */
+qf_status qf_qformer_load(const char *folder, qf_qformer **out);
+/* The same from an opened config and safetensors file: config keys are read under cfg_prefix
+ * ("" or e.g. "qformer_config.") and tensors under tensor_prefix ("" or e.g. "qformer." or
+ * "multi_Qformer."). Other tensors in the file are ignored. */
+qf_status qf_qformer_load_parts(const qf_config *cfg, const char *cfg_prefix,
+                                const qf_safetensors *st, const char *tensor_prefix,
+                                qf_qformer **out);
+void qf_qformer_free(qf_qformer *m);
+qf_status qf_qformer_get_config(const qf_qformer *m, qf_qformer_config *out);
+
+typedef struct {
+    int64_t B;                              /* batch                                          */
+    int64_t num_queries;                    /* Lq: query tokens per item                      */
+    int64_t encoder_len;                    /* S: encoder tokens per item                     */
+    const uint8_t *encoder_attention_mask;  /* [B,S], nonzero = attend, 0 = padding (optional) */
+    int64_t text_len;                       /* Lt: instruction tokens per item (0 = none)     */
+    const int32_t *text_ids;                /* [B,Lt] token ids (has_text models only)        */
+    const uint8_t *text_attention_mask;     /* [B,Lt], nonzero = attend (optional)           */
+    int64_t prefix_len;                     /* P: KV-prefix tokens (0 = none)                 */
+    const float *prefix_k, *prefix_v;       /* [B,P,hidden] each, already projected           */
+} qf_qformer_args;
+
+/* query_embeds [B,Lq,hidden], encoder_hidden_states [B,S,encoder_hidden_size] ->
+ * out [B,Lq+Lt,hidden] (last_hidden_state; the query rows first). A batch item whose encoder
+ * tokens are all padding (and has no prefix) attends uniformly to all S tokens in
+ * cross-attention, as transformers does (its additive mask is the dtype's minimum on every
+ * key). The forward keeps what backward and the attention maps need. */
+qf_status qf_qformer_forward(qf_qformer *m, const qf_qformer_args *a, const float *query_embeds,
+                             const float *encoder_hidden_states, float *out);
+
+/* Backward of the last forward for loss = sum(out * grad_out), grad_out [B,Lq+Lt,hidden].
+ * Input gradients are WRITTEN (each may be NULL to skip): grad_query_embeds [B,Lq,hidden],
+ * grad_encoder [B,S,encoder_hidden_size], grad_prefix_k / grad_prefix_v [B,P,hidden] (summed
+ * over the cross-attention layers). Parameter gradients are ACCUMULATED (+=) into the grads
+ * that qf_qformer_param shows, unless the model is frozen. QF_ERR_ARG without a successful forward. */
+qf_status qf_qformer_backward(qf_qformer *m, const float *grad_out, float *grad_query_embeds,
+                              float *grad_encoder, float *grad_prefix_k, float *grad_prefix_v);
+
+int qf_qformer_num_params(const qf_qformer *m);
+qf_status qf_qformer_param(qf_qformer *m, int i, qf_param *out);
+/* Finds a parameter by its transformers name ("encoder.layer.0.attention.attention.query.weight"). */
+qf_status qf_qformer_find_param(qf_qformer *m, const char *name, qf_param *out);
+void qf_qformer_zero_grad(qf_qformer *m);
+/* frozen = 1: backward computes input gradients only (no parameter gradients, grad views NULL). */
+void qf_qformer_set_frozen(qf_qformer *m, int frozen);
+
+/* Cross-attention weights of the last forward. layer counts cross-attention layers only
+ * (0 .. qf_qformer_num_cross_layers-1). weights: [B, heads, Lq, P+S] (prefix keys first), or
+ * [B, Lq, P+S] averaged over heads when average != 0. Computed on request from what the forward
+ * kept (no cost when not asked for). */
+int qf_qformer_num_cross_layers(const qf_qformer *m);
+qf_status qf_qformer_cross_attention(qf_qformer *m, int layer, int average, float *weights);
+
+/* ---- BLIP-2 vision tower (transformers' Blip2VisionModel / InstructBlipVisionModel) ---------
+ * pixel_values [B,3,image_size,image_size] -> patch embedding (conv, stride = patch_size) with
+ * a class token in front and position embeddings added; pre-LN layers
+ *   x = x + projection(MHA(layer_norm1(x)))   (fused "qkv" weight; its bias is q_bias, 0, v_bias)
+ *   x = x + fc2(act(fc1(layer_norm2(x))))
+ * and post_layernorm -> last_hidden_state [B, 1 + (image_size/patch_size)^2, hidden]. */
+typedef struct qf_vision qf_vision;
+typedef struct {
+    int64_t hidden_size, intermediate_size, num_hidden_layers, num_attention_heads;
+    int64_t image_size, patch_size, num_channels;
+    double layer_norm_eps;
+    qf_gelu_kind hidden_act;
+} qf_vision_config;
+/* cfg_prefix e.g. "vision_config.", tensor_prefix e.g. "vision_model.". */
+qf_status qf_vision_load_parts(const qf_config *cfg, const char *cfg_prefix, const qf_safetensors *st,
+                               const char *tensor_prefix, qf_vision **out);
+void qf_vision_free(qf_vision *m);
+qf_status qf_vision_get_config(const qf_vision *m, qf_vision_config *out);
+int64_t qf_vision_num_tokens(const qf_vision *m);     /* 1 + patches */
+qf_status qf_vision_forward(qf_vision *m, int64_t B, const float *pixel_values, float *out);
+/* grad_pixel_values may be NULL; parameter gradients accumulate unless frozen. */
+qf_status qf_vision_backward(qf_vision *m, const float *grad_out, float *grad_pixel_values);
+int qf_vision_num_params(const qf_vision *m);
+qf_status qf_vision_param(qf_vision *m, int i, qf_param *out);
+void qf_vision_zero_grad(qf_vision *m);
+void qf_vision_set_frozen(qf_vision *m, int frozen);
+
+/* ---- BLIP-2 / InstructBLIP: image -> LLM-space tokens (model_type "blip-2", "instructblip") --
+ * pixel_values -> vision tower -> Q-Former(query_tokens [, instruction ids]) -> query rows ->
+ * language_projection -> out [B, num_query_tokens, text hidden]. The LLM is not loaded here. */
+typedef struct qf_blip2 qf_blip2;
+qf_status qf_blip2_load(const char *folder, qf_blip2 **out);
+void qf_blip2_free(qf_blip2 *m);
+qf_vision *qf_blip2_vision(qf_blip2 *m);       /* owned by m */
+qf_qformer *qf_blip2_qformer(qf_blip2 *m);     /* owned by m */
+int64_t qf_blip2_num_query_tokens(const qf_blip2 *m);
+int64_t qf_blip2_projection_dim(const qf_blip2 *m);
+/* text_ids/text_mask: InstructBLIP instruction [B,text_len] (text_len 0 for BLIP-2). */
+qf_status qf_blip2_fuse(qf_blip2 *m, int64_t B, const float *pixel_values, int64_t text_len,
+                        const int32_t *text_ids, const uint8_t *text_mask, float *out);
+/* Backward of the last qf_blip2_fuse: through language_projection, the Q-Former (query_tokens
+ * get a gradient) and the vision tower unless frozen. */
+qf_status qf_blip2_backward(qf_blip2 *m, const float *grad_out, float *grad_pixel_values);
+int qf_blip2_num_params(const qf_blip2 *m);                 /* all groups, checkpoint names */
+qf_status qf_blip2_param(qf_blip2 *m, int i, qf_param *out);
+void qf_blip2_zero_grad(qf_blip2 *m);
+typedef enum { QF_GROUP_VISION = 1, QF_GROUP_QFORMER = 2, QF_GROUP_QUERY_TOKENS = 4,
+               QF_GROUP_PROJECTION = 8 } qf_param_group;
+void qf_blip2_set_frozen(qf_blip2 *m, unsigned groups, int frozen);
+
+/* ---- AffectGPT pre-fusion (model_type "affectgpt_prefusion") ---------------------------------
+ * audio [B,ta,audio_dim] -> multi_audio_embs, face [B,tf,video_dim] -> multi_video_embs (both to
+ * max_hidden_size); concatenated in time in fusion_order (default face, then audio); plus
+ * multi_position_embedding rows 0..tf+ta-1; read by multi_query_tokens through the Q-Former
+ * (multi_Qformer., cross-attention to the sequence, masks from audio_mask/face_mask); then
+ * multi_llama_proj -> out [B,num_multi_query_token,llm_hidden_size]. */
+typedef struct qf_prefusion qf_prefusion;
+typedef struct {
+    int64_t audio_dim, video_dim, max_hidden_size, num_multi_query_token;
+    int64_t position_embedding_size, llm_hidden_size;
+    int face_first;                         /* fusion_order ["face","audio"] (1) or reverse (0) */
+} qf_prefusion_config;
+typedef struct {
+    int64_t B, audio_len, face_len;         /* ta, tf (either may be 0, not both)              */
+    const uint8_t *audio_mask, *face_mask;  /* [B,ta], [B,tf] nonzero = real frame (optional)  */
+} qf_prefusion_args;
+qf_status qf_prefusion_load(const char *folder, qf_prefusion **out);
+void qf_prefusion_free(qf_prefusion *m);
+qf_status qf_prefusion_get_config(const qf_prefusion *m, qf_prefusion_config *out);
+qf_status qf_prefusion_forward(qf_prefusion *m, const qf_prefusion_args *a, const float *audio,
+                               const float *face, float *out);
+qf_status qf_prefusion_backward(qf_prefusion *m, const float *grad_out, float *grad_audio, float *grad_face);
+int qf_prefusion_num_params(const qf_prefusion *m);
+qf_status qf_prefusion_param(qf_prefusion *m, int i, qf_param *out);  /* checkpoint names */
+void qf_prefusion_zero_grad(qf_prefusion *m);
+qf_qformer *qf_prefusion_qformer(qf_prefusion *m);   /* for attention maps; owned by m */
+
+/* ---- BLIP-2 with KV-prefix modulation (model_type "blip2_kv_prefix") -------------------------
+ * g [B,prefix_feature_dim] -> feature_proj.0 -> GELU(erf) -> feature_proj.2 -> + prefix_tokens
+ * [P,hidden] -> k_proj, v_proj -> prefix K/V prepended in every cross-attention layer. */
+typedef struct qf_kvprefix qf_kvprefix;
+qf_status qf_kvprefix_load(const char *folder, qf_kvprefix **out);
+void qf_kvprefix_free(qf_kvprefix *m);
+/* query_embeds NULL = the model's query_tokens. out [B,nq,hidden] (Q-Former last_hidden_state);
+ * qf_kvprefix_project then maps it through language_projection when the checkpoint has one. */
+qf_status qf_kvprefix_forward(qf_kvprefix *m, const qf_qformer_args *a, const float *global_feature,
+                              const float *query_embeds, const float *encoder_hidden_states, float *out);
+qf_status qf_kvprefix_backward(qf_kvprefix *m, const float *grad_out, float *grad_global_feature,
+                               float *grad_query_embeds, float *grad_encoder);
+int qf_kvprefix_num_params(const qf_kvprefix *m);
+qf_status qf_kvprefix_param(qf_kvprefix *m, int i, qf_param *out);   /* checkpoint names */
+void qf_kvprefix_zero_grad(qf_kvprefix *m);
+qf_qformer *qf_kvprefix_qformer(qf_kvprefix *m);
+
+/* ---- attention heatmap ------------------------------------------------------------------------
+ * Writes weights [rows, cols] (queries down, encoder tokens across) as an 8-bit RGB PNG, each
+ * cell cell_px square, min..max mapped through a perceptual colormap; boundaries[0..nb) are
+ * column indices where a vertical separator is drawn (modality boundaries). Atomic write like
+ * qf_st_write. */
+qf_status qf_heatmap_png(const char *path, const float *weights, int64_t rows, int64_t cols,
+                         int cell_px, const int64_t *boundaries, int nb);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* QFUSE_MODELS_H */
