@@ -180,16 +180,24 @@ def _missing(name):
 
 
 missing = []
-for _name, (_res, _args) in _SIGNATURES.items():
-    try:
-        _f = getattr(lib, _name)
-    except AttributeError:
-        missing.append(_name)
-        # Stubs live on a plain attribute of the CDLL object: lib.<name>(...) raises QfuseError.
-        setattr(lib, _name, _missing(_name))
-        continue
-    _f.restype = _res
-    _f.argtypes = _args
+
+
+def declare(signatures):
+    """Sets restype/argtypes for {name: (restype, [argtypes])}; each module of the package
+    declares the C functions it calls. A name the library lacks becomes a stub that raises."""
+    for name, (res, args) in signatures.items():
+        try:
+            f = getattr(lib, name)
+        except AttributeError:
+            missing.append(name)
+            # Stubs live on a plain attribute of the CDLL object: lib.<name>(...) raises QfuseError.
+            setattr(lib, name, _missing(name))
+            continue
+        f.restype = res
+        f.argtypes = args
+
+
+declare(_SIGNATURES)
 
 
 def has(name):
