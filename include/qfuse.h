@@ -282,6 +282,7 @@ void qf_mha_zero_grad(qf_mha *m);
 
 #include "qfuse_ops.h"
 #include "qfuse_models.h"
+#include "qfuse_text.h"
 
 #ifdef __cplusplus
 }
