@@ -205,6 +205,14 @@ int qf_kvprefix_num_params(const qf_kvprefix *m);
 qf_status qf_kvprefix_param(qf_kvprefix *m, int i, qf_param *out);   /* checkpoint names */
 void qf_kvprefix_zero_grad(qf_kvprefix *m);
 qf_qformer *qf_kvprefix_qformer(qf_kvprefix *m);
+/* Sizes read from the checkpoint; projection_dim is language_projection's output width (0: none). */
+typedef struct {
+    int64_t hidden_size, num_query_tokens, num_prefix_tokens, prefix_feature_dim, projection_dim;
+} qf_kvprefix_shape;
+qf_status qf_kvprefix_get_shape(const qf_kvprefix *m, qf_kvprefix_shape *out);
+/* in [rows,hidden] -> out [rows,projection_dim] through language_projection (forward only;
+ * QF_ERR_NOT_FOUND when the checkpoint has none). */
+qf_status qf_kvprefix_project(qf_kvprefix *m, int64_t rows, const float *in, float *out);
 
 /* ---- attention heatmap ------------------------------------------------------------------------
  * Writes weights [rows, cols] (queries down, encoder tokens across) as an 8-bit RGB PNG, each
