@@ -222,6 +222,30 @@ qf_status qf_kvprefix_project(qf_kvprefix *m, int64_t rows, const float *in, flo
 qf_status qf_heatmap_png(const char *path, const float *weights, int64_t rows, int64_t cols,
                          int cell_px, const int64_t *boundaries, int nb);
 
+/* ---- images (src/io/image.c; section added by helper "tools") --------------------------------
+ * qf_image_load decodes a PNG / JPEG / BMP / TGA / GIF (first frame) file to 8-bit RGB, row-major
+ * [h,w,3] (grey is replicated, alpha dropped, as PIL's convert("RGB")); *rgb is malloc'd, the
+ * caller free()s it. qf_image_preprocess is transformers' BlipImageProcessor: resize to
+ * size_h x size_w with PIL's resampling (bicubic with antialias, bit-exact with Pillow on 8-bit
+ * images), rescale, normalize, and CHW float32 out [3,size_h,size_w]. */
+qf_status qf_image_load(const char *path, int64_t *w, int64_t *h, uint8_t **rgb);
+typedef struct {
+    int64_t size_h, size_w;   /* resize target                                                 */
+    int do_resize, do_rescale, do_normalize;
+    int resample;             /* PIL code: 0 nearest, 1 lanczos, 2 bilinear, 3 bicubic, 4 box, 5 hamming */
+    double rescale_factor;    /* 1/255                                                         */
+    double mean[3], std[3];   /* OPENAI CLIP mean / std                                        */
+} qf_image_preproc;
+/* BlipImageProcessor's defaults for a square image_size. */
+qf_image_preproc qf_image_preproc_defaults(int64_t image_size);
+/* The defaults for image_size, overridden by the keys of the preprocessor_config.json at path
+ * (NULL: defaults only): size ({"height","width"} or a number; "shortest_edge" is
+ * QF_ERR_UNSUPPORTED), do_resize, resample, do_rescale, rescale_factor, do_normalize, image_mean,
+ * image_std. */
+qf_status qf_image_preproc_load(const char *path, int64_t image_size, qf_image_preproc *out);
+qf_status qf_image_preprocess(const qf_image_preproc *p, const uint8_t *rgb, int64_t w, int64_t h,
+                              float *out);
+
 #ifdef __cplusplus
 }
 #endif
