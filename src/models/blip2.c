@@ -1,0 +1,555 @@
+/* blip2.c - BLIP-2 / InstructBLIP image -> LLM-space tokens (transformers'
+ * Blip2ForConditionalGeneration / InstructBlipForConditionalGeneration up to, not including, the
+ * language model): vision tower (vision.c) -> Q-Former (qformer.c) -> language_projection.
+ *
+ *   vis  = vision_model(pixel_values)                                  [B, N, vision hidden]
+ *   q    = qformer(query_tokens expanded over B [; instruction ids], encoder = vis, no mask)
+ *   out  = language_projection(q[:, :num_query_tokens])                [B, nq, text hidden]
+ * (transformers passes an all-ones image attention mask, the same as none.)
+ *
+ * Loading: FOLDER/config.json (model_type "blip-2" or "instructblip"; sub-configs under
+ * "vision_config." and "qformer_config.") and FOLDER/model.safetensors, or a sharded checkpoint
+ * (FOLDER/model.safetensors.index.json, whose "weight_map" names the shard of each tensor): the
+ * tensors this file needs (vision_model.*, qformer.*, query_tokens, language_projection.*) are
+ * gathered from the shards into one in-memory safetensors image. The LLM's tensors are ignored.
+ *
+ * Invariants:
+ *   - The query tokens and the projection live in one parameter buffer (with a gradient buffer
+ *     of the same layout); the vision tower and the Q-Former own theirs. Parameters are reported
+ *     by checkpoint name (prefix + the part's own name), in the order vision, Q-Former,
+ *     query_tokens, language_projection.weight, language_projection.bias.
+ *   - A frozen group gets no parameter gradient (its grad view is NULL); backward still carries
+ *     the gradient through it when something before it needs it (grad_pixel_values, or an
+ *     unfrozen vision tower behind a frozen Q-Former).
+ *   - fwd/bwd are grow-only planned blocks: a fuse with the shapes of an earlier one allocates
+ *     nothing here (the parts keep their own planned blocks).
+ *   - have_fwd is set only after a fuse fully succeeded; backward refuses without one. */
+#include "internal.h"
+#include <cjson/cJSON.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { OWN_QUERY = 0, OWN_PROJ_W = 1, OWN_PROJ_B = 2, OWN_COUNT = 3 };
+
+struct qf_blip2 {
+    qf_vision *vision;
+    qf_qformer *qformer;
+    int instruct;                 /* model_type "instructblip" */
+    int64_t nq, qh, D, Hv, N;     /* queries, Q-Former hidden, projection dim, vision hidden, tokens */
+    float *params, *grads;        /* query_tokens [nq*qh], proj_w [D*qh], proj_b [D] (16-aligned) */
+    size_t own_off[OWN_COUNT], own_n;
+    int nv, nqf;                  /* parameter counts of the parts */
+    char **names;                 /* checkpoint names of all parameters */
+    unsigned frozen;              /* qf_param_group bits */
+
+    float *fwd;
+    size_t fwd_cap;
+    float *vis, *qexp, *qout, *qrows;
+    float *bwd;
+    size_t bwd_cap;
+    int64_t B, Lt;
+    int have_fwd;
+};
+
+/* ---- sharded checkpoints ---- */
+
+static qf_status read_file(const char *path, char **buf, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return qf_fail(QF_ERR_IO, "qf_blip2_load: cannot open %s", path);
+    char *b = NULL;
+    size_t n = 0, cap = 0;
+    for (;;) {
+        if (n + 65536 > cap) {
+            cap = cap ? 2 * cap : 1 << 16;
+            char *nb = realloc(b, cap + 1);
+            if (!nb) {
+                free(b);
+                fclose(f);
+                return qf_fail(QF_ERR_NOMEM, "qf_blip2_load: cannot read %s into memory", path);
+            }
+            b = nb;
+        }
+        size_t r = fread(b + n, 1, cap - n, f);
+        n += r;
+        if (r == 0) break;
+    }
+    int err = ferror(f);
+    fclose(f);
+    if (err) {
+        free(b);
+        return qf_fail(QF_ERR_IO, "qf_blip2_load: read error on %s", path);
+    }
+    b[n] = 0;
+    *buf = b;
+    *len = n;
+    return QF_OK;
+}
+
+static int wanted_tensor(const char *name) {
+    return !strncmp(name, "vision_model.", 13) || !strncmp(name, "qformer.", 8) || !strcmp(name, "query_tokens") ||
+           !strncmp(name, "language_projection.", 20);
+}
+
+/* Gathers the wanted tensors of every shard listed in index.json into one safetensors image in
+ * memory (tensors keep their stored dtype). */
+static qf_status open_sharded(const char *folder, const char *index_path, qf_safetensors **out) {
+    const char *fn = "qf_blip2_load";
+    char *json = NULL;
+    size_t len = 0;
+    QF_TRY(read_file(index_path, &json, &len));
+    cJSON *root = cJSON_ParseWithLength(json, len);
+    free(json);
+    if (!root) return qf_fail(QF_ERR_FORMAT, "%s: %s is not valid JSON", fn, index_path);
+    const cJSON *wm = cJSON_GetObjectItemCaseSensitive(root, "weight_map");
+    qf_status s = QF_OK;
+    if (!cJSON_IsObject(wm)) s = qf_fail(QF_ERR_FORMAT, "%s: %s has no \"weight_map\" object", fn, index_path);
+
+    /* distinct shard files that hold a wanted tensor */
+    enum { MAX_SHARDS = 256 };
+    const char *shards[MAX_SHARDS];
+    qf_safetensors *files[MAX_SHARDS] = {0};
+    int ns = 0;
+    const cJSON *it;
+    if (s == QF_OK) {
+        cJSON_ArrayForEach(it, wm) {
+            if (!cJSON_IsString(it)) {
+                s = qf_fail(QF_ERR_FORMAT, "%s: %s: weight_map entry \"%s\" is not a file name", fn, index_path,
+                            it->string);
+                break;
+            }
+            if (!wanted_tensor(it->string)) continue;
+            const char *fname = it->valuestring;
+            if (strchr(fname, '/') || !strcmp(fname, "..")) {
+                s = qf_fail(QF_ERR_FORMAT, "%s: %s: shard name \"%s\" is not a plain file name", fn, index_path, fname);
+                break;
+            }
+            int k = 0;
+            while (k < ns && strcmp(shards[k], fname)) k++;
+            if (k == ns) {
+                if (ns == MAX_SHARDS) {
+                    s = qf_fail(QF_ERR_UNSUPPORTED, "%s: %s names more than %d shards", fn, index_path, MAX_SHARDS);
+                    break;
+                }
+                shards[ns++] = fname;
+            }
+        }
+    }
+    for (int k = 0; k < ns && s == QF_OK; k++) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/%s", folder, shards[k]);
+        s = qf_st_open(path, &files[k]);
+    }
+    /* header + data of the merged image */
+    cJSON *hdr = s == QF_OK ? cJSON_CreateObject() : NULL;
+    if (s == QF_OK && !hdr) s = qf_fail(QF_ERR_NOMEM, "%s: cannot build the merged header", fn);
+    size_t data_len = 0;
+    for (int k = 0; k < ns && s == QF_OK; k++) {
+        int n = qf_st_count(files[k]);
+        for (int i = 0; i < n && s == QF_OK; i++) {
+            qf_tensor_view tv;
+            s = qf_st_get(files[k], i, &tv);
+            if (s != QF_OK || !wanted_tensor(tv.name) || cJSON_GetObjectItemCaseSensitive(hdr, tv.name)) continue;
+            cJSON *t = cJSON_CreateObject();
+            cJSON *shape = cJSON_CreateArray();
+            cJSON *offs = cJSON_CreateArray();
+            if (!t || !shape || !offs) {
+                cJSON_Delete(t);
+                cJSON_Delete(shape);
+                cJSON_Delete(offs);
+                s = qf_fail(QF_ERR_NOMEM, "%s: cannot build the merged header", fn);
+                break;
+            }
+            for (int d = 0; d < tv.ndim; d++) cJSON_AddItemToArray(shape, cJSON_CreateNumber((double)tv.shape[d]));
+            cJSON_AddItemToArray(offs, cJSON_CreateNumber((double)data_len));
+            cJSON_AddItemToArray(offs, cJSON_CreateNumber((double)(data_len + tv.nbytes)));
+            cJSON_AddStringToObject(t, "dtype", qf_dtype_name(tv.dtype));
+            cJSON_AddItemToObject(t, "shape", shape);
+            cJSON_AddItemToObject(t, "data_offsets", offs);
+            cJSON_AddItemToObject(hdr, tv.name, t);
+            data_len += tv.nbytes;
+        }
+    }
+    char *htxt = s == QF_OK ? cJSON_PrintUnformatted(hdr) : NULL;
+    if (s == QF_OK && !htxt) s = qf_fail(QF_ERR_NOMEM, "%s: cannot print the merged header", fn);
+    unsigned char *img = NULL;
+    size_t img_len = 0;
+    if (s == QF_OK) {
+        size_t hl = strlen(htxt), hpad = qf_align_up(hl, 8);
+        img_len = 8 + hpad + data_len;
+        img = malloc(img_len ? img_len : 1);
+        if (!img) {
+            s = qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes for the merged shards", fn, img_len);
+        } else {
+            uint64_t h64 = hpad;
+            for (int b = 0; b < 8; b++) img[b] = (unsigned char)(h64 >> (8 * b));
+            memcpy(img + 8, htxt, hl);
+            memset(img + 8 + hl, ' ', hpad - hl);
+            /* data in the header's insertion order, the order offsets were given */
+            size_t off = 8 + hpad;
+            const cJSON *t;
+            cJSON_ArrayForEach(t, hdr) {
+                for (int k = 0; k < ns; k++) {
+                    qf_tensor_view tv;
+                    if (qf_st_find(files[k], t->string, &tv) == QF_OK) {
+                        memcpy(img + off, tv.data, tv.nbytes);
+                        off += tv.nbytes;
+                        break;
+                    }
+                }
+            }
+            qf_clear_error();
+        }
+    }
+    if (s == QF_OK) s = qf_st_open_memory(img, img_len, index_path, out);
+    free(img);
+    free(htxt);
+    cJSON_Delete(hdr);
+    for (int k = 0; k < ns; k++) qf_st_close(files[k]);
+    cJSON_Delete(root);
+    return s;
+}
+
+/* ---- Q-Former functions arriving from another part of the tree: weak until they exist, so
+ * the library links (and loads) before they are written; a NULL one is QF_ERR_UNSUPPORTED. ---- */
+#pragma weak qf_qformer_backward
+#pragma weak qf_qformer_num_params
+#pragma weak qf_qformer_param
+#pragma weak qf_qformer_zero_grad
+#pragma weak qf_qformer_set_frozen
+
+static int qformer_nparams(const qf_qformer *q) { return qf_qformer_num_params ? qf_qformer_num_params(q) : 0; }
+
+/* ---- loading ---- */
+
+void qf_blip2_free(qf_blip2 *m) {
+    if (!m) return;
+    qf_vision_free(m->vision);
+    qf_qformer_free(m->qformer);
+    if (m->names)
+        for (int i = 0; i < m->nv + m->nqf + OWN_COUNT; i++) free(m->names[i]);
+    free(m->names);
+    free(m->params);
+    free(m->grads);
+    free(m->fwd);
+    free(m->bwd);
+    free(m);
+}
+
+static qf_status load_parts(qf_blip2 *m, const qf_config *cfg, const qf_safetensors *st, const char *cfg_path) {
+    const char *fn = "qf_blip2_load";
+    QF_TRY(qf_vision_load_parts(cfg, "vision_config.", st, "vision_model.", &m->vision));
+    QF_TRY(qf_qformer_load_parts(cfg, "qformer_config.", st, "qformer.", &m->qformer));
+    qf_vision_config vc;
+    qf_qformer_config qc;
+    QF_TRY(qf_vision_get_config(m->vision, &vc));
+    QF_TRY(qf_qformer_get_config(m->qformer, &qc));
+    m->Hv = vc.hidden_size;
+    m->N = qf_vision_num_tokens(m->vision);
+    m->qh = qc.hidden_size;
+    if (qc.encoder_hidden_size != m->Hv)
+        return qf_fail(QF_ERR_FORMAT, "%s: %s: qformer_config.encoder_hidden_size = %lld but vision_config.hidden_size "
+                                      "= %lld: the Q-Former must read the vision tower's width",
+                       fn, cfg_path, (long long)qc.encoder_hidden_size, (long long)m->Hv);
+    QF_TRY(qf_config_int_or(cfg, "num_query_tokens", 32, &m->nq));
+    if (m->nq < 1 || m->nq > (1 << 20))
+        return qf_fail(QF_ERR_FORMAT, "%s: %s: num_query_tokens = %lld is out of range [1, 2^20]", fn, cfg_path,
+                       (long long)m->nq);
+    qf_tensor_view tv;
+    QF_TRY(qf_st_find(st, "language_projection.weight", &tv));
+    if (tv.ndim != 2 || tv.shape[1] != m->qh || tv.shape[0] < 1 || tv.shape[0] > (1 << 20))
+        return qf_fail(QF_ERR_SHAPE, "%s: tensor \"language_projection.weight\" has %d dims (first %lld); expected "
+                                     "[text hidden, qformer hidden = %lld]",
+                       fn, tv.ndim, (long long)(tv.ndim ? tv.shape[0] : 0), (long long)m->qh);
+    m->D = tv.shape[0];
+    if (qf_config_has(cfg, "text_config.hidden_size")) {
+        int64_t th;
+        QF_TRY(qf_config_int(cfg, "text_config.hidden_size", &th));
+        if (th != m->D)
+            return qf_fail(QF_ERR_SHAPE, "%s: tensor \"language_projection.weight\" maps to %lld features but %s has "
+                                         "text_config.hidden_size = %lld", fn, (long long)m->D, cfg_path, (long long)th);
+    }
+    size_t off = 0;
+    m->own_off[OWN_QUERY] = off;
+    off += qf_align_up((size_t)(m->nq * m->qh), 16);
+    m->own_off[OWN_PROJ_W] = off;
+    off += qf_align_up((size_t)(m->D * m->qh), 16);
+    m->own_off[OWN_PROJ_B] = off;
+    off += qf_align_up((size_t)m->D, 16);
+    m->own_n = off;
+    if (posix_memalign((void **)&m->params, 64, off * sizeof(float)) ||
+        posix_memalign((void **)&m->grads, 64, off * sizeof(float)))
+        return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu parameter floats", fn, 2 * off);
+    memset(m->grads, 0, off * sizeof(float));
+    int64_t qshape[3] = {1, m->nq, m->qh}, wshape[2] = {m->D, m->qh};
+    QF_TRY(qf_st_read_f32(st, "query_tokens", 3, qshape, m->params + m->own_off[OWN_QUERY]));
+    QF_TRY(qf_st_read_f32(st, "language_projection.weight", 2, wshape, m->params + m->own_off[OWN_PROJ_W]));
+    QF_TRY(qf_st_read_f32(st, "language_projection.bias", 1, &m->D, m->params + m->own_off[OWN_PROJ_B]));
+
+    /* checkpoint names of every parameter */
+    m->nv = qf_vision_num_params(m->vision);
+    m->nqf = qformer_nparams(m->qformer);
+    const int total = m->nv + m->nqf + OWN_COUNT;
+    m->names = calloc((size_t)total, sizeof *m->names);
+    if (!m->names) return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate the parameter names", fn);
+    for (int i = 0; i < total; i++) {
+        const char *prefix = "", *own = NULL;
+        qf_param p;
+        if (i < m->nv) {
+            QF_TRY(qf_vision_param(m->vision, i, &p));
+            prefix = "vision_model.";
+            own = p.name;
+        } else if (i < m->nv + m->nqf) {
+            QF_TRY(qf_qformer_param(m->qformer, i - m->nv, &p));
+            prefix = "qformer.";
+            own = p.name;
+        } else {
+            static const char *const own_names[OWN_COUNT] = {"query_tokens", "language_projection.weight",
+                                                             "language_projection.bias"};
+            own = own_names[i - m->nv - m->nqf];
+        }
+        size_t n = strlen(prefix) + strlen(own) + 1;
+        m->names[i] = malloc(n);
+        if (!m->names[i]) return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate the parameter names", fn);
+        snprintf(m->names[i], n, "%s%s", prefix, own);
+    }
+    return QF_OK;
+}
+
+qf_status qf_blip2_load(const char *folder, qf_blip2 **out) {
+    const char *fn = "qf_blip2_load";
+    if (!out) return qf_fail(QF_ERR_ARG, "%s: out is NULL", fn);
+    *out = NULL;
+    if (!folder) return qf_fail(QF_ERR_ARG, "%s: folder is NULL", fn);
+    char cfg_path[4096], path[4096];
+    if (snprintf(cfg_path, sizeof cfg_path, "%s/config.json", folder) >= (int)sizeof cfg_path - 40)
+        return qf_fail(QF_ERR_ARG, "%s: folder path is too long", fn);
+    qf_config *cfg = NULL;
+    qf_status s = qf_config_load(cfg_path, &cfg);
+    if (s != QF_OK) return qf_fail_prefix(s, "%s", fn);
+    qf_blip2 *m = calloc(1, sizeof *m);
+    if (!m) {
+        qf_config_free(cfg);
+        return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate the model", fn);
+    }
+    const char *mt = NULL;
+    s = qf_config_string(cfg, "model_type", &mt);
+    if (s == QF_OK) {
+        if (!strcmp(mt, "instructblip"))
+            m->instruct = 1;
+        else if (strcmp(mt, "blip-2"))
+            s = qf_fail(QF_ERR_UNSUPPORTED, "%s: %s: model_type \"%s\" is not supported here (expected \"blip-2\" or "
+                                            "\"instructblip\")", fn, cfg_path, mt);
+    }
+    qf_safetensors *st = NULL;
+    if (s == QF_OK) {
+        snprintf(path, sizeof path, "%s/model.safetensors", folder);
+        FILE *f = fopen(path, "rb");
+        if (f) {
+            fclose(f);
+            s = qf_st_open(path, &st);
+        } else {
+            snprintf(path, sizeof path, "%s/model.safetensors.index.json", folder);
+            f = fopen(path, "rb");
+            if (f) {
+                fclose(f);
+                s = open_sharded(folder, path, &st);
+            } else {
+                s = qf_fail(QF_ERR_IO, "%s: %s has neither model.safetensors nor model.safetensors.index.json", fn,
+                            folder);
+            }
+        }
+    }
+    if (s == QF_OK) {
+        s = load_parts(m, cfg, st, cfg_path);
+        if (s != QF_OK) s = qf_fail_prefix(s, "%s: %s", fn, folder);
+    }
+    qf_st_close(st);
+    qf_config_free(cfg);
+    if (s != QF_OK) {
+        qf_blip2_free(m);
+        return s;
+    }
+    *out = m;
+    return QF_OK;
+}
+
+qf_vision *qf_blip2_vision(qf_blip2 *m) { return m ? m->vision : NULL; }
+qf_qformer *qf_blip2_qformer(qf_blip2 *m) { return m ? m->qformer : NULL; }
+int64_t qf_blip2_num_query_tokens(const qf_blip2 *m) { return m ? m->nq : 0; }
+int64_t qf_blip2_projection_dim(const qf_blip2 *m) { return m ? m->D : 0; }
+
+/* ---- parameters ---- */
+
+int qf_blip2_num_params(const qf_blip2 *m) { return m ? m->nv + m->nqf + OWN_COUNT : 0; }
+
+qf_status qf_blip2_param(qf_blip2 *m, int i, qf_param *out) {
+    if (!m) return qf_fail(QF_ERR_ARG, "qf_blip2_param: m is NULL");
+    if (!out) return qf_fail(QF_ERR_ARG, "qf_blip2_param: out is NULL");
+    const int total = m->nv + m->nqf + OWN_COUNT;
+    if (i < 0 || i >= total)
+        return qf_fail(QF_ERR_ARG, "qf_blip2_param: index %d is out of range (the model has %d parameters)", i, total);
+    if (i < m->nv) {
+        QF_TRY(qf_vision_param(m->vision, i, out));
+    } else if (i < m->nv + m->nqf) {
+        QF_TRY(qf_qformer_param(m->qformer, i - m->nv, out));
+    } else {
+        const int k = i - m->nv - m->nqf;
+        const unsigned group = k == OWN_QUERY ? QF_GROUP_QUERY_TOKENS : QF_GROUP_PROJECTION;
+        out->data = m->params + m->own_off[k];
+        out->grad = (m->frozen & group) ? NULL : m->grads + m->own_off[k];
+        out->shape[0] = out->shape[1] = out->shape[2] = out->shape[3] = 0;
+        if (k == OWN_QUERY) {
+            out->ndim = 3;
+            out->shape[0] = 1;
+            out->shape[1] = m->nq;
+            out->shape[2] = m->qh;
+        } else if (k == OWN_PROJ_W) {
+            out->ndim = 2;
+            out->shape[0] = m->D;
+            out->shape[1] = m->qh;
+        } else {
+            out->ndim = 1;
+            out->shape[0] = m->D;
+        }
+    }
+    out->name = m->names[i];
+    return QF_OK;
+}
+
+void qf_blip2_zero_grad(qf_blip2 *m) {
+    if (!m) return;
+    qf_vision_zero_grad(m->vision);
+    if (qf_qformer_zero_grad) qf_qformer_zero_grad(m->qformer);
+    memset(m->grads, 0, m->own_n * sizeof(float));
+}
+
+void qf_blip2_set_frozen(qf_blip2 *m, unsigned groups, int frozen) {
+    if (!m) return;
+    if (frozen)
+        m->frozen |= groups;
+    else
+        m->frozen &= ~groups;
+    if (groups & QF_GROUP_VISION) qf_vision_set_frozen(m->vision, frozen);
+    if ((groups & QF_GROUP_QFORMER) && qf_qformer_set_frozen) qf_qformer_set_frozen(m->qformer, frozen);
+}
+
+/* ---- forward ---- */
+
+static float *carve(float *base, size_t *off, size_t n) {
+    float *p = base ? base + *off : NULL;
+    *off += qf_align_up(n ? n : 1, 16);
+    return p;
+}
+
+static qf_status grow(float **buf, size_t *cap, size_t floats, const char *what) {
+    if (floats <= *cap) return QF_OK;
+    void *p = NULL;
+    if (posix_memalign(&p, 64, floats * sizeof(float)))
+        return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes of activations", what, floats * sizeof(float));
+    free(*buf);
+    *buf = p;
+    *cap = floats;
+    return QF_OK;
+}
+
+qf_status qf_blip2_fuse(qf_blip2 *m, int64_t B, const float *pixel_values, int64_t text_len,
+                        const int32_t *text_ids, const uint8_t *text_mask, float *out) {
+    const char *fn = "qf_blip2_fuse";
+    if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
+    if (!pixel_values) return qf_fail(QF_ERR_ARG, "%s: pixel_values is NULL", fn);
+    if (!out) return qf_fail(QF_ERR_ARG, "%s: out is NULL", fn);
+    if (B < 1 || B > (1 << 20)) return qf_fail(QF_ERR_ARG, "%s: B = %lld, expected 1 <= B <= 2^20", fn, (long long)B);
+    if (text_len < 0 || text_len > (1 << 20))
+        return qf_fail(QF_ERR_ARG, "%s: text_len = %lld, expected 0 <= text_len <= 2^20", fn, (long long)text_len);
+    if (text_len > 0 && !m->instruct)
+        return qf_fail(QF_ERR_ARG, "%s: text_len = %lld but this is a BLIP-2 model (model_type \"blip-2\"), whose "
+                                   "Q-Former takes no instruction text; pass text_len = 0", fn, (long long)text_len);
+    if (text_len > 0 && !text_ids)
+        return qf_fail(QF_ERR_ARG, "%s: text_ids is NULL but text_len = %lld", fn, (long long)text_len);
+    m->have_fwd = 0;
+    const int64_t nq = m->nq, qh = m->qh, Lq = nq + text_len;
+    float *base = NULL;
+    for (int pass = 0; pass < 2; pass++) {
+        size_t off = 0;
+        m->vis = carve(base, &off, (size_t)(B * m->N * m->Hv));
+        m->qexp = carve(base, &off, (size_t)(B * nq * qh));
+        m->qout = carve(base, &off, (size_t)(B * Lq * qh));
+        m->qrows = carve(base, &off, (size_t)(B * nq * qh));
+        if (pass == 0) {
+            QF_TRY(grow(&m->fwd, &m->fwd_cap, off, fn));
+            base = m->fwd;
+        }
+    }
+    QF_TRY(qf_vision_forward(m->vision, B, pixel_values, m->vis));
+    const float *qt = m->params + m->own_off[OWN_QUERY];
+    for (int64_t b = 0; b < B; b++) memcpy(m->qexp + b * nq * qh, qt, (size_t)(nq * qh) * sizeof(float));
+    qf_qformer_args a;
+    memset(&a, 0, sizeof a);
+    a.B = B;
+    a.num_queries = nq;
+    a.encoder_len = m->N;
+    a.text_len = text_len;
+    a.text_ids = text_len ? text_ids : NULL;
+    a.text_attention_mask = text_len ? text_mask : NULL;
+    QF_TRY(qf_qformer_forward(m->qformer, &a, m->qexp, m->vis, m->qout));
+    for (int64_t b = 0; b < B; b++)
+        memcpy(m->qrows + b * nq * qh, m->qout + b * Lq * qh, (size_t)(nq * qh) * sizeof(float));
+    QF_TRY(qf_linear_forward(out, m->qrows, m->params + m->own_off[OWN_PROJ_W], m->params + m->own_off[OWN_PROJ_B],
+                             B * nq, qh, m->D));
+    m->B = B;
+    m->Lt = text_len;
+    m->have_fwd = 1;
+    return QF_OK;
+}
+
+/* ---- backward ---- */
+
+qf_status qf_blip2_backward(qf_blip2 *m, const float *grad_out, float *grad_pixel_values) {
+    const char *fn = "qf_blip2_backward";
+    if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
+    if (!grad_out) return qf_fail(QF_ERR_ARG, "%s: grad_out is NULL", fn);
+    if (!m->have_fwd) return qf_fail(QF_ERR_ARG, "%s: no successful qf_blip2_fuse on this model to differentiate", fn);
+    const int64_t B = m->B, nq = m->nq, qh = m->qh, Lq = nq + m->Lt;
+    const int proj_g = !(m->frozen & QF_GROUP_PROJECTION);
+    const int query_g = !(m->frozen & QF_GROUP_QUERY_TOKENS);
+    const int qformer_g = !(m->frozen & QF_GROUP_QFORMER);
+    const int vision_g = !(m->frozen & QF_GROUP_VISION) || grad_pixel_values;
+    /* how far back the gradient must travel */
+    const int need_qformer = qformer_g || query_g || vision_g;
+    const int need_rows = need_qformer;
+
+    float *base = NULL, *d_rows = NULL, *d_qout = NULL, *d_query = NULL, *d_vis = NULL;
+    for (int pass = 0; pass < 2; pass++) {
+        size_t off = 0;
+        d_rows = carve(base, &off, (size_t)(B * nq * qh));
+        d_qout = carve(base, &off, (size_t)(B * Lq * qh));
+        d_query = carve(base, &off, (size_t)(B * nq * qh));
+        d_vis = carve(base, &off, (size_t)(B * m->N * m->Hv));
+        if (pass == 0) {
+            QF_TRY(grow(&m->bwd, &m->bwd_cap, off, fn));
+            base = m->bwd;
+        }
+    }
+    QF_TRY(qf_linear_backward(need_rows ? d_rows : NULL, proj_g ? m->grads + m->own_off[OWN_PROJ_W] : NULL,
+                              proj_g ? m->grads + m->own_off[OWN_PROJ_B] : NULL, grad_out, m->qrows,
+                              m->params + m->own_off[OWN_PROJ_W], B * nq, qh, m->D));
+    if (!need_qformer) return QF_OK;
+    if (!qf_qformer_backward)
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: this build has no qf_qformer_backward (the Q-Former backward is not "
+                                           "built yet)", fn);
+    for (int64_t b = 0; b < B; b++) {
+        memcpy(d_qout + b * Lq * qh, d_rows + b * nq * qh, (size_t)(nq * qh) * sizeof(float));
+        if (m->Lt) memset(d_qout + (b * Lq + nq) * qh, 0, (size_t)(m->Lt * qh) * sizeof(float));
+    }
+    QF_TRY(qf_qformer_backward(m->qformer, d_qout, query_g ? d_query : NULL, vision_g ? d_vis : NULL, NULL, NULL));
+    if (query_g) {
+        float *g = m->grads + m->own_off[OWN_QUERY];
+        for (int64_t b = 0; b < B; b++) {
+            const float *d = d_query + b * nq * qh;
+            for (int64_t j = 0; j < nq * qh; j++) g[j] += d[j];
+        }
+    }
+    if (vision_g) QF_TRY(qf_vision_backward(m->vision, d_vis, grad_pixel_values));
+    return QF_OK;
+}

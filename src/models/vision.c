@@ -1,0 +1,629 @@
+/* vision.c - the BLIP-2 / InstructBLIP ViT vision tower (transformers' Blip2VisionModel =
+ * InstructBlipVisionModel), forward and backward, on qf_linear/qf_layernorm/qf_gelu/qf_sdpa.
+ *
+ * Semantics, settled against transformers' modeling_blip_2.py (eval mode):
+ *   patches = Conv2d(C -> hidden, kernel = stride = patch_size, bias)(pixel_values), done as an
+ *             im2col (cols [B*P, C*p*p], column c*p*p + ky*p + kx) and one GEMM with the weight
+ *             viewed as [hidden, C*p*p]; P = (image_size / patch_size)^2 in row-major order.
+ *   x = [class_embedding ; patches] + position_embedding          [B, N = 1 + P, hidden]
+ *   per layer: x = x + projection(MHA(layer_norm1(x)))
+ *              x = x + fc2(act(fc1(layer_norm2(x))))
+ *   MHA: qkv = h Wqkv^T + b (columns: q, then k, then v, each split into heads), softmax(q k^T *
+ *        head_dim^-0.5) v, no mask. transformers (since 4.4x) stores the bias as one parameter
+ *        "self_attn.qkv.bias" [3*hidden], initialised to (q_bias, 0, v_bias) but trained as a
+ *        whole, so its k part may be nonzero: it is used as stored (a constant added to every key
+ *        does not change softmax, and its gradient is zero up to rounding). Older checkpoints with
+ *        separate "self_attn.q_bias"/"self_attn.v_bias" load as (q_bias, 0, v_bias) and are
+ *        reported under the qkv.bias name. qkv_bias = false in the config: no bias at all.
+ *   last_hidden_state = post_layernorm(x).
+ *
+ * Invariants:
+ *   - Parameters live in one buffer, gradients in another, laid out by ptab (llm.c style), in
+ *     the checkpoint's names without the tensor prefix. Gradients accumulate in backward and are
+ *     zeroed only by qf_vision_zero_grad; while frozen, backward touches no parameter gradient
+ *     and qf_vision_param shows grad = NULL.
+ *   - fwd and bwd are grow-only planned blocks: a forward/backward with the B of an earlier one
+ *     allocates nothing. fwd keeps every activation backward needs (the im2col columns stand in
+ *     for the pixels), so the caller may reuse its buffers after forward.
+ *   - have_fwd is set only after a forward fully succeeded; backward refuses without one.
+ *   - Load either fully succeeds or frees everything; each failure names a config key or tensor. */
+#include "internal.h"
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    char name[96];           /* checkpoint name without the tensor prefix                     */
+    int ndim;
+    int64_t shape[4];
+    size_t off, n;           /* in floats, into params / grads                                */
+} vision_ptab;
+
+typedef struct {
+    const float *ln1_w, *ln1_b, *wqkv, *bqkv, *wo, *bo, *ln2_w, *ln2_b, *w1, *b1, *w2, *b2;
+    float *g_ln1_w, *g_ln1_b, *g_wqkv, *g_bqkv, *g_wo, *g_bo, *g_ln2_w, *g_ln2_b, *g_w1, *g_b1,
+        *g_w2, *g_b2;
+} vision_layer;
+
+typedef struct {             /* activations of one layer; x_in is the previous layer's x_out  */
+    float *ln1, *ln1_mean, *ln1_rstd;       /* layer_norm1(x_in)                              */
+    float *qh, *kh, *vh, *oh, *lse;         /* heads [B,nh,N,hd], lse [B,nh,N]                */
+    float *merged;                          /* [T,H] projection input                         */
+    float *x_mid;                           /* x_in + projection(...)                         */
+    float *ln2, *ln2_mean, *ln2_rstd;
+    float *pre, *act;                       /* fc1 output, act(fc1) [T,I]                     */
+    float *x_out;
+} vision_acts;
+
+struct qf_vision {
+    qf_vision_config cfg;
+    int64_t hd, G, P, N, K;  /* head dim, patches per side, patches, tokens, C*p*p            */
+    int has_qkv_bias;
+    int np;
+    vision_ptab *ptab;
+    float *params, *grads;
+    size_t nparams;
+    const float *cls, *patch_w, *patch_b, *pos, *post_w, *post_b;
+    float *g_cls, *g_patch_w, *g_patch_b, *g_pos, *g_post_w, *g_post_b;
+    vision_layer *layers;
+    int frozen;
+
+    float *fwd;
+    size_t fwd_cap;
+    float *cols, *x0, *tmp, *post_mean, *post_rstd;
+    vision_acts *acts;
+    float *bwd;
+    size_t bwd_cap;
+    int64_t B;
+    int have_fwd;
+};
+
+/* ---- parameters ---- */
+
+static void add_param(qf_vision *m, const char *name, int ndim, int64_t d0, int64_t d1, int64_t d2,
+                      int64_t d3, size_t *off) {
+    vision_ptab *p = &m->ptab[m->np++];
+    snprintf(p->name, sizeof p->name, "%s", name);
+    p->ndim = ndim;
+    int64_t d[4] = {d0, d1, d2, d3};
+    p->n = 1;
+    for (int i = 0; i < 4; i++) {
+        p->shape[i] = i < ndim ? d[i] : 0;
+        if (i < ndim) p->n *= (size_t)d[i];
+    }
+    p->off = *off;
+    *off += qf_align_up(p->n, 16);
+}
+
+static int count_params(const qf_vision *m) {
+    return 6 + (int)m->cfg.num_hidden_layers * (m->has_qkv_bias ? 12 : 11);
+}
+
+/* The table in a fixed order; view_params walks the same order. */
+static void plan_params(qf_vision *m, size_t *total) {
+    const qf_vision_config *c = &m->cfg;
+    const int64_t H = c->hidden_size, I = c->intermediate_size, p = c->patch_size;
+    size_t off = 0;
+    add_param(m, "embeddings.class_embedding", 3, 1, 1, H, 0, &off);
+    add_param(m, "embeddings.patch_embedding.weight", 4, H, c->num_channels, p, p, &off);
+    add_param(m, "embeddings.patch_embedding.bias", 1, H, 0, 0, 0, &off);
+    add_param(m, "embeddings.position_embedding", 3, 1, m->N, H, 0, &off);
+    for (int64_t i = 0; i < c->num_hidden_layers; i++) {
+        char s[96];
+#define VP(sfx, nd, a, b)                                                                           \
+    do {                                                                                            \
+        snprintf(s, sizeof s, "encoder.layers.%lld.%s", (long long)i, sfx);                         \
+        add_param(m, s, nd, a, b, 0, 0, &off);                                                      \
+    } while (0)
+        VP("layer_norm1.weight", 1, H, 0);
+        VP("layer_norm1.bias", 1, H, 0);
+        VP("self_attn.qkv.weight", 2, 3 * H, H);
+        if (m->has_qkv_bias) VP("self_attn.qkv.bias", 1, 3 * H, 0);
+        VP("self_attn.projection.weight", 2, H, H);
+        VP("self_attn.projection.bias", 1, H, 0);
+        VP("layer_norm2.weight", 1, H, 0);
+        VP("layer_norm2.bias", 1, H, 0);
+        VP("mlp.fc1.weight", 2, I, H);
+        VP("mlp.fc1.bias", 1, I, 0);
+        VP("mlp.fc2.weight", 2, H, I);
+        VP("mlp.fc2.bias", 1, H, 0);
+#undef VP
+    }
+    add_param(m, "post_layernorm.weight", 1, H, 0, 0, 0, &off);
+    add_param(m, "post_layernorm.bias", 1, H, 0, 0, 0, &off);
+    *total = off;
+}
+
+static void view_params(qf_vision *m) {
+    int k = 0;
+#define NEXT(w, g)                                                                                  \
+    do {                                                                                            \
+        w = m->params + m->ptab[k].off;                                                             \
+        g = m->grads + m->ptab[k].off;                                                              \
+        k++;                                                                                        \
+    } while (0)
+    NEXT(m->cls, m->g_cls);
+    NEXT(m->patch_w, m->g_patch_w);
+    NEXT(m->patch_b, m->g_patch_b);
+    NEXT(m->pos, m->g_pos);
+    for (int64_t i = 0; i < m->cfg.num_hidden_layers; i++) {
+        vision_layer *l = &m->layers[i];
+        NEXT(l->ln1_w, l->g_ln1_w);
+        NEXT(l->ln1_b, l->g_ln1_b);
+        NEXT(l->wqkv, l->g_wqkv);
+        if (m->has_qkv_bias)
+            NEXT(l->bqkv, l->g_bqkv);
+        else
+            l->bqkv = l->g_bqkv = NULL;
+        NEXT(l->wo, l->g_wo);
+        NEXT(l->bo, l->g_bo);
+        NEXT(l->ln2_w, l->g_ln2_w);
+        NEXT(l->ln2_b, l->g_ln2_b);
+        NEXT(l->w1, l->g_w1);
+        NEXT(l->b1, l->g_b1);
+        NEXT(l->w2, l->g_w2);
+        NEXT(l->b2, l->g_b2);
+    }
+    NEXT(m->post_w, m->g_post_w);
+    NEXT(m->post_b, m->g_post_b);
+#undef NEXT
+}
+
+/* ---- config ---- */
+
+static qf_status cfg_int(const qf_config *cfg, const char *prefix, const char *key, int64_t def, int64_t lo,
+                         int64_t hi, int64_t *out) {
+    char full[256];
+    snprintf(full, sizeof full, "%s%s", prefix, key);
+    QF_TRY(qf_config_int_or(cfg, full, def, out));
+    if (*out < lo || *out > hi)
+        return qf_fail(QF_ERR_FORMAT, "qf_vision_load: config key \"%s\" = %lld is out of range [%lld, %lld]", full,
+                       (long long)*out, (long long)lo, (long long)hi);
+    return QF_OK;
+}
+
+/* Absent keys take Blip2VisionConfig's defaults, as transformers does. */
+static qf_status read_config(const qf_config *cfg, const char *p, qf_vision_config *c, int *qkv_bias) {
+    const int64_t big = 1 << 20;
+    QF_TRY(cfg_int(cfg, p, "hidden_size", 1408, 1, big, &c->hidden_size));
+    QF_TRY(cfg_int(cfg, p, "intermediate_size", 6144, 1, big, &c->intermediate_size));
+    QF_TRY(cfg_int(cfg, p, "num_hidden_layers", 39, 1, 1024, &c->num_hidden_layers));
+    QF_TRY(cfg_int(cfg, p, "num_attention_heads", 16, 1, big, &c->num_attention_heads));
+    QF_TRY(cfg_int(cfg, p, "image_size", 224, 1, 1 << 16, &c->image_size));
+    QF_TRY(cfg_int(cfg, p, "patch_size", 14, 1, 1 << 16, &c->patch_size));
+    QF_TRY(cfg_int(cfg, p, "num_channels", 3, 1, 1024, &c->num_channels));
+    char key[256];
+    if (c->hidden_size % c->num_attention_heads)
+        return qf_fail(QF_ERR_FORMAT,
+                       "qf_vision_load: config key \"%shidden_size\" = %lld is not a multiple of "
+                       "\"%snum_attention_heads\" = %lld", p, (long long)c->hidden_size, p,
+                       (long long)c->num_attention_heads);
+    if (c->patch_size > c->image_size)
+        return qf_fail(QF_ERR_FORMAT, "qf_vision_load: config key \"%spatch_size\" = %lld exceeds \"%simage_size\" = %lld",
+                       p, (long long)c->patch_size, p, (long long)c->image_size);
+    snprintf(key, sizeof key, "%slayer_norm_eps", p);
+    QF_TRY(qf_config_float_or(cfg, key, 1e-6, &c->layer_norm_eps));
+    if (!(c->layer_norm_eps >= 0.0 && c->layer_norm_eps < 1.0))
+        return qf_fail(QF_ERR_FORMAT, "qf_vision_load: config key \"%s\" = %g, expected 0 <= eps < 1", key,
+                       c->layer_norm_eps);
+    snprintf(key, sizeof key, "%shidden_act", p);
+    const char *act = "gelu";
+    if (qf_config_has(cfg, key)) QF_TRY(qf_config_string(cfg, key, &act));
+    if (!strcmp(act, "gelu"))
+        c->hidden_act = QF_GELU_ERF;
+    else if (!strcmp(act, "gelu_new") || !strcmp(act, "gelu_pytorch_tanh"))
+        c->hidden_act = QF_GELU_TANH;
+    else
+        return qf_fail(QF_ERR_UNSUPPORTED,
+                       "qf_vision_load: config key \"%s\" = \"%s\" is not supported (expected \"gelu\", "
+                       "\"gelu_new\" or \"gelu_pytorch_tanh\")", key, act);
+    snprintf(key, sizeof key, "%sqkv_bias", p);
+    *qkv_bias = 1;
+    if (qf_config_has(cfg, key)) QF_TRY(qf_config_bool(cfg, key, qkv_bias));
+    return QF_OK;
+}
+
+/* ---- loading ---- */
+
+/* The qkv bias: "self_attn.qkv.bias" [3H], or legacy q_bias/v_bias [H] each as (q, 0, v). */
+static qf_status read_qkv_bias(const qf_safetensors *st, const char *prefix, int64_t layer, int64_t H,
+                               float *dst) {
+    char name[512], qn[512], vn[512];
+    snprintf(name, sizeof name, "%sencoder.layers.%lld.self_attn.qkv.bias", prefix, (long long)layer);
+    qf_tensor_view tv;
+    snprintf(qn, sizeof qn, "%sencoder.layers.%lld.self_attn.q_bias", prefix, (long long)layer);
+    snprintf(vn, sizeof vn, "%sencoder.layers.%lld.self_attn.v_bias", prefix, (long long)layer);
+    if (qf_st_find(st, name, &tv) != QF_OK && qf_st_find(st, qn, &tv) == QF_OK) {
+        qf_clear_error();
+        QF_TRY(qf_st_read_f32(st, qn, 1, &H, dst));
+        memset(dst + H, 0, (size_t)H * sizeof(float));
+        return qf_st_read_f32(st, vn, 1, &H, dst + 2 * H);
+    }
+    int64_t n3 = 3 * H;
+    return qf_st_read_f32(st, name, 1, &n3, dst);
+}
+
+qf_status qf_vision_load_parts(const qf_config *cfg, const char *cfg_prefix, const qf_safetensors *st,
+                               const char *tensor_prefix, qf_vision **out) {
+    const char *fn = "qf_vision_load";
+    if (!out) return qf_fail(QF_ERR_ARG, "%s: out is NULL", fn);
+    *out = NULL;
+    if (!cfg) return qf_fail(QF_ERR_ARG, "%s: cfg is NULL", fn);
+    if (!st) return qf_fail(QF_ERR_ARG, "%s: st is NULL", fn);
+    if (!cfg_prefix) cfg_prefix = "";
+    if (!tensor_prefix) tensor_prefix = "";
+    if (strlen(cfg_prefix) > 128 || strlen(tensor_prefix) > 128)
+        return qf_fail(QF_ERR_ARG, "%s: cfg_prefix/tensor_prefix longer than 128 characters", fn);
+
+    qf_vision *m = calloc(1, sizeof *m);
+    if (!m) return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate the model", fn);
+    size_t total = 0;
+    qf_status s = read_config(cfg, cfg_prefix, &m->cfg, &m->has_qkv_bias);
+    if (s == QF_OK) {
+        const qf_vision_config *c = &m->cfg;
+        m->hd = c->hidden_size / c->num_attention_heads;
+        m->G = c->image_size / c->patch_size;
+        m->P = m->G * m->G;
+        m->N = 1 + m->P;
+        m->K = c->num_channels * c->patch_size * c->patch_size;
+        if (m->N > (1 << 24) || m->K > (1 << 24))
+            s = qf_fail(QF_ERR_FORMAT, "%s: image_size/patch_size/num_channels give %lld tokens of %lld inputs; "
+                                       "above 2^24 is not supported", fn, (long long)m->N, (long long)m->K);
+    }
+    if (s == QF_OK) {
+        m->layers = calloc((size_t)m->cfg.num_hidden_layers, sizeof *m->layers);
+        m->acts = calloc((size_t)m->cfg.num_hidden_layers, sizeof *m->acts);
+        m->ptab = calloc((size_t)count_params(m), sizeof *m->ptab);
+        if (!m->layers || !m->acts || !m->ptab) s = qf_fail(QF_ERR_NOMEM, "%s: cannot allocate the layer tables", fn);
+    }
+    if (s == QF_OK) {
+        plan_params(m, &total);
+        m->nparams = total;
+        if (posix_memalign((void **)&m->params, 64, total * sizeof(float)) ||
+            posix_memalign((void **)&m->grads, 64, total * sizeof(float)))
+            s = qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu parameter floats", fn, 2 * total);
+        else
+            memset(m->grads, 0, total * sizeof(float));
+    }
+    for (int i = 0; i < m->np && s == QF_OK; i++) {
+        const vision_ptab *p = &m->ptab[i];
+        char full[512];
+        const char *qkvb = strstr(p->name, "self_attn.qkv.bias");
+        if (qkvb) {
+            long long layer = strtoll(p->name + strlen("encoder.layers."), NULL, 10);
+            s = read_qkv_bias(st, tensor_prefix, layer, m->cfg.hidden_size, m->params + p->off);
+        } else {
+            snprintf(full, sizeof full, "%s%s", tensor_prefix, p->name);
+            s = qf_st_read_f32(st, full, p->ndim, p->shape, m->params + p->off);
+        }
+        if (s != QF_OK)
+            s = qf_fail_prefix(s, "%s (Blip2VisionModel, %lld layers, hidden %lld, image %lld, patch %lld, "
+                                  "%lld channels)", fn, (long long)m->cfg.num_hidden_layers,
+                               (long long)m->cfg.hidden_size, (long long)m->cfg.image_size,
+                               (long long)m->cfg.patch_size, (long long)m->cfg.num_channels);
+    }
+    if (s != QF_OK) {
+        qf_vision_free(m);
+        return s;
+    }
+    view_params(m);
+    *out = m;
+    return QF_OK;
+}
+
+void qf_vision_free(qf_vision *m) {
+    if (!m) return;
+    free(m->ptab);
+    free(m->params);
+    free(m->grads);
+    free(m->layers);
+    free(m->acts);
+    free(m->fwd);
+    free(m->bwd);
+    free(m);
+}
+
+qf_status qf_vision_get_config(const qf_vision *m, qf_vision_config *out) {
+    if (!m) return qf_fail(QF_ERR_ARG, "qf_vision_get_config: m is NULL");
+    if (!out) return qf_fail(QF_ERR_ARG, "qf_vision_get_config: out is NULL");
+    *out = m->cfg;
+    return QF_OK;
+}
+
+int64_t qf_vision_num_tokens(const qf_vision *m) { return m ? m->N : 0; }
+
+int qf_vision_num_params(const qf_vision *m) { return m ? m->np : 0; }
+
+qf_status qf_vision_param(qf_vision *m, int i, qf_param *out) {
+    if (!m) return qf_fail(QF_ERR_ARG, "qf_vision_param: m is NULL");
+    if (!out) return qf_fail(QF_ERR_ARG, "qf_vision_param: out is NULL");
+    if (i < 0 || i >= m->np)
+        return qf_fail(QF_ERR_ARG, "qf_vision_param: index %d is out of range (the model has %d parameters)", i, m->np);
+    const vision_ptab *p = &m->ptab[i];
+    out->name = p->name;
+    out->data = m->params + p->off;
+    out->grad = m->frozen ? NULL : m->grads + p->off;
+    out->ndim = p->ndim;
+    for (int d = 0; d < 4; d++) out->shape[d] = p->shape[d];
+    return QF_OK;
+}
+
+void qf_vision_zero_grad(qf_vision *m) {
+    if (m) memset(m->grads, 0, m->nparams * sizeof(float));
+}
+
+void qf_vision_set_frozen(qf_vision *m, int frozen) {
+    if (m) m->frozen = frozen ? 1 : 0;
+}
+
+/* ---- planned buffers ---- */
+
+static qf_status grow(float **buf, size_t *cap, size_t floats, const char *what) {
+    if (floats <= *cap) return QF_OK;
+    void *p = NULL;
+    if (posix_memalign(&p, 64, floats * sizeof(float)))
+        return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes of activations", what, floats * sizeof(float));
+    free(*buf);
+    *buf = p;
+    *cap = floats;
+    return QF_OK;
+}
+
+static float *carve(float *base, size_t *off, size_t n) {
+    float *p = base ? base + *off : NULL;
+    *off += qf_align_up(n ? n : 1, 16);
+    return p;
+}
+
+/* Lays out the forward block for batch B; base NULL only counts. */
+static size_t plan_forward(qf_vision *m, float *base, int64_t B) {
+    const size_t H = (size_t)m->cfg.hidden_size, I = (size_t)m->cfg.intermediate_size;
+    const size_t T = (size_t)(B * m->N), BP = (size_t)(B * m->P), nh = (size_t)m->cfg.num_attention_heads;
+    size_t off = 0;
+    m->cols = carve(base, &off, BP * (size_t)m->K);
+    m->x0 = carve(base, &off, T * H);
+    m->tmp = carve(base, &off, T * 3 * H);   /* patch GEMM output [BP,H] or qkv [T,3H] */
+    m->post_mean = carve(base, &off, T);
+    m->post_rstd = carve(base, &off, T);
+    for (int64_t i = 0; i < m->cfg.num_hidden_layers; i++) {
+        vision_acts *a = &m->acts[i];
+        a->ln1 = carve(base, &off, T * H);
+        a->ln1_mean = carve(base, &off, T);
+        a->ln1_rstd = carve(base, &off, T);
+        a->qh = carve(base, &off, T * H);
+        a->kh = carve(base, &off, T * H);
+        a->vh = carve(base, &off, T * H);
+        a->oh = carve(base, &off, T * H);
+        a->lse = carve(base, &off, T * nh);
+        a->merged = carve(base, &off, T * H);
+        a->x_mid = carve(base, &off, T * H);
+        a->ln2 = carve(base, &off, T * H);
+        a->ln2_mean = carve(base, &off, T);
+        a->ln2_rstd = carve(base, &off, T);
+        a->pre = carve(base, &off, T * I);
+        a->act = carve(base, &off, T * I);
+        a->x_out = carve(base, &off, T * H);
+    }
+    return off;
+}
+
+/* ---- layout helpers ---- */
+
+/* cols[b*P + gy*G + gx, c*p*p + ky*p + kx] = pix[b, c, gy*p + ky, gx*p + kx] (kernel = stride:
+ * every pixel of the covered area lands in exactly one column). */
+static void im2col(float *cols, const float *pix, int64_t B, int64_t C, int64_t S, int64_t p, int64_t G) {
+    const int64_t K = C * p * p;
+#pragma omp parallel for collapse(2) num_threads(qf_threads()) if (B * G * G * K > 65536)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t gy = 0; gy < G; gy++)
+            for (int64_t gx = 0; gx < G; gx++) {
+                float *dst = cols + ((b * G + gy) * G + gx) * K;
+                for (int64_t c = 0; c < C; c++)
+                    for (int64_t ky = 0; ky < p; ky++)
+                        memcpy(dst + (c * p + ky) * p, pix + ((b * C + c) * S + gy * p + ky) * S + gx * p,
+                               (size_t)p * sizeof(float));
+            }
+}
+
+/* The inverse scatter; pixels beyond G*p (image_size not a multiple of p) get zero. */
+static void col2im(float *pix, const float *cols, int64_t B, int64_t C, int64_t S, int64_t p, int64_t G) {
+    const int64_t K = C * p * p;
+    if (G * p != S) memset(pix, 0, (size_t)(B * C * S * S) * sizeof(float));
+#pragma omp parallel for collapse(2) num_threads(qf_threads()) if (B * G * G * K > 65536)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t gy = 0; gy < G; gy++)
+            for (int64_t gx = 0; gx < G; gx++) {
+                const float *src = cols + ((b * G + gy) * G + gx) * K;
+                for (int64_t c = 0; c < C; c++)
+                    for (int64_t ky = 0; ky < p; ky++)
+                        memcpy(pix + ((b * C + c) * S + gy * p + ky) * S + gx * p, src + (c * p + ky) * p,
+                               (size_t)p * sizeof(float));
+            }
+}
+
+/* qkv [T, 3H] (q | k | v) <-> heads [B, nh, N, hd] of part `part` (0 q, 1 k, 2 v). */
+static void qkv_to_heads(float *heads, const float *qkv, int part, int64_t B, int64_t nh, int64_t N, int64_t hd) {
+    const int64_t H = nh * hd;
+#pragma omp parallel for collapse(2) num_threads(qf_threads()) if (B * N * H > 65536)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i < N; i++)
+            for (int64_t h = 0; h < nh; h++)
+                memcpy(heads + ((b * nh + h) * N + i) * hd, qkv + (b * N + i) * 3 * H + part * H + h * hd,
+                       (size_t)hd * sizeof(float));
+}
+
+static void heads_to_qkv(float *qkv, const float *heads, int part, int64_t B, int64_t nh, int64_t N, int64_t hd) {
+    const int64_t H = nh * hd;
+#pragma omp parallel for collapse(2) num_threads(qf_threads()) if (B * N * H > 65536)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i < N; i++)
+            for (int64_t h = 0; h < nh; h++)
+                memcpy(qkv + (b * N + i) * 3 * H + part * H + h * hd, heads + ((b * nh + h) * N + i) * hd,
+                       (size_t)hd * sizeof(float));
+}
+
+/* tokens [B*N, H] <-> heads [B, nh, N, hd] */
+static void merge_heads(float *tok, const float *heads, int64_t B, int64_t nh, int64_t N, int64_t hd) {
+    const int64_t H = nh * hd;
+#pragma omp parallel for collapse(2) num_threads(qf_threads()) if (B * N * H > 65536)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i < N; i++)
+            for (int64_t h = 0; h < nh; h++)
+                memcpy(tok + (b * N + i) * H + h * hd, heads + ((b * nh + h) * N + i) * hd, (size_t)hd * sizeof(float));
+}
+
+static void split_heads(float *heads, const float *tok, int64_t B, int64_t nh, int64_t N, int64_t hd) {
+    const int64_t H = nh * hd;
+#pragma omp parallel for collapse(2) num_threads(qf_threads()) if (B * N * H > 65536)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i < N; i++)
+            for (int64_t h = 0; h < nh; h++)
+                memcpy(heads + ((b * nh + h) * N + i) * hd, tok + (b * N + i) * H + h * hd, (size_t)hd * sizeof(float));
+}
+
+/* ---- forward ---- */
+
+qf_status qf_vision_forward(qf_vision *m, int64_t B, const float *pixel_values, float *out) {
+    const char *fn = "qf_vision_forward";
+    if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
+    if (!pixel_values) return qf_fail(QF_ERR_ARG, "%s: pixel_values is NULL", fn);
+    if (!out) return qf_fail(QF_ERR_ARG, "%s: out is NULL", fn);
+    if (B < 1 || B > (1 << 20)) return qf_fail(QF_ERR_ARG, "%s: B = %lld, expected 1 <= B <= 2^20", fn, (long long)B);
+    m->have_fwd = 0;
+    const qf_vision_config *c = &m->cfg;
+    const int64_t H = c->hidden_size, I = c->intermediate_size, nh = c->num_attention_heads, hd = m->hd;
+    const int64_t N = m->N, P = m->P, T = B * N;
+    const float eps = (float)c->layer_norm_eps;
+    if ((double)T * (double)(3 * H > I ? 3 * H : I) > 2147483647.0 || (double)B * P * m->K > 2147483647.0)
+        return qf_fail(QF_ERR_ARG, "%s: B = %lld gives activations above the BLAS's int range", fn, (long long)B);
+
+    size_t need = plan_forward(m, NULL, B);
+    QF_TRY(grow(&m->fwd, &m->fwd_cap, need, fn));
+    plan_forward(m, m->fwd, B);
+    m->B = B;
+
+    /* embeddings: patches by im2col + GEMM, then class token and position embeddings */
+    im2col(m->cols, pixel_values, B, c->num_channels, c->image_size, c->patch_size, m->G);
+    QF_TRY(qf_linear_forward(m->tmp, m->cols, m->patch_w, m->patch_b, B * P, m->K, H));
+#pragma omp parallel for collapse(2) num_threads(qf_threads()) if (T * H > 65536)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i < N; i++) {
+            const float *src = i ? m->tmp + (b * P + i - 1) * H : m->cls;
+            const float *pos = m->pos + i * H;
+            float *dst = m->x0 + (b * N + i) * H;
+            for (int64_t j = 0; j < H; j++) dst[j] = src[j] + pos[j];
+        }
+
+    const float *x = m->x0;
+    for (int64_t li = 0; li < c->num_hidden_layers; li++) {
+        const vision_layer *l = &m->layers[li];
+        vision_acts *a = &m->acts[li];
+        QF_TRY(qf_layernorm_forward(a->ln1, a->ln1_mean, a->ln1_rstd, x, l->ln1_w, l->ln1_b, T, H, eps));
+        QF_TRY(qf_linear_forward(m->tmp, a->ln1, l->wqkv, l->bqkv, T, H, 3 * H));
+        qkv_to_heads(a->qh, m->tmp, 0, B, nh, N, hd);
+        qkv_to_heads(a->kh, m->tmp, 1, B, nh, N, hd);
+        qkv_to_heads(a->vh, m->tmp, 2, B, nh, N, hd);
+        qf_sdpa_params sp = qf_sdpa_defaults(B, nh, nh, N, N, hd);
+        qf_status s = qf_sdpa_forward(&sp, a->qh, a->kh, a->vh, a->oh, a->lse, NULL);
+        if (s != QF_OK) return qf_fail_prefix(s, "%s (layer %lld self-attention)", fn, (long long)li);
+        merge_heads(a->merged, a->oh, B, nh, N, hd);
+        QF_TRY(qf_linear_forward(a->x_mid, a->merged, l->wo, l->bo, T, H, H));
+        QF_TRY(qf_residual_forward(a->x_mid, a->x_mid, x, T * H));
+        QF_TRY(qf_layernorm_forward(a->ln2, a->ln2_mean, a->ln2_rstd, a->x_mid, l->ln2_w, l->ln2_b, T, H, eps));
+        QF_TRY(qf_linear_forward(a->pre, a->ln2, l->w1, l->b1, T, H, I));
+        QF_TRY(qf_gelu_forward(a->act, a->pre, T * I, c->hidden_act));
+        QF_TRY(qf_linear_forward(a->x_out, a->act, l->w2, l->b2, T, I, H));
+        QF_TRY(qf_residual_forward(a->x_out, a->x_out, a->x_mid, T * H));
+        x = a->x_out;
+    }
+    QF_TRY(qf_layernorm_forward(out, m->post_mean, m->post_rstd, x, m->post_w, m->post_b, T, H, eps));
+    m->have_fwd = 1;
+    return QF_OK;
+}
+
+/* ---- backward ---- */
+
+qf_status qf_vision_backward(qf_vision *m, const float *grad_out, float *grad_pixel_values) {
+    const char *fn = "qf_vision_backward";
+    if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
+    if (!grad_out) return qf_fail(QF_ERR_ARG, "%s: grad_out is NULL", fn);
+    if (!m->have_fwd) return qf_fail(QF_ERR_ARG, "%s: no successful qf_vision_forward on this model to differentiate", fn);
+    if (m->frozen && !grad_pixel_values) return QF_OK; /* nothing asked for */
+    const qf_vision_config *c = &m->cfg;
+    const int64_t B = m->B, H = c->hidden_size, I = c->intermediate_size, nh = c->num_attention_heads, hd = m->hd;
+    const int64_t N = m->N, P = m->P, T = B * N;
+    const size_t nT = (size_t)T, nH = (size_t)H;
+    const int pg = !m->frozen; /* parameter gradients wanted */
+#define G(p) (pg ? (p) : NULL)
+
+    float *base = NULL, *dx = NULL, *dln = NULL, *dtmp = NULL, *dqkv = NULL, *dqh = NULL, *dkh = NULL,
+          *dvh = NULL, *doh = NULL, *dpre = NULL, *dcols = NULL;
+    for (int pass = 0; pass < 2; pass++) {
+        size_t off = 0;
+        dx = carve(base, &off, nT * nH);
+        dln = carve(base, &off, nT * nH);
+        dtmp = carve(base, &off, nT * nH);
+        dqkv = carve(base, &off, nT * 3 * nH);
+        dqh = carve(base, &off, nT * nH);
+        dkh = carve(base, &off, nT * nH);
+        dvh = carve(base, &off, nT * nH);
+        doh = carve(base, &off, nT * nH);
+        dpre = carve(base, &off, nT * (size_t)I);
+        dcols = carve(base, &off, grad_pixel_values ? (size_t)(B * P) * (size_t)m->K : 0);
+        if (pass == 0) {
+            QF_TRY(grow(&m->bwd, &m->bwd_cap, off, fn));
+            base = m->bwd;
+        }
+    }
+
+    const int64_t L = c->num_hidden_layers;
+    const float *x_last = m->acts[L - 1].x_out;
+    QF_TRY(qf_layernorm_backward(dx, G(m->g_post_w), G(m->g_post_b), grad_out, x_last, m->post_w, m->post_mean,
+                                 m->post_rstd, T, H));
+    for (int64_t li = L - 1; li >= 0; li--) {
+        const vision_layer *l = &m->layers[li];
+        vision_acts *a = &m->acts[li];
+        const float *x_in = li ? m->acts[li - 1].x_out : m->x0;
+        /* x_out = x_mid + fc2(act(fc1(ln2(x_mid)))) */
+        QF_TRY(qf_linear_backward(dpre, G(l->g_w2), G(l->g_b2), dx, a->act, l->w2, T, I, H));
+        QF_TRY(qf_gelu_backward(dpre, dpre, a->pre, T * I, c->hidden_act));
+        QF_TRY(qf_linear_backward(dln, G(l->g_w1), G(l->g_b1), dpre, a->ln2, l->w1, T, H, I));
+        QF_TRY(qf_layernorm_backward(dtmp, G(l->g_ln2_w), G(l->g_ln2_b), dln, a->x_mid, l->ln2_w, a->ln2_mean,
+                                     a->ln2_rstd, T, H));
+        QF_TRY(qf_residual_forward(dx, dx, dtmp, T * H));
+        /* x_mid = x_in + projection(attention(ln1(x_in))) */
+        QF_TRY(qf_linear_backward(dtmp, G(l->g_wo), G(l->g_bo), dx, a->merged, l->wo, T, H, H));
+        split_heads(doh, dtmp, B, nh, N, hd);
+        qf_sdpa_params sp = qf_sdpa_defaults(B, nh, nh, N, N, hd);
+        qf_status s = qf_sdpa_backward(&sp, a->qh, a->kh, a->vh, a->oh, a->lse, doh, dqh, dkh, dvh);
+        if (s != QF_OK) return qf_fail_prefix(s, "%s (layer %lld self-attention)", fn, (long long)li);
+        heads_to_qkv(dqkv, dqh, 0, B, nh, N, hd);
+        heads_to_qkv(dqkv, dkh, 1, B, nh, N, hd);
+        heads_to_qkv(dqkv, dvh, 2, B, nh, N, hd);
+        QF_TRY(qf_linear_backward(dln, G(l->g_wqkv), G(l->g_bqkv), dqkv, a->ln1, l->wqkv, T, H, 3 * H));
+        QF_TRY(qf_layernorm_backward(dtmp, G(l->g_ln1_w), G(l->g_ln1_b), dln, x_in, l->ln1_w, a->ln1_mean,
+                                     a->ln1_rstd, T, H));
+        QF_TRY(qf_residual_forward(dx, dx, dtmp, T * H));
+    }
+
+    /* embeddings: x0[b,i] = (i ? patch(b,i-1) : cls) + pos[i] */
+    if (pg) {
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t i = 0; i < N; i++) {
+                const float *d = dx + (b * N + i) * H;
+                float *gp = m->g_pos + i * H;
+                for (int64_t j = 0; j < H; j++) gp[j] += d[j];
+                if (!i)
+                    for (int64_t j = 0; j < H; j++) m->g_cls[j] += d[j];
+            }
+    }
+    /* the patch rows, contiguous [B*P, H], into dln (T*H >= B*P*H) */
+    for (int64_t b = 0; b < B; b++)
+        memcpy(dln + b * P * H, dx + (b * N + 1) * H, (size_t)(P * H) * sizeof(float));
+    QF_TRY(qf_linear_backward(grad_pixel_values ? dcols : NULL, G(m->g_patch_w), G(m->g_patch_b), dln, m->cols,
+                              m->patch_w, B * P, m->K, H));
+    if (grad_pixel_values) col2im(grad_pixel_values, dcols, B, c->num_channels, c->image_size, c->patch_size, m->G);
+#undef G
+    return QF_OK;
+}
