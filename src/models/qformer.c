@@ -1,31 +1,37 @@
-/* qformer.c - the BLIP-2 Q-Former (transformers' Blip2QFormerModel), loaded from a Hugging Face
- * folder by the checkpoint's tensor names; forward on qf_linear/qf_layernorm/qf_gelu/qf_residual
- * and qf_sdpa_forward. (Backward is the next step: the forward already keeps what it needs.)
+/* qformer.c - the Q-Former core (transformers' Blip2QFormerModel / InstructBlipQFormerModel, LAVIS
+ * BertModel Q-Former): loading by probing the checkpoint's names, forward with instruction-text
+ * tokens and a KV prefix, and the cross-attention maps. Backward is in qformer_backward.c; both
+ * share qformer_internal.h.
  *
- * Semantics, settled against transformers' modeling_blip_2.py (query-only path, eval mode):
- *   h0 = layernorm(query_embeds)                      (the embedding dropout is off in eval)
+ * Semantics, settled against transformers' modeling_blip_2.py / modeling_instructblip.py (eval):
+ *   x = LN([query_embeds ; word_emb(ids) + pos_emb(0..Lt-1)])     ("layernorm" / "embeddings.layernorm")
  *   each layer i:
- *     a = attention.output.LayerNorm(h + attention.output.dense(MHA(h, h)))
+ *     a = attention.output.LayerNorm(x + dense(MHA(x, x)))   text_attention_mask on text keys
+ *     q = a[:, :Lq]; t = a[:, Lq:]
  *     if i % cross_attention_frequency == 0:
- *       a = crossattention.output.LayerNorm(a + crossattention.output.dense(MHA(a, enc)))
- *     h = output_query.LayerNorm(a + output_query.dense(act(intermediate_query.dense(a))))
- *   MHA(x, y): q = query(x), k = key(y), v = value(y) split into heads [B,H,len,hd],
- *   softmax(q k^T / sqrt(hd) + mask) v, heads merged back. The self-attention has no mask (the
- *   Q-Former's own attention_mask defaults to all ones). encoder_attention_mask [B,S] becomes an
- *   SDPA bool mask [B,1,1,S] (transformers adds finfo.min on padding: weight exactly 0 after the
- *   softmax, the same as blocking). A batch item whose every encoder token is padding gets, as in
- *   transformers, equal scores on all S keys (finfo.min swamps them): its cross-attention output
- *   is the plain mean of V over the S keys, written over SDPA's zeros.
+ *       q = crossattention.output.LayerNorm(q + dense(MHA(q, [prefix ; enc])))
+ *     q = output_query.LayerNorm(q + dense(act(intermediate_query.dense(q))))
+ *     t = output.LayerNorm(t + dense(act(intermediate.dense(t))))
+ *     x = [q ; t]
+ *   MHA(x, y): heads of query(x), key(y), value(y); softmax(q k^T / sqrt(hd) + mask) v. The KV
+ *   prefix [B,P,hidden] is split into heads and put before the layer's own K/V; prefix keys are
+ *   always attended. transformers adds finfo.min on masked keys: weight 0 after the softmax, the
+ *   same as blocking, except for an item whose every encoder key is padding (and no prefix):
+ *   there finfo.min swamps the scores and the weights are uniform over the S keys. qfuse gives
+ *   that item the mean of V (forward) and autograd's gradient through the uniform softmax
+ *   (backward), computed apart from SDPA (which yields zeros for fully masked rows).
  *
  * Invariants:
- *   - Parameters live in one float buffer laid out by ptab (llm.c style), in the checkpoint's
- *     names without the tensor prefix; the per-layer structs hold views into it.
+ *   - Parameters live in one float buffer laid out by ptab (llm.c style) and their gradients in a
+ *     parallel buffer at the same offsets; ptab names are transformers names (whatever names the
+ *     file used). The per-layer structs hold views into params; the gradient of a view p is
+ *     grads + (p - params).
  *   - fwd is a grow-only planned block: a forward with the shapes of an earlier one allocates
- *     nothing. It holds every activation (per layer) that backward will need, plus copies of
- *     the inputs and the mask, so the caller may reuse its buffers after forward.
+ *     nothing. It holds every activation backward needs and copies of the inputs and masks, so
+ *     the caller may reuse its buffers after forward.
  *   - have_fwd is set only after a forward fully succeeded.
  *   - Load either fully succeeds or frees everything; every failure names a key or a tensor. */
-#include "internal.h"
+#include "qformer_internal.h"
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,54 +39,7 @@
 
 /* ---- parameters ---- */
 
-typedef struct {
-    char *name;              /* checkpoint name without the tensor prefix (owned)           */
-    int ndim;
-    int64_t shape[2];
-    size_t off, n;           /* in floats, into params                                        */
-} qformer_ptab;
-
-typedef struct {             /* one attention block: MultiHeadAttention + SelfOutput          */
-    const float *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo, *ln_w, *ln_b;
-} qformer_attn;
-
-typedef struct {
-    int has_cross;
-    qformer_attn self, cross;
-    const float *w_in, *b_in, *w_out, *b_out, *ln_w, *ln_b; /* intermediate_query, output_query */
-} qformer_layer;
-
-typedef struct {             /* activations of one attention block, per layer                 */
-    float *qh, *kh, *vh, *oh, *lse, *merged, *sum, *mean, *rstd, *out;
-} attn_acts;
-
-typedef struct {
-    attn_acts self, cross;   /* cross.* NULL on layers without cross-attention               */
-    float *pre, *act, *sum, *mean, *rstd, *out;  /* FFN: out is the layer's output            */
-} layer_acts;
-
-struct qf_qformer {
-    qf_qformer_config cfg;
-    int64_t hd;
-    int np, np_cap;
-    qformer_ptab *ptab;
-    float *params;
-    const float *ln_w, *ln_b;       /* layernorm.* on the query embeddings */
-    qformer_layer *layers;
-
-    /* forward planned block */
-    float *fwd;
-    size_t fwd_cap;                 /* floats */
-    float *x_in, *enc, *emb_mean, *emb_rstd, *emb, *tmp;
-    uint8_t *mask;                  /* [B,S] 1 = attend (NULL without a mask) */
-    uint8_t *dead;                  /* [B] 1 = every encoder token is padding */
-    layer_acts *acts;               /* [num_hidden_layers] */
-    int64_t B, Lq, S;
-    int have_fwd, has_mask;
-};
-
-static qf_status add_param(qf_qformer *m, const char *fmt_layer, int layer, const char *suffix, int64_t d0,
-                           int64_t d1, size_t *off) {
+static qf_status add_param(qf_qformer *m, const char *name, int64_t d0, int64_t d1, size_t *off) {
     if (m->np == m->np_cap) {
         int cap = m->np_cap ? 2 * m->np_cap : 64;
         qformer_ptab *p = realloc(m->ptab, (size_t)cap * sizeof *p);
@@ -88,11 +47,6 @@ static qf_status add_param(qf_qformer *m, const char *fmt_layer, int layer, cons
         m->ptab = p;
         m->np_cap = cap;
     }
-    char name[256];
-    if (layer >= 0)
-        snprintf(name, sizeof name, fmt_layer, layer, suffix);
-    else
-        snprintf(name, sizeof name, "%s", suffix);
     qformer_ptab *p = &m->ptab[m->np];
     p->name = strdup(name);
     if (!p->name) return qf_fail(QF_ERR_NOMEM, "qf_qformer_load: cannot copy a tensor name");
@@ -106,43 +60,53 @@ static qf_status add_param(qf_qformer *m, const char *fmt_layer, int layer, cons
     return QF_OK;
 }
 
-/* The parameter table in a fixed order; view() below walks it in the same order. */
+/* The parameter table in a fixed order; view_params() walks it in the same order. */
 static qf_status plan_params(qf_qformer *m, size_t *total) {
     const qf_qformer_config *c = &m->cfg;
     const int64_t H = c->hidden_size, E = c->encoder_hidden_size, I = c->intermediate_size;
-    const char *L = "encoder.layer.%d.%s";
     size_t off = 0;
-    QF_TRY(add_param(m, NULL, -1, "layernorm.weight", H, 0, &off));
-    QF_TRY(add_param(m, NULL, -1, "layernorm.bias", H, 0, &off));
+    char s[256];
+    const char *ln = c->has_text ? "embeddings.layernorm" : "layernorm";
+    if (m->ln_embeddings_name) ln = "embeddings.layernorm";
+    snprintf(s, sizeof s, "%s.weight", ln);
+    QF_TRY(add_param(m, s, H, 0, &off));
+    snprintf(s, sizeof s, "%s.bias", ln);
+    QF_TRY(add_param(m, s, H, 0, &off));
+    if (c->has_text) {
+        QF_TRY(add_param(m, "embeddings.word_embeddings.weight", c->vocab_size, H, &off));
+        QF_TRY(add_param(m, "embeddings.position_embeddings.weight", c->max_position_embeddings, H, &off));
+    }
     for (int i = 0; i < (int)c->num_hidden_layers; i++) {
+#define QP(fmt, arg, d0, d1)                                                                        \
+    do {                                                                                            \
+        snprintf(s, sizeof s, "encoder.layer.%d." fmt, i, arg);                                     \
+        QF_TRY(add_param(m, s, d0, d1, &off));                                                      \
+    } while (0)
         for (int x = 0; x < 2; x++) {
             if (x == 1 && i % c->cross_attention_frequency) continue;
             const int64_t kin = x ? E : H;
             const char *blk = x ? "crossattention" : "attention";
-            char s[96];
-#define QP(sfx, d0, d1)                                                                             \
-    do {                                                                                            \
-        snprintf(s, sizeof s, "%s.%s", blk, sfx);                                                   \
-        QF_TRY(add_param(m, L, i, s, d0, d1, &off));                                                \
-    } while (0)
-            QP("attention.query.weight", H, H);
-            QP("attention.query.bias", H, 0);
-            QP("attention.key.weight", H, kin);
-            QP("attention.key.bias", H, 0);
-            QP("attention.value.weight", H, kin);
-            QP("attention.value.bias", H, 0);
-            QP("output.dense.weight", H, H);
-            QP("output.dense.bias", H, 0);
-            QP("output.LayerNorm.weight", H, 0);
-            QP("output.LayerNorm.bias", H, 0);
-#undef QP
+            QP("%s.attention.query.weight", blk, H, H);
+            QP("%s.attention.query.bias", blk, H, 0);
+            QP("%s.attention.key.weight", blk, H, kin);
+            QP("%s.attention.key.bias", blk, H, 0);
+            QP("%s.attention.value.weight", blk, H, kin);
+            QP("%s.attention.value.bias", blk, H, 0);
+            QP("%s.output.dense.weight", blk, H, H);
+            QP("%s.output.dense.bias", blk, H, 0);
+            QP("%s.output.LayerNorm.weight", blk, H, 0);
+            QP("%s.output.LayerNorm.bias", blk, H, 0);
         }
-        QF_TRY(add_param(m, L, i, "intermediate_query.dense.weight", I, H, &off));
-        QF_TRY(add_param(m, L, i, "intermediate_query.dense.bias", I, 0, &off));
-        QF_TRY(add_param(m, L, i, "output_query.dense.weight", H, I, &off));
-        QF_TRY(add_param(m, L, i, "output_query.dense.bias", H, 0, &off));
-        QF_TRY(add_param(m, L, i, "output_query.LayerNorm.weight", H, 0, &off));
-        QF_TRY(add_param(m, L, i, "output_query.LayerNorm.bias", H, 0, &off));
+        for (int x = 0; x < (c->has_text ? 2 : 1); x++) {
+            const char *sfx = x ? "" : "_query";
+            QP("intermediate%s.dense.weight", sfx, I, H);
+            QP("intermediate%s.dense.bias", sfx, I, 0);
+            QP("output%s.dense.weight", sfx, H, I);
+            QP("output%s.dense.bias", sfx, H, 0);
+            QP("output%s.LayerNorm.weight", sfx, H, 0);
+            QP("output%s.LayerNorm.bias", sfx, H, 0);
+        }
+#undef QP
     }
     *total = off;
     return QF_OK;
@@ -153,6 +117,10 @@ static void view_params(qf_qformer *m) {
 #define NEXT (m->params + m->ptab[k++].off)
     m->ln_w = NEXT;
     m->ln_b = NEXT;
+    if (m->cfg.has_text) {
+        m->word_emb = NEXT;
+        m->pos_emb = NEXT;
+    }
     for (int64_t i = 0; i < m->cfg.num_hidden_layers; i++) {
         qformer_layer *l = &m->layers[i];
         l->has_cross = i % m->cfg.cross_attention_frequency == 0;
@@ -162,9 +130,50 @@ static void view_params(qf_qformer *m) {
             a->wq = NEXT; a->bq = NEXT; a->wk = NEXT; a->bk = NEXT; a->wv = NEXT; a->bv = NEXT;
             a->wo = NEXT; a->bo = NEXT; a->ln_w = NEXT; a->ln_b = NEXT;
         }
-        l->w_in = NEXT; l->b_in = NEXT; l->w_out = NEXT; l->b_out = NEXT; l->ln_w = NEXT; l->ln_b = NEXT;
+        for (int x = 0; x < (m->cfg.has_text ? 2 : 1); x++) {
+            qformer_ffn *f = x ? &l->ft : &l->fq;
+            f->w_in = NEXT; f->b_in = NEXT; f->w_out = NEXT; f->b_out = NEXT; f->ln_w = NEXT; f->ln_b = NEXT;
+        }
     }
 #undef NEXT
+}
+
+/* transformers name -> the name in a LAVIS (BertModel) checkpoint:
+ * "bert." + name, ".attention.attention." -> ".attention.self.", ".crossattention.attention." ->
+ * ".crossattention.self.", "(embeddings.)layernorm" -> "embeddings.LayerNorm". */
+static void lavis_name(char *dst, size_t cap, const char *name) {
+    if (!strncmp(name, "layernorm.", 10)) {
+        snprintf(dst, cap, "bert.embeddings.LayerNorm.%s", name + 10);
+        return;
+    }
+    if (!strncmp(name, "embeddings.layernorm.", 21)) {
+        snprintf(dst, cap, "bert.embeddings.LayerNorm.%s", name + 21);
+        return;
+    }
+    char buf[256];
+    snprintf(buf, sizeof buf, "%s", name);
+    char *p = strstr(buf, "attention.attention.");
+    if (p) {
+        /* "xxxattention.attention.rest" -> "xxxattention.self.rest" */
+        char rest[256];
+        snprintf(rest, sizeof rest, "%s", p + 20);
+        snprintf(p, sizeof buf - (size_t)(p - buf), "attention.self.%s", rest);
+    }
+    snprintf(dst, cap, "bert.%.240s", buf);
+}
+
+static int st_has(const qf_safetensors *st, const char *prefix, const char *name, qf_tensor_view *tv) {
+    char full[512];
+    snprintf(full, sizeof full, "%s%s", prefix, name);
+    int n = qf_st_count(st);
+    for (int i = 0; i < n; i++) {
+        qf_tensor_view v;
+        if (qf_st_get(st, i, &v) == QF_OK && !strcmp(v.name, full)) {
+            if (tv) *tv = v;
+            return 1;
+        }
+    }
+    return 0;
 }
 
 /* ---- config ---- */
@@ -180,7 +189,7 @@ static qf_status cfg_int(const qf_config *cfg, const char *prefix, const char *k
     return QF_OK;
 }
 
-static qf_status read_config(const qf_config *cfg, const char *p, qf_qformer_config *c) {
+static qf_status read_config(const qf_config *cfg, const char *p, qf_qformer_config *c, int64_t *pad) {
     const int64_t big = 1 << 20;
     QF_TRY(cfg_int(cfg, p, "num_hidden_layers", 1, 1024, &c->num_hidden_layers));
     QF_TRY(cfg_int(cfg, p, "hidden_size", 1, big, &c->hidden_size));
@@ -210,8 +219,7 @@ static qf_status read_config(const qf_config *cfg, const char *p, qf_qformer_con
         return qf_fail(QF_ERR_UNSUPPORTED,
                        "qf_qformer_load: config key \"%s\" = \"%s\" is not supported (expected \"gelu\", "
                        "\"gelu_new\" or \"gelu_pytorch_tanh\")", key, act);
-    /* relative position embeddings would change the scores; only "absolute" (unused by the
-     * query-only path) is accepted */
+    /* relative position embeddings would change the scores; only "absolute" is accepted */
     snprintf(key, sizeof key, "%sposition_embedding_type", p);
     if (qf_config_has(cfg, key)) {
         const char *pe;
@@ -220,6 +228,12 @@ static qf_status read_config(const qf_config *cfg, const char *p, qf_qformer_con
             return qf_fail(QF_ERR_UNSUPPORTED, "qf_qformer_load: config key \"%s\" = \"%s\" is not supported "
                                                "(only \"absolute\")", key, pe);
     }
+    snprintf(key, sizeof key, "%svocab_size", p);
+    QF_TRY(qf_config_int_or(cfg, key, 0, &c->vocab_size));
+    snprintf(key, sizeof key, "%smax_position_embeddings", p);
+    QF_TRY(qf_config_int_or(cfg, key, 0, &c->max_position_embeddings));
+    snprintf(key, sizeof key, "%spad_token_id", p);
+    QF_TRY(qf_config_int_or(cfg, key, 0, pad));
     return QF_OK;
 }
 
@@ -240,7 +254,49 @@ qf_status qf_qformer_load_parts(const qf_config *cfg, const char *cfg_prefix, co
     qf_qformer *m = calloc(1, sizeof *m);
     if (!m) return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate the model", fn);
     size_t total = 0;
-    qf_status s = read_config(cfg, cfg_prefix, &m->cfg);
+    int64_t cfg_vocab = 0, cfg_maxpos = 0;
+    qf_status s = read_config(cfg, cfg_prefix, &m->cfg, &m->pad_token_id);
+    if (s == QF_OK) {
+        cfg_vocab = m->cfg.vocab_size;
+        cfg_maxpos = m->cfg.max_position_embeddings;
+        /* naming scheme and text parts, by probing */
+        qf_tensor_view tv;
+        m->lavis = st_has(st, tensor_prefix, "bert.embeddings.LayerNorm.weight", NULL);
+        m->ln_embeddings_name = !m->lavis && st_has(st, tensor_prefix, "embeddings.layernorm.weight", NULL);
+        const char *wname = m->lavis ? "bert.embeddings.word_embeddings.weight" : "embeddings.word_embeddings.weight";
+        const char *pname = m->lavis ? "bert.embeddings.position_embeddings.weight"
+                                     : "embeddings.position_embeddings.weight";
+        m->cfg.has_text = st_has(st, tensor_prefix, wname, &tv);
+        if (m->cfg.has_text) {
+            if (tv.ndim != 2 || tv.shape[1] != m->cfg.hidden_size)
+                s = qf_fail(QF_ERR_SHAPE, "%s: tensor \"%s%s\" has %d dims (first %lld); expected [vocab_size, %lld]",
+                            fn, tensor_prefix, wname, tv.ndim, (long long)(tv.ndim ? tv.shape[0] : 0),
+                            (long long)m->cfg.hidden_size);
+            else if (cfg_vocab && tv.shape[0] != cfg_vocab)
+                s = qf_fail(QF_ERR_SHAPE, "%s: tensor \"%s%s\" has %lld rows but config vocab_size = %lld", fn,
+                            tensor_prefix, wname, (long long)tv.shape[0], (long long)cfg_vocab);
+            else
+                m->cfg.vocab_size = tv.shape[0];
+            if (s == QF_OK && !st_has(st, tensor_prefix, pname, &tv))
+                s = qf_fail(QF_ERR_NOT_FOUND, "%s: the checkpoint has \"%s%s\" but no \"%s%s\" (text tokens need both)",
+                            fn, tensor_prefix, wname, tensor_prefix, pname);
+            if (s == QF_OK) {
+                if (tv.ndim != 2 || tv.shape[1] != m->cfg.hidden_size)
+                    s = qf_fail(QF_ERR_SHAPE, "%s: tensor \"%s%s\" must be [max_position_embeddings, %lld]", fn,
+                                tensor_prefix, pname, (long long)m->cfg.hidden_size);
+                else if (cfg_maxpos && tv.shape[0] != cfg_maxpos)
+                    s = qf_fail(QF_ERR_SHAPE, "%s: tensor \"%s%s\" has %lld rows but config max_position_embeddings = %lld",
+                                fn, tensor_prefix, pname, (long long)tv.shape[0], (long long)cfg_maxpos);
+                else
+                    m->cfg.max_position_embeddings = tv.shape[0];
+            }
+            if (s == QF_OK && (m->pad_token_id < 0 || m->pad_token_id >= m->cfg.vocab_size))
+                m->pad_token_id = -1; /* no padding row */
+        } else {
+            m->cfg.vocab_size = 0;
+            m->cfg.max_position_embeddings = 0;
+        }
+    }
     if (s == QF_OK) {
         m->hd = m->cfg.hidden_size / m->cfg.num_attention_heads;
         m->layers = calloc((size_t)m->cfg.num_hidden_layers, sizeof *m->layers);
@@ -248,23 +304,31 @@ qf_status qf_qformer_load_parts(const qf_config *cfg, const char *cfg_prefix, co
         if (!m->layers || !m->acts) s = qf_fail(QF_ERR_NOMEM, "%s: cannot allocate the layer tables", fn);
     }
     if (s == QF_OK) s = plan_params(m, &total);
-    if (s == QF_OK && posix_memalign((void **)&m->params, 64, total * sizeof(float)))
-        s = qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu parameter floats", fn, total);
+    if (s == QF_OK && (posix_memalign((void **)&m->params, 64, total * sizeof(float)) ||
+                       posix_memalign((void **)&m->grads, 64, total * sizeof(float))))
+        s = qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu parameter floats", fn, 2 * total);
+    if (s == QF_OK) memset(m->grads, 0, total * sizeof(float));
     for (int i = 0; i < m->np && s == QF_OK; i++) {
         const qformer_ptab *p = &m->ptab[i];
-        char full[512];
-        snprintf(full, sizeof full, "%s%s", tensor_prefix, p->name);
+        char name[256], full[512];
+        if (m->lavis)
+            lavis_name(name, sizeof name, p->name);
+        else
+            snprintf(name, sizeof name, "%s", p->name);
+        snprintf(full, sizeof full, "%s%s", tensor_prefix, name);
         s = qf_st_read_f32(st, full, p->ndim, p->shape, m->params + p->off);
         if (s != QF_OK)
-            s = qf_fail_prefix(s, "%s (Blip2QFormerModel, %lld layers, hidden %lld, encoder_hidden %lld, "
-                                  "cross-attention every %lld)", fn, (long long)m->cfg.num_hidden_layers,
-                               (long long)m->cfg.hidden_size, (long long)m->cfg.encoder_hidden_size,
-                               (long long)m->cfg.cross_attention_frequency);
+            s = qf_fail_prefix(s, "%s (%s Q-Former, %lld layers, hidden %lld, encoder_hidden %lld, "
+                                  "cross-attention every %lld, %s)", fn, m->lavis ? "LAVIS" : "transformers",
+                               (long long)m->cfg.num_hidden_layers, (long long)m->cfg.hidden_size,
+                               (long long)m->cfg.encoder_hidden_size, (long long)m->cfg.cross_attention_frequency,
+                               m->cfg.has_text ? "with text embeddings" : "no text embeddings");
     }
     if (s != QF_OK) {
         qf_qformer_free(m);
         return s;
     }
+    m->params_total = total;
     view_params(m);
     *out = m;
     return QF_OK;
@@ -286,12 +350,13 @@ qf_status qf_qformer_load(const char *folder, qf_qformer **out) {
     const char *mt = NULL;
     if (qf_config_has(cfg, "model_type")) s = qf_config_string(cfg, "model_type", &mt);
     if (s == QF_OK && mt) {
-        if (!strcmp(mt, "blip-2")) {
+        if (!strcmp(mt, "blip-2") || !strcmp(mt, "instructblip")) {
             cfg_prefix = "qformer_config.";
             tensor_prefix = "qformer.";
-        } else if (strcmp(mt, "blip_2_qformer")) {
-            s = qf_fail(QF_ERR_UNSUPPORTED, "%s: %s: model_type \"%s\" is not a BLIP-2 Q-Former (expected "
-                                            "\"blip_2_qformer\" or \"blip-2\")", fn, path, mt);
+        } else if (strcmp(mt, "blip_2_qformer") && strcmp(mt, "instructblip_qformer")) {
+            s = qf_fail(QF_ERR_UNSUPPORTED, "%s: %s: model_type \"%s\" is not a Q-Former (expected "
+                                            "\"blip_2_qformer\", \"instructblip_qformer\", \"blip-2\" or "
+                                            "\"instructblip\")", fn, path, mt);
         }
     }
     qf_safetensors *st = NULL;
@@ -299,7 +364,7 @@ qf_status qf_qformer_load(const char *folder, qf_qformer **out) {
         snprintf(path, sizeof path, "%s/model.safetensors", folder);
         s = qf_st_open(path, &st);
         if (s != QF_OK) {
-            char idx[4096];
+            char idx[4200];
             snprintf(idx, sizeof idx, "%s/model.safetensors.index.json", folder);
             FILE *f = fopen(idx, "rb");
             if (f) {
@@ -311,7 +376,10 @@ qf_status qf_qformer_load(const char *folder, qf_qformer **out) {
             }
         }
     }
-    if (s == QF_OK) s = qf_qformer_load_parts(cfg, cfg_prefix, st, tensor_prefix, out);
+    if (s == QF_OK) {
+        s = qf_qformer_load_parts(cfg, cfg_prefix, st, tensor_prefix, out);
+        if (s != QF_OK) s = qf_fail_prefix(s, "%s", path);
+    }
     qf_st_close(st);
     qf_config_free(cfg);
     return s;
@@ -322,9 +390,11 @@ void qf_qformer_free(qf_qformer *m) {
     for (int i = 0; i < m->np; i++) free(m->ptab[i].name);
     free(m->ptab);
     free(m->params);
+    free(m->grads);
     free(m->layers);
     free(m->acts);
     free(m->fwd);
+    free(m->bwd);
     free(m);
 }
 
@@ -335,9 +405,60 @@ qf_status qf_qformer_get_config(const qf_qformer *m, qf_qformer_config *out) {
     return QF_OK;
 }
 
+int qf_qformer_num_params(const qf_qformer *m) { return m ? m->np : 0; }
+
+static void fill_param(qf_qformer *m, int i, qf_param *out) {
+    const qformer_ptab *p = &m->ptab[i];
+    out->name = p->name;
+    out->data = m->params + p->off;
+    out->grad = m->frozen ? NULL : m->grads + p->off;
+    out->ndim = p->ndim;
+    out->shape[0] = p->shape[0];
+    out->shape[1] = p->ndim == 2 ? p->shape[1] : 0;
+    out->shape[2] = out->shape[3] = 0;
+}
+
+qf_status qf_qformer_param(qf_qformer *m, int i, qf_param *out) {
+    if (!m) return qf_fail(QF_ERR_ARG, "qf_qformer_param: m is NULL");
+    if (!out) return qf_fail(QF_ERR_ARG, "qf_qformer_param: out is NULL");
+    if (i < 0 || i >= m->np)
+        return qf_fail(QF_ERR_ARG, "qf_qformer_param: index %d is out of range (the model has %d parameters)", i,
+                       m->np);
+    fill_param(m, i, out);
+    return QF_OK;
+}
+
+qf_status qf_qformer_find_param(qf_qformer *m, const char *name, qf_param *out) {
+    if (!m) return qf_fail(QF_ERR_ARG, "qf_qformer_find_param: m is NULL");
+    if (!name) return qf_fail(QF_ERR_ARG, "qf_qformer_find_param: name is NULL");
+    if (!out) return qf_fail(QF_ERR_ARG, "qf_qformer_find_param: out is NULL");
+    for (int i = 0; i < m->np; i++)
+        if (!strcmp(m->ptab[i].name, name)) {
+            fill_param(m, i, out);
+            return QF_OK;
+        }
+    return qf_fail(QF_ERR_NOT_FOUND, "qf_qformer_find_param: the Q-Former has no parameter \"%s\" (names are "
+                                     "transformers', e.g. \"encoder.layer.0.attention.attention.query.weight\")",
+                   name);
+}
+
+void qf_qformer_zero_grad(qf_qformer *m) {
+    if (m && m->grads) memset(m->grads, 0, m->params_total * sizeof(float));
+}
+
+void qf_qformer_set_frozen(qf_qformer *m, int frozen) {
+    if (m) m->frozen = frozen ? 1 : 0;
+}
+
+int qf_qformer_num_cross_layers(const qf_qformer *m) {
+    if (!m) return 0;
+    const int64_t f = m->cfg.cross_attention_frequency;
+    return (int)((m->cfg.num_hidden_layers + f - 1) / f);
+}
+
 /* ---- planned buffers ---- */
 
-static qf_status grow(float **buf, size_t *cap, size_t floats, const char *what) {
+qf_status qf_qformer_grow(float **buf, size_t *cap, size_t floats, const char *what) {
     if (floats <= *cap) return QF_OK;
     void *p = NULL;
     if (posix_memalign(&p, 64, floats * sizeof(float)))
@@ -348,124 +469,204 @@ static qf_status grow(float **buf, size_t *cap, size_t floats, const char *what)
     return QF_OK;
 }
 
-static float *carve(float *base, size_t *off, size_t n) {
+float *qf_qformer_carve(float *base, size_t *off, size_t n) {
     float *p = base ? base + *off : NULL;
     *off += qf_align_up(n ? n : 1, 16);
     return p;
 }
+#define carve qf_qformer_carve
 
-/* Lays out every forward buffer for (B, Lq, S); base NULL only counts. */
-static size_t plan_forward(qf_qformer *m, float *base, int64_t B, int64_t Lq, int64_t S, int with_mask) {
+static void carve_attn(attn_acts *t, float *base, size_t *off, size_t rows, size_t kv_rows, size_t H, size_t nh) {
+    t->qh = carve(base, off, rows * H);
+    t->kh = carve(base, off, kv_rows * H);
+    t->vh = carve(base, off, kv_rows * H);
+    t->oh = carve(base, off, rows * H);
+    t->lse = carve(base, off, rows * nh);
+    t->merged = carve(base, off, rows * H);
+    t->sum = carve(base, off, rows * H);
+    t->mean = carve(base, off, rows);
+    t->rstd = carve(base, off, rows);
+    t->out = carve(base, off, rows * H);
+}
+
+static void carve_ffn(ffn_acts *f, float *base, size_t *off, size_t rows, size_t H, size_t I) {
+    f->pre = carve(base, off, rows * I);
+    f->act = carve(base, off, rows * I);
+    f->sum = carve(base, off, rows * H);
+    f->mean = carve(base, off, rows);
+    f->rstd = carve(base, off, rows);
+    f->out = carve(base, off, rows * H);
+}
+
+/* Lays out every forward buffer for the shapes in m (B, Lq, Lt, S, P); base NULL only counts. */
+static size_t plan_forward(qf_qformer *m, float *base) {
     const size_t H = (size_t)m->cfg.hidden_size, E = (size_t)m->cfg.encoder_hidden_size;
     const size_t I = (size_t)m->cfg.intermediate_size, nh = (size_t)m->cfg.num_attention_heads;
-    const size_t T = (size_t)(B * Lq), Te = (size_t)(B * S);
+    const size_t B = (size_t)m->B, N = (size_t)(m->Lq + m->Lt), P = (size_t)m->P;
+    const size_t T = B * N, Tq = B * (size_t)m->Lq, Tt = B * (size_t)m->Lt, Te = B * (size_t)m->S;
+    const size_t Tkv = B * (P + (size_t)m->S);
     size_t off = 0;
     m->x_in = carve(base, &off, T * H);
     m->enc = carve(base, &off, Te * E);
+    m->pk = carve(base, &off, B * P * H);
+    m->pv = carve(base, &off, B * P * H);
+    m->ids = (int32_t *)carve(base, &off, Tt);
     m->emb_mean = carve(base, &off, T);
     m->emb_rstd = carve(base, &off, T);
     m->emb = carve(base, &off, T * H);
     m->tmp = carve(base, &off, (T > Te ? T : Te) * H);
-    m->mask = (uint8_t *)carve(base, &off, with_mask ? (Te + 3) / 4 : 0);
-    m->dead = (uint8_t *)carve(base, &off, ((size_t)B + 3) / 4);
+    m->self_mask = (uint8_t *)carve(base, &off, (T + 3) / 4);
+    m->cross_mask = (uint8_t *)carve(base, &off, (Tkv + 3) / 4);
+    m->dead = (uint8_t *)carve(base, &off, (B + 3) / 4);
     for (int64_t i = 0; i < m->cfg.num_hidden_layers; i++) {
         layer_acts *a = &m->acts[i];
-        for (int x = 0; x < 2; x++) {
-            attn_acts *t = x ? &a->cross : &a->self;
-            if (x == 1 && !m->layers[i].has_cross) {
-                memset(t, 0, sizeof *t);
-                continue;
-            }
-            const size_t kv = x ? Te * H : T * H;
-            t->qh = carve(base, &off, T * H);
-            t->kh = carve(base, &off, kv);
-            t->vh = carve(base, &off, kv);
-            t->oh = carve(base, &off, T * H);
-            t->lse = carve(base, &off, T * nh);
-            t->merged = carve(base, &off, T * H);
-            t->sum = carve(base, &off, T * H);
-            t->mean = carve(base, &off, T);
-            t->rstd = carve(base, &off, T);
-            t->out = carve(base, &off, T * H);
+        memset(a, 0, sizeof *a);
+        carve_attn(&a->self, base, &off, T, T, H, nh);
+        if (m->Lt) {
+            a->aq = carve(base, &off, Tq * H);
+            a->at = carve(base, &off, Tt * H);
         }
-        a->pre = carve(base, &off, T * I);
-        a->act = carve(base, &off, T * I);
-        a->sum = carve(base, &off, T * H);
-        a->mean = carve(base, &off, T);
-        a->rstd = carve(base, &off, T);
-        a->out = carve(base, &off, T * H);
+        if (m->layers[i].has_cross) carve_attn(&a->cross, base, &off, Tq, Tkv, H, nh);
+        carve_ffn(&a->fq, base, &off, Tq, H, I);
+        if (m->Lt) {
+            carve_ffn(&a->ft, base, &off, Tt, H, I);
+            a->out = carve(base, &off, T * H);
+        }
+        if (base) {
+            if (!m->Lt) {
+                a->aq = a->self.out;
+                a->out = a->fq.out;
+            }
+        }
     }
     return off;
 }
 
-/* tokens [B*len, H] (batch-first) -> heads [B, nh, len, hd] */
-static void split_heads(float *heads, const float *tok, int64_t B, int64_t nh, int64_t len, int64_t hd) {
+/* tokens [B*len, H] -> rows [off, off+len) of heads [B, nh, tot, hd] */
+void qf_qformer_split_heads(float *heads, const float *tok, int64_t B, int64_t nh, int64_t tot, int64_t off,
+                            int64_t len, int64_t hd) {
     const int64_t H = nh * hd;
 #pragma omp parallel for collapse(2) num_threads(qf_threads()) if (B * len * H > 65536)
     for (int64_t b = 0; b < B; b++)
         for (int64_t i = 0; i < len; i++)
             for (int64_t h = 0; h < nh; h++)
-                memcpy(heads + ((b * nh + h) * len + i) * hd, tok + (b * len + i) * H + h * hd,
+                memcpy(heads + ((b * nh + h) * tot + off + i) * hd, tok + (b * len + i) * H + h * hd,
                        (size_t)hd * sizeof(float));
 }
 
-static void merge_heads(float *tok, const float *heads, int64_t B, int64_t nh, int64_t len, int64_t hd) {
+/* rows [off, off+len) of heads [B, nh, tot, hd] -> tokens [B*len, H] (written, or added if acc) */
+void qf_qformer_merge_heads(float *tok, const float *heads, int64_t B, int64_t nh, int64_t tot, int64_t off,
+                            int64_t len, int64_t hd, int acc) {
     const int64_t H = nh * hd;
 #pragma omp parallel for collapse(2) num_threads(qf_threads()) if (B * len * H > 65536)
     for (int64_t b = 0; b < B; b++)
         for (int64_t i = 0; i < len; i++)
-            for (int64_t h = 0; h < nh; h++)
-                memcpy(tok + (b * len + i) * H + h * hd, heads + ((b * nh + h) * len + i) * hd,
-                       (size_t)hd * sizeof(float));
+            for (int64_t h = 0; h < nh; h++) {
+                float *d = tok + (b * len + i) * H + h * hd;
+                const float *s = heads + ((b * nh + h) * tot + off + i) * hd;
+                if (acc)
+                    for (int64_t c = 0; c < hd; c++) d[c] += s[c];
+                else
+                    memcpy(d, s, (size_t)hd * sizeof(float));
+            }
 }
 
-/* One attention block: t->out = LN(x + dense(MHA(x, kv))). kv has kv_len tokens of width kin per
- * item; cross-attention uses the encoder mask. */
-static qf_status attention_block(qf_qformer *m, const qformer_attn *w, attn_acts *t, const float *x,
-                                 const float *kv, int64_t kv_len, int64_t kin, int cross) {
-    const char *fn = "qf_qformer_forward";
-    const int64_t B = m->B, Lq = m->Lq, H = m->cfg.hidden_size, nh = m->cfg.num_attention_heads, hd = m->hd;
-    const int64_t T = B * Lq;
-    QF_TRY(qf_linear_forward(m->tmp, x, w->wq, w->bq, T, H, H));
-    split_heads(t->qh, m->tmp, B, nh, Lq, hd);
-    QF_TRY(qf_linear_forward(m->tmp, kv, w->wk, w->bk, B * kv_len, kin, H));
-    split_heads(t->kh, m->tmp, B, nh, kv_len, hd);
-    QF_TRY(qf_linear_forward(m->tmp, kv, w->wv, w->bv, B * kv_len, kin, H));
-    split_heads(t->vh, m->tmp, B, nh, kv_len, hd);
+/* rows [r0, r0+len) of each item of src [B, tot, C] <-> dst [B, len, C] */
+void qf_qformer_gather_rows(float *dst, const float *src, int64_t B, int64_t tot, int64_t r0, int64_t len,
+                            int64_t C) {
+#pragma omp parallel for num_threads(qf_threads()) if (B * len * C > 65536)
+    for (int64_t b = 0; b < B; b++)
+        memcpy(dst + b * len * C, src + (b * tot + r0) * C, (size_t)(len * C) * sizeof(float));
+}
 
-    qf_sdpa_params sp = qf_sdpa_defaults(B, nh, nh, Lq, kv_len, hd);
-    if (cross && m->has_mask) {
+void qf_qformer_scatter_rows(float *dst, const float *src, int64_t B, int64_t tot, int64_t r0, int64_t len,
+                             int64_t C) {
+#pragma omp parallel for num_threads(qf_threads()) if (B * len * C > 65536)
+    for (int64_t b = 0; b < B; b++)
+        memcpy(dst + (b * tot + r0) * C, src + b * len * C, (size_t)(len * C) * sizeof(float));
+}
+
+/* The SDPA call of a block: self-attention over N tokens (text mask when given) or
+ * cross-attention of the Lq queries over P+S keys (encoder mask, prefix always attended). */
+qf_sdpa_params qf_qformer_sdpa_params(const qf_qformer *m, int cross) {
+    const int64_t B = m->B, nh = m->cfg.num_attention_heads;
+    const int64_t L = cross ? m->Lq : m->Lq + m->Lt, S = cross ? m->P + m->S : m->Lq + m->Lt;
+    qf_sdpa_params sp = qf_sdpa_defaults(B, nh, nh, L, S, m->hd);
+    const int masked = cross ? m->has_enc_mask : m->has_text_mask;
+    if (masked) {
         sp.mask.kind = QF_MASK_BOOL;
-        sp.mask.data = m->mask;
+        sp.mask.data = cross ? m->cross_mask : m->self_mask;
         sp.mask.ndim = 4;
         sp.mask.shape[0] = B;
         sp.mask.shape[1] = 1;
         sp.mask.shape[2] = 1;
-        sp.mask.shape[3] = kv_len;
+        sp.mask.shape[3] = S;
     }
+    return sp;
+}
+
+/* One attention block: t->out = LN(x + dense(MHA(x, [prefix ; kv]))). x has Lx tokens per item,
+ * kv has kv_len tokens of width kin per item. */
+static qf_status attention_block(qf_qformer *m, const qformer_attn *w, attn_acts *t, const float *x, int64_t Lx,
+                                 const float *kv, int64_t kv_len, int64_t kin, int cross) {
+    const char *fn = "qf_qformer_forward";
+    const int64_t B = m->B, H = m->cfg.hidden_size, nh = m->cfg.num_attention_heads, hd = m->hd;
+    const int64_t P = cross ? m->P : 0, tot = P + kv_len, T = B * Lx;
+    QF_TRY(qf_linear_forward(m->tmp, x, w->wq, w->bq, T, H, H));
+    qf_qformer_split_heads(t->qh, m->tmp, B, nh, Lx, 0, Lx, hd);
+    QF_TRY(qf_linear_forward(m->tmp, kv, w->wk, w->bk, B * kv_len, kin, H));
+    qf_qformer_split_heads(t->kh, m->tmp, B, nh, tot, P, kv_len, hd);
+    QF_TRY(qf_linear_forward(m->tmp, kv, w->wv, w->bv, B * kv_len, kin, H));
+    qf_qformer_split_heads(t->vh, m->tmp, B, nh, tot, P, kv_len, hd);
+    if (P) {
+        qf_qformer_split_heads(t->kh, m->pk, B, nh, tot, 0, P, hd);
+        qf_qformer_split_heads(t->vh, m->pv, B, nh, tot, 0, P, hd);
+    }
+    qf_sdpa_params sp = qf_qformer_sdpa_params(m, cross);
     qf_status s = qf_sdpa_forward(&sp, t->qh, t->kh, t->vh, t->oh, t->lse, NULL);
     if (s != QF_OK) return qf_fail_prefix(s, "%s (%s-attention)", fn, cross ? "cross" : "self");
-    if (cross && m->has_mask) {
+    if (cross && m->any_dead) {
         /* all-padding items: uniform weights over all keys, as transformers' finfo.min gives */
         for (int64_t b = 0; b < B; b++) {
             if (!m->dead[b]) continue;
             for (int64_t h = 0; h < nh; h++) {
-                const float *v = t->vh + (b * nh + h) * kv_len * hd;
-                float *o = t->oh + (b * nh + h) * Lq * hd;
+                const float *v = t->vh + (b * nh + h) * tot * hd;
+                float *o = t->oh + (b * nh + h) * Lx * hd;
                 for (int64_t d = 0; d < hd; d++) {
                     double acc = 0.0;
-                    for (int64_t j = 0; j < kv_len; j++) acc += v[j * hd + d];
-                    o[d] = (float)(acc / (double)kv_len);
+                    for (int64_t j = 0; j < tot; j++) acc += v[j * hd + d];
+                    o[d] = (float)(acc / (double)tot);
                 }
-                for (int64_t i = 1; i < Lq; i++) memcpy(o + i * hd, o, (size_t)hd * sizeof(float));
+                for (int64_t i = 1; i < Lx; i++) memcpy(o + i * hd, o, (size_t)hd * sizeof(float));
             }
         }
     }
-    merge_heads(t->merged, t->oh, B, nh, Lq, hd);
+    qf_qformer_merge_heads(t->merged, t->oh, B, nh, Lx, 0, Lx, hd, 0);
     QF_TRY(qf_linear_forward(t->sum, t->merged, w->wo, w->bo, T, H, H));
     QF_TRY(qf_residual_forward(t->sum, t->sum, x, T * H));
     QF_TRY(qf_layernorm_forward(t->out, t->mean, t->rstd, t->sum, w->ln_w, w->ln_b, T, H,
                                 (float)m->cfg.layer_norm_eps));
+    return QF_OK;
+}
+
+static qf_status ffn_block(qf_qformer *m, const qformer_ffn *w, ffn_acts *f, const float *x, int64_t rows) {
+    const int64_t H = m->cfg.hidden_size, I = m->cfg.intermediate_size;
+    QF_TRY(qf_linear_forward(f->pre, x, w->w_in, w->b_in, rows, H, I));
+    QF_TRY(qf_gelu_forward(f->act, f->pre, rows * I, m->cfg.hidden_act));
+    QF_TRY(qf_linear_forward(f->sum, f->act, w->w_out, w->b_out, rows, I, H));
+    QF_TRY(qf_residual_forward(f->sum, f->sum, x, rows * H));
+    QF_TRY(qf_layernorm_forward(f->out, f->mean, f->rstd, f->sum, w->ln_w, w->ln_b, rows, H,
+                                (float)m->cfg.layer_norm_eps));
+    return QF_OK;
+}
+
+static qf_status check_finite(const char *fn, const char *what, const float *x, size_t n) {
+    size_t bad = n;
+#pragma omp parallel for reduction(min : bad) num_threads(qf_threads()) if (n > 262144)
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(x[i]) && i < bad) bad = i;
+    if (bad < n)
+        return qf_fail(QF_ERR_NONFINITE, "%s: %s[%zu] = %g is not finite", fn, what, bad, (double)x[bad]);
     return QF_OK;
 }
 
@@ -477,38 +678,88 @@ qf_status qf_qformer_forward(qf_qformer *m, const qf_qformer_args *a, const floa
     if (!query_embeds) return qf_fail(QF_ERR_ARG, "%s: query_embeds is NULL", fn);
     if (!encoder_hidden_states) return qf_fail(QF_ERR_ARG, "%s: encoder_hidden_states is NULL", fn);
     if (!out) return qf_fail(QF_ERR_ARG, "%s: out is NULL", fn);
-    const int64_t B = a->B, Lq = a->num_queries, S = a->encoder_len;
+    m->have_fwd = 0;
+    const int64_t B = a->B, Lq = a->num_queries, S = a->encoder_len, Lt = a->text_len, P = a->prefix_len;
     if (B < 1 || Lq < 1 || S < 1)
         return qf_fail(QF_ERR_ARG, "%s: B = %lld, num_queries = %lld, encoder_len = %lld; each must be >= 1", fn,
                        (long long)B, (long long)Lq, (long long)S);
-    if (B > (1 << 24) || Lq > (1 << 24) || S > (1 << 24))
-        return qf_fail(QF_ERR_ARG, "%s: B, num_queries, encoder_len above 2^24 are not supported", fn);
-    m->have_fwd = 0;
-    const int64_t H = m->cfg.hidden_size, E = m->cfg.encoder_hidden_size;
-    const int64_t T = B * Lq;
-    const int with_mask = a->encoder_attention_mask != NULL;
+    if (Lt < 0 || P < 0)
+        return qf_fail(QF_ERR_ARG, "%s: text_len = %lld, prefix_len = %lld; each must be >= 0", fn, (long long)Lt,
+                       (long long)P);
+    if (B > (1 << 24) || Lq > (1 << 24) || S > (1 << 24) || Lt > (1 << 24) || P > (1 << 24))
+        return qf_fail(QF_ERR_ARG, "%s: B, num_queries, encoder_len, text_len, prefix_len above 2^24 are not supported",
+                       fn);
+    if (Lt) {
+        if (!m->cfg.has_text)
+            return qf_fail(QF_ERR_ARG, "%s: text_len = %lld but this Q-Former has no word/position embeddings "
+                                       "(a BLIP-2-style checkpoint takes query tokens only)", fn, (long long)Lt);
+        if (!a->text_ids) return qf_fail(QF_ERR_ARG, "%s: text_len = %lld but text_ids is NULL", fn, (long long)Lt);
+        if (Lt > m->cfg.max_position_embeddings)
+            return qf_fail(QF_ERR_ARG, "%s: text_len = %lld exceeds max_position_embeddings = %lld", fn,
+                           (long long)Lt, (long long)m->cfg.max_position_embeddings);
+        for (int64_t i = 0; i < B * Lt; i++)
+            if (a->text_ids[i] < 0 || a->text_ids[i] >= m->cfg.vocab_size)
+                return qf_fail(QF_ERR_ARG, "%s: text_ids[%lld][%lld] = %d is out of range [0, %lld) (vocab_size)", fn,
+                               (long long)(i / Lt), (long long)(i % Lt), (int)a->text_ids[i],
+                               (long long)m->cfg.vocab_size);
+    }
+    if (P && (!a->prefix_k || !a->prefix_v))
+        return qf_fail(QF_ERR_ARG, "%s: prefix_len = %lld but prefix_%s is NULL", fn, (long long)P,
+                       a->prefix_k ? "v" : "k");
+    const int64_t H = m->cfg.hidden_size, E = m->cfg.encoder_hidden_size, N = Lq + Lt;
+    const int64_t T = B * N, Tq = B * Lq, Tt = B * Lt;
+    QF_TRY(check_finite(fn, "query_embeds", query_embeds, (size_t)(Tq * H)));
+    QF_TRY(check_finite(fn, "encoder_hidden_states", encoder_hidden_states, (size_t)(B * S * E)));
+    if (P) {
+        QF_TRY(check_finite(fn, "prefix_k", a->prefix_k, (size_t)(B * P * H)));
+        QF_TRY(check_finite(fn, "prefix_v", a->prefix_v, (size_t)(B * P * H)));
+    }
 
-    size_t need = plan_forward(m, NULL, B, Lq, S, with_mask);
-    QF_TRY(grow(&m->fwd, &m->fwd_cap, need, fn));
-    plan_forward(m, m->fwd, B, Lq, S, with_mask);
     m->B = B;
     m->Lq = Lq;
+    m->Lt = Lt;
     m->S = S;
-    m->has_mask = with_mask;
+    m->P = P;
+    m->has_enc_mask = a->encoder_attention_mask != NULL;
+    m->has_text_mask = Lt && a->text_attention_mask != NULL;
+    size_t need = plan_forward(m, NULL);
+    QF_TRY(qf_qformer_grow(&m->fwd, &m->fwd_cap, need, fn));
+    plan_forward(m, m->fwd);
 
-    memcpy(m->x_in, query_embeds, (size_t)(T * H) * sizeof(float));
+    qf_qformer_scatter_rows(m->x_in, query_embeds, B, N, 0, Lq, H);
     memcpy(m->enc, encoder_hidden_states, (size_t)(B * S * E) * sizeof(float));
+    if (P) {
+        memcpy(m->pk, a->prefix_k, (size_t)(B * P * H) * sizeof(float));
+        memcpy(m->pv, a->prefix_v, (size_t)(B * P * H) * sizeof(float));
+    }
     memset(m->dead, 0, (size_t)B);
-    if (with_mask) {
+    m->any_dead = 0;
+    if (m->has_enc_mask) {
         for (int64_t b = 0; b < B; b++) {
             int any = 0;
+            uint8_t *row = m->cross_mask + b * (P + S);
+            memset(row, 1, (size_t)P);
             for (int64_t j = 0; j < S; j++) {
                 uint8_t v = a->encoder_attention_mask[b * S + j] ? 1 : 0;
-                m->mask[b * S + j] = v;
+                row[P + j] = v;
                 any |= v;
             }
-            m->dead[b] = !any;
+            m->dead[b] = !any && !P;
+            m->any_dead |= m->dead[b];
         }
+    }
+    if (Lt) {
+        memcpy(m->ids, a->text_ids, (size_t)Tt * sizeof(int32_t));
+        for (int64_t b = 0; b < B; b++) {
+            float *dst = m->x_in + (b * N + Lq) * H;
+            QF_TRY(qf_embedding_forward(dst, m->ids + b * Lt, m->word_emb, Lt, m->cfg.vocab_size, H));
+            QF_TRY(qf_residual_forward(dst, dst, m->pos_emb, Lt * H));
+        }
+        if (m->has_text_mask)
+            for (int64_t b = 0; b < B; b++) {
+                memset(m->self_mask + b * N, 1, (size_t)Lq);
+                for (int64_t j = 0; j < Lt; j++) m->self_mask[b * N + Lq + j] = a->text_attention_mask[b * Lt + j] ? 1 : 0;
+            }
     }
 
     const float eps = (float)m->cfg.layer_norm_eps;
@@ -517,21 +768,71 @@ qf_status qf_qformer_forward(qf_qformer *m, const qf_qformer_args *a, const floa
     for (int64_t i = 0; i < m->cfg.num_hidden_layers; i++) {
         const qformer_layer *l = &m->layers[i];
         layer_acts *t = &m->acts[i];
-        QF_TRY(attention_block(m, &l->self, &t->self, h, h, Lq, H, 0));
-        h = t->self.out;
-        if (l->has_cross) {
-            QF_TRY(attention_block(m, &l->cross, &t->cross, h, m->enc, S, E, 1));
-            h = t->cross.out;
+        QF_TRY(attention_block(m, &l->self, &t->self, h, N, h, N, H, 0));
+        if (Lt) {
+            qf_qformer_gather_rows(t->aq, t->self.out, B, N, 0, Lq, H);
+            qf_qformer_gather_rows(t->at, t->self.out, B, N, Lq, Lt, H);
         }
-        const int64_t I = m->cfg.intermediate_size;
-        QF_TRY(qf_linear_forward(t->pre, h, l->w_in, l->b_in, T, H, I));
-        QF_TRY(qf_gelu_forward(t->act, t->pre, T * I, m->cfg.hidden_act));
-        QF_TRY(qf_linear_forward(t->sum, t->act, l->w_out, l->b_out, T, I, H));
-        QF_TRY(qf_residual_forward(t->sum, t->sum, h, T * H));
-        QF_TRY(qf_layernorm_forward(t->out, t->mean, t->rstd, t->sum, l->ln_w, l->ln_b, T, H, eps));
+        const float *q = t->aq;
+        if (l->has_cross) {
+            QF_TRY(attention_block(m, &l->cross, &t->cross, q, Lq, m->enc, S, E, 1));
+            q = t->cross.out;
+        }
+        QF_TRY(ffn_block(m, &l->fq, &t->fq, q, Tq));
+        if (Lt) {
+            QF_TRY(ffn_block(m, &l->ft, &t->ft, t->at, Tt));
+            qf_qformer_scatter_rows(t->out, t->fq.out, B, N, 0, Lq, H);
+            qf_qformer_scatter_rows(t->out, t->ft.out, B, N, Lq, Lt, H);
+        }
         h = t->out;
     }
     memcpy(out, h, (size_t)(T * H) * sizeof(float));
     m->have_fwd = 1;
+    return QF_OK;
+}
+
+/* ---- cross-attention maps ---- */
+
+qf_status qf_qformer_cross_attention(qf_qformer *m, int layer, int average, float *weights) {
+    const char *fn = "qf_qformer_cross_attention";
+    if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
+    if (!weights) return qf_fail(QF_ERR_ARG, "%s: weights is NULL", fn);
+    if (!m->have_fwd) return qf_fail(QF_ERR_ARG, "%s: no successful qf_qformer_forward to read the maps of", fn);
+    const int nc = qf_qformer_num_cross_layers(m);
+    if (layer < 0 || layer >= nc)
+        return qf_fail(QF_ERR_ARG, "%s: layer = %d is out of range [0, %d) (cross-attention layers)", fn, layer, nc);
+    const attn_acts *t = &m->acts[(int64_t)layer * m->cfg.cross_attention_frequency].cross;
+    const int64_t B = m->B, nh = m->cfg.num_attention_heads, Lq = m->Lq, hd = m->hd, K = m->P + m->S;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const float inv_h = 1.0f / (float)nh;
+#pragma omp parallel for collapse(2) num_threads(qf_threads()) if (B * Lq * K * hd * nh > 65536)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i < Lq; i++) {
+            const uint8_t *mask = m->has_enc_mask ? m->cross_mask + b * K : NULL;
+            if (average)
+                for (int64_t j = 0; j < K; j++) weights[(b * Lq + i) * K + j] = 0.0f;
+            for (int64_t h = 0; h < nh; h++) {
+                const float *q = t->qh + ((b * nh + h) * Lq + i) * hd;
+                const float *k = t->kh + (b * nh + h) * K * hd;
+                const float lse = t->lse[(b * nh + h) * Lq + i];
+                float *dst = average ? weights + (b * Lq + i) * K : weights + ((b * nh + h) * Lq + i) * K;
+                for (int64_t j = 0; j < K; j++) {
+                    float w;
+                    if (m->dead[b]) {
+                        w = 1.0f / (float)K;
+                    } else if (mask && !mask[j]) {
+                        w = 0.0f;
+                    } else {
+                        float s = 0.0f;
+                        for (int64_t d = 0; d < hd; d++) s += q[d] * k[j * hd + d];
+                        w = expf(s * scale - lse);
+                    }
+                    if (average)
+                        dst[j] += w * inv_h;
+                    else
+                        dst[j] = w;
+                }
+            }
+        }
     return QF_OK;
 }

@@ -1,0 +1,94 @@
+/* qformer_internal.h - the Q-Former's private state, shared by qformer.c (load, forward, maps)
+ * and qformer_backward.c (backward). Not installed; the contract is include/qfuse_models.h.
+ *
+ * Layouts: tokens are batch-first rows [B, N, H] with N = Lq + Lt (queries first); heads are
+ * [B, nh, len, hd]; cross-attention keys are [prefix (P) ; encoder (S)] per item. When Lt == 0,
+ * the query-row views (aq, layer out) alias the full-token buffers, so nothing is copied. */
+#ifndef QF_QFORMER_INTERNAL_H
+#define QF_QFORMER_INTERNAL_H
+
+#include "internal.h"
+
+typedef struct {
+    char *name;              /* transformers name (owned)                                     */
+    int ndim;
+    int64_t shape[2];
+    size_t off, n;           /* in floats, into params and grads                              */
+} qformer_ptab;
+
+typedef struct {             /* one attention block: MultiHeadAttention + SelfOutput          */
+    const float *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo, *ln_w, *ln_b;
+} qformer_attn;
+
+typedef struct {             /* intermediate(_query) + output(_query)                        */
+    const float *w_in, *b_in, *w_out, *b_out, *ln_w, *ln_b;
+} qformer_ffn;
+
+typedef struct {
+    int has_cross;
+    qformer_attn self, cross;
+    qformer_ffn fq, ft;      /* query rows, text rows (ft only when has_text)                 */
+} qformer_layer;
+
+typedef struct {             /* activations of one attention block                            */
+    float *qh, *kh, *vh, *oh, *lse, *merged, *sum, *mean, *rstd, *out;
+} attn_acts;
+
+typedef struct {
+    float *pre, *act, *sum, *mean, *rstd, *out;
+} ffn_acts;
+
+typedef struct {
+    attn_acts self, cross;   /* cross.* NULL on layers without cross-attention               */
+    float *aq, *at;          /* query / text rows of self.out (aq == self.out when Lt == 0)   */
+    ffn_acts fq, ft;
+    float *out;              /* the layer's output [B, N, H] (== fq.out when Lt == 0)         */
+} layer_acts;
+
+struct qf_qformer {
+    qf_qformer_config cfg;
+    int64_t hd, pad_token_id;       /* pad_token_id -1: no padding row                       */
+    int lavis, ln_embeddings_name;  /* file naming scheme                                    */
+    int np, np_cap;
+    qformer_ptab *ptab;
+    float *params, *grads;
+    size_t params_total;
+    int frozen;
+    const float *ln_w, *ln_b, *word_emb, *pos_emb;
+    qformer_layer *layers;
+
+    /* forward planned block */
+    float *fwd;
+    size_t fwd_cap;
+    float *x_in, *enc, *pk, *pv, *emb_mean, *emb_rstd, *emb, *tmp;
+    int32_t *ids;
+    uint8_t *self_mask;             /* [B, N] 1 = attend (when has_text_mask)                */
+    uint8_t *cross_mask;            /* [B, P+S] 1 = attend (when has_enc_mask)               */
+    uint8_t *dead;                  /* [B] 1 = every encoder key is padding and P == 0       */
+    layer_acts *acts;
+    int64_t B, Lq, Lt, S, P;
+    int have_fwd, has_enc_mask, has_text_mask, any_dead;
+
+    /* backward planned block */
+    float *bwd;
+    size_t bwd_cap;
+};
+
+/* gradient view of a parameter view p (NULL when frozen) */
+static inline float *qformer_grad(const qf_qformer *m, const float *p) {
+    return m->frozen ? NULL : m->grads + (p - m->params);
+}
+
+qf_status qf_qformer_grow(float **buf, size_t *cap, size_t floats, const char *what);
+float *qf_qformer_carve(float *base, size_t *off, size_t n);
+void qf_qformer_split_heads(float *heads, const float *tok, int64_t B, int64_t nh, int64_t tot, int64_t off,
+                            int64_t len, int64_t hd);
+void qf_qformer_merge_heads(float *tok, const float *heads, int64_t B, int64_t nh, int64_t tot, int64_t off,
+                            int64_t len, int64_t hd, int acc);
+void qf_qformer_gather_rows(float *dst, const float *src, int64_t B, int64_t tot, int64_t r0, int64_t len,
+                            int64_t C);
+void qf_qformer_scatter_rows(float *dst, const float *src, int64_t B, int64_t tot, int64_t r0, int64_t len,
+                             int64_t C);
+qf_sdpa_params qf_qformer_sdpa_params(const qf_qformer *m, int cross);
+
+#endif
