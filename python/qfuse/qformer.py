@@ -11,8 +11,9 @@ InstructBlipQFormerModel and LAVIS Q-Former checkpoints, forward, backward, cros
     qf.set_frozen(True); qf.params(); qf.close()
 
 Conventions (invariants of this module):
-- Float inputs are converted to C-contiguous float32; masks may be bool or integer (nonzero =
-  attend), ids any integer dtype (converted to int32 after a range check by C).
+- Float inputs are converted to C-contiguous float32; masks may be bool, integer or float
+  (nonzero = attend, as transformers' 1/0 masks); ids any integer dtype (range-checked, then
+  int32).
 - Shapes are checked here against the model's config before C sees a pointer (C receives raw
   pointers); every problem raises QfuseError naming the argument, its shape and the rule.
 - backward() returns the gradients of loss = sum(out * grad_out) for the last forward. Parameter
@@ -82,8 +83,8 @@ def _f32(x, what):
 
 def _mask(x, what, shape):
     a = np.asarray(x)
-    if not (a.dtype == np.bool_ or np.issubdtype(a.dtype, np.integer)):
-        raise QfuseError("%s has dtype %s; expected bool or an integer dtype (nonzero = attend)"
+    if not (a.dtype == np.bool_ or np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise QfuseError("%s has dtype %s; expected bool, integer or floating (nonzero = attend)"
                          % (what, a.dtype), "QF_ERR_DTYPE")
     if a.shape != shape:
         raise QfuseError("%s has shape %s; expected [%s]" % (what, _shape(a), ",".join(map(str, shape))),
