@@ -1,0 +1,522 @@
+/* prefusion.c - AffectGPT's multimodal pre-fusion (encode_multi_qformer): audio and face features
+ * -> one token sequence -> a 2-layer Q-Former read by learned queries -> LLM-width tokens.
+ * Forward and backward side by side, on qf_linear_* and the Q-Former core (qformer.c).
+ *
+ * Semantics (AffectGPT my_affectgpt/models/affectgpt.py, multi_fusion_type "qformer"):
+ *   A = multi_audio_embs(audio)  [B,ta,M]     F = multi_video_embs(face)  [B,tf,M]
+ *   X = concat_time(F, A) (fusion_order ["face","audio"], the code's order; ["audio","face"] swaps)
+ *   X[b,j] += multi_position_embedding[j]      j = 0 .. tf+ta-1 (S = tf+ta <= position_embedding_size)
+ *   Q = multi_Qformer(query_embeds = multi_query_tokens (broadcast over B),
+ *                     encoder_hidden_states = X, encoder_attention_mask = the frame masks)
+ *   out = multi_llama_proj(Q)                  [B,nq,llm_hidden_size]
+ * M = max_hidden_size = max(audio_dim, video_dim); the Q-Former's encoder_hidden_size is M.
+ *
+ * Padded frames (qfuse's extension: AffectGPT itself passes an all-ones mask): batch items may
+ * carry fewer real frames than ta / tf; audio_mask [B,ta] / face_mask [B,tf] say which (nonzero =
+ * real). The layout is NOT compacted: position ids run over the padded layout 0..tf+ta-1, so a
+ * real audio frame's position depends on tf, not on the item's own face count. A padded frame is
+ * only masked out of the cross-attention keys; its projection is still computed (so its values
+ * must be finite) and its input gradient comes out 0. A missing mask means all frames are real.
+ * An item with no real frame at all gets the Q-Former core's rule (uniform weights over S keys).
+ *
+ * Checkpoint (config.json model_type "affectgpt_prefusion", model.safetensors): multi_audio_embs.*,
+ * multi_video_embs.*, multi_position_embedding.weight [264,M], multi_query_tokens [1,nq,hidden],
+ * multi_llama_proj.*, and the Q-Former under "multi_Qformer." (transformers or LAVIS names; the
+ * core probes). qformer_config usually lacks encoder_hidden_size (LAVIS calls it encoder_width and
+ * sets it to M at build time): the loader then hands the core a copy of qformer_config with
+ * encoder_hidden_size = max_hidden_size added; a present value must equal max_hidden_size.
+ *
+ * Invariants:
+ *   - Own parameters in one float buffer, gradients in another, laid out by ptab (llm.c); the
+ *     Q-Former keeps its own. Parameter gradients accumulate until qf_prefusion_zero_grad.
+ *   - fwd/bwd are grow-only planned blocks (a forward/backward with earlier shapes allocates
+ *     nothing). fwd keeps copies of the inputs, so the caller may reuse its buffers.
+ *   - have_fwd is set only after a forward fully succeeded; backward refuses without one.
+ *   - Load fully succeeds or frees everything; every failure names the file and key/tensor. */
+#include "internal.h"
+#include <cjson/cJSON.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { PF_NP = 9 };
+
+typedef struct {
+    const char *name;
+    int ndim;
+    int64_t shape[3];
+    size_t off, n;
+} pf_ptab;
+
+struct qf_prefusion {
+    qf_prefusion_config cfg;
+    int64_t H;                      /* Q-Former hidden size */
+    qf_qformer *qf;
+    int np;
+    pf_ptab ptab[PF_NP];
+    float *params, *grads;
+    const float *wa, *ba, *wv, *bv, *pos, *qtok, *wl, *bl;
+    float *gwa, *gba, *gwv, *gbv, *gpos, *gqtok, *gwl, *gbl;
+    int nq_params;                  /* Q-Former parameters, reported as "multi_Qformer." + name */
+    char **q_names;
+
+    float *fwd;
+    size_t fwd_cap;
+    float *audio_in, *face_in;      /* input copies [B*ta, audio_dim], [B*tf, video_dim] */
+    float *proj;                    /* [B*max(ta,tf), M] projection scratch */
+    float *enc;                     /* [B, S, M] */
+    uint8_t *mask;                  /* [B, S] 1 = real frame (when has_mask) */
+    float *queries;                 /* [B*nq, H] */
+    float *qout;                    /* [B*nq, H] Q-Former output, input of multi_llama_proj */
+    float *bwd;
+    size_t bwd_cap;
+    float *g_qout, *g_query, *g_enc, *g_seg;
+    int64_t B, ta, tf;
+    int has_mask, have_fwd;
+};
+
+static void add_param(qf_prefusion *m, const char *name, int ndim, int64_t d0, int64_t d1, int64_t d2,
+                      size_t *off) {
+    pf_ptab *p = &m->ptab[m->np++];
+    p->name = name;
+    p->ndim = ndim;
+    p->shape[0] = d0;
+    p->shape[1] = d1;
+    p->shape[2] = d2;
+    p->n = (size_t)d0 * (size_t)(ndim > 1 ? d1 : 1) * (size_t)(ndim > 2 ? d2 : 1);
+    p->off = *off;
+    *off += qf_align_up(p->n, 16);
+}
+
+/* ---- config ---- */
+
+static qf_status cfg_int(const qf_config *cfg, const char *path, const char *key, int64_t lo, int64_t hi,
+                         int64_t *out) {
+    qf_status s = qf_config_int(cfg, key, out);
+    if (s != QF_OK) return qf_fail_prefix(s, "qf_prefusion_load");
+    if (*out < lo || *out > hi)
+        return qf_fail(QF_ERR_FORMAT, "qf_prefusion_load: %s: config key \"%s\" = %lld is out of range [%lld, %lld]",
+                       path, key, (long long)*out, (long long)lo, (long long)hi);
+    return QF_OK;
+}
+
+static qf_status read_fusion_order(const char *path, const cJSON *root, int *face_first) {
+    *face_first = 1;
+    const cJSON *fo = cJSON_GetObjectItemCaseSensitive(root, "fusion_order");
+    if (!fo || cJSON_IsNull(fo)) return QF_OK;
+    const char *a = NULL, *b = NULL;
+    if (cJSON_IsArray(fo) && cJSON_GetArraySize(fo) == 2) {
+        const cJSON *x = cJSON_GetArrayItem(fo, 0), *y = cJSON_GetArrayItem(fo, 1);
+        if (cJSON_IsString(x) && cJSON_IsString(y)) {
+            a = x->valuestring;
+            b = y->valuestring;
+        }
+    }
+    if (a && b && !strcmp(a, "face") && !strcmp(b, "audio")) return QF_OK;
+    if (a && b && !strcmp(a, "audio") && !strcmp(b, "face")) {
+        *face_first = 0;
+        return QF_OK;
+    }
+    return qf_fail(QF_ERR_FORMAT, "qf_prefusion_load: %s: config key \"fusion_order\" must be [\"face\",\"audio\"] "
+                                  "or [\"audio\",\"face\"]", path);
+}
+
+/* The Q-Former's config: qformer_config, with encoder_hidden_size = M added when absent. */
+static qf_status qformer_config(const char *path, const cJSON *root, int64_t M, qf_config **out) {
+    const cJSON *qc = cJSON_GetObjectItemCaseSensitive(root, "qformer_config");
+    if (!cJSON_IsObject(qc))
+        return qf_fail(qc ? QF_ERR_FORMAT : QF_ERR_NOT_FOUND, "qf_prefusion_load: %s: config key \"qformer_config\" "
+                       "%s", path, qc ? "is not an object" : "is absent");
+    const cJSON *e = cJSON_GetObjectItemCaseSensitive(qc, "encoder_hidden_size");
+    if (e && !cJSON_IsNull(e)) {
+        if (!cJSON_IsNumber(e) || e->valuedouble != (double)M)
+            return qf_fail(QF_ERR_FORMAT, "qf_prefusion_load: %s: config key \"qformer_config.encoder_hidden_size\" "
+                           "must equal max_hidden_size = %lld (the Q-Former reads the fused sequence)", path,
+                           (long long)M);
+    }
+    cJSON *copy = cJSON_Duplicate(qc, 1);
+    if (!copy) return qf_fail(QF_ERR_NOMEM, "qf_prefusion_load: cannot copy qformer_config");
+    cJSON_DeleteItemFromObjectCaseSensitive(copy, "encoder_hidden_size");
+    if (!cJSON_AddNumberToObject(copy, "encoder_hidden_size", (double)M)) {
+        cJSON_Delete(copy);
+        return qf_fail(QF_ERR_NOMEM, "qf_prefusion_load: cannot extend qformer_config");
+    }
+    char *txt = cJSON_PrintUnformatted(copy);
+    cJSON_Delete(copy);
+    if (!txt) return qf_fail(QF_ERR_NOMEM, "qf_prefusion_load: cannot print qformer_config");
+    char label[4200];
+    snprintf(label, sizeof label, "%s [qformer_config, encoder_hidden_size = max_hidden_size]", path);
+    qf_status s = qf_config_parse(txt, strlen(txt), label, out);
+    free(txt);
+    return s;
+}
+
+static qf_status read_text(const char *path, char **out) {
+    *out = NULL;
+    FILE *f = fopen(path, "rb");
+    if (!f) return qf_fail(QF_ERR_IO, "qf_prefusion_load: cannot open %s", path);
+    size_t cap = 1 << 16, len = 0;
+    char *buf = malloc(cap + 1);
+    while (buf) {
+        size_t n = fread(buf + len, 1, cap - len, f);
+        len += n;
+        if (len < cap) break;
+        if (cap >= ((size_t)64 << 20)) {
+            free(buf);
+            fclose(f);
+            return qf_fail(QF_ERR_FORMAT, "qf_prefusion_load: %s is larger than 64 MiB", path);
+        }
+        cap *= 2;
+        char *nb = realloc(buf, cap + 1);
+        if (!nb) free(buf);
+        buf = nb;
+    }
+    fclose(f);
+    if (!buf) return qf_fail(QF_ERR_NOMEM, "qf_prefusion_load: cannot read %s", path);
+    buf[len] = 0;
+    *out = buf;
+    return QF_OK;
+}
+
+/* ---- loading ---- */
+
+static qf_status load_into(qf_prefusion *m, const char *folder) {
+    const char *fn = "qf_prefusion_load";
+    char path[4096], stpath[4096];
+    if (snprintf(path, sizeof path, "%s/config.json", folder) >= (int)sizeof path ||
+        snprintf(stpath, sizeof stpath, "%s/model.safetensors", folder) >= (int)sizeof stpath)
+        return qf_fail(QF_ERR_ARG, "%s: folder path is too long", fn);
+    qf_config *cfg = NULL, *qcfg = NULL;
+    qf_safetensors *st = NULL;
+    cJSON *root = NULL;
+    char *text = NULL;
+    qf_status s = qf_config_load(path, &cfg);
+    if (s != QF_OK) return qf_fail_prefix(s, "%s", fn);
+    const char *mt = NULL;
+    s = qf_config_string(cfg, "model_type", &mt);
+    if (s != QF_OK) {
+        s = qf_fail_prefix(s, "%s", fn);
+    } else if (strcmp(mt, "affectgpt_prefusion")) {
+        s = qf_fail(QF_ERR_UNSUPPORTED, "%s: %s: model_type \"%s\" is not \"affectgpt_prefusion\"", fn, path, mt);
+    }
+    qf_prefusion_config *c = &m->cfg;
+    const int64_t big = 1 << 20;
+    if (s == QF_OK) s = cfg_int(cfg, path, "audio_dim", 1, big, &c->audio_dim);
+    if (s == QF_OK) s = cfg_int(cfg, path, "video_dim", 1, big, &c->video_dim);
+    if (s == QF_OK) s = cfg_int(cfg, path, "max_hidden_size", 1, big, &c->max_hidden_size);
+    if (s == QF_OK) s = cfg_int(cfg, path, "num_multi_query_token", 1, big, &c->num_multi_query_token);
+    if (s == QF_OK) s = cfg_int(cfg, path, "position_embedding_size", 1, big, &c->position_embedding_size);
+    if (s == QF_OK) s = cfg_int(cfg, path, "llm_hidden_size", 1, big, &c->llm_hidden_size);
+    if (s == QF_OK && c->max_hidden_size != (c->audio_dim > c->video_dim ? c->audio_dim : c->video_dim))
+        s = qf_fail(QF_ERR_FORMAT, "%s: %s: max_hidden_size = %lld must be max(audio_dim = %lld, video_dim = %lld)",
+                    fn, path, (long long)c->max_hidden_size, (long long)c->audio_dim, (long long)c->video_dim);
+    if (s == QF_OK) s = read_text(path, &text);
+    if (s == QF_OK) {
+        root = cJSON_Parse(text);
+        if (!root) s = qf_fail(QF_ERR_FORMAT, "%s: %s is not valid JSON", fn, path);
+    }
+    if (s == QF_OK) s = read_fusion_order(path, root, &c->face_first);
+    if (s == QF_OK) s = qformer_config(path, root, c->max_hidden_size, &qcfg);
+    if (s == QF_OK) {
+        s = qf_st_open(stpath, &st);
+        if (s != QF_OK) s = qf_fail_prefix(s, "%s", fn);
+    }
+    if (s == QF_OK) {
+        s = qf_qformer_load_parts(qcfg, "", st, "multi_Qformer.", &m->qf);
+        if (s != QF_OK) s = qf_fail_prefix(s, "%s: %s", fn, folder);
+    }
+    qf_qformer_config qc;
+    if (s == QF_OK) s = qf_qformer_get_config(m->qf, &qc);
+    if (s == QF_OK) {
+        const int64_t M = c->max_hidden_size, H = qc.hidden_size, nq = c->num_multi_query_token;
+        m->H = H;
+        size_t off = 0;
+        add_param(m, "multi_audio_embs.weight", 2, M, c->audio_dim, 0, &off);
+        add_param(m, "multi_audio_embs.bias", 1, M, 0, 0, &off);
+        add_param(m, "multi_video_embs.weight", 2, M, c->video_dim, 0, &off);
+        add_param(m, "multi_video_embs.bias", 1, M, 0, 0, &off);
+        add_param(m, "multi_position_embedding.weight", 2, c->position_embedding_size, M, 0, &off);
+        add_param(m, "multi_query_tokens", 3, 1, nq, H, &off);
+        add_param(m, "multi_llama_proj.weight", 2, c->llm_hidden_size, H, 0, &off);
+        add_param(m, "multi_llama_proj.bias", 1, c->llm_hidden_size, 0, 0, &off);
+        if (posix_memalign((void **)&m->params, 64, off * sizeof(float)) ||
+            posix_memalign((void **)&m->grads, 64, off * sizeof(float)))
+            s = qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu parameter floats", fn, 2 * off);
+        else
+            memset(m->grads, 0, off * sizeof(float));
+    }
+    for (int i = 0; i < m->np && s == QF_OK; i++) {
+        const pf_ptab *p = &m->ptab[i];
+        s = qf_st_read_f32(st, p->name, p->ndim, p->shape, m->params + p->off);
+        if (s != QF_OK)
+            s = qf_fail_prefix(s, "%s (AffectGPT pre-fusion, audio_dim %lld, video_dim %lld, max_hidden_size %lld)", fn,
+                               (long long)c->audio_dim, (long long)c->video_dim, (long long)c->max_hidden_size);
+    }
+    if (s == QF_OK) {
+        m->nq_params = qf_qformer_num_params(m->qf);
+        m->q_names = calloc((size_t)(m->nq_params > 0 ? m->nq_params : 1), sizeof *m->q_names);
+        if (!m->q_names) s = qf_fail(QF_ERR_NOMEM, "%s: cannot allocate the name table", fn);
+        for (int i = 0; i < m->nq_params && s == QF_OK; i++) {
+            qf_param qp;
+            s = qf_qformer_param(m->qf, i, &qp);
+            if (s != QF_OK) break;
+            size_t n = strlen(qp.name) + sizeof "multi_Qformer.";
+            m->q_names[i] = malloc(n);
+            if (!m->q_names[i]) {
+                s = qf_fail(QF_ERR_NOMEM, "%s: cannot copy a parameter name", fn);
+                break;
+            }
+            snprintf(m->q_names[i], n, "multi_Qformer.%s", qp.name);
+        }
+    }
+    if (s == QF_OK) {
+        int k = 0;
+#define NEXT(g) (m->g ? m->g + m->ptab[k].off : NULL)
+        m->wa = NEXT(params); m->gwa = NEXT(grads); k++;
+        m->ba = NEXT(params); m->gba = NEXT(grads); k++;
+        m->wv = NEXT(params); m->gwv = NEXT(grads); k++;
+        m->bv = NEXT(params); m->gbv = NEXT(grads); k++;
+        m->pos = NEXT(params); m->gpos = NEXT(grads); k++;
+        m->qtok = NEXT(params); m->gqtok = NEXT(grads); k++;
+        m->wl = NEXT(params); m->gwl = NEXT(grads); k++;
+        m->bl = NEXT(params); m->gbl = NEXT(grads); k++;
+#undef NEXT
+    }
+    free(text);
+    cJSON_Delete(root);
+    qf_st_close(st);
+    qf_config_free(qcfg);
+    qf_config_free(cfg);
+    return s;
+}
+
+qf_status qf_prefusion_load(const char *folder, qf_prefusion **out) {
+    if (!out) return qf_fail(QF_ERR_ARG, "qf_prefusion_load: out is NULL");
+    *out = NULL;
+    if (!folder) return qf_fail(QF_ERR_ARG, "qf_prefusion_load: folder is NULL");
+    qf_prefusion *m = calloc(1, sizeof *m);
+    if (!m) return qf_fail(QF_ERR_NOMEM, "qf_prefusion_load: cannot allocate the model");
+    qf_status s = load_into(m, folder);
+    if (s != QF_OK) {
+        qf_prefusion_free(m);
+        return s;
+    }
+    *out = m;
+    return QF_OK;
+}
+
+void qf_prefusion_free(qf_prefusion *m) {
+    if (!m) return;
+    qf_qformer_free(m->qf);
+    if (m->q_names)
+        for (int i = 0; i < m->nq_params; i++) free(m->q_names[i]);
+    free(m->q_names);
+    free(m->params);
+    free(m->grads);
+    free(m->fwd);
+    free(m->bwd);
+    free(m);
+}
+
+qf_status qf_prefusion_get_config(const qf_prefusion *m, qf_prefusion_config *out) {
+    if (!m) return qf_fail(QF_ERR_ARG, "qf_prefusion_get_config: m is NULL");
+    if (!out) return qf_fail(QF_ERR_ARG, "qf_prefusion_get_config: out is NULL");
+    *out = m->cfg;
+    return QF_OK;
+}
+
+qf_qformer *qf_prefusion_qformer(qf_prefusion *m) { return m ? m->qf : NULL; }
+
+/* ---- planned buffers ---- */
+
+static qf_status grow(float **buf, size_t *cap, size_t floats, const char *what) {
+    if (floats <= *cap) return QF_OK;
+    void *p = NULL;
+    if (posix_memalign(&p, 64, floats * sizeof(float)))
+        return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes of activations", what, floats * sizeof(float));
+    free(*buf);
+    *buf = p;
+    *cap = floats;
+    return QF_OK;
+}
+
+static float *carve(float *base, size_t *off, size_t n) {
+    float *p = base ? base + *off : NULL;
+    *off += qf_align_up(n ? n : 1, 16);
+    return p;
+}
+
+static size_t plan_forward(qf_prefusion *m, float *base, int64_t B, int64_t ta, int64_t tf) {
+    const size_t M = (size_t)m->cfg.max_hidden_size, S = (size_t)(ta + tf);
+    const size_t T = (size_t)(B * m->cfg.num_multi_query_token), H = (size_t)m->H;
+    const size_t tmax = (size_t)(ta > tf ? ta : tf);
+    size_t off = 0;
+    m->audio_in = carve(base, &off, (size_t)(B * ta * m->cfg.audio_dim));
+    m->face_in = carve(base, &off, (size_t)(B * tf * m->cfg.video_dim));
+    m->proj = carve(base, &off, (size_t)B * tmax * M);
+    m->enc = carve(base, &off, (size_t)B * S * M);
+    m->mask = (uint8_t *)carve(base, &off, ((size_t)B * S + 3) / 4);
+    m->queries = carve(base, &off, T * H);
+    m->qout = carve(base, &off, T * H);
+    return off;
+}
+
+static size_t plan_backward(qf_prefusion *m, float *base) {
+    const size_t M = (size_t)m->cfg.max_hidden_size, S = (size_t)(m->ta + m->tf), B = (size_t)m->B;
+    const size_t T = B * (size_t)m->cfg.num_multi_query_token, H = (size_t)m->H;
+    const size_t tmax = (size_t)(m->ta > m->tf ? m->ta : m->tf);
+    size_t off = 0;
+    m->g_qout = carve(base, &off, T * H);
+    m->g_query = carve(base, &off, T * H);
+    m->g_enc = carve(base, &off, B * S * M);
+    m->g_seg = carve(base, &off, B * tmax * M);
+    return off;
+}
+
+/* Offsets of the two modalities inside the fused sequence. */
+static void segment_offsets(const qf_prefusion *m, int64_t ta, int64_t tf, int64_t *off_a, int64_t *off_f) {
+    *off_f = m->cfg.face_first ? 0 : ta;
+    *off_a = m->cfg.face_first ? tf : 0;
+}
+
+/* ---- forward ---- */
+
+qf_status qf_prefusion_forward(qf_prefusion *m, const qf_prefusion_args *a, const float *audio, const float *face,
+                               float *out) {
+    const char *fn = "qf_prefusion_forward";
+    if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
+    if (!a) return qf_fail(QF_ERR_ARG, "%s: args is NULL", fn);
+    if (!out) return qf_fail(QF_ERR_ARG, "%s: out is NULL", fn);
+    const int64_t B = a->B, ta = a->audio_len, tf = a->face_len;
+    if (B < 1 || B > (1 << 24))
+        return qf_fail(QF_ERR_ARG, "%s: B = %lld, expected 1 .. 2^24", fn, (long long)B);
+    if (ta < 0 || tf < 0 || ta + tf < 1)
+        return qf_fail(QF_ERR_ARG, "%s: audio_len = %lld, face_len = %lld: each must be >= 0 and not both 0", fn,
+                       (long long)ta, (long long)tf);
+    if (ta + tf > m->cfg.position_embedding_size)
+        return qf_fail(QF_ERR_ARG, "%s: face_len + audio_len = %lld exceeds position_embedding_size = %lld "
+                       "(multi_position_embedding has that many rows)", fn, (long long)(ta + tf),
+                       (long long)m->cfg.position_embedding_size);
+    if (ta && !audio) return qf_fail(QF_ERR_ARG, "%s: audio is NULL but audio_len = %lld", fn, (long long)ta);
+    if (tf && !face) return qf_fail(QF_ERR_ARG, "%s: face is NULL but face_len = %lld", fn, (long long)tf);
+    m->have_fwd = 0;
+    const int64_t M = m->cfg.max_hidden_size, S = ta + tf, nq = m->cfg.num_multi_query_token, H = m->H;
+    const int64_t Da = m->cfg.audio_dim, Dv = m->cfg.video_dim;
+    size_t need = plan_forward(m, NULL, B, ta, tf);
+    QF_TRY(grow(&m->fwd, &m->fwd_cap, need, fn));
+    plan_forward(m, m->fwd, B, ta, tf);
+    m->B = B;
+    m->ta = ta;
+    m->tf = tf;
+    int64_t off_a, off_f;
+    segment_offsets(m, ta, tf, &off_a, &off_f);
+
+    /* each modality: project, then place at its offset with its position rows added */
+    for (int mod = 0; mod < 2; mod++) {
+        const int64_t t = mod ? ta : tf, D = mod ? Da : Dv, seg = mod ? off_a : off_f;
+        if (!t) continue;
+        float *in = mod ? m->audio_in : m->face_in;
+        memcpy(in, mod ? audio : face, (size_t)(B * t * D) * sizeof(float));
+        QF_TRY(qf_linear_forward(m->proj, in, mod ? m->wa : m->wv, mod ? m->ba : m->bv, B * t, D, M));
+#pragma omp parallel for collapse(2) num_threads(qf_threads()) if (B * t * M > 65536)
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t i = 0; i < t; i++) {
+                const float *src = m->proj + (b * t + i) * M, *pe = m->pos + (seg + i) * M;
+                float *dst = m->enc + (b * S + seg + i) * M;
+                for (int64_t c = 0; c < M; c++) dst[c] = src[c] + pe[c];
+            }
+    }
+    m->has_mask = a->audio_mask || a->face_mask;
+    if (m->has_mask) {
+        for (int64_t b = 0; b < B; b++) {
+            for (int64_t i = 0; i < tf; i++)
+                m->mask[b * S + off_f + i] = a->face_mask ? (a->face_mask[b * tf + i] != 0) : 1;
+            for (int64_t i = 0; i < ta; i++)
+                m->mask[b * S + off_a + i] = a->audio_mask ? (a->audio_mask[b * ta + i] != 0) : 1;
+        }
+    }
+    for (int64_t b = 0; b < B; b++) memcpy(m->queries + b * nq * H, m->qtok, (size_t)(nq * H) * sizeof(float));
+
+    qf_qformer_args qa;
+    memset(&qa, 0, sizeof qa);
+    qa.B = B;
+    qa.num_queries = nq;
+    qa.encoder_len = S;
+    qa.encoder_attention_mask = m->has_mask ? m->mask : NULL;
+    qf_status s = qf_qformer_forward(m->qf, &qa, m->queries, m->enc, m->qout);
+    if (s != QF_OK) return qf_fail_prefix(s, "%s (multi_Qformer)", fn);
+    QF_TRY(qf_linear_forward(out, m->qout, m->wl, m->bl, B * nq, H, m->cfg.llm_hidden_size));
+    m->have_fwd = 1;
+    return QF_OK;
+}
+
+/* ---- backward ---- */
+
+qf_status qf_prefusion_backward(qf_prefusion *m, const float *grad_out, float *grad_audio, float *grad_face) {
+    const char *fn = "qf_prefusion_backward";
+    if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
+    if (!grad_out) return qf_fail(QF_ERR_ARG, "%s: grad_out is NULL", fn);
+    if (!m->have_fwd) return qf_fail(QF_ERR_ARG, "%s: no successful qf_prefusion_forward to differentiate", fn);
+    const int64_t B = m->B, ta = m->ta, tf = m->tf, S = ta + tf, M = m->cfg.max_hidden_size;
+    const int64_t nq = m->cfg.num_multi_query_token, H = m->H, T = B * nq;
+    size_t need = plan_backward(m, NULL);
+    QF_TRY(grow(&m->bwd, &m->bwd_cap, need, fn));
+    plan_backward(m, m->bwd);
+
+    QF_TRY(qf_linear_backward(m->g_qout, m->gwl, m->gbl, grad_out, m->qout, m->wl, T, H, m->cfg.llm_hidden_size));
+    qf_status s = qf_qformer_backward(m->qf, m->g_qout, m->g_query, m->g_enc, NULL, NULL);
+    if (s != QF_OK) return qf_fail_prefix(s, "%s (multi_Qformer)", fn);
+    /* the queries are one parameter broadcast over the batch: its gradient sums over B */
+    for (int64_t b = 0; b < B; b++) {
+        const float *g = m->g_query + b * nq * H;
+        for (int64_t j = 0; j < nq * H; j++) m->gqtok[j] += g[j];
+    }
+    /* position rows 0..S-1 are shared by every item */
+    for (int64_t b = 0; b < B; b++) {
+        const float *g = m->g_enc + b * S * M;
+        for (int64_t j = 0; j < S * M; j++) m->gpos[j] += g[j];
+    }
+    int64_t off_a, off_f;
+    segment_offsets(m, ta, tf, &off_a, &off_f);
+    for (int mod = 0; mod < 2; mod++) {
+        const int64_t t = mod ? ta : tf, D = mod ? m->cfg.audio_dim : m->cfg.video_dim, seg = mod ? off_a : off_f;
+        float *gin = mod ? grad_audio : grad_face;
+        if (!t) continue;
+        for (int64_t b = 0; b < B; b++)
+            memcpy(m->g_seg + b * t * M, m->g_enc + (b * S + seg) * M, (size_t)(t * M) * sizeof(float));
+        QF_TRY(qf_linear_backward(gin, mod ? m->gwa : m->gwv, mod ? m->gba : m->gbv, m->g_seg,
+                                  mod ? m->audio_in : m->face_in, mod ? m->wa : m->wv, B * t, D, M));
+    }
+    return QF_OK;
+}
+
+/* ---- parameters ---- */
+
+int qf_prefusion_num_params(const qf_prefusion *m) { return m ? m->np + m->nq_params : 0; }
+
+qf_status qf_prefusion_param(qf_prefusion *m, int i, qf_param *out) {
+    if (!m) return qf_fail(QF_ERR_ARG, "qf_prefusion_param: m is NULL");
+    if (!out) return qf_fail(QF_ERR_ARG, "qf_prefusion_param: out is NULL");
+    if (i < 0 || i >= m->np + m->nq_params)
+        return qf_fail(QF_ERR_ARG, "qf_prefusion_param: index %d is out of range [0, %d)", i, m->np + m->nq_params);
+    if (i >= m->np) {
+        QF_TRY(qf_qformer_param(m->qf, i - m->np, out));
+        out->name = m->q_names[i - m->np];
+        return QF_OK;
+    }
+    const pf_ptab *p = &m->ptab[i];
+    memset(out, 0, sizeof *out);
+    out->name = p->name;
+    out->data = m->params + p->off;
+    out->grad = m->grads + p->off;
+    out->ndim = p->ndim;
+    for (int d = 0; d < p->ndim; d++) out->shape[d] = p->shape[d];
+    return QF_OK;
+}
+
+void qf_prefusion_zero_grad(qf_prefusion *m) {
+    if (!m) return;
+    const pf_ptab *last = &m->ptab[m->np - 1];
+    memset(m->grads, 0, (last->off + last->n) * sizeof(float));
+    qf_qformer_zero_grad(m->qf);
+}
