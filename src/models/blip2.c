@@ -210,16 +210,6 @@ static qf_status open_sharded(const char *folder, const char *index_path, qf_saf
     return s;
 }
 
-/* ---- Q-Former functions arriving from another part of the tree: weak until they exist, so
- * the library links (and loads) before they are written; a NULL one is QF_ERR_UNSUPPORTED. ---- */
-#pragma weak qf_qformer_backward
-#pragma weak qf_qformer_num_params
-#pragma weak qf_qformer_param
-#pragma weak qf_qformer_zero_grad
-#pragma weak qf_qformer_set_frozen
-
-static int qformer_nparams(const qf_qformer *q) { return qf_qformer_num_params ? qf_qformer_num_params(q) : 0; }
-
 /* ---- loading ---- */
 
 void qf_blip2_free(qf_blip2 *m) {
@@ -288,7 +278,7 @@ static qf_status load_parts(qf_blip2 *m, const qf_config *cfg, const qf_safetens
 
     /* checkpoint names of every parameter */
     m->nv = qf_vision_num_params(m->vision);
-    m->nqf = qformer_nparams(m->qformer);
+    m->nqf = qf_qformer_num_params(m->qformer);
     const int total = m->nv + m->nqf + OWN_COUNT;
     m->names = calloc((size_t)total, sizeof *m->names);
     if (!m->names) return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate the parameter names", fn);
@@ -420,7 +410,7 @@ qf_status qf_blip2_param(qf_blip2 *m, int i, qf_param *out) {
 void qf_blip2_zero_grad(qf_blip2 *m) {
     if (!m) return;
     qf_vision_zero_grad(m->vision);
-    if (qf_qformer_zero_grad) qf_qformer_zero_grad(m->qformer);
+    qf_qformer_zero_grad(m->qformer);
     memset(m->grads, 0, m->own_n * sizeof(float));
 }
 
@@ -431,7 +421,7 @@ void qf_blip2_set_frozen(qf_blip2 *m, unsigned groups, int frozen) {
     else
         m->frozen &= ~groups;
     if (groups & QF_GROUP_VISION) qf_vision_set_frozen(m->vision, frozen);
-    if ((groups & QF_GROUP_QFORMER) && qf_qformer_set_frozen) qf_qformer_set_frozen(m->qformer, frozen);
+    if (groups & QF_GROUP_QFORMER) qf_qformer_set_frozen(m->qformer, frozen);
 }
 
 /* ---- forward ---- */
@@ -535,9 +525,6 @@ qf_status qf_blip2_backward(qf_blip2 *m, const float *grad_out, float *grad_pixe
                               proj_g ? m->grads + m->own_off[OWN_PROJ_B] : NULL, grad_out, m->qrows,
                               m->params + m->own_off[OWN_PROJ_W], B * nq, qh, m->D));
     if (!need_qformer) return QF_OK;
-    if (!qf_qformer_backward)
-        return qf_fail(QF_ERR_UNSUPPORTED, "%s: this build has no qf_qformer_backward (the Q-Former backward is not "
-                                           "built yet)", fn);
     for (int64_t b = 0; b < B; b++) {
         memcpy(d_qout + b * Lq * qh, d_rows + b * nq * qh, (size_t)(nq * qh) * sizeof(float));
         if (m->Lt) memset(d_qout + (b * Lq + nq) * qh, 0, (size_t)(m->Lt * qh) * sizeof(float));
