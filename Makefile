@@ -28,7 +28,7 @@ BLAS_CFLAGS := -I/usr/include/x86_64-linux-gnu/openblas-pthread
 BLAS_LIBS   := -lopenblas
 endif
 override CFLAGS += $(BLAS_CFLAGS)
-LDLIBS  := -lcjson -lstb $(BLAS_LIBS) -lm -fopenmp
+LDLIBS  := -lcjson -lpcre2-8 -lutf8proc -lstb $(BLAS_LIBS) -lm -fopenmp
 
 LIB_SRC := $(sort $(wildcard src/core/*.c src/io/*.c src/ops/*.c src/models/*.c src/backend/*.c))
 LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/%.o)
