@@ -85,6 +85,11 @@ def _check(m, sd, cfg, a, f, am, fm, rng, seed):
         d = float(np.max(np.abs(np.asarray(got[k], np.float64) - v))) / scale if v.size else 0.0
         worst = max(worst, d)
         assert d < TOL, "grad %s err %.3g of the largest gradient (seed %d)" % (k, d, seed)
+        # each tensor on its own scale too, so a small gradient cannot hide behind a large one
+        own = float(np.max(np.abs(v))) if v.size else 0.0
+        if own > 1e-3 * scale:
+            r = util.rel_err(got[k], v)
+            assert r < 1e-3, "grad %s rel err %.3g on its own scale (seed %d)" % (k, r, seed)
     maps = m.cross_attention_maps()
     assert len(maps) == len(probs)
     for mp, p in zip(maps, probs):
