@@ -28,26 +28,13 @@ import numpy as np
 
 from . import _native
 from ._native import QfuseError, check, lib
+# One ctypes class per C struct across the package (argtypes name the class): the Q-Former's
+# structs are qfuse.qformer's.
+from .qformer import qf_qformer_args, qf_qformer_config
 
 __all__ = ["Blip2"]
 
 P = ctypes.POINTER
-
-
-class qf_qformer_args(ctypes.Structure):
-    """Mirror of qf_qformer_args in include/qfuse_models.h."""
-    _fields_ = [("B", c_int64), ("num_queries", c_int64), ("encoder_len", c_int64),
-                ("encoder_attention_mask", c_void_p),
-                ("text_len", c_int64), ("text_ids", c_void_p), ("text_attention_mask", c_void_p),
-                ("prefix_len", c_int64), ("prefix_k", c_void_p), ("prefix_v", c_void_p)]
-
-
-class qf_qformer_config(ctypes.Structure):
-    _fields_ = [("num_hidden_layers", c_int64), ("hidden_size", c_int64),
-                ("num_attention_heads", c_int64), ("intermediate_size", c_int64),
-                ("cross_attention_frequency", c_int64), ("encoder_hidden_size", c_int64),
-                ("layer_norm_eps", c_double), ("hidden_act", c_int), ("has_text", c_int),
-                ("vocab_size", c_int64), ("max_position_embeddings", c_int64)]
 
 
 class qf_vision_config(ctypes.Structure):

@@ -258,16 +258,17 @@ def test_vision_finite_differences():
 
 # ---- the whole fuse and its backward -----------------------------------------------------------
 
-def _fuse_ref(folder, px, ids=None, mask=None, grad_out=None):
+def _fuse_ref(folder, px, ids=None, mask=None, grad_out=None, maps=False):
     """vision_ref -> ref_qformer.forward -> query rows -> language_projection, float64 torch.
-    Returns (out numpy, {checkpoint name or "pixel_values": grad} or None)."""
+    Returns (out numpy, {checkpoint name or "pixel_values": grad} or None), or with maps=True
+    (out, [cross-attention probabilities [B,heads,nq,S] per cross layer])."""
     import ref_qformer as R
     t = util.torch()
     cfg = _config(folder)
     sd = _weights(folder)
-    want = grad_out is not None
-    tsd = _tensors(sd, ("vision_model.", "qformer.", "query_tokens", "language_projection."), grad=want)
-    tpx = t.tensor(px, dtype=t.float64, requires_grad=want)
+    want = "maps" if maps else grad_out is not None
+    tsd = _tensors(sd, ("vision_model.", "qformer.", "query_tokens", "language_projection."), grad=want is True)
+    tpx = t.tensor(px, dtype=t.float64, requires_grad=want is True)
     vis = vision_ref(tsd, cfg["vision_config"], tpx)
     qcfg = R.config_from_json(cfg["qformer_config"])
     qsd = {k[len("qformer."):]: v for k, v in tsd.items() if k.startswith("qformer.")}
@@ -278,8 +279,10 @@ def _fuse_ref(folder, px, ids=None, mask=None, grad_out=None):
     if ids is not None:
         kw = dict(text_ids=t.tensor(np.asarray(ids, np.int64)),
                   text_attention_mask=None if mask is None else t.tensor(np.asarray(mask, np.int64)))
-    q, _ = R.forward(qsd, qcfg, qe, vis, **kw)
+    q, probs = R.forward(qsd, qcfg, qe, vis, **kw)
     out = t.nn.functional.linear(q[:, :nq], tsd["language_projection.weight"], tsd["language_projection.bias"])
+    if want == "maps":
+        return out.detach().numpy(), [p.detach().numpy() for p in probs]
     if not want:
         return out.detach().numpy(), None
     out.backward(t.tensor(grad_out, dtype=t.float64))
@@ -307,6 +310,29 @@ def test_instructblip_fuse_vs_reference():
         raise
     ref, _ = _fuse_ref(folder, io["pixel_values"], ids, mask)
     assert util.rel_err(tok, ref) < TOL
+
+
+@pytest.mark.parametrize("name", ["blip2_opt_0", "instructblip_llama_0"])
+def test_cross_attention_maps(name):
+    _, io, folder = util.load_fixture(name)
+    m = Blip2.load(folder)
+    ids = io.get("qformer_input_ids")
+    mask = io.get("qformer_attention_mask")
+    m.fuse(io["pixel_values"], ids, mask)
+    maps = m.cross_attention_maps()
+    avg = m.cross_attention_maps(average=True)
+    _, ref = _fuse_ref(folder, io["pixel_values"], ids, mask, maps=True)
+    assert len(maps) == len(ref) == len(avg) >= 1
+    for got, a, r in zip(maps, avg, ref):
+        assert got.shape == r.shape
+        assert util.rel_err(got, r) < TOL
+        assert util.rel_err(a, r.mean(axis=1)) < TOL
+    # qformer() with explicit query embeddings (the model's own) gives the same maps
+    qt = m.parameter("query_tokens")
+    m.qformer(query_embeds=np.repeat(qt, 2, axis=0), encoder_hidden_states=io["vision_last_hidden_state"],
+              qformer_input_ids=ids, qformer_attention_mask=mask)
+    for got, r in zip(m.cross_attention_maps(), ref):
+        assert util.rel_err(got, r) < TOL
 
 
 @pytest.mark.skipif(not HAVE_QF_BWD, reason="library lacks qf_qformer_backward")
