@@ -130,6 +130,10 @@ def test_lavis_and_transformers_names(tmp_path):
     o2 = m2.fuse(audio=a, face=f, audio_mask=am, face_mask=fm)
     assert np.array_equal(o1, o2)
     _check(m2, sd, cfg, a, f, am, fm, rng, seed)
+    # an item with no real frame at all: the Q-Former core's (transformers') uniform weights
+    am[1, :] = False
+    fm[1, :] = False
+    _check(m2, sd, cfg, a, f, am, fm, rng, seed)
     # all-ones masks mean the same as no masks (AffectGPT passes all ones)
     a, f, _, _ = _inputs(rng, cfg, 2, 3, 5, masked=False)
     o3 = m1.fuse(audio=a, face=f)
