@@ -183,6 +183,8 @@ def test_random_vs_reference(tmp_path, case):
     ins = ["query_embeds", "encoder_hidden_states"] + (["prefix_k", "prefix_v"] if P else [])
     for k in ins:
         assert util.rel_err(g[k], rg[k]) < TOL, (case, seed, k)
+    if util.QUICK:
+        return
     # the same through the scalar kernels
     qfuse.set_isa("scalar")
     out2 = _qf_forward(qf, inp)
