@@ -167,7 +167,15 @@ void qf_blip2_set_frozen(qf_blip2 *m, unsigned groups, int frozen);
  * max_hidden_size); concatenated in time in fusion_order (default face, then audio); plus
  * multi_position_embedding rows 0..tf+ta-1; read by multi_query_tokens through the Q-Former
  * (multi_Qformer., cross-attention to the sequence, masks from audio_mask/face_mask); then
- * multi_llama_proj -> out [B,num_multi_query_token,llm_hidden_size]. */
+ * multi_llama_proj -> out [B,num_multi_query_token,llm_hidden_size].
+ * Padded frames (mask 0): the sequence is NOT compacted. Position ids run over the padded layout
+ * 0..tf+ta-1 (with face first, real audio frame i sits at position tf+i whatever the item's own
+ * face count); a padded frame is only removed from the cross-attention keys (its projection is
+ * still computed, so it must be finite, and its input gradient is 0). A NULL mask = all frames
+ * real (AffectGPT's all-ones mask). An item with no real frame follows the Q-Former core's rule.
+ * qformer_config may omit encoder_hidden_size (it is max_hidden_size; a present one must match).
+ * Parameters: own tensors by checkpoint name, then the Q-Former's as "multi_Qformer." + its
+ * transformers name (whichever names the file used). */
 typedef struct qf_prefusion qf_prefusion;
 typedef struct {
     int64_t audio_dim, video_dim, max_hidden_size, num_multi_query_token;
