@@ -98,7 +98,7 @@ struct qf_tokenizer {
     int32_t *ahash;      /* content -> index into added (-1 empty) */
     size_t ahash_mask;
     added_set set_raw, set_norm;
-    pcre2_code *alnum;   /* [\p{Alphabetic}\p{N}] for single_word, NULL if no token needs it */
+    pcre2_code *alnum;   /* Rust regex's \w (single_word's test), NULL if no token needs it */
     /* model options */
     int32_t unk_id;      /* -1: none */
     int fuse_unk, byte_fallback, ignore_merges;
@@ -341,11 +341,75 @@ static qf_status get_id(loader *L, const cJSON *x, const char *what, const char 
     return QF_OK;
 }
 
+/* White_Space, which Oniguruma's and Rust's \s match; PCRE2's \s adds U+180E. */
+#define WHITE_SPACE_SET "\\t\\n\\x0B\\f\\r\\x20\\x{85}\\x{A0}\\x{1680}\\x{2000}-\\x{200A}\\x{2028}\\x{2029}\\x{202F}\\x{205F}\\x{3000}"
+
+/* Copies pattern p[0..n) with \s and \S spelled as White_Space sets (inside a class \s becomes
+ * the set's members; \S inside a class is left alone). Returns a malloc'd string or NULL. */
+static char *rewrite_ws(const char *p, size_t n, size_t *outn) {
+    size_t setlen = strlen(WHITE_SPACE_SET), k = 0;
+    char *o = malloc(n * (setlen + 4) + 1);
+    if (!o) return NULL;
+    int in_class = 0;
+    for (size_t i = 0; i < n; i++) {
+        char ch = p[i];
+        if (ch == '\\' && i + 1 < n) {
+            char nx = p[i + 1];
+            if (nx == 's' || (nx == 'S' && !in_class)) {
+                if (!in_class) o[k++] = '[';
+                if (nx == 'S') o[k++] = '^';
+                memcpy(o + k, WHITE_SPACE_SET, setlen);
+                k += setlen;
+                if (!in_class) o[k++] = ']';
+            } else {
+                o[k++] = ch;
+                o[k++] = nx;
+            }
+            i++;
+            continue;
+        }
+        if (!in_class && ch == '[') {
+            in_class = 1;
+            o[k++] = ch;
+            /* a ']' right after '[' or '[^' is a literal member */
+            if (i + 1 < n && p[i + 1] == '^') o[k++] = p[++i];
+            if (i + 1 < n && p[i + 1] == ']') o[k++] = p[++i];
+            continue;
+        }
+        if (in_class && ch == '[' && i + 1 < n && p[i + 1] == ':') { /* POSIX [:name:] */
+            const char *end = NULL;
+            for (size_t j = i + 2; j + 1 < n; j++)
+                if (p[j] == ':' && p[j + 1] == ']') { end = p + j + 2; break; }
+            if (end) {
+                size_t m = (size_t)(end - (p + i));
+                memcpy(o + k, p + i, m);
+                k += m;
+                i += m - 1;
+                continue;
+            }
+        }
+        if (in_class && ch == ']') in_class = 0;
+        o[k++] = ch;
+    }
+    o[k] = '\0';
+    *outn = k;
+    return o;
+}
+
 static qf_status compile_re(loader *L, const char *pat, size_t n, uint32_t extra, const char *where,
                             pcre2_code **out) {
     int err;
     PCRE2_SIZE at;
-    pcre2_code *re = pcre2_compile((PCRE2_SPTR)pat, n, PCRE2_UTF | PCRE2_UCP | extra, &err, &at, NULL);
+    char *rw = NULL;
+    if (!(extra & PCRE2_LITERAL)) {
+        if (n == PCRE2_ZERO_TERMINATED) n = strlen(pat);
+        rw = rewrite_ws(pat, n, &n);
+        if (!rw) return qf_fail(QF_ERR_NOMEM, "%s: no memory for a regex", L->label);
+        pat = rw;
+    }
+    uint32_t opts = PCRE2_UTF | extra | ((extra & PCRE2_LITERAL) ? 0 : PCRE2_UCP); /* LITERAL refuses UCP */
+    pcre2_code *re = pcre2_compile((PCRE2_SPTR)pat, n, opts, &err, &at, NULL);
+    free(rw);
     if (!re) {
         PCRE2_UCHAR msg[256];
         pcre2_get_error_message(err, msg, sizeof msg);
@@ -543,8 +607,8 @@ static qf_status load_added(loader *L, const cJSON *arr) {
         a->normalized = (uint8_t)normalized;
         t->ahash[h] = t->n_added++;
         if (single_word && !t->alnum)
-            QF_TRY(compile_re(L, "[\\p{Alphabetic}\\p{N}]", PCRE2_ZERO_TERMINATED, PCRE2_ANCHORED,
-                              "single_word's letter class", &t->alnum));
+            QF_TRY(compile_re(L, "[\\p{Alphabetic}\\p{M}\\p{Pc}\\p{Nd}\\x{200C}\\x{200D}]", PCRE2_ZERO_TERMINATED,
+                              PCRE2_ANCHORED, "single_word's word class", &t->alnum));
     }
     return QF_OK;
 }
@@ -1216,7 +1280,7 @@ static qf_status pretok(enc_ctx *c, int step, const char *s, size_t n) {
     return r;
 }
 
-/* Rust's char::is_alphanumeric on the char at s (valid UTF-8). */
+/* Rust regex's Unicode \w on the char at s (tokenizers' single_word test). */
 static int is_alnum_at(enc_ctx *c, const char *s, size_t n, size_t at) {
     return pcre2_match(c->t->alnum, (PCRE2_SPTR)s, n, at, PCRE2_NO_UTF_CHECK, c->md, NULL) >= 0;
 }
