@@ -3,17 +3,25 @@
  * checks only that each call succeeds and gives finite numbers.
  *
  *   bench_attention [--threads N] [--quick] [--only sdpa|gemm] [--table]
+ *   bench_attention [--threads N] [--quick | --scale F] [--min-reps N] --serve   (compare.py)
  *   bench_attention --blas-info      prints the linked BLAS and the kernel core it chose, exits
  *
  * Threads: --threads N, else QFUSE_THREADS, else all cores (qfuse and the BLAS use the same count).
  * Each case: warm-up runs (at least one, until 0.2 s), then timed runs (at least 3, at most 25,
- * about 1.5 s in total; --quick: 0.3 s), median reported.
+ * about 1.5 s in total), median reported; --quick scales both times by 0.2, --scale F by F;
+ * --min-reps N lowers or raises the least number of timed runs (compare.py's rounds repeat too).
+ * Every case sets up its own buffers (a backward case runs one untimed forward first for out and
+ * lse), so a case can be timed alone, in any order, as often as asked.
  *
- * Output (stdout), one line per fact, tab-separated, read by bench/run.sh:
+ * Output (stdout), one line per fact, tab-separated, read by bench/run.sh and bench/compare.py:
  *   M <key> <value>                 metadata: threads, blas, isa, ceiling_gflops, ceiling_shape
  *   R <case> <median ms> <flop>     a result; GFLOP/s = flop / ms / 1e6
  *   E <case> <message>              a case that failed (qf_last_error()); the exit status is 1
  * --table prints a readable table instead (qfuse columns only).
+ * --serve prints the M lines and "D\t" (ready), then reads requests from stdin, one a line:
+ *   <case name>   runs that case: its R or E line, then "D\t<case name>"
+ *   list          "C\t<case name>" for every case in table order, then "D\tlist"
+ *   quit or EOF   exits (status 1 if a case failed)
  *
  * FLOP conventions (also in bench/README.md): SDPA forward = 4*B*H*L*S*D (two GEMMs of 2*L*S*D
  * per head); causal with L == S counts only the computed pairs, L*(L+1)/2 instead of L*S;
@@ -24,6 +32,7 @@
  * BLAS libraries with that build. Case names are shared with bench/torch_peer.py. */
 #include <cblas.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,6 +51,7 @@ extern const char *bli_arch_string(int id) __attribute__((weak));
 extern int bli_arch_query_id(void) __attribute__((weak));
 
 static double quick_factor = 1.0;
+static int min_reps = 3;
 static int failures = 0;
 static int table_mode = 0;
 
@@ -69,7 +79,7 @@ static double time_median(bench_fn fn, void *ctx) {
         warm++;
     } while (now_s() - t0 < 0.2 * quick_factor && warm < 50);
     int reps = (int)ceil(1.5 * quick_factor / (first > 1e-6 ? first : 1e-6));
-    if (reps < 3) reps = 3;
+    if (reps < min_reps) reps = min_reps;
     if (reps > 25) reps = 25;
     double t[25];
     for (int r = 0; r < reps; r++) {
@@ -79,6 +89,69 @@ static double time_median(bench_fn fn, void *ctx) {
     }
     qsort(t, (size_t)reps, sizeof t[0], cmp_double);
     return reps % 2 ? t[reps / 2] : 0.5 * (t[reps / 2 - 1] + t[reps / 2]);
+}
+
+/* ---- the cases ---------------------------------------------------------------------------- */
+
+enum case_kind { CASE_CEILING, CASE_GEMM, CASE_SDPA_FWD, CASE_SDPA_BWD };
+
+typedef struct {
+    char name[96];
+    enum case_kind kind;
+    int M, N, K;                 /* GEMM cases */
+    int64_t B, H, L, S, D;       /* SDPA cases */
+    int causal;
+} bench_case;
+
+enum { MAX_CASES = 32 };
+static bench_case cases[MAX_CASES];
+static int n_cases = 0;
+
+static void add_gemm(enum case_kind kind, const char *name, int M, int N, int K) {
+    bench_case *c = &cases[n_cases++];
+    memset(c, 0, sizeof *c);
+    snprintf(c->name, sizeof c->name, "%s", name);
+    c->kind = kind; c->M = M; c->N = N; c->K = K;
+}
+
+static void add_sdpa_pair(int64_t B, int64_t H, int64_t L, int64_t S, int64_t D, int causal) {
+    for (int bwd = 0; bwd < 2; bwd++) {
+        bench_case *c = &cases[n_cases++];
+        memset(c, 0, sizeof *c);
+        snprintf(c->name, sizeof c->name, "sdpa %s %s%s %lldx%lldx%lldx%lldx%lld", bwd ? "bwd" : "fwd",
+                 L == S ? "self" : "cross", causal ? " causal" : "", (long long)B, (long long)H,
+                 (long long)L, (long long)S, (long long)D);
+        c->kind = bwd ? CASE_SDPA_BWD : CASE_SDPA_FWD;
+        c->B = B; c->H = H; c->L = L; c->S = S; c->D = D; c->causal = causal;
+    }
+}
+
+/* Table order: the ceiling's sizes, the Q-Former (BLIP-2: hidden 768, 12 heads, FFN 3072, vision
+ * width 1408, 32 queries, 257 image tokens, batch 8) linear layers with M = batch * tokens, then
+ * attention: Q-Former cross attention, mid-size self attention, long self attention. */
+static void make_cases(int with_sdpa) {
+    static const int sizes[] = {1024, 2048, 4096};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+        char name[64];
+        snprintf(name, sizeof name, "gemm ceiling %dx%dx%d", sizes[i], sizes[i], sizes[i]);
+        add_gemm(CASE_CEILING, name, sizes[i], sizes[i], sizes[i]);
+    }
+    add_gemm(CASE_GEMM, "linear q/k/v/out 256x768 . 768x768^T", 256, 768, 768);
+    add_gemm(CASE_GEMM, "linear cross k/v 2056x1408 . 768x1408^T", 2056, 768, 1408);
+    add_gemm(CASE_GEMM, "linear ffn up 256x768 . 3072x768^T", 256, 3072, 768);
+    add_gemm(CASE_GEMM, "linear ffn down 256x3072 . 768x3072^T", 256, 768, 3072);
+    if (!with_sdpa) return;
+    add_sdpa_pair(8, 12, 32, 257, 64, 0);
+    add_sdpa_pair(8, 12, 512, 512, 64, 0);
+    add_sdpa_pair(8, 12, 512, 512, 64, 1);
+    add_sdpa_pair(1, 16, 2048, 2048, 128, 0);
+    add_sdpa_pair(1, 16, 2048, 2048, 128, 1);
+}
+
+static const bench_case *find_case(const char *name) {
+    for (int i = 0; i < n_cases; i++)
+        if (!strcmp(cases[i].name, name)) return &cases[i];
+    return NULL;
 }
 
 static double ceiling_gflops = 0; /* best GEMM rate of this run, for the table's "% ceiling" */
@@ -132,44 +205,20 @@ static int run_gemm(void *p) {
     return 0;
 }
 
-static double bench_gemm(const char *name, int M, int N, int K, int print) {
+/* Times one GEMM case and reports it; returns the median seconds, or -1 on failure. */
+static double bench_gemm(const bench_case *bc) {
+    int M = bc->M, N = bc->N, K = bc->K;
     gemm_ctx g = {M, N, K, alloc_random((size_t)M * K, 1), alloc_random((size_t)N * K, 2),
                   malloc((size_t)M * N * sizeof(float))};
     double sec = -1, flop = 2.0 * M * N * K;
-    if (!g.a || !g.w || !g.c) report_error(name, "out of memory");
+    if (!g.a || !g.w || !g.c) report_error(bc->name, "out of memory");
     else {
         sec = time_median(run_gemm, &g);
-        if (!all_finite(g.c, (size_t)M * N)) { report_error(name, "non-finite output"); sec = -1; }
-        else if (print) report(name, sec, flop);
+        if (!all_finite(g.c, (size_t)M * N)) { report_error(bc->name, "non-finite output"); sec = -1; }
+        else report(bc->name, sec, flop);
     }
     free(g.a); free(g.w); free(g.c);
-    return sec < 0 ? 0 : flop / sec * 1e-9;
-}
-
-/* The ceiling: the best sgemm rate of a few large square sizes, same threads, same run. 4096^3
- * is skipped where 2048^3 already takes over 150 ms (a slow BLAS: it would only cost time). */
-static void bench_ceiling(void) {
-    static const int sizes[] = {1024, 2048, 4096};
-    int best_n = 0;
-    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
-        char name[64];
-        if (sizes[i] == 4096 && ceiling_gflops > 0 && 2.0 * 2048 * 2048 * 2048 / ceiling_gflops * 1e-9 > 0.150)
-            break;
-        snprintf(name, sizeof name, "gemm ceiling %dx%dx%d", sizes[i], sizes[i], sizes[i]);
-        double gf = bench_gemm(name, sizes[i], sizes[i], sizes[i], 1);
-        if (gf > ceiling_gflops) { ceiling_gflops = gf; best_n = sizes[i]; }
-    }
-    if (!table_mode) printf("M\tceiling_gflops\t%.1f\nM\tceiling_shape\t%d^3\n", ceiling_gflops, best_n);
-    else printf("# GEMM ceiling: %.1f GFLOP/s (sgemm %d^3)\n", ceiling_gflops, best_n);
-}
-
-/* Q-Former (BLIP-2: hidden 768, 12 heads, FFN 3072, vision width 1408, 32 queries, 257 image
- * tokens, batch 8) linear layers; M = batch * tokens. */
-static void bench_qformer_gemms(void) {
-    bench_gemm("linear q/k/v/out 256x768 . 768x768^T", 256, 768, 768, 1);
-    bench_gemm("linear cross k/v 2056x1408 . 768x1408^T", 2056, 768, 1408, 1);
-    bench_gemm("linear ffn up 256x768 . 3072x768^T", 256, 3072, 768, 1);
-    bench_gemm("linear ffn down 256x3072 . 768x3072^T", 256, 768, 3072, 1);
+    return sec;
 }
 
 #ifndef QF_BENCH_GEMM_ONLY
@@ -190,21 +239,19 @@ static int run_bwd(void *c) {
     return qf_sdpa_backward(&s->p, s->q, s->k, s->v, s->out, s->lse, s->dout, s->dq, s->dk, s->dv) == QF_OK ? 0 : 1;
 }
 
-/* Times forward and backward of one shape; returns the forward's median seconds (or -1). */
-static double bench_sdpa(int64_t B, int64_t H, int64_t L, int64_t S, int64_t D, int causal) {
-    char fwd_name[96], bwd_name[96];
-    const char *kind = L == S ? "self" : "cross";
-    snprintf(fwd_name, sizeof fwd_name, "sdpa fwd %s%s %lldx%lldx%lldx%lldx%lld", kind,
-             causal ? " causal" : "", (long long)B, (long long)H, (long long)L, (long long)S, (long long)D);
-    snprintf(bwd_name, sizeof bwd_name, "sdpa bwd %s%s %lldx%lldx%lldx%lldx%lld", kind,
-             causal ? " causal" : "", (long long)B, (long long)H, (long long)L, (long long)S, (long long)D);
+/* Times the forward or the backward of one shape and reports it; returns the median seconds, or
+ * -1. The backward is given the out and lse of one untimed forward on the same inputs, as
+ * training does. */
+static double bench_sdpa(const bench_case *bc) {
+    int64_t B = bc->B, H = bc->H, L = bc->L, S = bc->S, D = bc->D;
+    int bwd = bc->kind == CASE_SDPA_BWD;
     sdpa_ctx s;
     memset(&s, 0, sizeof s);
     s.p = qf_sdpa_defaults(B, H, H, L, S, D);
-    s.p.is_causal = causal;
+    s.p.is_causal = bc->causal;
     double sec = -1;
     if (qf_sdpa_check(&s.p) != QF_OK) { /* shapes are validated before any buffer is touched */
-        report_error(fwd_name, qf_last_error());
+        report_error(bc->name, qf_last_error());
         return -1;
     }
     size_t nq = (size_t)(B * H * L * D), nk = (size_t)(B * H * S * D);
@@ -213,44 +260,96 @@ static double bench_sdpa(int64_t B, int64_t H, int64_t L, int64_t S, int64_t D, 
     s.out = malloc(nq * sizeof(float)); s.lse = malloc((size_t)(B * H * L) * sizeof(float));
     s.dq = malloc(nq * sizeof(float)); s.dk = malloc(nk * sizeof(float)); s.dv = malloc(nk * sizeof(float));
     if (!s.q || !s.k || !s.v || !s.dout || !s.out || !s.lse || !s.dq || !s.dk || !s.dv) {
-        report_error(fwd_name, "out of memory");
+        report_error(bc->name, "out of memory");
         goto done;
     }
     /* Pairs of (query, key) the kernel computes: all, or the lower triangle when causal. */
-    double pairs = causal && L == S ? (double)L * (double)(L + 1) / 2.0 : (double)L * (double)S;
+    double pairs = bc->causal && L == S ? (double)L * (double)(L + 1) / 2.0 : (double)L * (double)S;
     double fwd_flop = 4.0 * (double)(B * H) * pairs * (double)D;
-    sec = time_median(run_fwd, &s);
-    if (sec < 0) { report_error(fwd_name, qf_last_error()); goto done; }
-    if (!all_finite(s.out, nq)) { report_error(fwd_name, "non-finite output"); sec = -1; goto done; }
-    report(fwd_name, sec, fwd_flop);
-    /* backward reuses out and lse of the last forward, as training does */
-    double bsec = time_median(run_bwd, &s);
-    if (bsec < 0) report_error(bwd_name, qf_last_error());
-    else if (!all_finite(s.dq, nq) || !all_finite(s.dk, nk) || !all_finite(s.dv, nk))
-        report_error(bwd_name, "non-finite gradient");
-    else report(bwd_name, bsec, 2.5 * fwd_flop);
+    if (bwd) {
+        if (run_fwd(&s) != 0) { report_error(bc->name, qf_last_error()); goto done; }
+        sec = time_median(run_bwd, &s);
+        if (sec < 0) report_error(bc->name, qf_last_error());
+        else if (!all_finite(s.dq, nq) || !all_finite(s.dk, nk) || !all_finite(s.dv, nk)) {
+            report_error(bc->name, "non-finite gradient");
+            sec = -1;
+        } else report(bc->name, sec, 2.5 * fwd_flop);
+    } else {
+        sec = time_median(run_fwd, &s);
+        if (sec < 0) report_error(bc->name, qf_last_error());
+        else if (!all_finite(s.out, nq)) { report_error(bc->name, "non-finite output"); sec = -1; }
+        else report(bc->name, sec, fwd_flop);
+    }
 done:
     free(s.q); free(s.k); free(s.v); free(s.dout); free(s.out); free(s.lse);
     free(s.dq); free(s.dk); free(s.dv);
     return sec;
 }
+#endif
 
-static void bench_attention_shapes(void) {
-    bench_sdpa(8, 12, 32, 257, 64, 0);    /* Q-Former cross attention: 32 queries read 257 tokens */
-    double t_full = bench_sdpa(8, 12, 512, 512, 64, 0);
-    double t_causal = bench_sdpa(8, 12, 512, 512, 64, 1);
-    if (t_full > 0 && t_causal > 0) {
-        if (table_mode) printf("# causal/unmasked time 8x12x512x512x64: %.2f\n", t_causal / t_full);
-        else printf("M\tcausal_ratio 8x12x512x512x64\t%.3f\n", t_causal / t_full);
+/* Runs one case; returns its median seconds, or -1 when it failed (already reported). */
+static double run_case(const bench_case *bc) {
+#ifndef QF_BENCH_GEMM_ONLY
+    if (bc->kind == CASE_SDPA_FWD || bc->kind == CASE_SDPA_BWD) return bench_sdpa(bc);
+#endif
+    return bench_gemm(bc);
+}
+
+/* The whole table in one pass. The ceiling is the best sgemm rate of its sizes; 4096^3 is
+ * skipped where 2048^3 already takes over 150 ms (a slow BLAS: it would only cost time). */
+static void run_all(int do_gemm, int do_sdpa) {
+    int best_n = 0;
+    double t_2048 = -1;
+    for (int i = 0; i < n_cases; i++) {
+        const bench_case *bc = &cases[i];
+        if (bc->kind != CASE_CEILING) continue;
+        if (bc->M == 4096 && t_2048 > 0.150) continue;
+        double sec = run_case(bc);
+        if (sec <= 0) continue;
+        if (bc->M == 2048) t_2048 = sec;
+        double gf = 2.0 * bc->M * bc->N * bc->K / sec * 1e-9;
+        if (gf > ceiling_gflops) { ceiling_gflops = gf; best_n = bc->M; }
     }
-    t_full = bench_sdpa(1, 16, 2048, 2048, 128, 0);
-    t_causal = bench_sdpa(1, 16, 2048, 2048, 128, 1);
-    if (t_full > 0 && t_causal > 0) {
-        if (table_mode) printf("# causal/unmasked time 1x16x2048x2048x128: %.2f\n", t_causal / t_full);
-        else printf("M\tcausal_ratio 1x16x2048x2048x128\t%.3f\n", t_causal / t_full);
+    if (!table_mode) printf("M\tceiling_gflops\t%.1f\nM\tceiling_shape\t%d^3\n", ceiling_gflops, best_n);
+    else printf("# GEMM ceiling: %.1f GFLOP/s (sgemm %d^3)\n", ceiling_gflops, best_n);
+    const char *full_name = NULL;
+    double t_full = -1;
+    for (int i = 0; i < n_cases; i++) {
+        const bench_case *bc = &cases[i];
+        if (bc->kind == CASE_CEILING) continue;
+        if (bc->kind == CASE_GEMM ? !do_gemm : !do_sdpa) continue;
+        double sec = run_case(bc);
+        if (bc->kind != CASE_SDPA_FWD || bc->L != bc->S) continue;
+        if (!bc->causal) { full_name = bc->name; t_full = sec; continue; }
+        /* a causal forward follows the unmasked forward of its shape: their time ratio */
+        if (full_name && t_full > 0 && sec > 0) {
+            const char *shape = strrchr(bc->name, ' ') + 1;
+            if (table_mode) printf("# causal/unmasked time %s: %.2f\n", shape, sec / t_full);
+            else printf("M\tcausal_ratio %s\t%.3f\n", shape, sec / t_full);
+            fflush(stdout);
+        }
     }
 }
-#endif
+
+/* --serve: one case per request line, until "quit" or end of input. */
+static void serve(void) {
+    char line[256];
+    printf("D\t\n");
+    fflush(stdout);
+    while (fgets(line, sizeof line, stdin)) {
+        line[strcspn(line, "\r\n")] = '\0';
+        if (!strcmp(line, "quit")) break;
+        if (!strcmp(line, "list")) {
+            for (int i = 0; i < n_cases; i++) printf("C\t%s\n", cases[i].name);
+        } else if (line[0]) {
+            const bench_case *bc = find_case(line);
+            if (bc) run_case(bc);
+            else report_error(line, "no such case (send 'list' for the names)");
+        }
+        printf("D\t%s\n", line);
+        fflush(stdout);
+    }
+}
 
 static const char *blas_name(void) {
     static char buf[256];
@@ -268,18 +367,32 @@ static const char *blas_name(void) {
 }
 
 static void usage(void) {
-    fprintf(stderr, "usage: bench_attention [--threads N] [--quick] [--only sdpa|gemm] [--table] | --blas-info\n"
+    fprintf(stderr, "usage: bench_attention [--threads N] [--quick | --scale F] [--min-reps N] [--only sdpa|gemm]\n"
+                    "                       [--table | --serve] | --blas-info\n"
                     "  times qfuse SDPA forward/backward and Q-Former GEMMs; see bench/README.md\n");
 }
 
 int main(int argc, char **argv) {
-    int threads = 0, do_sdpa = 1, do_gemm = 1;
+    int threads = 0, do_sdpa = 1, do_gemm = 1, serve_mode = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--threads") && i + 1 < argc) {
             threads = atoi(argv[++i]);
             if (threads < 1) { fprintf(stderr, "bench_attention: --threads %s: expected a count >= 1\n", argv[i]); return 2; }
         } else if (!strcmp(argv[i], "--quick")) quick_factor = 0.2;
-        else if (!strcmp(argv[i], "--table")) table_mode = 1;
+        else if (!strcmp(argv[i], "--scale") && i + 1 < argc) {
+            quick_factor = atof(argv[++i]);
+            if (!(quick_factor > 0 && quick_factor <= 10)) {
+                fprintf(stderr, "bench_attention: --scale %s: expected a factor in (0, 10]\n", argv[i]);
+                return 2;
+            }
+        } else if (!strcmp(argv[i], "--min-reps") && i + 1 < argc) {
+            min_reps = atoi(argv[++i]);
+            if (min_reps < 1 || min_reps > 25) {
+                fprintf(stderr, "bench_attention: --min-reps %s: expected 1 to 25\n", argv[i]);
+                return 2;
+            }
+        } else if (!strcmp(argv[i], "--table")) table_mode = 1;
+        else if (!strcmp(argv[i], "--serve")) serve_mode = 1;
         else if (!strcmp(argv[i], "--blas-info")) { puts(blas_name()); return 0; }
         else if (!strcmp(argv[i], "--only") && i + 1 < argc) {
             i++;
@@ -288,6 +401,7 @@ int main(int argc, char **argv) {
             if (!do_sdpa && !do_gemm) { usage(); return 2; }
         } else { usage(); return 2; }
     }
+    if (serve_mode && table_mode) { usage(); return 2; }
     if (!threads) {
         const char *env = getenv("QFUSE_THREADS");
         threads = env && *env ? atoi(env) : 0;
@@ -297,12 +411,14 @@ int main(int argc, char **argv) {
     if (threads < 1) threads = 1;
     if (openblas_set_num_threads) openblas_set_num_threads(threads);
     if (bli_thread_set_num_threads) bli_thread_set_num_threads(threads);
+    make_cases(0);
 #else
     if (threads >= 1 && qf_set_num_threads(threads) != QF_OK) {
         fprintf(stderr, "bench_attention: %s\n", qf_last_error());
         return 2;
     }
     threads = qf_get_num_threads(); /* also hands the count to the BLAS */
+    make_cases(1);
 #endif
     if (table_mode) {
         printf("# threads %d, BLAS %s\n", threads, blas_name());
@@ -318,10 +434,7 @@ int main(int argc, char **argv) {
 #endif
     }
     fflush(stdout);
-    bench_ceiling();
-    if (do_gemm) bench_qformer_gemms();
-#ifndef QF_BENCH_GEMM_ONLY
-    if (do_sdpa) bench_attention_shapes();
-#endif
+    if (serve_mode) serve();
+    else run_all(do_gemm, do_sdpa);
     return failures ? 1 : 0;
 }

@@ -1,16 +1,23 @@
 #!/bin/sh
 # run.sh - the attention benchmark: qfuse (bench_attention) and PyTorch (torch_peer.py) on the
-# same cases and thread count, merged into one table per thread count.
+# same cases and thread count, one table per thread count.
 #
 #   sh bench/run.sh [THREADS...]        default: the number of cores
 #
+# By default bench/compare.py runs the two interleaved: both as servers pinned to the same cores,
+# each case timed by one then the other, in ROUNDS rounds, ratios taken within a round.
+# INTERLEAVE=0 runs them one after the other instead (each program's whole table, then merged),
+# as before compare.py; so does a machine with no Python at all.
 # Builds nothing: `make bench` builds first. Environment:
 #   BUILD        build folder holding bench_attention (default: build)
 #   PYTHON       interpreter with torch (default: the first of /usr/bin/python3, python3 that
 #                imports torch)
-#   QUICK=1      shorter timing (0.3 s a case instead of 1.5 s): for smoke runs, not for tables
-#   RESULTS_DIR  also write the table of T threads to RESULTS_DIR/table-Tt.txt and the raw lines
-#                to RESULTS_DIR/raw-{qfuse,torch}-Tt.tsv
+#   ROUNDS       interleaved rounds (default 2; the device tables use 5); SCALE: timing per case,
+#                side and round as a share of 1.5 s (default 0.35); MIN_REPS: least timed runs
+#                per case and round (default 1)
+#   QUICK=1      smoke run: 2 rounds at scale 0.1 (or 0.3 s a case with INTERLEAVE=0): not for tables
+#   RESULTS_DIR  also write the table of T threads to RESULTS_DIR/table-Tt.txt and the raw numbers
+#                to RESULTS_DIR/raw-Tt.tsv (INTERLEAVE=0: raw-{qfuse,torch}-Tt.tsv)
 # Columns are explained in bench/README.md. Exit status: 1 if a qfuse case failed.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
@@ -55,6 +62,24 @@ if [ "$avx512" -ge 4 ] 2>/dev/null; then
             blas_note="BLIS_ARCH_TYPE=0 (skx) set by run.sh (detected: $(echo "${info##*arch }" | tr -d "()"))"
         fi ;;
     esac
+fi
+
+if [ "${INTERLEAVE:-1}" != 0 ] && command -v "$PYTHON" >/dev/null 2>&1; then
+    rounds=${ROUNDS:-2} scale=${SCALE:-0.35} reps=${MIN_REPS:-1}
+    [ "${QUICK:-0}" = 1 ] && { rounds=${ROUNDS:-2}; scale=0.1; }
+    status=0
+    [ -n "${RESULTS_DIR:-}" ] && mkdir -p "$RESULTS_DIR"
+    for t in "$@"; do
+        out=$(mktemp)
+        "$PYTHON" "$here/compare.py" --bench "$bench" --python "$PYTHON" --threads "$t" --rounds "$rounds" \
+            --scale "$scale" --min-reps "$reps" --note "$blas_note" \
+            ${RESULTS_DIR:+--raw "$RESULTS_DIR/raw-${t}t.tsv"} >"$out" || status=1
+        cat "$out"
+        echo
+        if [ -n "${RESULTS_DIR:-}" ]; then cp "$out" "$RESULTS_DIR/table-${t}t.txt"; fi
+        rm -f "$out"
+    done
+    exit $status
 fi
 
 cpu=$(lscpu 2>/dev/null | sed -n 's/^Model name:[[:space:]]*//p' | head -n 1)

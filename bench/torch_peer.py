@@ -3,6 +3,7 @@ bench/bench_attention.c (same names, shapes, thread count and timing rule), so b
 put both in one table.
 
     python3 bench/torch_peer.py [--threads N] [--quick] [--only sdpa|gemm]
+    python3 bench/torch_peer.py [--threads N] [--quick | --scale F] [--min-reps N] --serve
 
 What is timed (float32, CPU):
   - SDPA forward: torch.nn.functional.scaled_dot_product_attention under torch.no_grad() where
@@ -13,8 +14,13 @@ What is timed (float32, CPU):
     timed alone (gradients reset to None before each run, outside the timed region).
   - GEMMs: torch.nn.functional.linear(x, w) without bias, under torch.no_grad().
 Timing: warm-up (at least one run, until 0.2 s), then 3..25 runs (about 1.5 s; --quick 0.3 s),
-median. Output: tab-separated lines, as bench_attention prints them:
+median; --scale F multiplies both times (--quick: 0.2), --min-reps N sets the least number of
+timed runs. Every case sets up its own tensors, so a case can be timed alone, in any order.
+Output: tab-separated lines, as bench_attention prints them:
   M <key> <value> | R <case> <median ms> <flop> | E <case> <message>
+--serve speaks bench_attention's --serve protocol (bench/compare.py drives both): the M lines and
+"D\t" (ready), then one request a line on stdin: a case name (its R or E line, any M line it
+updates, then "D\t<name>"), "list" ("C\t<name>" for every case, then "D\tlist"), or "quit".
 """
 import argparse
 import math
@@ -30,6 +36,7 @@ except Exception as e:  # run.sh reports the reason and prints qfuse's columns a
     sys.exit(3)
 
 QUICK = 1.0
+MIN_REPS = 3
 
 
 def time_median(fn, before=None):
@@ -45,7 +52,7 @@ def time_median(fn, before=None):
         warm += 1
         if time.perf_counter() - t0 >= 0.2 * QUICK or warm >= 50:
             break
-    reps = max(3, min(25, math.ceil(1.5 * QUICK / max(first, 1e-6))))
+    reps = max(MIN_REPS, min(25, math.ceil(1.5 * QUICK / max(first, 1e-6))))
     ts = []
     for _ in range(reps):
         if before:
@@ -62,13 +69,12 @@ def report(name, sec, flop):
     print("R\t%s\t%.6f\t%.6g" % (name, sec * 1e3, flop), flush=True)
 
 
-def gemm_case(name, M, N, K):
+def gemm_case(M, N, K):
     g = torch.Generator().manual_seed(1)
     x = torch.rand(M, K, generator=g) * 2 - 1
     w = torch.rand(N, K, generator=g) * 2 - 1
     with torch.no_grad():
-        sec = time_median(lambda: F.linear(x, w))
-    report(name, sec, 2.0 * M * N * K)
+        return time_median(lambda: F.linear(x, w)), 2.0 * M * N * K
 
 
 HAS_SDPA = hasattr(F, "scaled_dot_product_attention")
@@ -111,11 +117,9 @@ def make_attention(L, S, causal):
     return math_path, math_path
 
 
-def sdpa_case(B, H, L, S, D, causal):
+def sdpa_case(B, H, L, S, D, causal, backward):
+    """Times the forward, or the backward of one forward with requires_grad, of one shape."""
     global SDPA_PATH
-    kind = "self" if L == S else "cross"
-    shape = "%dx%dx%dx%dx%d" % (B, H, L, S, D)
-    tag = "%s%s %s" % (kind, " causal" if causal else "", shape)
     g = torch.Generator().manual_seed(11)
     q = torch.rand(B, H, L, D, generator=g) * 2 - 1
     k = torch.rand(B, H, S, D, generator=g) * 2 - 1
@@ -131,9 +135,9 @@ def sdpa_case(B, H, L, S, D, causal):
             SDPA_PATH = "flash"
     except RuntimeError:
         attend = fallback  # the flash kernel refused these inputs: the dispatcher picks
-    with torch.no_grad():
-        fsec = time_median(lambda: attend(q, k, v))
-    report("sdpa fwd " + tag, fsec, fwd_flop)
+    if not backward:
+        with torch.no_grad():
+            return time_median(lambda: attend(q, k, v)), fwd_flop
 
     qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
     out = attend(qg, kg, vg)
@@ -141,37 +145,97 @@ def sdpa_case(B, H, L, S, D, causal):
     def reset():
         qg.grad = kg.grad = vg.grad = None
 
-    bsec = time_median(lambda: out.backward(dout, retain_graph=True), before=reset)
-    report("sdpa bwd " + tag, bsec, 2.5 * fwd_flop)
-    return fsec
+    return time_median(lambda: out.backward(dout, retain_graph=True), before=reset), 2.5 * fwd_flop
+
+
+def make_cases():
+    """(name, kind, run) in bench_attention's table order; run() returns (seconds, flop)."""
+    cases = []
+    for name, M, N, K in (("linear q/k/v/out 256x768 . 768x768^T", 256, 768, 768),
+                          ("linear cross k/v 2056x1408 . 768x1408^T", 2056, 768, 1408),
+                          ("linear ffn up 256x768 . 3072x768^T", 256, 3072, 768),
+                          ("linear ffn down 256x3072 . 768x3072^T", 256, 768, 3072)):
+        cases.append((name, "gemm", lambda M=M, N=N, K=K: gemm_case(M, N, K)))
+    for shape, causal in (((8, 12, 32, 257, 64), False), ((8, 12, 512, 512, 64), False),
+                          ((8, 12, 512, 512, 64), True), ((1, 16, 2048, 2048, 128), False),
+                          ((1, 16, 2048, 2048, 128), True)):
+        B, H, L, S, D = shape
+        tag = "%s%s %s" % ("self" if L == S else "cross", " causal" if causal else "",
+                           "x".join(map(str, shape)))
+        for bwd in (False, True):
+            cases.append(("sdpa %s %s" % ("bwd" if bwd else "fwd", tag), "sdpa",
+                          lambda shape=shape, causal=causal, bwd=bwd: sdpa_case(*shape, causal, bwd)))
+    return cases
+
+
+def run_case(name, run):
+    """Runs one case and prints its R line, or an E line when torch raised."""
+    try:
+        sec, flop = run()
+    except Exception as e:  # noqa: BLE001 - a benchmark reports and goes on
+        print("E\t%s\t%s: %s" % (name, type(e).__name__, str(e).splitlines()[0] if str(e) else ""), flush=True)
+        return None
+    report(name, sec, flop)
+    return sec
+
+
+def serve(cases):
+    by_name = {name: run for name, _, run in cases}
+    print("D\t", flush=True)
+    for line in sys.stdin:
+        req = line.rstrip("\r\n")
+        if req == "quit":
+            break
+        if req == "list":
+            for name, _, _ in cases:
+                print("C\t%s" % name)
+        elif req in by_name:
+            run_case(req, by_name[req])
+            if req.startswith("sdpa"):
+                print("M\tsdpa_path\t%s" % (SDPA_PATH if HAS_SDPA else "math"))
+        elif req:
+            print("E\t%s\tno such case (send 'list' for the names)" % req)
+        print("D\t%s" % req, flush=True)
 
 
 def main():
-    global QUICK
+    global QUICK, MIN_REPS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("QFUSE_THREADS") or 0) or os.cpu_count())
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--scale", type=float, help="timing factor (--quick is 0.2)")
+    ap.add_argument("--min-reps", type=int, default=3, choices=range(1, 26), metavar="N",
+                    help="least number of timed runs (default 3)")
     ap.add_argument("--only", choices=["sdpa", "gemm"])
+    ap.add_argument("--serve", action="store_true", help="one case per request on stdin (bench/compare.py)")
     a = ap.parse_args()
     if a.quick:
         QUICK = 0.2
+    if a.scale:
+        QUICK = a.scale
+    MIN_REPS = a.min_reps
     torch.set_num_threads(a.threads)
     ver = torch.__version__.split("+")[0]
     label = ("torch-%s sdpa" % ver) if HAS_SDPA else ("torch-%s math" % ".".join(ver.split(".")[:2]))
     print("M\tthreads\t%d" % torch.get_num_threads())
     print("M\ttorch\t%s" % torch.__version__)
     print("M\ttorch_label\t%s" % label, flush=True)
-    if a.only != "sdpa":
-        gemm_case("linear q/k/v/out 256x768 . 768x768^T", 256, 768, 768)
-        gemm_case("linear cross k/v 2056x1408 . 768x1408^T", 2056, 768, 1408)
-        gemm_case("linear ffn up 256x768 . 3072x768^T", 256, 3072, 768)
-        gemm_case("linear ffn down 256x3072 . 768x3072^T", 256, 768, 3072)
+    cases = make_cases()
+    if a.serve:
+        serve(cases)
+        return
+    fwd_sec = {}
+    for name, kind, run in cases:
+        if a.only and kind != a.only:
+            continue
+        sec = run_case(name, run)
+        if name.startswith("sdpa fwd self"):
+            shape = name.rsplit(" ", 1)[1]
+            if " causal " not in name:
+                fwd_sec[shape] = sec
+            elif sec and fwd_sec.get(shape):
+                print("M\tcausal_ratio %s\t%.3f" % (shape, sec / fwd_sec[shape]), flush=True)
     if a.only != "gemm":
-        sdpa_case(8, 12, 32, 257, 64, False)
-        for shape in ((8, 12, 512, 512, 64), (1, 16, 2048, 2048, 128)):
-            full = sdpa_case(*shape, False)
-            causal = sdpa_case(*shape, True)
-            print("M\tcausal_ratio %s\t%.3f" % ("x".join(map(str, shape)), causal / full))
         print("M\tsdpa_path\t%s" % (SDPA_PATH if HAS_SDPA else "math"), flush=True)
 
 

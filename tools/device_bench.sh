@@ -1,7 +1,8 @@
 #!/bin/bash
 # device_bench.sh - the official benchmark run on the device machine's CPU (see bench/README.md).
 #
-#   bash tools/device_bench.sh probe|blas|full        (in the repository root, .debs/ carried)
+#   bash tools/device_bench.sh probe|blas|full|two     (in the repository root, .debs/ carried)
+#   bash tools/device_bench.sh interleaved T[xRUNS]...  e.g. interleaved 16 2x2
 #
 # The device image has a compiler and PyTorch but no package registry and none of qfuse's
 # libraries, so the Debian 12 packages in .debs/ (apt-get download, see bench/README.md) are
@@ -11,8 +12,11 @@
 #          a quick torch_peer.py run (checks the PyTorch side works)
 #   blas:  the sgemm comparison (docs/blas.md) at 2 and 16 threads, full timing
 #   full:  qfuse built with the default BLAS (Makefile) and bench/run.sh at 2 and 16 threads
+#          (run.sh's default: bench/compare.py, interleaved, 3 rounds)
+#   interleaved: the judged tables: bench/compare.py (via run.sh) at each thread count T, RUNS times
+#          (default 1), ROUNDS (default 5) rounds of at least MIN_REPS (default 2) timed runs
 # Writes into $OUT (at most 8 files come back): log.txt, blas.txt, table-2t.txt, table-16t.txt,
-# raw.tar.gz.
+# raw.tar.gz; interleaved: table-Tt-interleaved-I.txt, raw-interleaved-T....tar.gz.
 set -u
 mode=${1:-probe}
 OUT=${OUT:-/tmp/qfuse-out}
@@ -105,6 +109,22 @@ two)
         cp /tmp/res$r/table-2t.txt "$OUT/table-2t-pinned-$r.txt" 2>/dev/null
     done
     ;;
+interleaved)
+    shift
+    build_qfuse
+    rm -rf /tmp/iraw; mkdir -p /tmp/iraw
+    for spec in "$@"; do
+        t=${spec%%x*}; runs=1
+        case "$spec" in *x*) runs=${spec#*x} ;; esac
+        for i in $(seq 1 "$runs"); do
+            echo "== interleaved, $t threads, run $i of $runs, $(date -u '+%F %H:%M UTC')"
+            ROUNDS=${ROUNDS:-5} MIN_REPS=${MIN_REPS:-2} BUILD=build-dev RESULTS_DIR=/tmp/ires sh bench/run.sh "$t"
+            cp /tmp/ires/table-${t}t.txt "$OUT/table-${t}t-interleaved-$i.txt" 2>/dev/null
+            cp /tmp/ires/raw-${t}t.tsv "/tmp/iraw/raw-${t}t-$i.tsv" 2>/dev/null
+            tar -C /tmp/iraw -czf "$OUT/raw-interleaved-$(echo "$*" | tr ' ' '_').tar.gz" .
+        done
+    done
+    ;;
 build) build_gemm_benches; build_qfuse ;;
-*) echo "device_bench.sh: mode '$mode' is not probe, blas, full or two"; exit 2 ;;
+*) echo "device_bench.sh: mode '$mode' is not probe, blas, full, two, interleaved or build"; exit 2 ;;
 esac
