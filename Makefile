@@ -38,8 +38,8 @@ TEST_SRC := $(sort $(wildcard tests/c/test_*.c))
 TEST_BIN := $(TEST_SRC:tests/c/%.c=$(BUILD)/tests/%)
 FUZZ_SRC := $(sort $(wildcard fuzz/fuzz_*.c))
 
-.PHONY: all test test-c test-python sanitize fuzz bench clean
-all: $(BUILD)/libqfuse.a $(BUILD)/libqfuse.so $(BUILD)/qfuse $(BUILD)/bench_attention
+.PHONY: all test test-c test-python sanitize fuzz bench bench-qformer clean
+all: $(BUILD)/libqfuse.a $(BUILD)/libqfuse.so $(BUILD)/qfuse $(BUILD)/bench_attention $(BUILD)/bench_qformer
 
 $(BUILD)/%.o: %.c $(wildcard include/*.h src/*/*.h)
 	@mkdir -p $(dir $@)
@@ -56,6 +56,9 @@ $(BUILD)/qfuse: $(CLI_OBJ) $(BUILD)/libqfuse.a
 	$(CC) $(CFLAGS) -o $@ $(CLI_OBJ) $(BUILD)/libqfuse.a $(LDLIBS)
 
 $(BUILD)/bench_attention: bench/bench_attention.c $(BUILD)/libqfuse.a
+	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libqfuse.a $(LDLIBS)
+
+$(BUILD)/bench_qformer: bench/bench_qformer.c $(BUILD)/libqfuse.a
 	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libqfuse.a $(LDLIBS)
 
 $(BUILD)/tests/%: tests/c/%.c $(wildcard tests/c/*.h) $(BUILD)/libqfuse.a
@@ -98,6 +101,10 @@ test: all test-c test-python sanitize fuzz
 
 bench: all
 	sh bench/run.sh
+
+# Whole models (BLIP-2 Q-Former, AffectGPT pre-fusion) against PyTorch; THREADS=N to choose.
+bench-qformer: $(BUILD)/bench_qformer
+	$(BUILD)/bench_qformer $(if $(THREADS),--threads $(THREADS)) --python $(PYTHON)
 
 clean:
 	rm -rf build build-san build-fuzz
