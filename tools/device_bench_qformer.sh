@@ -1,0 +1,40 @@
+#!/bin/bash
+# device_bench_qformer.sh - the whole-model benchmark (bench/bench_qformer.c: BLIP-2 Q-Former and
+# AffectGPT pre-fusion vs PyTorch/transformers) on the device machine's CPU, at 2 and 16 threads.
+#
+#   QF_COMMIT=<hash> bash tools/device_bench_qformer.sh [rounds]   (repository root, .debs/ carried)
+#
+# Like tools/device_bench.sh: the machine has no package registry, so the Debian 12 packages in
+# .debs/ (libcjson, OpenBLAS, libstb: `apt-get download libstb0 libstb-dev` beside the others) are
+# unpacked with dpkg -x into $DEPS (never into /) and qfuse links them by absolute path with an
+# RPATH. OPENBLAS_CORETYPE=SkylakeX: OpenBLAS 0.3.21 mistakes the VM's Xeon for Prescott
+# (docs/blas.md). The peer is the machine's python3 (PyTorch + transformers from pip).
+# Writes $OUT/h100-cpu-qformer-2t.txt, $OUT/h100-cpu-qformer-16t.txt and $OUT/log.txt.
+set -u
+rounds=${1:-3}
+OUT=${OUT:-/tmp/qfuse-out}
+DEPS=/tmp/qfuse-deps
+LIB=$DEPS/usr/lib/x86_64-linux-gnu
+mkdir -p "$OUT" "$DEPS"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+
+for f in .debs/*.deb; do dpkg -x "$f" "$DEPS"; done
+RP="-Wl,--disable-new-dtags -Wl,-rpath,$LIB -Wl,-rpath-link,$LIB"
+echo "== machine"
+lscpu | grep -E '^(Model name|CPU\(s\))'
+python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' 2>&1 | tail -n 1
+echo "== build (build-dev)"
+CFLAGS="-O2 -g -I$DEPS/usr/include -I$DEPS/usr/include/x86_64-linux-gnu/openblas-pthread -L$LIB -L$LIB/openblas-pthread $RP -Wl,-rpath,$LIB/openblas-pthread" \
+    make -j16 BUILD=build-dev build-dev/bench_qformer 2>&1 | grep -vE '^(cc|ar) ' | tail -n 30
+[ -x build-dev/bench_qformer ] || { echo "build failed"; exit 1; }
+export OPENBLAS_CORETYPE=SkylakeX
+for t in 2 16; do
+    f="$OUT/h100-cpu-qformer-${t}t.txt"
+    {
+        echo "# device: nvidia-h100-x1 host CPU ($(lscpu | sed -n 's/^Model name: *//p')), $(nproc) CPUs; GPU unused"
+        echo "# commit ${QF_COMMIT:-unknown}, run $(date -u '+%Y-%m-%d %H:%M UTC'), OPENBLAS_CORETYPE=$OPENBLAS_CORETYPE"
+    } > "$f"
+    echo "== $t threads"
+    OMP_NUM_THREADS=$t build-dev/bench_qformer --threads $t --rounds "$rounds" --python python3 >> "$f"
+    cat "$f"
+done
