@@ -78,7 +78,11 @@ class QFormerPeer:
             self.model = None
             why = "%s: %s" % (type(e).__name__, e)
         else:
-            self.model = Blip2QFormerModel.from_pretrained(folder, torch_dtype=torch.float32).eval()
+            try:
+                m = Blip2QFormerModel.from_pretrained(folder, dtype=torch.float32)
+            except TypeError:  # transformers 4.x names it torch_dtype
+                m = Blip2QFormerModel.from_pretrained(folder, torch_dtype=torch.float32)
+            self.model = m.float().eval()
             self.label = "transformers-%s Blip2QFormerModel" % transformers.__version__
             return
         sys.path.insert(0, TESTS)
