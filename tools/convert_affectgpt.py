@@ -4,12 +4,14 @@
 
     convert_affectgpt.py CKPT.pth OUT [--heads 12] [--layer-norm-eps 1e-12] [--hidden-act gelu]
                          [--cross-attention-frequency 1] [--fusion-order face,audio]
-                         [--transformers-names] [--dtype keep|F32|F16|BF16]
+                         [--transformers-names] [--dtype keep|F32|F16|BF16] [--trust-pickle]
 
 CKPT is a state dict, or a dict holding one under "model" / "state_dict" (AffectGPT saves
-{"model": ...}). Kept: multi_audio_embs.*, multi_video_embs.*, multi_position_embedding.weight,
-multi_query_tokens, multi_llama_proj.*, multi_Qformer.* (LAVIS BertModel names as saved, or
-transformers' Blip2QFormerModel names with --transformers-names). Dropped from multi_Qformer:
+{"model": ...}); a "module." prefix on every key (DataParallel) is stripped. It is read with
+torch's weights_only unpickler unless --trust-pickle. Kept: multi_audio_embs.*,
+multi_video_embs.*, multi_position_embedding.weight, multi_query_tokens, multi_llama_proj.*,
+multi_Qformer.* (LAVIS BertModel names as saved, or transformers' Blip2QFormerModel names with
+--transformers-names). Dropped from multi_Qformer:
 bert.embeddings.position_ids (a buffer) and anything AffectGPT set to None but an older
 checkpoint may still hold (cls.*, word/position embeddings, the text FFN "intermediate."/"output."
 of each layer): the pre-fusion path never reads them.
@@ -50,14 +52,29 @@ def lavis_to_transformers(n):
     return n.replace(".crossattention.self.", ".crossattention.attention.")
 
 
-def load_state_dict(path):
+def load_state_dict(path, trust_pickle=False):
+    """The state dict inside a .pth. Loaded with torch's weights_only unpickler (tensors and
+    plain containers only) unless trust_pickle: a checkpoint that also pickles config objects
+    needs it, and unpickling runs code from the file."""
+    import inspect
     import torch
-    obj = torch.load(path, map_location="cpu")
+    kw = {}
+    if "weights_only" in inspect.signature(torch.load).parameters:
+        kw["weights_only"] = not trust_pickle
+    try:
+        obj = torch.load(path, map_location="cpu", **kw)
+    except Exception as e:  # noqa: BLE001 - re-raised with the way out
+        if trust_pickle:
+            raise
+        raise SystemExit("%s: torch.load(weights_only=True) failed (%s); if you trust the file, "
+                         "rerun with --trust-pickle" % (path, e))
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
     if not isinstance(obj, dict):
         raise ValueError("%s: not a state dict (got %s)" % (path, type(obj).__name__))
+    if obj and all(k.startswith("module.") for k in obj):   # saved from DataParallel / DDP
+        obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
 
 
@@ -118,9 +135,11 @@ def main(argv=None):
     ap.add_argument("--fusion-order", default="face,audio", choices=["face,audio", "audio,face"])
     ap.add_argument("--transformers-names", action="store_true")
     ap.add_argument("--dtype", default="keep", choices=["keep", "F32", "F16", "BF16"])
+    ap.add_argument("--trust-pickle", action="store_true",
+                    help="load with the full unpickler (runs code from the file)")
     a = ap.parse_args(argv)
     import torch
-    sd = load_state_dict(a.ckpt)
+    sd = load_state_dict(a.ckpt, a.trust_pickle)
     cfg, tensors = convert(sd, a.heads, a.layer_norm_eps, a.hidden_act, a.cross_attention_frequency,
                            a.fusion_order.split(","), a.transformers_names)
     dtype = a.dtype

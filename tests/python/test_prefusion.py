@@ -154,7 +154,11 @@ def test_converter_on_synthetic_pth(tmp_path):
     ck["multi_Qformer.bert.encoder.layer.0.intermediate.dense.weight"] = torch.zeros(4, 4)
     pth = str(tmp_path / "affectgpt.pth")
     torch.save({"model": ck, "optimizer": {}, "epoch": 3}, pth)
+    pth2 = str(tmp_path / "ddp.pth")      # saved from DataParallel: every key under "module."
+    torch.save({"module." + k: v for k, v in ck.items()}, pth2)
     for names in ([], ["--transformers-names"]):
+        if names:
+            pth = pth2
         out = str(tmp_path / ("conv" + "".join(names)))
         r = subprocess.run([sys.executable, os.path.join(TOOLS, "convert_affectgpt.py"), pth, out,
                             "--heads", "4"] + names, capture_output=True, text=True)
@@ -170,6 +174,12 @@ def test_converter_on_synthetic_pth(tmp_path):
         m = Prefusion.load(out)
         a, f, am, fm = _inputs(rng, cfg, 2, 4, 3, masked=True)
         _check(m, sd, cfg, a, f, am, fm, rng, seed)
+    # not an AffectGPT pre-fusion checkpoint: the converter says what is missing
+    bad = str(tmp_path / "bad.pth")
+    torch.save({"model": {"visual_encoder.weight": torch.zeros(2)}}, bad)
+    r = subprocess.run([sys.executable, os.path.join(TOOLS, "convert_affectgpt.py"), bad,
+                        str(tmp_path / "bad")], capture_output=True, text=True)
+    assert r.returncode != 0 and "multi_audio_embs.weight" in r.stderr, r.stderr
 
 
 def test_make_fusion_model(tmp_path):
