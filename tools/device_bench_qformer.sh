@@ -2,7 +2,7 @@
 # device_bench_qformer.sh - the whole-model benchmark (bench/bench_qformer.c: BLIP-2 Q-Former and
 # AffectGPT pre-fusion vs PyTorch/transformers) on the device machine's CPU, at 2 and 16 threads.
 #
-#   QF_COMMIT=<hash> bash tools/device_bench_qformer.sh [rounds]   (repository root, .debs/ carried)
+#   QF_COMMIT=<hash> bash tools/device_bench_qformer.sh [rounds [diag]]   (repository root, .debs/ carried)
 #
 # Like tools/device_bench.sh: the machine has no package registry, so the Debian 12 packages in
 # .debs/ (libcjson, OpenBLAS, libstb: `apt-get download libstb0 libstb-dev` beside the others) are
@@ -38,3 +38,13 @@ for t in 2 16; do
     OMP_NUM_THREADS=$t build-dev/bench_qformer --threads $t --rounds "$rounds" --python python3 >> "$f"
     cat "$f"
 done
+# Diagnostic (not a recorded table): qfuse alone with OpenMP's idle threads sleeping instead of
+# spinning. The Q-Former alternates OpenMP ops with OpenBLAS (pthreads) GEMMs; spinning OpenMP
+# workers compete with OpenBLAS's threads for the same cores (6x slower at 2 threads on a busy VM).
+if [ "${2:-}" = diag ]; then
+    for t in 2 16; do
+        echo "== diagnostic: $t threads, OMP_WAIT_POLICY=passive, qfuse only, quick"
+        OMP_WAIT_POLICY=passive OMP_NUM_THREADS=$t build-dev/bench_qformer --threads $t --rounds 1 --quick --no-peer \
+            | tee "$OUT/diag-passive-${t}t.txt"
+    done
+fi
