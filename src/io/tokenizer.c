@@ -342,7 +342,8 @@ static qf_status get_id(loader *L, const cJSON *x, const char *what, const char 
 }
 
 /* White_Space, which Oniguruma's and Rust's \s match; PCRE2's \s adds U+180E. */
-#define WHITE_SPACE_SET "\\t\\n\\x0B\\f\\r\\x20\\x{85}\\x{A0}\\x{1680}\\x{2000}-\\x{200A}\\x{2028}\\x{2029}\\x{202F}\\x{205F}\\x{3000}"
+#define WHITE_SPACE_SET                                                                           \
+    "\\t\\n\\x0B\\f\\r\\x20\\x{85}\\x{A0}\\x{1680}\\x{2000}-\\x{200A}\\x{2028}\\x{2029}\\x{202F}\\x{205F}\\x{3000}"
 
 /* Copies pattern p[0..n) with \s and \S spelled as White_Space sets (inside a class \s becomes
  * the set's members; \S inside a class is left alone). Returns a malloc'd string or NULL. */
@@ -472,7 +473,8 @@ static qf_status add_merge(loader *L, const char *a, size_t na, const char *b, s
     memcpy(cat + na, b + pl, nb - pl);
     int32_t inew = vocab_id(t, cat, nn);
     if (inew < 0) {
-        qf_status s = qf_fail(QF_ERR_FORMAT, "%s: model.merges[%zu] (\"%.*s\" \"%.*s\"): the merged token \"%.*s\" is not in model.vocab",
+        qf_status s = qf_fail(QF_ERR_FORMAT,
+                              "%s: model.merges[%zu] (\"%.*s\" \"%.*s\"): the merged token \"%.*s\" is not in model.vocab",
                               L->label, rank, (int)na, a, (int)nb, b, (int)nn, cat);
         if (cat != stackbuf) free(cat);
         return s;
@@ -655,7 +657,8 @@ static qf_status load_normalizer(loader *L, const cJSON *n, int depth) {
 static qf_status load_pretok(loader *L, const cJSON *p, int depth) {
     qf_tokenizer *t = L->t;
     if (!p || cJSON_IsNull(p)) return QF_OK;
-    if (!cJSON_IsObject(p)) return qf_fail(QF_ERR_FORMAT, "%s: pre_tokenizer is %s, expected an object", L->label, jtype(p));
+    if (!cJSON_IsObject(p))
+        return qf_fail(QF_ERR_FORMAT, "%s: pre_tokenizer is %s, expected an object", L->label, jtype(p));
     const char *type;
     QF_TRY(get_str(L, p, "type", "pre_tokenizer", &type));
     if (!type) return qf_fail(QF_ERR_FORMAT, "%s: a pre_tokenizer has no \"type\"", L->label);
@@ -692,14 +695,17 @@ static qf_status load_pretok(loader *L, const cJSON *p, int depth) {
             QF_TRY(get_str(L, pat, "String", "pre_tokenizer Split.pattern", &lit));
         }
         if (!re_src && !lit)
-            return qf_fail(QF_ERR_FORMAT, "%s: pre_tokenizer Split.pattern is not {\"Regex\": ...} or {\"String\": ...}", L->label);
+            return qf_fail(QF_ERR_FORMAT, "%s: pre_tokenizer Split.pattern is not {\"Regex\": ...} or {\"String\": ...}",
+                           L->label);
         QF_TRY(get_str(L, p, "behavior", "pre_tokenizer Split", &beh));
         static const char *names[] = {"Removed", "Isolated", "MergedWithPrevious", "MergedWithNext", "Contiguous"};
         st->behavior = -1;
         for (int i = 0; i < 5; i++)
             if (beh && !strcmp(beh, names[i])) st->behavior = i;
         if (st->behavior < 0)
-            return qf_fail(QF_ERR_FORMAT, "%s: pre_tokenizer Split.behavior is \"%s\"; expected Removed, Isolated, MergedWithPrevious, MergedWithNext or Contiguous",
+            return qf_fail(QF_ERR_FORMAT,
+                           "%s: pre_tokenizer Split.behavior is \"%s\"; expected Removed, Isolated, "
+                           "MergedWithPrevious, MergedWithNext or Contiguous",
                            L->label, beh ? beh : "(missing)");
         QF_TRY(get_bool(L, p, "invert", "pre_tokenizer Split", 0, &st->invert));
         st->kind = STEP_SPLIT;
@@ -726,14 +732,16 @@ static qf_status push_ids(loader *L, const cJSON *tokens, const cJSON *item, int
     int32_t *a = realloc(*arr, (*n + k + 1) * sizeof *a);
     if (!a) return qf_fail(QF_ERR_NOMEM, "%s: no memory for the template", L->label);
     *arr = a;
-    for (const cJSON *x = ids->child; x; x = x->next) QF_TRY(get_id(L, x, "post_processor special token id", name, &a[(*n)++]));
+    for (const cJSON *x = ids->child; x; x = x->next)
+        QF_TRY(get_id(L, x, "post_processor special token id", name, &a[(*n)++]));
     return QF_OK;
 }
 
 static qf_status load_post(loader *L, const cJSON *p, int depth) {
     qf_tokenizer *t = L->t;
     if (!p || cJSON_IsNull(p)) return QF_OK;
-    if (!cJSON_IsObject(p)) return qf_fail(QF_ERR_FORMAT, "%s: post_processor is %s, expected an object", L->label, jtype(p));
+    if (!cJSON_IsObject(p))
+        return qf_fail(QF_ERR_FORMAT, "%s: post_processor is %s, expected an object", L->label, jtype(p));
     const char *type;
     QF_TRY(get_str(L, p, "type", "post_processor", &type));
     if (!type) return qf_fail(QF_ERR_FORMAT, "%s: a post_processor has no \"type\"", L->label);
