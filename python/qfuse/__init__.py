@@ -6,6 +6,8 @@
     mha = qfuse.MultiheadAttention.load("mha.safetensors", embed_dim=32, num_heads=4)
     out, weights = mha(query, key, value, key_padding_mask=pad)
     grads = mha.backward(grad_out)          # {"query":..., "key":..., "value":..., "in_proj_weight":...}
+    m = qfuse.load("blip2-folder")          # Q-Former family: BLIP-2, InstructBLIP, AffectGPT, KV-prefix
+    tokens = m.fuse(pixel_values=px)        # see qfuse.models for the whole model API
 
 Semantics follow torch.nn.functional.scaled_dot_product_attention and torch.nn.MultiheadAttention.
 
@@ -424,3 +426,13 @@ class MultiheadAttention:
         """Copies of the parameters (float32), by state-dict name."""
         return {name: np.ctypeslib.as_array(p.data, tuple(p.shape[:p.ndim])).copy()
                 for name, p in self._params()}
+
+
+# ---- models (each family in its own module; qfuse.load picks one by config.json) -------------
+from .qformer import QFormer  # noqa: E402
+from .blip2 import Blip2  # noqa: E402
+from .fusion import KVPrefix, Prefusion  # noqa: E402
+from .models import FusionModel, load, model_kind  # noqa: E402
+from .tokenizer import Tokenizer  # noqa: E402
+
+__all__ += ["QFormer", "Blip2", "Prefusion", "KVPrefix", "FusionModel", "load", "model_kind", "Tokenizer"]

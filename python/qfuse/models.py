@@ -1,0 +1,222 @@
+"""qfuse.load(folder): one object for every model of the Q-Former family, with the API of the
+issue tracker's contract (the names mirror transformers where it has them):
+
+    m = qfuse.load(folder)   # Blip2QFormerModel / InstructBlipQFormerModel, Blip2ForConditionalGeneration,
+                             # InstructBlipForConditionalGeneration, affectgpt_prefusion, blip2_kv_prefix
+    h = m.qformer(query_embeds=None, encoder_hidden_states=..., encoder_attention_mask=None,
+                  qformer_input_ids=None, qformer_attention_mask=None, global_feature=None)
+    grads = m.qformer_backward(grad_out, **same_inputs)
+    v = m.vision(pixel_values)
+    t = m.fuse(pixel_values=None, encoder_hidden_states=None, audio=None, face=None,
+               audio_mask=None, face_mask=None, global_feature=None)
+    maps = m.cross_attention_maps()   # per cross-attention layer [B, heads, nq, keys]
+
+The per-family classes (qfuse.QFormer, qfuse.Blip2, qfuse.Prefusion, qfuse.KVPrefix) do the work;
+this module only picks one by config.json and routes the calls. Invariants:
+- The model kind comes from config.json's model_type (architectures[0] when model_type is absent);
+  an unknown one is a QfuseError naming the folder and the value.
+- qformer_backward runs the Q-Former forward again on the same inputs, then its backward; the
+  dict holds every trainable Q-Former parameter by the checkpoint's own name (with its prefix,
+  e.g. "qformer." or "multi_Qformer."), "query_embeds" and "encoder_hidden_states"; when the
+  model's query tokens were used (query_embeds None) also their gradient under the checkpoint's
+  name ("query_tokens" / "multi_query_tokens"), summed over the batch; with a global feature
+  (KV-prefix) the prefix parameters and "global_feature" too.
+- A method the loaded kind has no part for (vision() on a pre-fusion) raises QfuseError saying so.
+"""
+import json
+import os
+
+import numpy as np
+
+from ._native import QfuseError
+from .blip2 import Blip2
+from .fusion import KVPrefix, Prefusion
+from .qformer import QFormer
+
+_KINDS = {
+    "blip_2_qformer": "qformer", "instructblip_qformer": "qformer",
+    "Blip2QFormerModel": "qformer", "InstructBlipQFormerModel": "qformer",
+    "blip-2": "blip2", "instructblip": "blip2",
+    "Blip2ForConditionalGeneration": "blip2", "InstructBlipForConditionalGeneration": "blip2",
+    "affectgpt_prefusion": "prefusion", "blip2_kv_prefix": "kv_prefix",
+}
+
+
+def model_kind(folder):
+    """The family member a folder holds: "qformer", "blip2", "prefusion" or "kv_prefix"."""
+    path = os.path.join(os.fspath(folder), "config.json")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except OSError as e:
+        raise QfuseError("load: cannot read %s: %s" % (path, e.strerror or e), "QF_ERR_IO") from None
+    except ValueError as e:
+        raise QfuseError("load: %s is not valid JSON: %s" % (path, e), "QF_ERR_FORMAT") from None
+    if not isinstance(cfg, dict):
+        raise QfuseError("load: %s: the top level is not a JSON object" % path, "QF_ERR_FORMAT")
+    mt = cfg.get("model_type")
+    archs = cfg.get("architectures") or []
+    for key in [mt] + (archs if isinstance(archs, list) else []):
+        if isinstance(key, str) and key in _KINDS:
+            return _KINDS[key]
+    raise QfuseError("load: %s: model_type %r (architectures %r) is not a model qfuse loads; "
+                     "expected one of %s" % (path, mt, archs, ", ".join(sorted(k for k in _KINDS if k[0].islower()))),
+                     "QF_ERR_UNSUPPORTED")
+
+
+def load(folder):
+    """Loads a Hugging Face (or qfuse-layout) folder as a FusionModel."""
+    return FusionModel(folder)
+
+
+class _QFormerView(QFormer):
+    """A QFormer over a Q-Former handle owned by a bigger model (never freed here)."""
+
+    def __init__(self, handle, owner):
+        super().__init__(handle)
+        self._owner = owner          # keeps the owning model (and so the handle) alive
+
+    def close(self):
+        self._h = None
+
+
+class FusionModel:
+    """See the module docstring. .kind is "qformer", "blip2", "prefusion" or "kv_prefix";
+    .impl is the per-family object (for everything beyond this common API)."""
+
+    def __init__(self, folder):
+        folder = os.fspath(folder)
+        self.kind = model_kind(folder)
+        self.folder = folder
+        if self.kind == "qformer":
+            self.impl = QFormer.load(folder)
+            self._qf, self._qprefix, self._query_name = self.impl, "", None
+        elif self.kind == "blip2":
+            self.impl = Blip2.load(folder)
+            self._qf = _QFormerView(self.impl._qh, self.impl)
+            self._qprefix, self._query_name = "qformer.", "query_tokens"
+        elif self.kind == "prefusion":
+            self.impl = Prefusion.load(folder)
+            self._qf = _QFormerView(self.impl._qh, self.impl)
+            self._qprefix, self._query_name = "multi_Qformer.", "multi_query_tokens"
+        else:
+            self.impl = KVPrefix.load(folder)
+            self._qf = _QFormerView(self.impl._qh, self.impl)
+            self._qprefix, self._query_name = "qformer.", "query_tokens"
+        self._maps_from = self._qf
+
+    def close(self):
+        self.impl.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _no(self, what):
+        raise QfuseError("%s: a %s model (%s) has no %s" % (what, self.kind, self.folder, what),
+                         "QF_ERR_UNSUPPORTED")
+
+    def _queries(self, query_embeds, B, fn):
+        if query_embeds is not None:
+            return query_embeds, False
+        if self._query_name is None:
+            raise QfuseError("%s: a bare Q-Former checkpoint has no query tokens: pass query_embeds" % fn,
+                             "QF_ERR_ARG")
+        qt = self.impl.parameter(self._query_name)
+        return np.ascontiguousarray(np.broadcast_to(qt, (B,) + qt.shape[1:]), np.float32), True
+
+    # ---- Q-Former ----
+    def qformer(self, query_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                qformer_input_ids=None, qformer_attention_mask=None, global_feature=None):
+        """Q-Former last_hidden_state [B, Lq (+Lt), hidden]; query_embeds None = the model's own
+        query tokens; global_feature only for blip2_kv_prefix (its prefix then modulates the
+        cross-attention)."""
+        fn = "qformer"
+        if encoder_hidden_states is None:
+            raise QfuseError("%s: encoder_hidden_states is required" % fn, "QF_ERR_ARG")
+        if global_feature is not None:
+            if self.kind != "kv_prefix":
+                raise QfuseError("%s: global_feature is only taken by blip2_kv_prefix models (this is "
+                                 "a %s model)" % (fn, self.kind), "QF_ERR_ARG")
+            if qformer_input_ids is not None:
+                raise QfuseError("%s: a KV-prefix Q-Former takes no instruction text" % fn, "QF_ERR_UNSUPPORTED")
+            self._maps_from = self.impl
+            return self.impl.fuse(encoder_hidden_states=encoder_hidden_states, global_feature=global_feature,
+                                  query_embeds=query_embeds, encoder_attention_mask=encoder_attention_mask)
+        if self.kind == "kv_prefix":
+            raise QfuseError("%s: a blip2_kv_prefix model needs global_feature [B, prefix_feature_dim]" % fn,
+                             "QF_ERR_ARG")
+        B = np.shape(encoder_hidden_states)[0] if np.ndim(encoder_hidden_states) >= 1 else 0
+        q, _ = self._queries(query_embeds, B, fn)
+        self._maps_from = self._qf
+        return self._qf.forward(q, encoder_hidden_states, encoder_attention_mask,
+                                qformer_input_ids, qformer_attention_mask)
+
+    def qformer_backward(self, grad_out, query_embeds=None, encoder_hidden_states=None,
+                         encoder_attention_mask=None, qformer_input_ids=None, qformer_attention_mask=None,
+                         global_feature=None):
+        """Gradients of sum(qformer(...) * grad_out) (see the module docstring for the keys)."""
+        self.qformer(query_embeds, encoder_hidden_states, encoder_attention_mask, qformer_input_ids,
+                     qformer_attention_mask, global_feature)
+        if global_feature is not None:
+            g = self.impl.backward(grad_out)
+            if query_embeds is None:
+                g[self._query_name] = g["query_embeds"].sum(axis=0, keepdims=True)
+            return g
+        raw = self._qf.backward(grad_out)
+        out = {}
+        for k, v in raw.items():
+            if k in ("query_embeds", "encoder_hidden_states", "prefix_k", "prefix_v"):
+                out[k] = v
+            else:
+                out[self._qprefix + k] = v
+        if query_embeds is None and self._query_name:
+            out[self._query_name] = raw["query_embeds"].sum(axis=0, keepdims=True)
+        return out
+
+    # ---- vision ----
+    def vision(self, pixel_values):
+        """Vision tower last_hidden_state (BLIP-2 / InstructBLIP folders)."""
+        if self.kind != "blip2":
+            self._no("vision")
+        return self.impl.vision(pixel_values)
+
+    # ---- whole fusion ----
+    def fuse(self, pixel_values=None, encoder_hidden_states=None, audio=None, face=None, audio_mask=None,
+             face_mask=None, global_feature=None, qformer_input_ids=None, qformer_attention_mask=None):
+        """LLM-space tokens: BLIP-2/InstructBLIP from pixel_values (instruction ids for
+        InstructBLIP); AffectGPT pre-fusion from audio/face (+ masks); KV-prefix from
+        encoder_hidden_states + global_feature (through language_projection when present)."""
+        fn = "fuse"
+        given = {k for k, v in dict(pixel_values=pixel_values, encoder_hidden_states=encoder_hidden_states,
+                                    audio=audio, face=face, audio_mask=audio_mask, face_mask=face_mask,
+                                    global_feature=global_feature, qformer_input_ids=qformer_input_ids,
+                                    qformer_attention_mask=qformer_attention_mask).items() if v is not None}
+        takes = {"blip2": {"pixel_values", "qformer_input_ids", "qformer_attention_mask"},
+                 "prefusion": {"audio", "face", "audio_mask", "face_mask"},
+                 "kv_prefix": {"encoder_hidden_states", "global_feature"},
+                 "qformer": set()}[self.kind]
+        extra = sorted(given - takes)
+        if self.kind == "qformer":
+            raise QfuseError("%s: a bare Q-Former checkpoint has no query tokens or projection; "
+                             "call qformer(query_embeds=..., encoder_hidden_states=...)" % fn, "QF_ERR_UNSUPPORTED")
+        if extra:
+            raise QfuseError("%s: a %s model does not take %s (it takes %s)"
+                             % (fn, self.kind, ", ".join(extra), ", ".join(sorted(takes))), "QF_ERR_ARG")
+        self._maps_from = self.impl
+        if self.kind == "blip2":
+            if pixel_values is None:
+                raise QfuseError("%s: pixel_values is required" % fn, "QF_ERR_ARG")
+            return self.impl.fuse(pixel_values, qformer_input_ids, qformer_attention_mask)
+        if self.kind == "prefusion":
+            return self.impl.fuse(audio=audio, face=face, audio_mask=audio_mask, face_mask=face_mask)
+        h = self.impl.fuse(encoder_hidden_states=encoder_hidden_states, global_feature=global_feature)
+        return self.impl.project(h) if self.impl.projection_dim else h
+
+    def cross_attention_maps(self, average=False):
+        """From the last qformer()/fuse(): one array per cross-attention layer, [B, heads, nq,
+        keys] (or [B, nq, keys] averaged). Keys: prefix then encoder tokens (KV-prefix); face
+        then audio frames in fusion order (pre-fusion); image patches with the class token first."""
+        return self._maps_from.cross_attention_maps(average=average)
