@@ -40,7 +40,8 @@ extern "C" {
  *                 "encoder.layer.N.attention.attention.query.*", "...crossattention...", ...
  *   LAVIS:        "bert.embeddings.LayerNorm.*", "bert.encoder.layer.N.attention.self.query.*",
  *                 "...attention.output.dense.*", "...crossattention.self.key.*", ...
- * Parameters are reported (qf_qformer_param) by the transformers names, whatever the file used. */
+ * Parameters are reported (qf_qformer_param) by the checkpoint's own names without the prefix
+ * (LAVIS names for a LAVIS file); qf_qformer_find_param takes those or the transformers names. */
 
 typedef struct qf_qformer qf_qformer;
 
@@ -99,7 +100,8 @@ qf_status qf_qformer_backward(qf_qformer *m, const float *grad_out, float *grad_
 
 int qf_qformer_num_params(const qf_qformer *m);
 qf_status qf_qformer_param(qf_qformer *m, int i, qf_param *out);
-/* Finds a parameter by its transformers name ("encoder.layer.0.attention.attention.query.weight"). */
+/* Finds a parameter by its checkpoint name or its transformers name
+ * ("encoder.layer.0.attention.attention.query.weight"). */
 qf_status qf_qformer_find_param(qf_qformer *m, const char *name, qf_param *out);
 void qf_qformer_zero_grad(qf_qformer *m);
 /* frozen = 1: backward computes input gradients only (no parameter gradients, grad views NULL). */

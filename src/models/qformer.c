@@ -23,8 +23,8 @@
  *
  * Invariants:
  *   - Parameters live in one float buffer laid out by ptab (llm.c style) and their gradients in a
- *     parallel buffer at the same offsets; ptab names are transformers names (whatever names the
- *     file used). The per-layer structs hold views into params; the gradient of a view p is
+ *     parallel buffer at the same offsets; ptab names are transformers names, ptab file_names the
+ *     checkpoint's (what qf_qformer_param reports). The per-layer structs hold views into params; the gradient of a view p is
  *     grads + (p - params).
  *   - fwd is a grow-only planned block: a forward with the shapes of an earlier one allocates
  *     nothing. It holds every activation backward needs and copies of the inputs and masks, so
@@ -49,6 +49,7 @@ static qf_status add_param(qf_qformer *m, const char *name, int64_t d0, int64_t 
     }
     qformer_ptab *p = &m->ptab[m->np];
     p->name = strdup(name);
+    p->file_name = NULL;
     if (!p->name) return qf_fail(QF_ERR_NOMEM, "qf_qformer_load: cannot copy a tensor name");
     m->np++;
     p->ndim = d1 ? 2 : 1;
@@ -316,6 +317,11 @@ qf_status qf_qformer_load_parts(const qf_config *cfg, const char *cfg_prefix, co
         else
             snprintf(name, sizeof name, "%s", p->name);
         snprintf(full, sizeof full, "%s%s", tensor_prefix, name);
+        m->ptab[i].file_name = strdup(name);
+        if (!m->ptab[i].file_name) {
+            s = qf_fail(QF_ERR_NOMEM, "%s: cannot copy a tensor name", fn);
+            break;
+        }
         s = qf_st_read_f32(st, full, p->ndim, p->shape, m->params + p->off);
         if (s != QF_OK)
             s = qf_fail_prefix(s, "%s (%s Q-Former, %lld layers, hidden %lld, encoder_hidden %lld, "
@@ -387,7 +393,10 @@ qf_status qf_qformer_load(const char *folder, qf_qformer **out) {
 
 void qf_qformer_free(qf_qformer *m) {
     if (!m) return;
-    for (int i = 0; i < m->np; i++) free(m->ptab[i].name);
+    for (int i = 0; i < m->np; i++) {
+        free(m->ptab[i].name);
+        free(m->ptab[i].file_name);
+    }
     free(m->ptab);
     free(m->params);
     free(m->grads);
@@ -409,7 +418,7 @@ int qf_qformer_num_params(const qf_qformer *m) { return m ? m->np : 0; }
 
 static void fill_param(qf_qformer *m, int i, qf_param *out) {
     const qformer_ptab *p = &m->ptab[i];
-    out->name = p->name;
+    out->name = p->file_name ? p->file_name : p->name;
     out->data = m->params + p->off;
     out->grad = m->frozen ? NULL : m->grads + p->off;
     out->ndim = p->ndim;
@@ -433,12 +442,12 @@ qf_status qf_qformer_find_param(qf_qformer *m, const char *name, qf_param *out) 
     if (!name) return qf_fail(QF_ERR_ARG, "qf_qformer_find_param: name is NULL");
     if (!out) return qf_fail(QF_ERR_ARG, "qf_qformer_find_param: out is NULL");
     for (int i = 0; i < m->np; i++)
-        if (!strcmp(m->ptab[i].name, name)) {
+        if (!strcmp(m->ptab[i].name, name) || (m->ptab[i].file_name && !strcmp(m->ptab[i].file_name, name))) {
             fill_param(m, i, out);
             return QF_OK;
         }
     return qf_fail(QF_ERR_NOT_FOUND, "qf_qformer_find_param: the Q-Former has no parameter \"%s\" (names are "
-                                     "transformers', e.g. \"encoder.layer.0.attention.attention.query.weight\")",
+                                     "the checkpoint's or transformers', e.g. \"encoder.layer.0.attention.attention.query.weight\")",
                    name);
 }
 

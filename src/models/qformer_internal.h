@@ -11,6 +11,8 @@
 
 typedef struct {
     char *name;              /* transformers name (owned)                                     */
+    char *file_name;         /* the name in the checkpoint, without its prefix: LAVIS names
+                              * for a LAVIS file, else == name (owned; NULL until loaded)     */
     int ndim;
     int64_t shape[2];
     size_t off, n;           /* in floats, into params and grads                              */

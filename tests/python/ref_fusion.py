@@ -115,6 +115,19 @@ def to_lavis(name, prefix):
     return prefix + "bert." + n
 
 
+def from_lavis(name, prefix):
+    """Inverse of to_lavis for a Q-Former without text (names the model reports for a LAVIS
+    checkpoint -> the transformers names the references use)."""
+    if not name.startswith(prefix + "bert."):
+        return name
+    n = name[len(prefix) + len("bert."):]
+    if n.startswith("embeddings.LayerNorm."):
+        n = "layernorm." + n[len("embeddings.LayerNorm."):]
+    n = n.replace(".attention.self.", ".attention.attention.")
+    n = n.replace(".crossattention.self.", ".crossattention.attention.")
+    return prefix + n
+
+
 def _tensors(d, need):
     t = R._t()
     return {k: t.tensor(np.asarray(v, np.float64), requires_grad=need) for k, v in d.items()}

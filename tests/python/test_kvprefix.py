@@ -67,6 +67,8 @@ def _check(m, sd, cfg, enc, g, q, mask, rng, seed):
     e = util.rel_err(out, ref)
     assert e < TOL, "forward rel err %.3g (seed %d)" % (e, seed)
     got = m.backward(go.astype(np.float32))
+    # a LAVIS checkpoint reports LAVIS names (its own); the reference speaks transformers names
+    got = {RF.from_lavis(k, RF.QPRE_KV): v for k, v in got.items()}
     if q is None:
         rg = dict(rg)
         # the model's own queries: "query_embeds" is the gradient w.r.t. the broadcast tokens

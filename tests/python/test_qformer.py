@@ -25,6 +25,7 @@ import qfuse
 import ref_qformer as R
 import util
 from qfuse import QfuseError
+from qfuse import _native
 from qfuse._native import lib
 from qfuse.qformer import QFormer
 
@@ -43,20 +44,26 @@ def _grad_err(got, ref, names):
     return worst
 
 
+def _lavis_name(name):
+    """transformers Q-Former name -> LAVIS BertModel name (what a LAVIS checkpoint stores)."""
+    name = name.replace("attention.attention.", "attention.self.")
+    name = name.replace("embeddings.layernorm.", "embeddings.LayerNorm.")
+    if name.startswith("layernorm."):
+        name = "embeddings.LayerNorm." + name[len("layernorm."):]
+    return "bert." + name
+
+
+def _as_file_names(d, lavis):
+    """Reference gradients keyed as the model reports them: the checkpoint's own names."""
+    inputs = ("query_embeds", "encoder_hidden_states", "prefix_k", "prefix_v")
+    return {(_lavis_name(k) if lavis and k not in inputs else k): v for k, v in d.items()}
+
+
 def _write_model(folder, cfg, sd, model_type="blip_2_qformer", lavis=False, whole=None):
     """config.json + model.safetensors for a state dict with transformers names."""
     os.makedirs(folder, exist_ok=True)
     c = dict(cfg, model_type=model_type, position_embedding_type="absolute")
-    tensors = {}
-    for k, v in sd.items():
-        name = k
-        if lavis:
-            name = name.replace("attention.attention.", "attention.self.")
-            name = name.replace("embeddings.layernorm.", "embeddings.LayerNorm.")
-            if name.startswith("layernorm."):
-                name = "embeddings.LayerNorm." + name[len("layernorm."):]
-            name = "bert." + name
-        tensors[name] = np.asarray(v, np.float32)
+    tensors = {(_lavis_name(k) if lavis else k): np.asarray(v, np.float32) for k, v in sd.items()}
     if whole:
         c = {"model_type": whole, "qformer_config": c}
         tensors = {"qformer." + k: v for k, v in tensors.items()}
@@ -104,9 +111,15 @@ def test_fixture_lavis_names_and_whole_config(tmp_path):
         qf = QFormer.load(_write_model(str(tmp_path / str(len(os.listdir(tmp_path)))), cfg, sd, **kw))
         assert util.rel_err(qf.forward(*args), io["last_hidden_state"]) < case["rtol_fp32"], kw
         g = qf.backward(io["grad_out"])
-        assert "encoder.layer.0.attention.attention.query.weight" in g  # transformers names
-        refs = {k[5:]: v.astype(np.float64) for k, v in io.items() if k.startswith("grad.")}
+        lavis = kw.get("lavis", False)
+        # the checkpoint's own names
+        assert ("bert.encoder.layer.0.attention.self.query.weight" if lavis else
+                "encoder.layer.0.attention.attention.query.weight") in g
+        refs = _as_file_names({k[5:]: v.astype(np.float64) for k, v in io.items() if k.startswith("grad.")}, lavis)
         assert _grad_err(g, refs, list(refs))[0] < TOL, kw
+        p = _native.qf_param()   # find_param takes the transformers name too
+        assert lib.qf_qformer_find_param(qf._h, b"encoder.layer.0.attention.attention.query.weight",
+                                         ctypes.byref(p)) == 0
 
 
 # ---- random models vs ref_qformer.py ----------------------------------------------------------
@@ -201,7 +214,9 @@ def test_lavis_text_and_instructblip_whole(tmp_path):
         qf = QFormer.load(_write_model(str(tmp_path / str(i)), cfg, sd, **kw))
         assert util.rel_err(_qf_forward(qf, inp), rout) < TOL, (kw, seed)
         g = qf.backward(gout)
-        assert _grad_err(g, rg, list(sd))[0] < TOL, (kw, seed)
+        lavis = kw.get("lavis", False)
+        names = [_lavis_name(k) if lavis else k for k in sd]
+        assert _grad_err(g, _as_file_names(rg, lavis), names)[0] < TOL, (kw, seed)
 
 
 def test_lavis_affectgpt_style(tmp_path):
@@ -214,7 +229,7 @@ def test_lavis_affectgpt_style(tmp_path):
     rout, rg, _ = R.reference(sd, cfg, grad_out=gout, **inp)
     assert util.rel_err(_qf_forward(qf, inp), rout) < TOL
     assert not qf.has_text
-    assert sorted(qf.params()) == sorted(sd)
+    assert sorted(qf.params()) == sorted(_lavis_name(k) for k in sd)
 
 
 def test_frozen_and_accumulation(tmp_path):
