@@ -1,7 +1,7 @@
 """compare.py - the attention benchmark with qfuse and PyTorch interleaved: both stay running as
-servers (bench_attention --serve, torch_peer.py --serve), pinned to the same cores with the same
-thread count, and each case is timed by one and then the other, in several rounds whose order
-alternates (qfuse first in even rounds, PyTorch first in odd ones). A slow or fast spell of the
+servers (bench_attention --serve, torch_peer.py --serve), pinned to the same cores (one affinity
+mask for both, no per-thread binding) with the same thread count, and each case is timed by one
+and then the other, in several rounds whose order alternates (qfuse first in even rounds, PyTorch first in odd ones). A slow or fast spell of the
 machine (a shared VM's neighbours, frequency changes) then lands on both sides of a ratio instead
 of on one side, as it did when run.sh ran the two programs one after the other, minutes apart.
 
@@ -222,10 +222,10 @@ def main():
     env = dict(os.environ)
     for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "BLIS_NUM_THREADS", "MKL_NUM_THREADS", "QFUSE_THREADS"):
         env[k] = str(a.threads)
-    if cpus:
-        # inside the shared mask, each OpenMP thread keeps one core (both sides alike)
-        env.setdefault("OMP_PROC_BIND", "close")
-        env.setdefault("OMP_PLACES", "cores")
+    # Pinning is the affinity mask alone, which every thread inherits. No OMP_PROC_BIND/OMP_PLACES:
+    # with those, libgomp binds the initial thread to one core, and OpenBLAS's pthreads, started
+    # from it, inherit that one core: all BLAS threads then share one core (the sgemm ceiling read
+    # 117-147 GFLOP/s at 16 threads on the device, against 1135 unbound).
     timing = ["--threads", str(a.threads), "--serve", "--scale", repr(a.scale), "--min-reps", str(a.min_reps)]
     qf = Server("bench_attention", [a.bench] + timing, env, cpus)
     if qf.dead:
@@ -308,8 +308,9 @@ def main():
         p("# BLAS kernels: %s" % a.note)
     p("# interleaved: %d rounds, each case timed by qfuse then torch (order alternating by round), %s; "
       "timing scale %g (about %.2f s a case and side), at least %d timed run(s); %.0f s in all" % (
-          a.rounds, "both pinned to CPUs %s (OMP_PROC_BIND=%s, OMP_PLACES=%s)" % (
-              ",".join(map(str, cpus)), env.get("OMP_PROC_BIND"), env.get("OMP_PLACES")) if cpus else "not pinned",
+          a.rounds, "both pinned to CPUs %s (affinity mask%s)" % (
+              ",".join(map(str, cpus)), "; OMP_PROC_BIND=%s from the environment" % env["OMP_PROC_BIND"]
+              if env.get("OMP_PROC_BIND") else "") if cpus else "not pinned",
           a.scale, 1.5 * a.scale, a.min_reps, elapsed))
     p("# GEMM ceiling: median %s GFLOP/s over rounds (per round: %s; %s); same BLAS and threads." % (
         "%.1f" % ceil_med if ceil_med else "-", " ".join("%.1f" % c if c else "-" for c in ceiling), ceil_shape))
