@@ -1,9 +1,10 @@
 """compare.py - the attention benchmark with qfuse and PyTorch interleaved: both stay running as
 servers (bench_attention --serve, torch_peer.py --serve), pinned to the same cores (one affinity
 mask for both, no per-thread binding) with the same thread count, and each case is timed by one
-and then the other, in several rounds whose order alternates (qfuse first in even rounds, PyTorch first in odd ones). A slow or fast spell of the
-machine (a shared VM's neighbours, frequency changes) then lands on both sides of a ratio instead
-of on one side, as it did when run.sh ran the two programs one after the other, minutes apart.
+and then the other, in several rounds whose order alternates (qfuse first in even rounds,
+PyTorch first in odd ones). A slow or fast spell of the machine (a shared VM's neighbours,
+frequency changes) then lands on both sides of a ratio instead of on one side, as it did when
+run.sh ran the two programs one after the other, minutes apart.
 
     python3 bench/compare.py --bench build/bench_attention [--python /usr/bin/python3]
                              [--threads N] [--rounds R] [--scale F] [--min-reps N]

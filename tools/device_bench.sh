@@ -101,11 +101,12 @@ full)
     tar -C /tmp/res -czf "$OUT/raw.tar.gz" .
     ;;
 two)
-    # 2-thread tables only, twice, threads pinned to distinct cores (OMP_PLACES=cores) for qfuse and
-    # PyTorch alike: unpinned 2-thread runs on this VM swung the sgemm ceiling from 143 to 298 GFLOP/s.
+    # 2-thread tables only, twice (run.sh: interleaved, pinned by affinity mask). It once set
+    # OMP_PROC_BIND=close OMP_PLACES=cores: that put every OpenBLAS thread on one core (the
+    # results/h100-cpu-2t-pinned-* ceilings of 134/154 GFLOP/s are one core's sgemm rate).
     build_qfuse
     for r in 1 2; do
-        OMP_PROC_BIND=close OMP_PLACES=cores BUILD=build-dev RESULTS_DIR=/tmp/res$r sh bench/run.sh 2
+        BUILD=build-dev RESULTS_DIR=/tmp/res$r sh bench/run.sh 2
         cp /tmp/res$r/table-2t.txt "$OUT/table-2t-pinned-$r.txt" 2>/dev/null
     done
     ;;
