@@ -3,6 +3,7 @@
 #
 #   make PORTABLE=1     no -march=native (SIMD kernels are still chosen at run time)
 #   make BLAS=blis      link BLIS instead of OpenBLAS (see docs/blas.md for the measurement)
+#   make OPENBLAS_VARIANT=pthread   OpenBLAS's pthread build instead of its OpenMP build
 #   make test FUZZ_SECONDS=60
 
 CC      ?= cc
@@ -20,12 +21,19 @@ endif
 WARN    := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wno-unused-parameter
 CFLAGS  ?= -O2 -g
 override CFLAGS += -std=c11 -D_GNU_SOURCE -fPIC -fopenmp $(ARCHFLAGS) $(WARN) -Iinclude -Isrc -Isrc/core
+# OpenBLAS's OpenMP build by default: its GEMM threads are the same OpenMP pool as qfuse's own
+# parallel loops. With the pthread build the two pools spin against each other between calls
+# (measured: BLIP-2 Q-Former forward B=1, 2 threads, 323 ms pthread vs 93 ms OpenMP; see
+# docs/blas.md). The library is linked by path with an RPATH so the system's libopenblas.so.0
+# alternative (often the pthread build) is not picked up instead.
+OPENBLAS_VARIANT ?= openmp
 ifeq ($(BLAS),blis)
 BLAS_CFLAGS := -isystem /usr/include/x86_64-linux-gnu/blis-openmp -DQF_BLAS_BLIS
 BLAS_LIBS   := -lblis
 else
-BLAS_CFLAGS := -I/usr/include/x86_64-linux-gnu/openblas-pthread
-BLAS_LIBS   := -lopenblas
+BLAS_DIR    := /usr/lib/x86_64-linux-gnu/openblas-$(OPENBLAS_VARIANT)
+BLAS_CFLAGS := -I/usr/include/x86_64-linux-gnu/openblas-$(OPENBLAS_VARIANT)
+BLAS_LIBS   := -L$(BLAS_DIR) -Wl,-rpath,$(BLAS_DIR) -lopenblas
 endif
 override CFLAGS += $(BLAS_CFLAGS)
 LDLIBS  := -lcjson -lpcre2-8 -lutf8proc -lstb $(BLAS_LIBS) -lm -fopenmp

@@ -5,7 +5,7 @@
 set -eu
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
-PKGS="build-essential libcjson-dev libpcre2-dev libutf8proc-dev libstb-dev libopenblas-dev python3 python3-numpy python3-torch python3-pytest clang libclang-rt-14-dev"
+PKGS="build-essential libcjson-dev libpcre2-dev libutf8proc-dev libstb-dev libopenblas-openmp-dev python3 python3-numpy python3-torch python3-pytest clang libclang-rt-14-dev"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
