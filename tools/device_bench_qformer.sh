@@ -23,16 +23,24 @@ RP="-Wl,--disable-new-dtags -Wl,-rpath,$LIB -Wl,-rpath-link,$LIB"
 echo "== machine"
 lscpu | grep -E '^(Model name|CPU\(s\))'
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' 2>&1 | tail -n 1
-echo "== build (build-dev)"
-CFLAGS="-O2 -g -I$DEPS/usr/include -I$DEPS/usr/include/x86_64-linux-gnu/openblas-pthread -L$LIB -L$LIB/openblas-pthread $RP -Wl,-rpath,$LIB/openblas-pthread" \
-    make -j16 BUILD=build-dev build-dev/bench_qformer 2>&1 | grep -vE '^(cc|ar) ' | tail -n 30
+# OpenBLAS's OpenMP build by default, as the Makefile links it (one thread pool for qfuse's loops
+# and the GEMMs); QF_OPENBLAS=pthread measures the pthread build. .debs carries the runtime package
+# of each variant and the pthread -dev headers (the cblas.h API is the same), so the library is
+# named by path.
+variant=${QF_OPENBLAS:-openmp}
+echo "== build (build-dev, OpenBLAS $variant)"
+make -j16 BUILD=build-dev OPENBLAS_VARIANT=$variant \
+    CFLAGS="-O2 -g -I$DEPS/usr/include $RP" \
+    BLAS_CFLAGS="-I$DEPS/usr/include/x86_64-linux-gnu/openblas-pthread" \
+    BLAS_LIBS="$LIB/openblas-$variant/libopenblas.so.0 -Wl,-rpath,$LIB/openblas-$variant" \
+    build-dev/bench_qformer 2>&1 | grep -vE '^(cc|ar) ' | tail -n 30
 [ -x build-dev/bench_qformer ] || { echo "build failed"; exit 1; }
 export OPENBLAS_CORETYPE=SkylakeX
 for t in 2 16; do
     f="$OUT/h100-cpu-qformer-${t}t.txt"
     {
         echo "# device: nvidia-h100-x1 host CPU ($(lscpu | sed -n 's/^Model name: *//p')), $(nproc) CPUs; GPU unused"
-        echo "# commit ${QF_COMMIT:-unknown}, run $(date -u '+%Y-%m-%d %H:%M UTC'), OPENBLAS_CORETYPE=$OPENBLAS_CORETYPE"
+        echo "# commit ${QF_COMMIT:-unknown}, run $(date -u '+%Y-%m-%d %H:%M UTC'), OpenBLAS $variant build, OPENBLAS_CORETYPE=$OPENBLAS_CORETYPE"
     } > "$f"
     echo "== $t threads"
     OMP_NUM_THREADS=$t build-dev/bench_qformer --threads $t --rounds "$rounds" --python python3 >> "$f"
