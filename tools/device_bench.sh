@@ -70,11 +70,18 @@ blas_compare() {
     done
 }
 
+# qfuse against OpenBLAS's OpenMP build, as the Makefile links by default (QF_OPENBLAS=pthread:
+# the pthread build, which the tables before 2026-11-23 12:00 used). .debs carries each variant's
+# runtime package and the pthread -dev headers (the cblas.h API is the same), so the library is
+# named by path. bench_attention is relinked every time: make does not see a variant change.
 build_qfuse() {
-    echo "== build qfuse (build-dev)"
-    # CFLAGS from the environment: the Makefile appends its own flags to it.
-    CFLAGS="-O2 -g -I$DEPS/usr/include -I$DEPS/usr/include/x86_64-linux-gnu/openblas-pthread -L$LIB -L$LIB/openblas-pthread $RP -Wl,-rpath,$LIB/openblas-pthread" \
-        make -j16 BUILD=build-dev build-dev/libqfuse.a build-dev/bench_attention 2>&1 | grep -vE '^(cc|ar) ' | tail -n 30
+    local variant=${QF_OPENBLAS:-openmp}
+    echo "== build qfuse (build-dev, OpenBLAS $variant)"
+    rm -f build-dev/bench_attention
+    make -j16 BUILD=build-dev OPENBLAS_VARIANT=$variant CFLAGS="-O2 -g -I$DEPS/usr/include -L$LIB $RP" \
+        BLAS_CFLAGS="-I$DEPS/usr/include/x86_64-linux-gnu/openblas-pthread" \
+        BLAS_LIBS="$LIB/openblas-$variant/libopenblas.so.0 -Wl,-rpath,$LIB/openblas-$variant" \
+        build-dev/libqfuse.a build-dev/bench_attention 2>&1 | grep -vE '^(cc|ar) ' | tail -n 30
     ls -la build-dev/bench_attention 2>/dev/null
 }
 
