@@ -3,6 +3,7 @@
 # AffectGPT pre-fusion vs PyTorch/transformers) on the device machine's CPU, at 2 and 16 threads.
 #
 #   QF_COMMIT=<hash> bash tools/device_bench_qformer.sh [rounds [diag]]   (repository root, .debs/ carried)
+#   QF_THREADS="16 2" (thread counts, in order)  QF_QUICK=1 (bench_qformer --quick: fewer repetitions)
 #
 # Like tools/device_bench.sh: the machine has no package registry, so the Debian 12 packages in
 # .debs/ (libcjson, OpenBLAS, libstb: `apt-get download libstb0 libstb-dev` beside the others) are
@@ -36,14 +37,14 @@ make -j16 BUILD=build-dev OPENBLAS_VARIANT=$variant \
     build-dev/bench_qformer 2>&1 | grep -vE '^(cc|ar) ' | tail -n 30
 [ -x build-dev/bench_qformer ] || { echo "build failed"; exit 1; }
 export OPENBLAS_CORETYPE=SkylakeX
-for t in 2 16; do
+for t in ${QF_THREADS:-2 16}; do
     f="$OUT/h100-cpu-qformer-${t}t.txt"
     {
         echo "# device: nvidia-h100-x1 host CPU ($(lscpu | sed -n 's/^Model name: *//p')), $(nproc) CPUs; GPU unused"
         echo "# commit ${QF_COMMIT:-unknown}, run $(date -u '+%Y-%m-%d %H:%M UTC'), OpenBLAS $variant build, OPENBLAS_CORETYPE=$OPENBLAS_CORETYPE"
     } > "$f"
     echo "== $t threads"
-    OMP_NUM_THREADS=$t build-dev/bench_qformer --threads $t --rounds "$rounds" --python python3 >> "$f"
+    OMP_NUM_THREADS=$t build-dev/bench_qformer --threads $t --rounds "$rounds" ${QF_QUICK:+--quick} --python python3 >> "$f"
     cat "$f"
 done
 # Diagnostic (not a recorded table): qfuse alone with OpenMP's idle threads sleeping instead of
