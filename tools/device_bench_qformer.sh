@@ -31,7 +31,7 @@ python3 -c 'import torch, transformers; print("torch", torch.__version__, "trans
 variant=${QF_OPENBLAS:-openmp}
 echo "== build (build-dev, OpenBLAS $variant)"
 make -j16 BUILD=build-dev OPENBLAS_VARIANT=$variant \
-    CFLAGS="-O2 -g -I$DEPS/usr/include $RP" \
+    CFLAGS="-O2 -g -I$DEPS/usr/include -L$LIB $RP" \
     BLAS_CFLAGS="-I$DEPS/usr/include/x86_64-linux-gnu/openblas-pthread" \
     BLAS_LIBS="$LIB/openblas-$variant/libopenblas.so.0 -Wl,-rpath,$LIB/openblas-$variant" \
     build-dev/bench_qformer 2>&1 | grep -vE '^(cc|ar) ' | tail -n 30
