@@ -256,6 +256,68 @@ qf_status qf_image_preproc_load(const char *path, int64_t image_size, qf_image_p
 qf_status qf_image_preprocess(const qf_image_preproc *p, const uint8_t *rgb, int64_t w, int64_t h,
                               float *out);
 
+/* ---- AffectGPT per-modality Q-Formers and attention fusion (section added by helper "siblings";
+ * src/models/modality_qformer.c, which states the semantics followed and the tensor names) ------
+ * Per-modality Q-Former (model_type "affectgpt_video_qformer" / "affectgpt_audio_qformer"):
+ * frames [B,T,input_dim] (or [B,T,K,input_dim], K = tokens_per_frame) + frame position row t
+ * (video_frame_position_embedding [32,input_dim] / audio_position_embedding [8,input_dim]; the
+ * same row for the K tokens of frame t) -> Q-Former (video_Qformer. / audio_Qformer.) read by
+ * video_query_tokens / audio_query_tokens -> affectgpt_proj (video; Video-LLaMA's
+ * video_llama_proj accepted) / audio_llama_proj -> out [B,num_query_token,llm_hidden_size].
+ * T > frame_position_size is QF_ERR_SHAPE. frame_mask [B,T] (optional, nonzero = real frame)
+ * removes a padded frame's K tokens from the cross-attention keys (positions still run over the
+ * padded layout; its input gradient is 0). Config: input_dim, num_query_token,
+ * frame_position_size (default 32 video / 8 audio), llm_hidden_size, qformer_config
+ * (encoder_hidden_size optional; a present one must equal input_dim). */
+typedef struct qf_modality_qformer qf_modality_qformer;
+typedef enum { QF_MODALITY_VIDEO = 0, QF_MODALITY_AUDIO = 1 } qf_modality;
+typedef struct {
+    int modality;                           /* qf_modality                                     */
+    int64_t input_dim, num_query_token, frame_position_size, llm_hidden_size;
+} qf_modality_qformer_config;
+typedef struct {
+    int64_t B, frames;                      /* T (1 .. frame_position_size)                    */
+    int64_t tokens_per_frame;               /* K (0 means 1)                                   */
+    const uint8_t *frame_mask;              /* [B,T] nonzero = real frame (optional)           */
+} qf_modality_qformer_args;
+qf_status qf_modality_qformer_load(const char *folder, qf_modality_qformer **out);
+void qf_modality_qformer_free(qf_modality_qformer *m);
+qf_status qf_modality_qformer_get_config(const qf_modality_qformer *m, qf_modality_qformer_config *out);
+qf_status qf_modality_qformer_forward(qf_modality_qformer *m, const qf_modality_qformer_args *a,
+                                      const float *frames, float *out);
+/* grad_frames [B,T,(K,)input_dim] written (NULL skips); parameter gradients accumulate. */
+qf_status qf_modality_qformer_backward(qf_modality_qformer *m, const float *grad_out, float *grad_frames);
+int qf_modality_qformer_num_params(const qf_modality_qformer *m);
+/* Own tensors by checkpoint name, then the Q-Former's as "video_Qformer." / "audio_Qformer." +
+ * the core's name (the file's own naming). */
+qf_status qf_modality_qformer_param(qf_modality_qformer *m, int i, qf_param *out);
+void qf_modality_qformer_zero_grad(qf_modality_qformer *m);
+qf_qformer *qf_modality_qformer_qformer(qf_modality_qformer *m);   /* owned by m */
+
+/* Attention fusion (model_type "affectgpt_attention_fusion", AffectGPT's multi_fusion_type
+ * "attention"): v = multi_video_embs(mean_t face), a = multi_audio_embs(mean_t audio) [B,M];
+ * w = fc_att(attention_mlp([v ; a])) [B,2] (plain Linears, no softmax); fused = w0 v + w1 a;
+ * out[b,j] = multi_llama_proj(fused[b]) for j < num_multi_query_token. Both modalities required;
+ * masks (qf_prefusion_args) make the means run over real frames (an item with none: QF_ERR_ARG).
+ * Config: audio_dim, video_dim, max_hidden_size (optional, must be max of the two),
+ * num_multi_query_token, llm_hidden_size. */
+typedef struct qf_attn_fusion qf_attn_fusion;
+typedef struct {
+    int64_t audio_dim, video_dim, max_hidden_size, num_multi_query_token, llm_hidden_size;
+} qf_attn_fusion_config;
+qf_status qf_attn_fusion_load(const char *folder, qf_attn_fusion **out);
+void qf_attn_fusion_free(qf_attn_fusion *m);
+qf_status qf_attn_fusion_get_config(const qf_attn_fusion *m, qf_attn_fusion_config *out);
+qf_status qf_attn_fusion_forward(qf_attn_fusion *m, const qf_prefusion_args *a, const float *audio,
+                                 const float *face, float *out);
+qf_status qf_attn_fusion_backward(qf_attn_fusion *m, const float *grad_out, float *grad_audio,
+                                  float *grad_face);
+/* The modality weights w [B,2] (face, audio) of the last forward. */
+qf_status qf_attn_fusion_weights(const qf_attn_fusion *m, float *weights);
+int qf_attn_fusion_num_params(const qf_attn_fusion *m);
+qf_status qf_attn_fusion_param(qf_attn_fusion *m, int i, qf_param *out);   /* checkpoint names */
+void qf_attn_fusion_zero_grad(qf_attn_fusion *m);
+
 #ifdef __cplusplus
 }
 #endif

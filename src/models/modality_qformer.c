@@ -1,0 +1,789 @@
+/* modality_qformer.c - the siblings of AffectGPT's pre-fusion (prefusion.c), in one file:
+ *   1. the per-modality Q-Formers (model_type "affectgpt_video_qformer" / "affectgpt_audio_qformer"):
+ *      one modality's frame features -> frame position embedding -> a 2-layer Q-Former read by
+ *      learned queries -> projection to the LLM width;
+ *   2. the "attention" multi-fusion type (model_type "affectgpt_attention_fusion"): time-mean
+ *      features of face and audio -> two modality weights from an MLP -> weighted sum -> LLM width.
+ * Forward and backward side by side, on qf_linear_* and the Q-Former core (qformer.c).
+ *
+ * Semantics followed: AffectGPT my_affectgpt/models/affectgpt.py (read in a public fork,
+ * ouyangjutian/AffectGPT; the structure is Video-LLaMA's video/audio branch, which AffectGPT
+ * inherits):
+ *   encode_video_qformer / encode_audio_qformer (video_fusion_type / audio_fusion_type "qformer"):
+ *     X[b, t] = frames[b, t] + frame_position_embedding[t]        t = 0 .. T-1 (T <= table rows)
+ *       - the table is nn.Embedding(32 video / 8 audio, input_dim): it lives in the INPUT width,
+ *         added before the Q-Former (whose encoder width is input_dim);
+ *       - 4-D video input [B,T,K,input_dim] (K tokens per frame, Video-LLaMA's image-Q-Former
+ *         outputs): row t is added to all K tokens of frame t, then flattened to [B,T*K,...];
+ *     Q = Qformer.bert(query_embeds = query_tokens (broadcast), encoder_hidden_states = X,
+ *                      encoder_attention_mask = ones)    2 layers, cross-attention every layer,
+ *                      query FFN only (AffectGPT sets the text FFN "output"/"intermediate" to None)
+ *     out = proj(Q)  [B, num_query_token, llm_hidden_size]
+ *   encode_multi_attention (multi_fusion_type "attention"):
+ *     v = multi_video_embs(mean_t face) [B,M]     a = multi_audio_embs(mean_t audio) [B,M]
+ *     w = fc_att(attention_mlp([v ; a]))  [B,2]    (two plain Linears: no activation, no softmax)
+ *     fused = w0 * v + w1 * a             [B,M]
+ *     out[b, j] = multi_llama_proj(fused[b])  for j = 0 .. num_multi_query_token-1 (expand)
+ *
+ * Checkpoint names (AffectGPT's own; LAVIS names for the Q-Former, transformers names accepted):
+ *   video: video_frame_position_embedding.weight [P,D], video_query_tokens [1,nq,H],
+ *          video_Qformer.bert.*, affectgpt_proj.{weight,bias} (AffectGPT's name for the video
+ *          projection; Video-LLaMA's "video_llama_proj.*" is accepted when affectgpt_proj is absent)
+ *   audio: audio_position_embedding.weight [P,D], audio_query_tokens, audio_Qformer.bert.*,
+ *          audio_llama_proj.{weight,bias}
+ *   attention fusion: multi_video_embs.*, multi_audio_embs.*, attention_mlp.* [M,2M],
+ *          fc_att.* [2,M], multi_llama_proj.*
+ *
+ * qfuse's extensions (AffectGPT itself passes all-ones masks and full-length sequences):
+ *   - frame_mask [B,T] (nonzero = real frame) removes padded frames from the cross-attention keys
+ *     (all K tokens of a frame); positions still run over the padded layout; a padded frame's
+ *     values must be finite and its input gradient comes out 0. An item without any real frame
+ *     follows the Q-Former core's rule (uniform weights over the keys).
+ *   - attention fusion: audio_mask / face_mask make the time means run over real frames only;
+ *     an item with no real frame of a modality is an error (the mean is undefined).
+ *
+ * Invariants:
+ *   - Own parameters in one float buffer, gradients in another, laid out by a table (llm.c); the
+ *     Q-Former keeps its own. Parameter gradients accumulate until *_zero_grad.
+ *   - Activations are grow-only planned blocks (a call with earlier shapes allocates nothing);
+ *     the forward keeps what backward needs, so callers may reuse their buffers.
+ *   - have_fwd is set only after a forward fully succeeded; backward refuses without one.
+ *   - Load fully succeeds or frees everything; every failure names the file and key/tensor. */
+#include "internal.h"
+#include <cjson/cJSON.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- shared helpers ---- */
+
+enum { MQ_MAXP = 10 };
+
+typedef struct {
+    char name[96];
+    int ndim;
+    int64_t shape[3];
+    size_t off, n;
+} mq_ptab;
+
+typedef struct {
+    int np;
+    mq_ptab t[MQ_MAXP];
+    float *params, *grads;
+    size_t total;
+} mq_params;
+
+static void add_param(mq_params *p, const char *name, int ndim, int64_t d0, int64_t d1, int64_t d2) {
+    mq_ptab *e = &p->t[p->np++];
+    snprintf(e->name, sizeof e->name, "%s", name);
+    e->ndim = ndim;
+    e->shape[0] = d0;
+    e->shape[1] = d1;
+    e->shape[2] = d2;
+    e->n = (size_t)d0 * (size_t)(ndim > 1 ? d1 : 1) * (size_t)(ndim > 2 ? d2 : 1);
+    e->off = p->total;
+    p->total += qf_align_up(e->n, 16);
+}
+
+/* Allocates the parameter/gradient buffers and reads every tensor of the table. */
+static qf_status read_params(mq_params *p, const qf_safetensors *st, const char *fn, const char *what) {
+    if (posix_memalign((void **)&p->params, 64, p->total * sizeof(float)) ||
+        posix_memalign((void **)&p->grads, 64, p->total * sizeof(float)))
+        return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu parameter floats", fn, 2 * p->total);
+    memset(p->grads, 0, p->total * sizeof(float));
+    for (int i = 0; i < p->np; i++) {
+        const mq_ptab *e = &p->t[i];
+        qf_status s = qf_st_read_f32(st, e->name, e->ndim, e->shape, p->params + e->off);
+        if (s != QF_OK) return qf_fail_prefix(s, "%s (%s)", fn, what);
+    }
+    return QF_OK;
+}
+
+static qf_status param_view(mq_params *p, int i, qf_param *out) {
+    const mq_ptab *e = &p->t[i];
+    memset(out, 0, sizeof *out);
+    out->name = e->name;
+    out->data = p->params + e->off;
+    out->grad = p->grads + e->off;
+    out->ndim = e->ndim;
+    for (int d = 0; d < e->ndim; d++) out->shape[d] = e->shape[d];
+    return QF_OK;
+}
+
+static float *pdata(mq_params *p, int i) { return p->params + p->t[i].off; }
+static float *pgrad(mq_params *p, int i) { return p->grads + p->t[i].off; }
+
+static qf_status cfg_int(const qf_config *cfg, const char *fn, const char *path, const char *key, int64_t lo,
+                         int64_t hi, int has_def, int64_t def, int64_t *out) {
+    qf_status s = has_def ? qf_config_int_or(cfg, key, def, out) : qf_config_int(cfg, key, out);
+    if (s != QF_OK) return qf_fail_prefix(s, "%s", fn);
+    if (*out < lo || *out > hi)
+        return qf_fail(QF_ERR_FORMAT, "%s: %s: config key \"%s\" = %lld is out of range [%lld, %lld]", fn, path, key,
+                       (long long)*out, (long long)lo, (long long)hi);
+    return QF_OK;
+}
+
+static qf_status read_text(const char *fn, const char *path, char **out) {
+    *out = NULL;
+    FILE *f = fopen(path, "rb");
+    if (!f) return qf_fail(QF_ERR_IO, "%s: cannot open %s", fn, path);
+    size_t cap = 1 << 16, len = 0;
+    char *buf = malloc(cap + 1);
+    while (buf) {
+        len += fread(buf + len, 1, cap - len, f);
+        if (len < cap) break;
+        if (cap >= ((size_t)64 << 20)) {
+            free(buf);
+            fclose(f);
+            return qf_fail(QF_ERR_FORMAT, "%s: %s is larger than 64 MiB", fn, path);
+        }
+        cap *= 2;
+        char *nb = realloc(buf, cap + 1);
+        if (!nb) free(buf);
+        buf = nb;
+    }
+    fclose(f);
+    if (!buf) return qf_fail(QF_ERR_NOMEM, "%s: cannot read %s", fn, path);
+    buf[len] = 0;
+    *out = buf;
+    return QF_OK;
+}
+
+/* The Q-Former's config: the config's qformer_config with encoder_hidden_size = D (the input
+ * width; LAVIS sets encoder_width at build time, so checkpoints' configs usually lack it). A
+ * present value must equal D. */
+static qf_status qformer_config(const char *fn, const char *path, int64_t D, qf_config **out) {
+    char *text = NULL;
+    QF_TRY(read_text(fn, path, &text));
+    cJSON *root = cJSON_Parse(text);
+    free(text);
+    if (!root) return qf_fail(QF_ERR_FORMAT, "%s: %s is not valid JSON", fn, path);
+    qf_status s = QF_OK;
+    const cJSON *qc = cJSON_GetObjectItemCaseSensitive(root, "qformer_config");
+    cJSON *copy = NULL;
+    char *txt = NULL;
+    if (!cJSON_IsObject(qc))
+        s = qf_fail(qc ? QF_ERR_FORMAT : QF_ERR_NOT_FOUND, "%s: %s: config key \"qformer_config\" %s", fn, path,
+                    qc ? "is not an object" : "is absent");
+    if (s == QF_OK) {
+        const cJSON *e = cJSON_GetObjectItemCaseSensitive(qc, "encoder_hidden_size");
+        if (e && !cJSON_IsNull(e) && (!cJSON_IsNumber(e) || e->valuedouble != (double)D))
+            s = qf_fail(QF_ERR_FORMAT, "%s: %s: config key \"qformer_config.encoder_hidden_size\" must equal input_dim "
+                        "= %lld (the Q-Former reads the frame features)", fn, path, (long long)D);
+    }
+    if (s == QF_OK) {
+        copy = cJSON_Duplicate(qc, 1);
+        if (copy) cJSON_DeleteItemFromObjectCaseSensitive(copy, "encoder_hidden_size");
+        if (!copy || !cJSON_AddNumberToObject(copy, "encoder_hidden_size", (double)D) ||
+            !(txt = cJSON_PrintUnformatted(copy)))
+            s = qf_fail(QF_ERR_NOMEM, "%s: cannot extend qformer_config", fn);
+    }
+    if (s == QF_OK) {
+        char label[4200];
+        snprintf(label, sizeof label, "%s [qformer_config, encoder_hidden_size = input_dim]", path);
+        s = qf_config_parse(txt, strlen(txt), label, out);
+    }
+    free(txt);
+    cJSON_Delete(copy);
+    cJSON_Delete(root);
+    return s;
+}
+
+static qf_status grow(float **buf, size_t *cap, size_t floats, const char *what) {
+    if (floats <= *cap) return QF_OK;
+    void *p = NULL;
+    if (posix_memalign(&p, 64, floats * sizeof(float)))
+        return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes of activations", what, floats * sizeof(float));
+    free(*buf);
+    *buf = p;
+    *cap = floats;
+    return QF_OK;
+}
+
+static float *carve(float *base, size_t *off, size_t n) {
+    float *p = base ? base + *off : NULL;
+    *off += qf_align_up(n ? n : 1, 16);
+    return p;
+}
+
+static int st_has(const qf_safetensors *st, const char *name) {
+    for (int i = 0, n = qf_st_count(st); i < n; i++) {
+        qf_tensor_view v;
+        if (qf_st_get(st, i, &v) == QF_OK && !strcmp(v.name, name)) return 1;
+    }
+    return 0;
+}
+
+static qf_status open_folder(const char *fn, const char *folder, char *path, char *stpath, size_t cap) {
+    if (snprintf(path, cap, "%s/config.json", folder) >= (int)cap ||
+        snprintf(stpath, cap, "%s/model.safetensors", folder) >= (int)cap)
+        return qf_fail(QF_ERR_ARG, "%s: folder path is too long", fn);
+    return QF_OK;
+}
+
+/* ======================================================================================== */
+/* 1. per-modality Q-Former                                                                  */
+
+enum { MQ_POS, MQ_QTOK, MQ_PW, MQ_PB, MQ_NOWN };
+
+struct qf_modality_qformer {
+    qf_modality_qformer_config cfg;
+    int64_t H;
+    qf_qformer *qf;
+    mq_params p;
+    int nq_params;
+    char **q_names;                 /* "video_Qformer." / "audio_Qformer." + the core's names */
+
+    float *fwd;
+    size_t fwd_cap;
+    float *enc;                     /* [B, T*K, D] frames + position rows */
+    uint8_t *mask;                  /* [B, T*K] when has_mask */
+    float *queries, *qout;          /* [B*nq, H] */
+    float *bwd;
+    size_t bwd_cap;
+    float *g_qout, *g_query, *g_enc;
+    int64_t B, T, K;
+    int has_mask, have_fwd;
+};
+
+static qf_status mq_load_into(qf_modality_qformer *m, const char *folder) {
+    const char *fn = "qf_modality_qformer_load";
+    char path[4096], stpath[4096];
+    QF_TRY(open_folder(fn, folder, path, stpath, sizeof path));
+    qf_config *cfg = NULL, *qcfg = NULL;
+    qf_safetensors *st = NULL;
+    qf_status s = qf_config_load(path, &cfg);
+    if (s != QF_OK) return qf_fail_prefix(s, "%s", fn);
+    const char *mt = NULL;
+    qf_modality_qformer_config *c = &m->cfg;
+    s = qf_config_string(cfg, "model_type", &mt);
+    if (s != QF_OK) {
+        s = qf_fail_prefix(s, "%s", fn);
+    } else if (!strcmp(mt, "affectgpt_video_qformer")) {
+        c->modality = QF_MODALITY_VIDEO;
+    } else if (!strcmp(mt, "affectgpt_audio_qformer")) {
+        c->modality = QF_MODALITY_AUDIO;
+    } else {
+        s = qf_fail(QF_ERR_UNSUPPORTED, "%s: %s: model_type \"%s\" is not \"affectgpt_video_qformer\" or "
+                    "\"affectgpt_audio_qformer\"", fn, path, mt);
+    }
+    const int video = c->modality == QF_MODALITY_VIDEO;
+    const char *mod = video ? "video" : "audio";
+    const int64_t big = 1 << 20;
+    if (s == QF_OK) s = cfg_int(cfg, fn, path, "input_dim", 1, big, 0, 0, &c->input_dim);
+    if (s == QF_OK) s = cfg_int(cfg, fn, path, "num_query_token", 1, big, 0, 0, &c->num_query_token);
+    if (s == QF_OK)
+        s = cfg_int(cfg, fn, path, "frame_position_size", 1, big, 1, video ? 32 : 8, &c->frame_position_size);
+    if (s == QF_OK) s = cfg_int(cfg, fn, path, "llm_hidden_size", 1, big, 0, 0, &c->llm_hidden_size);
+    if (s == QF_OK) s = qformer_config(fn, path, c->input_dim, &qcfg);
+    if (s == QF_OK) {
+        s = qf_st_open(stpath, &st);
+        if (s != QF_OK) s = qf_fail_prefix(s, "%s", fn);
+    }
+    char qprefix[32];
+    snprintf(qprefix, sizeof qprefix, "%s_Qformer.", mod);
+    if (s == QF_OK) {
+        s = qf_qformer_load_parts(qcfg, "", st, qprefix, &m->qf);
+        if (s != QF_OK) s = qf_fail_prefix(s, "%s: %s", fn, folder);
+    }
+    qf_qformer_config qc;
+    if (s == QF_OK) s = qf_qformer_get_config(m->qf, &qc);
+    if (s == QF_OK) {
+        m->H = qc.hidden_size;
+        const char *proj = "audio_llama_proj";
+        if (video) {
+            proj = "affectgpt_proj";
+            if (!st_has(st, "affectgpt_proj.weight") && st_has(st, "video_llama_proj.weight")) proj = "video_llama_proj";
+        }
+        char name[96];
+        snprintf(name, sizeof name, "%s.weight", video ? "video_frame_position_embedding" : "audio_position_embedding");
+        add_param(&m->p, name, 2, c->frame_position_size, c->input_dim, 0);
+        snprintf(name, sizeof name, "%s_query_tokens", mod);
+        add_param(&m->p, name, 3, 1, c->num_query_token, m->H);
+        snprintf(name, sizeof name, "%s.weight", proj);
+        add_param(&m->p, name, 2, c->llm_hidden_size, m->H, 0);
+        snprintf(name, sizeof name, "%s.bias", proj);
+        add_param(&m->p, name, 1, c->llm_hidden_size, 0, 0);
+        char what[160];
+        snprintf(what, sizeof what, "AffectGPT %s Q-Former, input_dim %lld, frame_position_size %lld", mod,
+                 (long long)c->input_dim, (long long)c->frame_position_size);
+        s = read_params(&m->p, st, fn, what);
+    }
+    if (s == QF_OK) {
+        m->nq_params = qf_qformer_num_params(m->qf);
+        m->q_names = calloc((size_t)(m->nq_params > 0 ? m->nq_params : 1), sizeof *m->q_names);
+        if (!m->q_names) s = qf_fail(QF_ERR_NOMEM, "%s: cannot allocate the name table", fn);
+        for (int i = 0; i < m->nq_params && s == QF_OK; i++) {
+            qf_param qp;
+            s = qf_qformer_param(m->qf, i, &qp);
+            if (s != QF_OK) break;
+            size_t n = strlen(qp.name) + strlen(qprefix) + 1;
+            m->q_names[i] = malloc(n);
+            if (!m->q_names[i]) {
+                s = qf_fail(QF_ERR_NOMEM, "%s: cannot copy a parameter name", fn);
+                break;
+            }
+            snprintf(m->q_names[i], n, "%s%s", qprefix, qp.name);
+        }
+    }
+    qf_st_close(st);
+    qf_config_free(qcfg);
+    qf_config_free(cfg);
+    return s;
+}
+
+qf_status qf_modality_qformer_load(const char *folder, qf_modality_qformer **out) {
+    if (!out) return qf_fail(QF_ERR_ARG, "qf_modality_qformer_load: out is NULL");
+    *out = NULL;
+    if (!folder) return qf_fail(QF_ERR_ARG, "qf_modality_qformer_load: folder is NULL");
+    qf_modality_qformer *m = calloc(1, sizeof *m);
+    if (!m) return qf_fail(QF_ERR_NOMEM, "qf_modality_qformer_load: cannot allocate the model");
+    qf_status s = mq_load_into(m, folder);
+    if (s != QF_OK) {
+        qf_modality_qformer_free(m);
+        return s;
+    }
+    *out = m;
+    return QF_OK;
+}
+
+void qf_modality_qformer_free(qf_modality_qformer *m) {
+    if (!m) return;
+    qf_qformer_free(m->qf);
+    if (m->q_names)
+        for (int i = 0; i < m->nq_params; i++) free(m->q_names[i]);
+    free(m->q_names);
+    free(m->p.params);
+    free(m->p.grads);
+    free(m->fwd);
+    free(m->bwd);
+    free(m);
+}
+
+qf_status qf_modality_qformer_get_config(const qf_modality_qformer *m, qf_modality_qformer_config *out) {
+    if (!m) return qf_fail(QF_ERR_ARG, "qf_modality_qformer_get_config: m is NULL");
+    if (!out) return qf_fail(QF_ERR_ARG, "qf_modality_qformer_get_config: out is NULL");
+    *out = m->cfg;
+    return QF_OK;
+}
+
+qf_qformer *qf_modality_qformer_qformer(qf_modality_qformer *m) { return m ? m->qf : NULL; }
+
+static size_t mq_plan_forward(qf_modality_qformer *m, float *base, int64_t B, int64_t S) {
+    const size_t T = (size_t)(B * m->cfg.num_query_token), H = (size_t)m->H;
+    size_t off = 0;
+    m->enc = carve(base, &off, (size_t)(B * S * m->cfg.input_dim));
+    m->mask = (uint8_t *)carve(base, &off, ((size_t)(B * S) + 3) / 4);
+    m->queries = carve(base, &off, T * H);
+    m->qout = carve(base, &off, T * H);
+    return off;
+}
+
+static size_t mq_plan_backward(qf_modality_qformer *m, float *base) {
+    const size_t T = (size_t)(m->B * m->cfg.num_query_token), H = (size_t)m->H;
+    size_t off = 0;
+    m->g_qout = carve(base, &off, T * H);
+    m->g_query = carve(base, &off, T * H);
+    m->g_enc = carve(base, &off, (size_t)(m->B * m->T * m->K * m->cfg.input_dim));
+    return off;
+}
+
+qf_status qf_modality_qformer_forward(qf_modality_qformer *m, const qf_modality_qformer_args *a,
+                                      const float *frames, float *out) {
+    const char *fn = "qf_modality_qformer_forward";
+    if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
+    if (!a) return qf_fail(QF_ERR_ARG, "%s: args is NULL", fn);
+    if (!frames) return qf_fail(QF_ERR_ARG, "%s: frames is NULL", fn);
+    if (!out) return qf_fail(QF_ERR_ARG, "%s: out is NULL", fn);
+    const int64_t B = a->B, T = a->frames, K = a->tokens_per_frame ? a->tokens_per_frame : 1;
+    if (B < 1 || B > (1 << 24)) return qf_fail(QF_ERR_ARG, "%s: B = %lld, expected 1 .. 2^24", fn, (long long)B);
+    if (T < 1) return qf_fail(QF_ERR_ARG, "%s: frames = %lld, expected >= 1", fn, (long long)T);
+    if (K < 1 || K > (1 << 20))
+        return qf_fail(QF_ERR_ARG, "%s: tokens_per_frame = %lld, expected 0 or 1 .. 2^20", fn, (long long)K);
+    const char *table = m->cfg.modality == QF_MODALITY_VIDEO ? "video_frame_position_embedding"
+                                                             : "audio_position_embedding";
+    if (T > m->cfg.frame_position_size)
+        return qf_fail(QF_ERR_SHAPE, "%s: frames = %lld exceeds frame_position_size = %lld (%s has that many rows)",
+                       fn, (long long)T, (long long)m->cfg.frame_position_size, table);
+    const int64_t D = m->cfg.input_dim, S = T * K, nq = m->cfg.num_query_token, H = m->H;
+    if (B * S > ((int64_t)1 << 31) / D)
+        return qf_fail(QF_ERR_ARG, "%s: B*frames*tokens_per_frame*input_dim = %lld*%lld*%lld*%lld is too large", fn,
+                       (long long)B, (long long)T, (long long)K, (long long)D);
+    m->have_fwd = 0;
+    QF_TRY(grow(&m->fwd, &m->fwd_cap, mq_plan_forward(m, NULL, B, S), fn));
+    mq_plan_forward(m, m->fwd, B, S);
+    m->B = B;
+    m->T = T;
+    m->K = K;
+    const float *pos = pdata(&m->p, MQ_POS);
+#pragma omp parallel for collapse(2) num_threads(qf_threads()) if (B * S * D > 65536)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i < S; i++) {
+            const float *src = frames + (b * S + i) * D, *pe = pos + (i / K) * D;
+            float *dst = m->enc + (b * S + i) * D;
+            for (int64_t c = 0; c < D; c++) dst[c] = src[c] + pe[c];
+        }
+    m->has_mask = a->frame_mask != NULL;
+    if (m->has_mask)
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t i = 0; i < S; i++) m->mask[b * S + i] = a->frame_mask[b * T + i / K] != 0;
+    for (int64_t b = 0; b < B; b++)
+        memcpy(m->queries + b * nq * H, pdata(&m->p, MQ_QTOK), (size_t)(nq * H) * sizeof(float));
+    qf_qformer_args qa;
+    memset(&qa, 0, sizeof qa);
+    qa.B = B;
+    qa.num_queries = nq;
+    qa.encoder_len = S;
+    qa.encoder_attention_mask = m->has_mask ? m->mask : NULL;
+    qf_status s = qf_qformer_forward(m->qf, &qa, m->queries, m->enc, m->qout);
+    if (s != QF_OK)
+        return qf_fail_prefix(s, "%s (%s_Qformer)", fn, m->cfg.modality == QF_MODALITY_VIDEO ? "video" : "audio");
+    QF_TRY(qf_linear_forward(out, m->qout, pdata(&m->p, MQ_PW), pdata(&m->p, MQ_PB), B * nq, H,
+                             m->cfg.llm_hidden_size));
+    m->have_fwd = 1;
+    return QF_OK;
+}
+
+qf_status qf_modality_qformer_backward(qf_modality_qformer *m, const float *grad_out, float *grad_frames) {
+    const char *fn = "qf_modality_qformer_backward";
+    if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
+    if (!grad_out) return qf_fail(QF_ERR_ARG, "%s: grad_out is NULL", fn);
+    if (!m->have_fwd) return qf_fail(QF_ERR_ARG, "%s: no successful qf_modality_qformer_forward to differentiate", fn);
+    const int64_t B = m->B, T = m->T, K = m->K, S = T * K, D = m->cfg.input_dim;
+    const int64_t nq = m->cfg.num_query_token, H = m->H;
+    QF_TRY(grow(&m->bwd, &m->bwd_cap, mq_plan_backward(m, NULL), fn));
+    mq_plan_backward(m, m->bwd);
+    QF_TRY(qf_linear_backward(m->g_qout, pgrad(&m->p, MQ_PW), pgrad(&m->p, MQ_PB), grad_out, m->qout,
+                              pdata(&m->p, MQ_PW), B * nq, H, m->cfg.llm_hidden_size));
+    qf_status s = qf_qformer_backward(m->qf, m->g_qout, m->g_query, m->g_enc, NULL, NULL);
+    if (s != QF_OK) return qf_fail_prefix(s, "%s", fn);
+    /* the query tokens are one parameter broadcast over the batch: its gradient sums over B */
+    float *gq = pgrad(&m->p, MQ_QTOK);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t j = 0; j < nq * H; j++) gq[j] += m->g_query[b * nq * H + j];
+    /* position row t is shared by every item and by the K tokens of frame t */
+    float *gpos = pgrad(&m->p, MQ_POS);
+#pragma omp parallel for num_threads(qf_threads()) if (S * D * B > 65536)
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t k = 0; k < K; k++) {
+                const float *g = m->g_enc + (b * S + t * K + k) * D;
+                for (int64_t c = 0; c < D; c++) gpos[t * D + c] += g[c];
+            }
+    /* frames enter X by identity */
+    if (grad_frames) memcpy(grad_frames, m->g_enc, (size_t)(B * S * D) * sizeof(float));
+    return QF_OK;
+}
+
+int qf_modality_qformer_num_params(const qf_modality_qformer *m) { return m ? m->p.np + m->nq_params : 0; }
+
+qf_status qf_modality_qformer_param(qf_modality_qformer *m, int i, qf_param *out) {
+    if (!m) return qf_fail(QF_ERR_ARG, "qf_modality_qformer_param: m is NULL");
+    if (!out) return qf_fail(QF_ERR_ARG, "qf_modality_qformer_param: out is NULL");
+    if (i < 0 || i >= m->p.np + m->nq_params)
+        return qf_fail(QF_ERR_ARG, "qf_modality_qformer_param: index %d is out of range [0, %d)", i,
+                       m->p.np + m->nq_params);
+    if (i >= m->p.np) {
+        QF_TRY(qf_qformer_param(m->qf, i - m->p.np, out));
+        out->name = m->q_names[i - m->p.np];
+        return QF_OK;
+    }
+    return param_view(&m->p, i, out);
+}
+
+void qf_modality_qformer_zero_grad(qf_modality_qformer *m) {
+    if (!m) return;
+    memset(m->p.grads, 0, m->p.total * sizeof(float));
+    qf_qformer_zero_grad(m->qf);
+}
+
+/* ======================================================================================== */
+/* 2. attention fusion (multi_fusion_type "attention")                                        */
+
+enum { AF_VW, AF_VB, AF_AW, AF_AB, AF_MW, AF_MB, AF_FW, AF_FB, AF_LW, AF_LB, AF_N };
+
+struct qf_attn_fusion {
+    qf_attn_fusion_config cfg;
+    mq_params p;
+    float *fwd;
+    size_t fwd_cap;
+    float *vbar, *abar;             /* [B,Dv], [B,Da] time means */
+    float *inv_f, *inv_a;           /* [B] 1 / real frame counts */
+    uint8_t *fmask, *amask;         /* [B,tf], [B,ta] 1 = real (always filled) */
+    float *cat;                     /* [B,2M] = [v ; a] */
+    float *v, *a;                   /* [B,M] each (contiguous copies for the linears) */
+    float *hid;                     /* [B,M] attention_mlp output */
+    float *w;                       /* [B,2] modality weights (fc_att output) */
+    float *fused;                   /* [B,M] */
+    float *o;                       /* [B,llm] */
+    float *bwd;
+    size_t bwd_cap;
+    float *g_o, *g_fused, *g_w, *g_hid, *g_cat, *g_v, *g_a, *g_vbar, *g_abar;
+    int64_t B, ta, tf;
+    int have_fwd;
+};
+
+static qf_status af_load_into(qf_attn_fusion *m, const char *folder) {
+    const char *fn = "qf_attn_fusion_load";
+    char path[4096], stpath[4096];
+    QF_TRY(open_folder(fn, folder, path, stpath, sizeof path));
+    qf_config *cfg = NULL;
+    qf_safetensors *st = NULL;
+    qf_status s = qf_config_load(path, &cfg);
+    if (s != QF_OK) return qf_fail_prefix(s, "%s", fn);
+    const char *mt = NULL;
+    qf_attn_fusion_config *c = &m->cfg;
+    s = qf_config_string(cfg, "model_type", &mt);
+    if (s != QF_OK)
+        s = qf_fail_prefix(s, "%s", fn);
+    else if (strcmp(mt, "affectgpt_attention_fusion"))
+        s = qf_fail(QF_ERR_UNSUPPORTED, "%s: %s: model_type \"%s\" is not \"affectgpt_attention_fusion\"", fn, path,
+                    mt);
+    const int64_t big = 1 << 20;
+    if (s == QF_OK) s = cfg_int(cfg, fn, path, "audio_dim", 1, big, 0, 0, &c->audio_dim);
+    if (s == QF_OK) s = cfg_int(cfg, fn, path, "video_dim", 1, big, 0, 0, &c->video_dim);
+    const int64_t M0 = c->audio_dim > c->video_dim ? c->audio_dim : c->video_dim;
+    if (s == QF_OK) s = cfg_int(cfg, fn, path, "max_hidden_size", 1, big, 1, M0, &c->max_hidden_size);
+    if (s == QF_OK) s = cfg_int(cfg, fn, path, "num_multi_query_token", 1, big, 0, 0, &c->num_multi_query_token);
+    if (s == QF_OK) s = cfg_int(cfg, fn, path, "llm_hidden_size", 1, big, 0, 0, &c->llm_hidden_size);
+    if (s == QF_OK && c->max_hidden_size != M0)
+        s = qf_fail(QF_ERR_FORMAT, "%s: %s: max_hidden_size = %lld must be max(audio_dim = %lld, video_dim = %lld)", fn,
+                    path, (long long)c->max_hidden_size, (long long)c->audio_dim, (long long)c->video_dim);
+    if (s == QF_OK) {
+        s = qf_st_open(stpath, &st);
+        if (s != QF_OK) s = qf_fail_prefix(s, "%s", fn);
+    }
+    if (s == QF_OK) {
+        const int64_t M = c->max_hidden_size;
+        mq_params *p = &m->p;
+        add_param(p, "multi_video_embs.weight", 2, M, c->video_dim, 0);
+        add_param(p, "multi_video_embs.bias", 1, M, 0, 0);
+        add_param(p, "multi_audio_embs.weight", 2, M, c->audio_dim, 0);
+        add_param(p, "multi_audio_embs.bias", 1, M, 0, 0);
+        add_param(p, "attention_mlp.weight", 2, M, 2 * M, 0);
+        add_param(p, "attention_mlp.bias", 1, M, 0, 0);
+        add_param(p, "fc_att.weight", 2, 2, M, 0);
+        add_param(p, "fc_att.bias", 1, 2, 0, 0);
+        add_param(p, "multi_llama_proj.weight", 2, c->llm_hidden_size, M, 0);
+        add_param(p, "multi_llama_proj.bias", 1, c->llm_hidden_size, 0, 0);
+        char what[160];
+        snprintf(what, sizeof what, "AffectGPT attention fusion, audio_dim %lld, video_dim %lld, max_hidden_size %lld",
+                 (long long)c->audio_dim, (long long)c->video_dim, (long long)M);
+        s = read_params(p, st, fn, what);
+    }
+    qf_st_close(st);
+    qf_config_free(cfg);
+    return s;
+}
+
+qf_status qf_attn_fusion_load(const char *folder, qf_attn_fusion **out) {
+    if (!out) return qf_fail(QF_ERR_ARG, "qf_attn_fusion_load: out is NULL");
+    *out = NULL;
+    if (!folder) return qf_fail(QF_ERR_ARG, "qf_attn_fusion_load: folder is NULL");
+    qf_attn_fusion *m = calloc(1, sizeof *m);
+    if (!m) return qf_fail(QF_ERR_NOMEM, "qf_attn_fusion_load: cannot allocate the model");
+    qf_status s = af_load_into(m, folder);
+    if (s != QF_OK) {
+        qf_attn_fusion_free(m);
+        return s;
+    }
+    *out = m;
+    return QF_OK;
+}
+
+void qf_attn_fusion_free(qf_attn_fusion *m) {
+    if (!m) return;
+    free(m->p.params);
+    free(m->p.grads);
+    free(m->fwd);
+    free(m->bwd);
+    free(m);
+}
+
+qf_status qf_attn_fusion_get_config(const qf_attn_fusion *m, qf_attn_fusion_config *out) {
+    if (!m) return qf_fail(QF_ERR_ARG, "qf_attn_fusion_get_config: m is NULL");
+    if (!out) return qf_fail(QF_ERR_ARG, "qf_attn_fusion_get_config: out is NULL");
+    *out = m->cfg;
+    return QF_OK;
+}
+
+static size_t af_plan_forward(qf_attn_fusion *m, float *base, int64_t B, int64_t ta, int64_t tf) {
+    const size_t M = (size_t)m->cfg.max_hidden_size, b = (size_t)B;
+    size_t off = 0;
+    m->vbar = carve(base, &off, b * (size_t)m->cfg.video_dim);
+    m->abar = carve(base, &off, b * (size_t)m->cfg.audio_dim);
+    m->inv_f = carve(base, &off, b);
+    m->inv_a = carve(base, &off, b);
+    m->fmask = (uint8_t *)carve(base, &off, (b * (size_t)tf + 3) / 4);
+    m->amask = (uint8_t *)carve(base, &off, (b * (size_t)ta + 3) / 4);
+    m->cat = carve(base, &off, b * 2 * M);
+    m->v = carve(base, &off, b * M);
+    m->a = carve(base, &off, b * M);
+    m->hid = carve(base, &off, b * M);
+    m->w = carve(base, &off, b * 2);
+    m->fused = carve(base, &off, b * M);
+    m->o = carve(base, &off, b * (size_t)m->cfg.llm_hidden_size);
+    return off;
+}
+
+static size_t af_plan_backward(qf_attn_fusion *m, float *base) {
+    const size_t M = (size_t)m->cfg.max_hidden_size, b = (size_t)m->B;
+    size_t off = 0;
+    m->g_o = carve(base, &off, b * (size_t)m->cfg.llm_hidden_size);
+    m->g_fused = carve(base, &off, b * M);
+    m->g_w = carve(base, &off, b * 2);
+    m->g_hid = carve(base, &off, b * M);
+    m->g_cat = carve(base, &off, b * 2 * M);
+    m->g_v = carve(base, &off, b * M);
+    m->g_a = carve(base, &off, b * M);
+    m->g_vbar = carve(base, &off, b * (size_t)m->cfg.video_dim);
+    m->g_abar = carve(base, &off, b * (size_t)m->cfg.audio_dim);
+    return off;
+}
+
+/* Masked time mean x [B,t,D] -> mean [B,D]; inv[b] = 1 / real count. */
+static qf_status time_mean(const char *fn, const char *what, const float *x, const uint8_t *mask_in, uint8_t *mask,
+                           int64_t B, int64_t t, int64_t D, float *mean, float *inv) {
+    for (int64_t b = 0; b < B; b++) {
+        int64_t n = 0;
+        for (int64_t i = 0; i < t; i++) {
+            mask[b * t + i] = mask_in ? (mask_in[b * t + i] != 0) : 1;
+            n += mask[b * t + i];
+        }
+        if (!n)
+            return qf_fail(QF_ERR_ARG, "%s: %s_mask: batch item %lld has no real %s frame (the time mean is undefined)",
+                           fn, what, (long long)b, what);
+        inv[b] = 1.0f / (float)n;
+        float *mb = mean + b * D;
+        memset(mb, 0, (size_t)D * sizeof(float));
+        for (int64_t i = 0; i < t; i++) {
+            if (!mask[b * t + i]) continue;
+            const float *xi = x + (b * t + i) * D;
+            for (int64_t c = 0; c < D; c++) mb[c] += xi[c];
+        }
+        for (int64_t c = 0; c < D; c++) mb[c] *= inv[b];
+    }
+    return QF_OK;
+}
+
+qf_status qf_attn_fusion_forward(qf_attn_fusion *m, const qf_prefusion_args *a, const float *audio,
+                                 const float *face, float *out) {
+    const char *fn = "qf_attn_fusion_forward";
+    if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
+    if (!a) return qf_fail(QF_ERR_ARG, "%s: args is NULL", fn);
+    if (!out) return qf_fail(QF_ERR_ARG, "%s: out is NULL", fn);
+    const int64_t B = a->B, ta = a->audio_len, tf = a->face_len;
+    if (B < 1 || B > (1 << 24)) return qf_fail(QF_ERR_ARG, "%s: B = %lld, expected 1 .. 2^24", fn, (long long)B);
+    if (ta < 1 || tf < 1 || ta > (1 << 24) || tf > (1 << 24))
+        return qf_fail(QF_ERR_ARG, "%s: audio_len = %lld, face_len = %lld: the attention fusion needs both "
+                       "modalities (each 1 .. 2^24 frames)", fn, (long long)ta, (long long)tf);
+    if (!audio || !face) return qf_fail(QF_ERR_ARG, "%s: audio and face are both required", fn);
+    m->have_fwd = 0;
+    const int64_t M = m->cfg.max_hidden_size, L = m->cfg.llm_hidden_size, nq = m->cfg.num_multi_query_token;
+    QF_TRY(grow(&m->fwd, &m->fwd_cap, af_plan_forward(m, NULL, B, ta, tf), fn));
+    af_plan_forward(m, m->fwd, B, ta, tf);
+    QF_TRY(time_mean(fn, "face", face, a->face_mask, m->fmask, B, tf, m->cfg.video_dim, m->vbar, m->inv_f));
+    QF_TRY(time_mean(fn, "audio", audio, a->audio_mask, m->amask, B, ta, m->cfg.audio_dim, m->abar, m->inv_a));
+    mq_params *p = &m->p;
+    QF_TRY(qf_linear_forward(m->v, m->vbar, pdata(p, AF_VW), pdata(p, AF_VB), B, m->cfg.video_dim, M));
+    QF_TRY(qf_linear_forward(m->a, m->abar, pdata(p, AF_AW), pdata(p, AF_AB), B, m->cfg.audio_dim, M));
+    for (int64_t b = 0; b < B; b++) {
+        memcpy(m->cat + b * 2 * M, m->v + b * M, (size_t)M * sizeof(float));
+        memcpy(m->cat + b * 2 * M + M, m->a + b * M, (size_t)M * sizeof(float));
+    }
+    QF_TRY(qf_linear_forward(m->hid, m->cat, pdata(p, AF_MW), pdata(p, AF_MB), B, 2 * M, M));
+    QF_TRY(qf_linear_forward(m->w, m->hid, pdata(p, AF_FW), pdata(p, AF_FB), B, M, 2));
+    for (int64_t b = 0; b < B; b++) {
+        const float w0 = m->w[2 * b], w1 = m->w[2 * b + 1];
+        for (int64_t c = 0; c < M; c++) m->fused[b * M + c] = w0 * m->v[b * M + c] + w1 * m->a[b * M + c];
+    }
+    QF_TRY(qf_linear_forward(m->o, m->fused, pdata(p, AF_LW), pdata(p, AF_LB), B, M, L));
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t j = 0; j < nq; j++) memcpy(out + (b * nq + j) * L, m->o + b * L, (size_t)L * sizeof(float));
+    m->B = B;
+    m->ta = ta;
+    m->tf = tf;
+    m->have_fwd = 1;
+    return QF_OK;
+}
+
+qf_status qf_attn_fusion_backward(qf_attn_fusion *m, const float *grad_out, float *grad_audio, float *grad_face) {
+    const char *fn = "qf_attn_fusion_backward";
+    if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
+    if (!grad_out) return qf_fail(QF_ERR_ARG, "%s: grad_out is NULL", fn);
+    if (!m->have_fwd) return qf_fail(QF_ERR_ARG, "%s: no successful qf_attn_fusion_forward to differentiate", fn);
+    const int64_t B = m->B, M = m->cfg.max_hidden_size, L = m->cfg.llm_hidden_size, nq = m->cfg.num_multi_query_token;
+    QF_TRY(grow(&m->bwd, &m->bwd_cap, af_plan_backward(m, NULL), fn));
+    af_plan_backward(m, m->bwd);
+    mq_params *p = &m->p;
+    /* the nq output rows are copies of one row: their gradients sum */
+    for (int64_t b = 0; b < B; b++) {
+        float *g = m->g_o + b * L;
+        memset(g, 0, (size_t)L * sizeof(float));
+        for (int64_t j = 0; j < nq; j++)
+            for (int64_t c = 0; c < L; c++) g[c] += grad_out[(b * nq + j) * L + c];
+    }
+    QF_TRY(qf_linear_backward(m->g_fused, pgrad(p, AF_LW), pgrad(p, AF_LB), m->g_o, m->fused, pdata(p, AF_LW), B, M, L));
+    for (int64_t b = 0; b < B; b++) {
+        double s0 = 0, s1 = 0;
+        for (int64_t c = 0; c < M; c++) {
+            s0 += (double)m->g_fused[b * M + c] * m->v[b * M + c];
+            s1 += (double)m->g_fused[b * M + c] * m->a[b * M + c];
+        }
+        m->g_w[2 * b] = (float)s0;
+        m->g_w[2 * b + 1] = (float)s1;
+    }
+    QF_TRY(qf_linear_backward(m->g_hid, pgrad(p, AF_FW), pgrad(p, AF_FB), m->g_w, m->hid, pdata(p, AF_FW), B, M, 2));
+    QF_TRY(qf_linear_backward(m->g_cat, pgrad(p, AF_MW), pgrad(p, AF_MB), m->g_hid, m->cat, pdata(p, AF_MW), B,
+                              2 * M, M));
+    /* v and a reach the output twice: through the weights' MLP and through the weighted sum */
+    for (int64_t b = 0; b < B; b++) {
+        const float w0 = m->w[2 * b], w1 = m->w[2 * b + 1];
+        for (int64_t c = 0; c < M; c++) {
+            m->g_v[b * M + c] = m->g_cat[b * 2 * M + c] + w0 * m->g_fused[b * M + c];
+            m->g_a[b * M + c] = m->g_cat[b * 2 * M + M + c] + w1 * m->g_fused[b * M + c];
+        }
+    }
+    QF_TRY(qf_linear_backward(m->g_vbar, pgrad(p, AF_VW), pgrad(p, AF_VB), m->g_v, m->vbar, pdata(p, AF_VW), B,
+                              m->cfg.video_dim, M));
+    QF_TRY(qf_linear_backward(m->g_abar, pgrad(p, AF_AW), pgrad(p, AF_AB), m->g_a, m->abar, pdata(p, AF_AW), B,
+                              m->cfg.audio_dim, M));
+    /* the time mean: each real frame gets g_mean / count, a padded one 0 */
+    for (int mod = 0; mod < 2; mod++) {
+        float *gin = mod ? grad_audio : grad_face;
+        if (!gin) continue;
+        const int64_t t = mod ? m->ta : m->tf, D = mod ? m->cfg.audio_dim : m->cfg.video_dim;
+        const uint8_t *mask = mod ? m->amask : m->fmask;
+        const float *gm = mod ? m->g_abar : m->g_vbar, *inv = mod ? m->inv_a : m->inv_f;
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t i = 0; i < t; i++) {
+                float *g = gin + (b * t + i) * D;
+                const float sc = mask[b * t + i] ? inv[b] : 0.0f;
+                for (int64_t c = 0; c < D; c++) g[c] = sc * gm[b * D + c];
+            }
+    }
+    return QF_OK;
+}
+
+qf_status qf_attn_fusion_weights(const qf_attn_fusion *m, float *weights) {
+    if (!m) return qf_fail(QF_ERR_ARG, "qf_attn_fusion_weights: m is NULL");
+    if (!weights) return qf_fail(QF_ERR_ARG, "qf_attn_fusion_weights: weights is NULL");
+    if (!m->have_fwd) return qf_fail(QF_ERR_ARG, "qf_attn_fusion_weights: no successful forward yet");
+    memcpy(weights, m->w, (size_t)(2 * m->B) * sizeof(float));
+    return QF_OK;
+}
+
+int qf_attn_fusion_num_params(const qf_attn_fusion *m) { return m ? m->p.np : 0; }
+
+qf_status qf_attn_fusion_param(qf_attn_fusion *m, int i, qf_param *out) {
+    if (!m) return qf_fail(QF_ERR_ARG, "qf_attn_fusion_param: m is NULL");
+    if (!out) return qf_fail(QF_ERR_ARG, "qf_attn_fusion_param: out is NULL");
+    if (i < 0 || i >= m->p.np)
+        return qf_fail(QF_ERR_ARG, "qf_attn_fusion_param: index %d is out of range [0, %d)", i, m->p.np);
+    return param_view(&m->p, i, out);
+}
+
+void qf_attn_fusion_zero_grad(qf_attn_fusion *m) {
+    if (!m) return;
+    memset(m->p.grads, 0, m->p.total * sizeof(float));
+}
