@@ -2,7 +2,8 @@
 issue tracker's contract (the names mirror transformers where it has them):
 
     m = qfuse.load(folder)   # Blip2QFormerModel / InstructBlipQFormerModel, Blip2ForConditionalGeneration,
-                             # InstructBlipForConditionalGeneration, affectgpt_prefusion, blip2_kv_prefix
+                             # InstructBlipForConditionalGeneration, affectgpt_prefusion, blip2_kv_prefix,
+                             # affectgpt_{video,audio}_qformer, affectgpt_attention_fusion
     h = m.qformer(query_embeds=None, encoder_hidden_states=..., encoder_attention_mask=None,
                   qformer_input_ids=None, qformer_attention_mask=None, global_feature=None)
     grads = m.qformer_backward(grad_out, **same_inputs)
@@ -31,6 +32,7 @@ import numpy as np
 from ._native import QfuseError
 from .blip2 import Blip2
 from .fusion import KVPrefix, Prefusion
+from .modality import AttentionFusion, ModalityQFormer
 from .qformer import QFormer
 
 _KINDS = {
@@ -39,11 +41,14 @@ _KINDS = {
     "blip-2": "blip2", "instructblip": "blip2",
     "Blip2ForConditionalGeneration": "blip2", "InstructBlipForConditionalGeneration": "blip2",
     "affectgpt_prefusion": "prefusion", "blip2_kv_prefix": "kv_prefix",
+    "affectgpt_video_qformer": "video_qformer", "affectgpt_audio_qformer": "audio_qformer",
+    "affectgpt_attention_fusion": "attention_fusion",
 }
 
 
 def model_kind(folder):
-    """The family member a folder holds: "qformer", "blip2", "prefusion" or "kv_prefix"."""
+    """The family member a folder holds: "qformer", "blip2", "prefusion", "kv_prefix",
+    "video_qformer", "audio_qformer" or "attention_fusion"."""
     path = os.path.join(os.fspath(folder), "config.json")
     try:
         with open(path) as f:
@@ -99,6 +104,14 @@ class FusionModel:
             self.impl = Prefusion.load(folder)
             self._qf = _QFormerView(self.impl._qh, self.impl)
             self._qprefix, self._query_name = "multi_Qformer.", "multi_query_tokens"
+        elif self.kind in ("video_qformer", "audio_qformer"):
+            self.impl = ModalityQFormer.load(folder)
+            self._qf = _QFormerView(self.impl._qh, self.impl)
+            mod = self.impl.modality
+            self._qprefix, self._query_name = mod + "_Qformer.", mod + "_query_tokens"
+        elif self.kind == "attention_fusion":
+            self.impl = AttentionFusion.load(folder)     # no Q-Former: mean-pooled MLP weights
+            self._qf, self._qprefix, self._query_name = None, "", None
         else:
             self.impl = KVPrefix.load(folder)
             self._qf = _QFormerView(self.impl._qh, self.impl)
@@ -134,6 +147,8 @@ class FusionModel:
         query tokens; global_feature only for blip2_kv_prefix (its prefix then modulates the
         cross-attention)."""
         fn = "qformer"
+        if self._qf is None:
+            self._no("Q-Former")
         if encoder_hidden_states is None:
             raise QfuseError("%s: encoder_hidden_states is required" % fn, "QF_ERR_ARG")
         if global_feature is not None:
@@ -196,6 +211,9 @@ class FusionModel:
                                     qformer_attention_mask=qformer_attention_mask).items() if v is not None}
         takes = {"blip2": {"pixel_values", "qformer_input_ids", "qformer_attention_mask"},
                  "prefusion": {"audio", "face", "audio_mask", "face_mask"},
+                 "attention_fusion": {"audio", "face", "audio_mask", "face_mask"},
+                 "video_qformer": {"face", "face_mask"},
+                 "audio_qformer": {"audio", "audio_mask"},
                  "kv_prefix": {"encoder_hidden_states", "global_feature"},
                  "qformer": set()}[self.kind]
         extra = sorted(given - takes)
@@ -210,8 +228,12 @@ class FusionModel:
             if pixel_values is None:
                 raise QfuseError("%s: pixel_values is required" % fn, "QF_ERR_ARG")
             return self.impl.fuse(pixel_values, qformer_input_ids, qformer_attention_mask)
-        if self.kind == "prefusion":
+        if self.kind in ("prefusion", "attention_fusion"):
             return self.impl.fuse(audio=audio, face=face, audio_mask=audio_mask, face_mask=face_mask)
+        if self.kind == "video_qformer":      # the video branch reads the face-frame sequence
+            return self.impl.fuse(face, frame_mask=face_mask)
+        if self.kind == "audio_qformer":
+            return self.impl.fuse(audio, frame_mask=audio_mask)
         h = self.impl.fuse(encoder_hidden_states=encoder_hidden_states, global_feature=global_feature)
         return self.impl.project(h) if self.impl.projection_dim else h
 
@@ -219,4 +241,6 @@ class FusionModel:
         """From the last qformer()/fuse(): one array per cross-attention layer, [B, heads, nq,
         keys] (or [B, nq, keys] averaged). Keys: prefix then encoder tokens (KV-prefix); face
         then audio frames in fusion order (pre-fusion); image patches with the class token first."""
+        if self._qf is None:
+            self._no("cross-attention")
         return self._maps_from.cross_attention_maps(average=average)

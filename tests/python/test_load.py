@@ -125,3 +125,28 @@ def test_load_errors(tmp_path):
     (d / "config.json").write_text("{not json")
     with pytest.raises(QfuseError, match="not valid JSON"):
         qfuse.load(str(d))
+
+
+def test_affectgpt_siblings_against_references(tmp_path):
+    """qfuse.load routes the per-modality Q-Formers (face -> video branch, audio -> audio
+    branch) and the attention fusion; outputs vs ref_modality's float64 references."""
+    import ref_modality as RM
+    rng, seed = _rng()
+    q = RF.qformer_config(hidden=32, heads=4, layers=2, inter=48, freq=1, eps=1e-12, act="gelu")
+    for modality, dim in (("video", 20), ("audio", 12)):
+        cfg = RM.modality_config(modality, dim, 5, 24, q)
+        sd = RM.random_modality(cfg, rng)
+        m = qfuse.load(_write(str(tmp_path / modality), cfg, sd))
+        assert m.kind == modality + "_qformer"
+        x = rng.standard_normal((2, 4, dim)).astype(np.float32)
+        out = m.fuse(face=x) if modality == "video" else m.fuse(audio=x)
+        assert util.rel_err(out, RM.modality_reference(sd, cfg, x)[0]) < TOL, seed
+        assert m.cross_attention_maps()[0].shape == (2, 4, 5, 4)
+    cfg = RM.attention_config(12, 20, 5, 24)
+    sd = RM.random_attention(cfg, rng)
+    m = qfuse.load(_write(str(tmp_path / "att"), cfg, sd))
+    a = rng.standard_normal((2, 3, 12)).astype(np.float32)
+    f = rng.standard_normal((2, 5, 20)).astype(np.float32)
+    assert util.rel_err(m.fuse(audio=a, face=f), RM.attention_reference(sd, cfg, a, f)[0]) < TOL, seed
+    with pytest.raises(QfuseError, match="has no cross-attention"):
+        m.cross_attention_maps()
