@@ -33,6 +33,7 @@ from ._native import QfuseError
 from .blip2 import Blip2
 from .fusion import KVPrefix, Prefusion
 from .modality import AttentionFusion, ModalityQFormer
+from .heatmap import save_heatmap
 from .qformer import QFormer
 
 _KINDS = {
@@ -244,3 +245,25 @@ class FusionModel:
         if self._qf is None:
             self._no("cross-attention")
         return self._maps_from.cross_attention_maps(average=average)
+
+    def save_attention_png(self, path, layer=-1, item=0, cell_px=8):
+        """Writes one cross-attention layer of the last qformer()/fuse() (batch item `item`,
+        averaged over heads) as a heatmap PNG: queries down, keys across, a white column at each
+        modality boundary (prefix | encoder for KV-prefix; first | second modality in fusion
+        order for the AffectGPT pre-fusion). Returns the boundaries drawn."""
+        maps = self.cross_attention_maps(average=True)
+        try:
+            m = maps[layer][item]
+        except IndexError:
+            raise QfuseError("save_attention_png: layer %r / item %r out of range (%d cross-attention "
+                             "layers, batch %d)" % (layer, item, len(maps), maps[0].shape[0]), "QF_ERR_ARG") from None
+        bounds = []
+        if self.kind == "kv_prefix" and self._maps_from is self.impl:
+            bounds = [self.impl.num_prefix_tokens]
+        elif self.kind == "prefusion" and self.impl._state is not None:
+            _, ta, tf = self.impl._state
+            first = tf if self.impl.fusion_order[0] == "face" else ta
+            if 0 < first < m.shape[1]:
+                bounds = [first]
+        save_heatmap(path, m, bounds, cell_px)
+        return bounds

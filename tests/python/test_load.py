@@ -97,6 +97,14 @@ def test_prefusion_and_kvprefix_against_references(tmp_path):
     out = m.fuse(audio=a, face=f, face_mask=fm)
     assert util.rel_err(out, ref[0]) < TOL, seed
     assert m.cross_attention_maps()[0].shape == (2, 4, 5, 8)
+    # the averaged map of the last layer as a PNG: 5 queries x (5 face | 3 audio) keys, cell 4 px,
+    # a white separator column after the 5 face keys
+    from test_heatmap import decode_png
+    png = str(tmp_path / "map.png")
+    assert m.save_attention_png(png, cell_px=4) == [5]
+    img = decode_png(png)
+    assert img.shape == (5 * 4, 8 * 4 + 1, 3)
+    assert (img[:, 5 * 4] == 255).all() and not (img[:, :5 * 4] == 255).all(axis=-1).any()
     with pytest.raises(QfuseError, match="has no vision"):
         m.vision(np.zeros((1, 3, 8, 8), np.float32))
 
