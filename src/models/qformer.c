@@ -25,7 +25,9 @@
  *   - Parameters live in one float buffer laid out by ptab (llm.c style) and their gradients in a
  *     parallel buffer at the same offsets; ptab names are transformers names, ptab file_names the
  *     checkpoint's (what qf_qformer_param reports). The per-layer structs hold views into params; the gradient of a view p is
- *     grads + (p - params).
+ *     grads + (p - params). Packed projections (plan_params): each self-attention block's
+ *     wq|wk|wv are adjacent rows of one [3H, H] matrix (biases one [3H] vector); the wk|wv of
+ *     all cross layers are adjacent rows of one [ncross*2H, E] matrix (enc_kv_w, enc_kv_b).
  *   - fwd is a grow-only planned block: a forward with the shapes of an earlier one allocates
  *     nothing. It holds every activation backward needs and copies of the inputs and masks, so
  *     the caller may reuse its buffers after forward.
@@ -39,7 +41,8 @@
 
 /* ---- parameters ---- */
 
-static qf_status add_param(qf_qformer *m, const char *name, int64_t d0, int64_t d1, size_t *off) {
+/* Appends a table entry at float offset `at` (the caller lays out where tensors go). */
+static qf_status add_param_at(qf_qformer *m, const char *name, int64_t d0, int64_t d1, size_t at) {
     if (m->np == m->np_cap) {
         int cap = m->np_cap ? 2 * m->np_cap : 64;
         qformer_ptab *p = realloc(m->ptab, (size_t)cap * sizeof *p);
@@ -56,12 +59,28 @@ static qf_status add_param(qf_qformer *m, const char *name, int64_t d0, int64_t 
     p->shape[0] = d0;
     p->shape[1] = d1;
     p->n = (size_t)d0 * (size_t)(d1 ? d1 : 1);
-    p->off = *off;
-    *off += qf_align_up(p->n, 16);
+    p->off = at;
     return QF_OK;
 }
 
-/* The parameter table in a fixed order; view_params() walks it in the same order. */
+/* Appends a table entry at *off and moves *off past it (padded to 16 floats). */
+static qf_status add_param(qf_qformer *m, const char *name, int64_t d0, int64_t d1, size_t *off) {
+    QF_TRY(add_param_at(m, name, d0, d1, *off));
+    *off += qf_align_up((size_t)d0 * (size_t)(d1 ? d1 : 1), 16);
+    return QF_OK;
+}
+
+/* The parameter table in a fixed order; view_params() walks it in the same order. The table
+ * order is the checkpoint-facing one (query, key, value each weight then bias), but the buffer
+ * layout packs the projections so that fewer, larger GEMMs do the same work (no padding inside
+ * a packed group):
+ *   - self-attention: query, key, value weights are consecutive rows of one [3H, H] matrix,
+ *     their biases one [3H] vector: one GEMM projects all three;
+ *   - cross-attention: every cross layer reads the same encoder rows, so the key and value
+ *     weights of ALL cross layers are consecutive rows of one [ncross*2H, E] matrix (cross layer
+ *     c: rows 2H*c.. key, 2H*c+H.. value) at the front of the buffer, biases one [ncross*2H]
+ *     vector: one GEMM per forward projects the encoder for every layer (and backward needs
+ *     one weight-gradient GEMM and one encoder-gradient GEMM, which sums the layers itself). */
 static qf_status plan_params(qf_qformer *m, size_t *total) {
     const qf_qformer_config *c = &m->cfg;
     const int64_t H = c->hidden_size, E = c->encoder_hidden_size, I = c->intermediate_size;
@@ -77,6 +96,10 @@ static qf_status plan_params(qf_qformer *m, size_t *total) {
         QF_TRY(add_param(m, "embeddings.word_embeddings.weight", c->vocab_size, H, &off));
         QF_TRY(add_param(m, "embeddings.position_embeddings.weight", c->max_position_embeddings, H, &off));
     }
+    const size_t ncross = (size_t)((c->num_hidden_layers + c->cross_attention_frequency - 1) /
+                                   c->cross_attention_frequency);
+    const size_t kv_w = off, kv_b = kv_w + qf_align_up(ncross * 2 * (size_t)H * (size_t)E, 16);
+    off = kv_b + qf_align_up(ncross * 2 * (size_t)H, 16);
     for (int i = 0; i < (int)c->num_hidden_layers; i++) {
 #define QP(fmt, arg, d0, d1)                                                                        \
     do {                                                                                            \
@@ -87,12 +110,34 @@ static qf_status plan_params(qf_qformer *m, size_t *total) {
             if (x == 1 && i % c->cross_attention_frequency) continue;
             const int64_t kin = x ? E : H;
             const char *blk = x ? "crossattention" : "attention";
-            QP("%s.attention.query.weight", blk, H, H);
-            QP("%s.attention.query.bias", blk, H, 0);
-            QP("%s.attention.key.weight", blk, H, kin);
-            QP("%s.attention.key.bias", blk, H, 0);
-            QP("%s.attention.value.weight", blk, H, kin);
-            QP("%s.attention.value.bias", blk, H, 0);
+            const size_t hh = (size_t)H * (size_t)H, hk = (size_t)H * (size_t)kin;
+            const size_t cross_i = (size_t)(i / c->cross_attention_frequency);
+            size_t w0, b0, kw, kb; /* query weight and bias; key weight and bias (value follows each) */
+            if (!x) {
+                w0 = off;
+                b0 = w0 + qf_align_up(hh + 2 * hk, 16);
+                off = b0 + qf_align_up(3 * (size_t)H, 16);
+                kw = w0 + hh;
+                kb = b0 + (size_t)H;
+            } else {
+                w0 = off;
+                b0 = w0 + qf_align_up(hh, 16);
+                off = b0 + qf_align_up((size_t)H, 16);
+                kw = kv_w + cross_i * 2 * hk;
+                kb = kv_b + cross_i * 2 * (size_t)H;
+            }
+#define QPAT(fmt, arg, d0, d1, at)                                                                  \
+    do {                                                                                            \
+        snprintf(s, sizeof s, "encoder.layer.%d." fmt, i, arg);                                     \
+        QF_TRY(add_param_at(m, s, d0, d1, at));                                                     \
+    } while (0)
+            QPAT("%s.attention.query.weight", blk, H, H, w0);
+            QPAT("%s.attention.query.bias", blk, H, 0, b0);
+            QPAT("%s.attention.key.weight", blk, H, kin, kw);
+            QPAT("%s.attention.key.bias", blk, H, 0, kb);
+            QPAT("%s.attention.value.weight", blk, H, kin, kw + hk);
+            QPAT("%s.attention.value.bias", blk, H, 0, kb + (size_t)H);
+#undef QPAT
             QP("%s.output.dense.weight", blk, H, H);
             QP("%s.output.dense.bias", blk, H, 0);
             QP("%s.output.LayerNorm.weight", blk, H, 0);
@@ -137,6 +182,9 @@ static void view_params(qf_qformer *m) {
         }
     }
 #undef NEXT
+    m->ncross = qf_qformer_num_cross_layers(m);
+    m->enc_kv_w = m->layers[0].cross.wk; /* layer 0 always has cross-attention */
+    m->enc_kv_b = m->layers[0].cross.bk;
 }
 
 /* transformers name -> the name in a LAVIS (BertModel) checkpoint:
@@ -523,7 +571,8 @@ static size_t plan_forward(qf_qformer *m, float *base) {
     m->emb_mean = carve(base, &off, T);
     m->emb_rstd = carve(base, &off, T);
     m->emb = carve(base, &off, T * H);
-    m->tmp = carve(base, &off, (T > Te ? T : Te) * H);
+    m->tmp = carve(base, &off, 3 * T * H);                    /* packed q|k|v rows */
+    m->enc_kv = carve(base, &off, Te * 2 * H * (size_t)m->ncross); /* every cross layer's k|v rows */
     m->self_mask = (uint8_t *)carve(base, &off, (T + 3) / 4);
     m->cross_mask = (uint8_t *)carve(base, &off, (Tkv + 3) / 4);
     m->dead = (uint8_t *)carve(base, &off, (B + 3) / 4);
@@ -551,27 +600,27 @@ static size_t plan_forward(qf_qformer *m, float *base) {
     return off;
 }
 
-/* tokens [B*len, H] -> rows [off, off+len) of heads [B, nh, tot, hd] */
-void qf_qformer_split_heads(float *heads, const float *tok, int64_t B, int64_t nh, int64_t tot, int64_t off,
-                            int64_t len, int64_t hd) {
-    const int64_t H = nh * hd;
-#pragma omp parallel for collapse(2) num_threads(qf_threads()) if (B * len * H > 65536)
+/* tokens [B*len, H] (row stride ld floats: a column slice of packed q|k|v rows) -> rows
+ * [off, off+len) of heads [B, nh, tot, hd] */
+void qf_qformer_split_heads(float *heads, const float *tok, int64_t ld, int64_t B, int64_t nh, int64_t tot,
+                            int64_t off, int64_t len, int64_t hd) {
+#pragma omp parallel for collapse(2) num_threads(qf_threads()) if (B * len * nh * hd > 65536)
     for (int64_t b = 0; b < B; b++)
         for (int64_t i = 0; i < len; i++)
             for (int64_t h = 0; h < nh; h++)
-                memcpy(heads + ((b * nh + h) * tot + off + i) * hd, tok + (b * len + i) * H + h * hd,
+                memcpy(heads + ((b * nh + h) * tot + off + i) * hd, tok + (b * len + i) * ld + h * hd,
                        (size_t)hd * sizeof(float));
 }
 
-/* rows [off, off+len) of heads [B, nh, tot, hd] -> tokens [B*len, H] (written, or added if acc) */
-void qf_qformer_merge_heads(float *tok, const float *heads, int64_t B, int64_t nh, int64_t tot, int64_t off,
-                            int64_t len, int64_t hd, int acc) {
-    const int64_t H = nh * hd;
-#pragma omp parallel for collapse(2) num_threads(qf_threads()) if (B * len * H > 65536)
+/* rows [off, off+len) of heads [B, nh, tot, hd] -> tokens [B*len, H] with row stride ld
+ * (written, or added if acc) */
+void qf_qformer_merge_heads(float *tok, int64_t ld, const float *heads, int64_t B, int64_t nh, int64_t tot,
+                            int64_t off, int64_t len, int64_t hd, int acc) {
+#pragma omp parallel for collapse(2) num_threads(qf_threads()) if (B * len * nh * hd > 65536)
     for (int64_t b = 0; b < B; b++)
         for (int64_t i = 0; i < len; i++)
             for (int64_t h = 0; h < nh; h++) {
-                float *d = tok + (b * len + i) * H + h * hd;
+                float *d = tok + (b * len + i) * ld + h * hd;
                 const float *s = heads + ((b * nh + h) * tot + off + i) * hd;
                 if (acc)
                     for (int64_t c = 0; c < hd; c++) d[c] += s[c];
@@ -614,22 +663,29 @@ qf_sdpa_params qf_qformer_sdpa_params(const qf_qformer *m, int cross) {
     return sp;
 }
 
-/* One attention block: t->out = LN(x + dense(MHA(x, [prefix ; kv]))). x has Lx tokens per item,
- * kv has kv_len tokens of width kin per item. */
+/* One attention block: t->out = LN(x + dense(MHA(x, [prefix ; kv]))). x has Lx tokens per item.
+ * Self-attention projects x itself (kv unused); cross-attention reads its keys and values,
+ * already projected, from kv: kv_len rows per item of [k | v] with row stride kv_ld floats. */
 static qf_status attention_block(qf_qformer *m, const qformer_attn *w, attn_acts *t, const float *x, int64_t Lx,
-                                 const float *kv, int64_t kv_len, int64_t kin, int cross) {
+                                 const float *kv, int64_t kv_len, int64_t kv_ld, int cross) {
     const char *fn = "qf_qformer_forward";
     const int64_t B = m->B, H = m->cfg.hidden_size, nh = m->cfg.num_attention_heads, hd = m->hd;
     const int64_t P = cross ? m->P : 0, tot = P + kv_len, T = B * Lx;
-    QF_TRY(qf_linear_forward(m->tmp, x, w->wq, w->bq, T, H, H));
-    qf_qformer_split_heads(t->qh, m->tmp, B, nh, Lx, 0, Lx, hd);
-    QF_TRY(qf_linear_forward(m->tmp, kv, w->wk, w->bk, B * kv_len, kin, H));
-    qf_qformer_split_heads(t->kh, m->tmp, B, nh, tot, P, kv_len, hd);
-    QF_TRY(qf_linear_forward(m->tmp, kv, w->wv, w->bv, B * kv_len, kin, H));
-    qf_qformer_split_heads(t->vh, m->tmp, B, nh, tot, P, kv_len, hd);
-    if (P) {
-        qf_qformer_split_heads(t->kh, m->pk, B, nh, tot, 0, P, hd);
-        qf_qformer_split_heads(t->vh, m->pv, B, nh, tot, 0, P, hd);
+    if (!cross) {
+        /* one GEMM with the packed [3H, H] weight: rows of tmp are [q | k | v] */
+        QF_TRY(qf_linear_forward(m->tmp, x, w->wq, w->bq, T, H, 3 * H));
+        qf_qformer_split_heads(t->qh, m->tmp, 3 * H, B, nh, Lx, 0, Lx, hd);
+        qf_qformer_split_heads(t->kh, m->tmp + H, 3 * H, B, nh, tot, 0, kv_len, hd);
+        qf_qformer_split_heads(t->vh, m->tmp + 2 * H, 3 * H, B, nh, tot, 0, kv_len, hd);
+    } else {
+        QF_TRY(qf_linear_forward(m->tmp, x, w->wq, w->bq, T, H, H));
+        qf_qformer_split_heads(t->qh, m->tmp, H, B, nh, Lx, 0, Lx, hd);
+        qf_qformer_split_heads(t->kh, kv, kv_ld, B, nh, tot, P, kv_len, hd);
+        qf_qformer_split_heads(t->vh, kv + H, kv_ld, B, nh, tot, P, kv_len, hd);
+        if (P) {
+            qf_qformer_split_heads(t->kh, m->pk, H, B, nh, tot, 0, P, hd);
+            qf_qformer_split_heads(t->vh, m->pv, H, B, nh, tot, 0, P, hd);
+        }
     }
     qf_sdpa_params sp = qf_qformer_sdpa_params(m, cross);
     qf_status s = qf_sdpa_forward(&sp, t->qh, t->kh, t->vh, t->oh, t->lse, NULL);
@@ -650,7 +706,7 @@ static qf_status attention_block(qf_qformer *m, const qformer_attn *w, attn_acts
             }
         }
     }
-    qf_qformer_merge_heads(t->merged, t->oh, B, nh, Lx, 0, Lx, hd, 0);
+    qf_qformer_merge_heads(t->merged, H, t->oh, B, nh, Lx, 0, Lx, hd, 0);
     QF_TRY(qf_linear_forward(t->sum, t->merged, w->wo, w->bo, T, H, H));
     QF_TRY(qf_residual_forward(t->sum, t->sum, x, T * H));
     QF_TRY(qf_layernorm_forward(t->out, t->mean, t->rstd, t->sum, w->ln_w, w->ln_b, T, H,
@@ -771,20 +827,23 @@ qf_status qf_qformer_forward(qf_qformer *m, const qf_qformer_args *a, const floa
             }
     }
 
+    /* keys and values of every cross layer: one GEMM over the encoder rows (plan_params) */
+    QF_TRY(qf_linear_forward(m->enc_kv, m->enc, m->enc_kv_w, m->enc_kv_b, B * S, E, 2 * H * m->ncross));
     const float eps = (float)m->cfg.layer_norm_eps;
     QF_TRY(qf_layernorm_forward(m->emb, m->emb_mean, m->emb_rstd, m->x_in, m->ln_w, m->ln_b, T, H, eps));
     const float *h = m->emb;
     for (int64_t i = 0; i < m->cfg.num_hidden_layers; i++) {
         const qformer_layer *l = &m->layers[i];
         layer_acts *t = &m->acts[i];
-        QF_TRY(attention_block(m, &l->self, &t->self, h, N, h, N, H, 0));
+        QF_TRY(attention_block(m, &l->self, &t->self, h, N, NULL, N, 0, 0));
         if (Lt) {
             qf_qformer_gather_rows(t->aq, t->self.out, B, N, 0, Lq, H);
             qf_qformer_gather_rows(t->at, t->self.out, B, N, Lq, Lt, H);
         }
         const float *q = t->aq;
         if (l->has_cross) {
-            QF_TRY(attention_block(m, &l->cross, &t->cross, q, Lq, m->enc, S, E, 1));
+            const int64_t c = i / m->cfg.cross_attention_frequency, kv_ld = 2 * H * m->ncross;
+            QF_TRY(attention_block(m, &l->cross, &t->cross, q, Lq, m->enc_kv + c * 2 * H, S, kv_ld, 1));
             q = t->cross.out;
         }
         QF_TRY(ffn_block(m, &l->fq, &t->fq, q, Tq));

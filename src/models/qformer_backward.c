@@ -9,8 +9,11 @@
  *   - bwd is a grow-only planned block sized from the forward's shapes: a backward with the
  *     shapes of an earlier one allocates nothing.
  *   - Each attention block's input gradient is the residual path plus the projection paths;
- *     qf_linear_backward overwrites its d_in, so projection paths go through a temporary and are
- *     added. The encoder and prefix gradients sum over the cross-attention layers.
+ *     self-attention's q|k|v is one packed weight (qformer_internal.h), so one GEMM writes the
+ *     summed projection paths and the residual is added. Every cross layer's k|v is one packed
+ *     weight over the same encoder rows: the layers' k|v row gradients are collected in dkv
+ *     and one GEMM after the layer loop writes grad_encoder (summed over the layers). The
+ *     prefix gradients are added over the cross-attention layers.
  *   - An all-padding item (forward: uniform weights, see qformer.c) gets autograd's gradient of
  *     the uniform softmax, computed here, in place of SDPA's zeros for fully masked rows.
  *   - word_embeddings' padding row (pad_token_id) gets no gradient, as nn.Embedding(padding_idx). */
@@ -20,16 +23,16 @@
 
 typedef struct {
     float *dh, *dqo, *dto, *dcin, *daq, *dat, *da;
-    float *dsum, *dmerged, *doh, *dqh, *dkh, *dvh, *dtok, *dtmp2, *dI;
+    float *dsum, *dmerged, *doh, *dqh, *dkh, *dvh, *dtok, *dI;
+    float *dkv;              /* [B*S, ncross*2H]: gradient of m->enc_kv, filled layer by layer */
 } bwd_bufs;
 
 static size_t plan_backward(qf_qformer *m, float *base, bwd_bufs *w) {
-    const size_t H = (size_t)m->cfg.hidden_size, E = (size_t)m->cfg.encoder_hidden_size;
+    const size_t H = (size_t)m->cfg.hidden_size;
     const size_t I = (size_t)m->cfg.intermediate_size, B = (size_t)m->B;
     const size_t T = B * (size_t)(m->Lq + m->Lt), Tq = B * (size_t)m->Lq, Tt = B * (size_t)m->Lt;
     const size_t Te = B * (size_t)m->S, Tkv = B * (size_t)(m->P + m->S);
-    const size_t kvmax = T > Tkv ? T : Tkv, tokmax = T > Te ? T : Te;
-    const size_t big = T * H > Te * E ? T * H : Te * E;
+    const size_t kvmax = T > Tkv ? T : Tkv;
     size_t off = 0;
 #define C(n) qf_qformer_carve(base, &off, (n))
     w->dh = C(T * H);
@@ -45,8 +48,8 @@ static size_t plan_backward(qf_qformer *m, float *base, bwd_bufs *w) {
     w->dqh = C(T * H);
     w->dkh = C(kvmax * H);
     w->dvh = C(kvmax * H);
-    w->dtok = C(tokmax * H);
-    w->dtmp2 = C(big);
+    w->dtok = C(3 * T * H); /* packed q|k|v row gradients */
+    w->dkv = C(Te * 2 * H * (size_t)m->ncross);
     w->dI = C((Tq > Tt ? Tq : Tt) * I);
 #undef C
     return off;
@@ -87,21 +90,21 @@ static void dead_item_backward(const float *q, const float *k, const float *v, c
     }
 }
 
-/* Backward of attention_block (qformer.c): d_out [B*Lx, H] -> d_x [B*Lx, H] (written). Cross:
- * encoder gradient added into grad_enc [B*S, E] and prefix gradients into gpk/gpv (each NULL
- * skips). Self: kv == x, so the K/V paths add into d_x too. */
+/* Backward of attention_block (qformer.c): d_out [B*Lx, H] -> d_x [B*Lx, H] (written). Self:
+ * the packed q|k|v GEMM gives d_x's three projection paths in one. Cross: the gradient of the
+ * block's projected [k | v] rows is written into dkv (row stride dkv_ld; NULL skips) for the
+ * one encoder GEMM after all layers, and prefix gradients are added into gpk/gpv (NULL skips). */
 static qf_status attn_backward(qf_qformer *m, bwd_bufs *w, const qformer_attn *p, const attn_acts *t, const float *x,
-                               int64_t Lx, const float *kv, int64_t kv_len, int64_t kin, int cross,
-                               const float *d_out, float *d_x, float *grad_enc, float *gpk, float *gpv) {
+                               int64_t Lx, int64_t kv_len, float *dkv, int64_t dkv_ld, int cross,
+                               const float *d_out, float *d_x, float *gpk, float *gpv) {
     const char *fn = "qf_qformer_backward";
     const int64_t B = m->B, H = m->cfg.hidden_size, nh = m->cfg.num_attention_heads, hd = m->hd;
     const int64_t P = cross ? m->P : 0, tot = P + kv_len, T = B * Lx;
     QF_TRY(qf_layernorm_backward(w->dsum, qformer_grad(m, p->ln_w), qformer_grad(m, p->ln_b), d_out, t->sum, p->ln_w,
                                  t->mean, t->rstd, T, H));
-    memcpy(d_x, w->dsum, (size_t)(T * H) * sizeof(float)); /* residual */
     QF_TRY(qf_linear_backward(w->dmerged, qformer_grad(m, p->wo), qformer_grad(m, p->bo), w->dsum, t->merged, p->wo,
                               T, H, H));
-    qf_qformer_split_heads(w->doh, w->dmerged, B, nh, Lx, 0, Lx, hd);
+    qf_qformer_split_heads(w->doh, w->dmerged, H, B, nh, Lx, 0, Lx, hd);
     qf_sdpa_params sp = qf_qformer_sdpa_params(m, cross);
     qf_status s = qf_sdpa_backward(&sp, t->qh, t->kh, t->vh, t->oh, t->lse, w->doh, w->dqh, w->dkh, w->dvh);
     if (s != QF_OK) return qf_fail_prefix(s, "%s (%s-attention)", fn, cross ? "cross" : "self");
@@ -116,21 +119,27 @@ static qf_status attn_backward(qf_qformer *m, bwd_bufs *w, const qformer_attn *p
             }
         }
     }
+    if (!cross) {
+        /* [q | k | v] = x Wqkv^T + bqkv with the packed [3H, H] weight: one GEMM for the weight
+         * gradient and one for d_x, which sums the three paths itself */
+        qf_qformer_merge_heads(w->dtok, 3 * H, w->dqh, B, nh, Lx, 0, Lx, hd, 0);
+        qf_qformer_merge_heads(w->dtok + H, 3 * H, w->dkh, B, nh, tot, 0, kv_len, hd, 0);
+        qf_qformer_merge_heads(w->dtok + 2 * H, 3 * H, w->dvh, B, nh, tot, 0, kv_len, hd, 0);
+        QF_TRY(qf_linear_backward(d_x, qformer_grad(m, p->wq), qformer_grad(m, p->bq), w->dtok, x, p->wq, T, H,
+                                  3 * H));
+        add_to(d_x, w->dsum, (size_t)(T * H)); /* residual */
+        return QF_OK;
+    }
     /* q = x Wq^T + bq */
-    qf_qformer_merge_heads(w->dtok, w->dqh, B, nh, Lx, 0, Lx, hd, 0);
-    QF_TRY(qf_linear_backward(w->dtmp2, qformer_grad(m, p->wq), qformer_grad(m, p->bq), w->dtok, x, p->wq, T, H, H));
-    add_to(d_x, w->dtmp2, (size_t)(T * H));
-    /* k, v = kv W^T + b (the layer's own keys are rows P.. of the heads) */
-    float *dkv = cross ? grad_enc : d_x;
-    for (int z = 0; z < 2; z++) {
-        const float *dheads = z ? w->dvh : w->dkh;
-        const float *wt = z ? p->wv : p->wk;
-        qf_qformer_merge_heads(w->dtok, dheads, B, nh, tot, P, kv_len, hd, 0);
-        QF_TRY(qf_linear_backward(dkv ? w->dtmp2 : NULL, qformer_grad(m, wt), qformer_grad(m, z ? p->bv : p->bk),
-                                  w->dtok, kv, wt, B * kv_len, kin, H));
-        if (dkv) add_to(dkv, w->dtmp2, (size_t)(B * kv_len * kin));
-        float *gp = z ? gpv : gpk;
-        if (P && gp) qf_qformer_merge_heads(gp, dheads, B, nh, tot, 0, P, hd, 1);
+    qf_qformer_merge_heads(w->dtok, H, w->dqh, B, nh, Lx, 0, Lx, hd, 0);
+    QF_TRY(qf_linear_backward(d_x, qformer_grad(m, p->wq), qformer_grad(m, p->bq), w->dtok, x, p->wq, T, H, H));
+    add_to(d_x, w->dsum, (size_t)(T * H)); /* residual */
+    /* the layer's own keys are rows P.. of the heads; the prefix gradients are rows 0..P */
+    if (P && gpk) qf_qformer_merge_heads(gpk, H, w->dkh, B, nh, tot, 0, P, hd, 1);
+    if (P && gpv) qf_qformer_merge_heads(gpv, H, w->dvh, B, nh, tot, 0, P, hd, 1);
+    if (dkv) {
+        qf_qformer_merge_heads(dkv, dkv_ld, w->dkh, B, nh, tot, P, kv_len, hd, 0);
+        qf_qformer_merge_heads(dkv + H, dkv_ld, w->dvh, B, nh, tot, P, kv_len, hd, 0);
     }
     return QF_OK;
 }
@@ -165,10 +174,10 @@ qf_status qf_qformer_backward(qf_qformer *m, const float *grad_out, float *grad_
     QF_TRY(qf_qformer_grow(&m->bwd, &m->bwd_cap, need, fn));
     plan_backward(m, m->bwd, &w);
 
-    if (grad_encoder) memset(grad_encoder, 0, (size_t)(B * S * E) * sizeof(float));
     if (P && grad_prefix_k) memset(grad_prefix_k, 0, (size_t)(B * P * H) * sizeof(float));
     if (P && grad_prefix_v) memset(grad_prefix_v, 0, (size_t)(B * P * H) * sizeof(float));
 
+    const int want_kv = grad_encoder || !m->frozen; /* the encoder-side GEMMs are needed */
     memcpy(w.dh, grad_out, (size_t)(T * H) * sizeof(float));
     for (int64_t i = m->cfg.num_hidden_layers - 1; i >= 0; i--) {
         const qformer_layer *l = &m->layers[i];
@@ -184,8 +193,9 @@ qf_status qf_qformer_backward(qf_qformer *m, const float *grad_out, float *grad_
         QF_TRY(ffn_backward(m, &w, &l->fq, &t->fq, cin, Tq, dq, w.dcin));
         const float *daq = w.dcin;
         if (l->has_cross) {
-            QF_TRY(attn_backward(m, &w, &l->cross, &t->cross, t->aq, Lq, m->enc, S, E, 1, w.dcin, w.daq, grad_encoder,
-                                 grad_prefix_k, grad_prefix_v));
+            const int64_t c = i / m->cfg.cross_attention_frequency, kv_ld = 2 * H * m->ncross;
+            QF_TRY(attn_backward(m, &w, &l->cross, &t->cross, t->aq, Lq, S, want_kv ? w.dkv + c * 2 * H : NULL, kv_ld,
+                                 1, w.dcin, w.daq, grad_prefix_k, grad_prefix_v));
             daq = w.daq;
         }
         const float *da = daq;
@@ -195,8 +205,13 @@ qf_status qf_qformer_backward(qf_qformer *m, const float *grad_out, float *grad_
             qf_qformer_scatter_rows(w.da, w.dat, B, N, Lq, Lt, H);
             da = w.da;
         }
-        QF_TRY(attn_backward(m, &w, &l->self, &t->self, x_l, N, x_l, N, H, 0, da, w.dh, NULL, NULL, NULL));
+        QF_TRY(attn_backward(m, &w, &l->self, &t->self, x_l, N, N, NULL, 0, 0, da, w.dh, NULL, NULL));
     }
+    /* every cross layer's [k | v] = enc W^T + b (one packed weight, plan_params): one GEMM for
+     * the weight gradients and one for the encoder gradient, which sums the layers itself */
+    if (want_kv)
+        QF_TRY(qf_linear_backward(grad_encoder, qformer_grad(m, m->enc_kv_w), qformer_grad(m, m->enc_kv_b), w.dkv,
+                                  m->enc, m->enc_kv_w, B * S, E, 2 * H * m->ncross));
     /* embeddings: emb = LN(x_in), x_in = [query_embeds ; word(ids) + pos] */
     float *dx = w.da; /* [T, H], free now */
     QF_TRY(qf_layernorm_backward(dx, qformer_grad(m, m->ln_w), qformer_grad(m, m->ln_b), w.dh, m->x_in, m->ln_w,

@@ -19,6 +19,9 @@ typedef struct {
 } qformer_ptab;
 
 typedef struct {             /* one attention block: MultiHeadAttention + SelfOutput          */
+    /* packed (plan_params): wv == wk + H*in, bv == bk + H always; self-attention also
+     * wk == wq + H*H, bk == bq + H (wq is the [3H, H] q|k|v matrix); cross-attention's wk|wv
+     * are rows of the model's enc_kv_w (every cross layer's k|v, one [ncross*2H, E] matrix) */
     const float *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo, *ln_w, *ln_b;
 } qformer_attn;
 
@@ -58,11 +61,14 @@ struct qf_qformer {
     int frozen;
     const float *ln_w, *ln_b, *word_emb, *pos_emb;
     qformer_layer *layers;
+    int64_t ncross;                 /* cross-attention layers                                */
+    const float *enc_kv_w, *enc_kv_b; /* [ncross*2H, E], [ncross*2H]: every cross layer's k|v  */
 
     /* forward planned block */
     float *fwd;
     size_t fwd_cap;
     float *x_in, *enc, *pk, *pv, *emb_mean, *emb_rstd, *emb, *tmp;
+    float *enc_kv;                  /* [B*S, ncross*2H]: enc projected by enc_kv_w            */
     int32_t *ids;
     uint8_t *self_mask;             /* [B, N] 1 = attend (when has_text_mask)                */
     uint8_t *cross_mask;            /* [B, P+S] 1 = attend (when has_enc_mask)               */
@@ -83,10 +89,10 @@ static inline float *qformer_grad(const qf_qformer *m, const float *p) {
 
 qf_status qf_qformer_grow(float **buf, size_t *cap, size_t floats, const char *what);
 float *qf_qformer_carve(float *base, size_t *off, size_t n);
-void qf_qformer_split_heads(float *heads, const float *tok, int64_t B, int64_t nh, int64_t tot, int64_t off,
-                            int64_t len, int64_t hd);
-void qf_qformer_merge_heads(float *tok, const float *heads, int64_t B, int64_t nh, int64_t tot, int64_t off,
-                            int64_t len, int64_t hd, int acc);
+void qf_qformer_split_heads(float *heads, const float *tok, int64_t ld, int64_t B, int64_t nh, int64_t tot,
+                            int64_t off, int64_t len, int64_t hd);
+void qf_qformer_merge_heads(float *tok, int64_t ld, const float *heads, int64_t B, int64_t nh, int64_t tot,
+                            int64_t off, int64_t len, int64_t hd, int acc);
 void qf_qformer_gather_rows(float *dst, const float *src, int64_t B, int64_t tot, int64_t r0, int64_t len,
                             int64_t C);
 void qf_qformer_scatter_rows(float *dst, const float *src, int64_t B, int64_t tot, int64_t r0, int64_t len,
