@@ -26,7 +26,8 @@ static const char *usage_text =
     "      --scale X             score scale (default 1/sqrt(D))\n"
     "      --out OUT.npy         write the output (default: print shape and a checksum only)\n"
     "      --weights W.npy       also write the attention probabilities [B,H,L,S]\n"
-    "  fuse MODEL [options]      run a fusion model (Q-Former, BLIP-2, AffectGPT pre-fusion, KV-prefix)\n"
+    "  fuse MODEL [options]      run a fusion model (Q-Former, BLIP-2, AffectGPT pre-fusion / video and\n"
+    "                            audio Q-Formers / attention fusion, KV-prefix)\n"
     "                            on .npy features or an image; `qfuse fuse --help` for the options\n"
     "  help                      this text\n"
     "\n"
@@ -228,25 +229,34 @@ static const char *fuse_help =
     "  blip-2, instructblip                   image -> vision tower -> Q-Former -> language_projection:\n"
     "                                         --image or --pixels (or --features: Q-Former output only)\n"
     "  affectgpt_prefusion                    AffectGPT pre-fusion: --audio and/or --face\n"
+    "  affectgpt_video_qformer                AffectGPT video Q-Former: --face (or --features), frames\n"
+    "                                         [B,T,input_dim] or [B,T,K,input_dim] (K tokens per frame)\n"
+    "  affectgpt_audio_qformer                AffectGPT audio Q-Former: --audio (or --features) [B,T,input_dim]\n"
+    "  affectgpt_attention_fusion             AffectGPT attention fusion: --audio and --face; prints the two\n"
+    "                                         modality weights per item (it has no attention map)\n"
     "  blip2_kv_prefix                        KV-prefix BLIP-2: --features and --global\n"
     "\n"
     "inputs (.npy, float32/float64/float16; a leading batch dim B is optional):\n"
-    "  --features F.npy      encoder hidden states [B,S,encoder_hidden_size]\n"
-    "  --mask M.npy          encoder attention mask [B,S] (nonzero = real token)\n"
+    "  --features F.npy      encoder hidden states [B,S,encoder_hidden_size] (video/audio Q-Former: the frames)\n"
+    "  --mask M.npy          encoder attention mask [B,S] (nonzero = real token; with --features of a\n"
+    "                        video/audio Q-Former: the frame mask [B,T])\n"
     "  --queries Q.npy       query embeddings [B or 1,Lq,hidden] (KV-prefix: default its query_tokens)\n"
     "  --image X.png         PNG/JPEG, preprocessed like BlipImageProcessor (MODEL/preprocessor_config.json\n"
     "                        when present, else bicubic to vision_config.image_size, CLIP mean/std)\n"
     "  --pixels P.npy        already preprocessed pixel_values [B,3,H,W]\n"
     "  --text-ids T.npy      InstructBLIP instruction token ids [B,Lt] (integers), --text-mask M.npy\n"
     "  --audio A.npy         audio frame features [B,ta,audio_dim]   (--audio-mask [B,ta])\n"
-    "  --face F.npy          face frame features [B,tf,video_dim]    (--face-mask [B,tf])\n"
+    "  --face F.npy          face frame features [B,tf,video_dim]    (--face-mask [B,tf]); the video\n"
+    "                        Q-Former also takes [B,tf,K,video_dim] (mask per frame, all K tokens)\n"
     "  --global G.npy        global feature [B,prefix_feature_dim] for the KV prefix\n"
     "outputs:\n"
     "  --out T.npy           the fused tokens, float32 [B,tokens,width]\n"
     "  --project             KV-prefix: map the tokens through language_projection\n"
     "  --attn-png MAP.png    cross-attention of one layer (first batch item, averaged over heads): queries\n"
     "                        down, keys across, viridis min..max; white columns separate modalities\n"
-    "                        (face|audio in fusion order for the pre-fusion, prefix|features for KV-prefix)\n"
+    "                        (face|audio in fusion order for the pre-fusion, prefix|features for KV-prefix;\n"
+    "                        none for the video/audio Q-Formers, whose keys are T*K frame tokens);\n"
+    "                        not for affectgpt_attention_fusion (no attention map: its weights are printed)\n"
     "  --layer N             which cross-attention layer (0-based, counting cross-attention layers only;\n"
     "                        default: the last)\n"
     "  --cell PX             heatmap cell size in pixels (default 8)\n"
@@ -255,7 +265,9 @@ static const char *fuse_help =
     "examples:\n"
     "  qfuse fuse qformer/ --features vit.npy --queries q.npy --out tokens.npy --attn-png map.png\n"
     "  qfuse fuse blip2/ --image cat.jpg --out tokens.npy\n"
-    "  qfuse fuse affectgpt/ --audio a.npy --face f.npy --out tokens.npy --attn-png map.png --layer 0\n";
+    "  qfuse fuse affectgpt/ --audio a.npy --face f.npy --out tokens.npy --attn-png map.png --layer 0\n"
+    "  qfuse fuse video_qformer/ --face frames.npy --face-mask fm.npy --out tokens.npy --attn-png map.png\n"
+    "  qfuse fuse attention_fusion/ --audio a.npy --face f.npy --out tokens.npy\n";
 
 typedef struct {
     const char *model, *features, *mask, *queries, *image, *pixels, *text_ids, *text_mask;
@@ -269,8 +281,10 @@ static double now_ms(void) {
     return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
 }
 
-/* Reads a float array as float32 [B, d1, d2] (ndim3 = 1) or [B, d1] (ndim3 = 0); the leading
- * batch dim may be missing (B = 1). dims[] receives B and the rest. */
+/* Reads a float array as float32 [B, d1, d2] (ndim 3) or [B, d1] (ndim 2); the leading batch dim
+ * may be missing (B = 1). ndim FRAMES_NDIM reads frames: a 4-D file as [B,T,K,D], anything else
+ * as ndim 3 (so a 3-D file is [B,T,D], never [T,K,D]). dims[] receives B and the rest. */
+enum { FRAMES_NDIM = -1 };
 static int fuse_read_f32(const char *flag, const char *path, int ndim, qf_npy *a, int64_t dims[4]) {
     if (qf_npy_read(path, a) != QF_OK) return fail(flag);
     if (a->dtype == QF_F64 || a->dtype == QF_F16 || a->dtype == QF_BF16) {
@@ -287,6 +301,7 @@ static int fuse_read_f32(const char *flag, const char *path, int ndim, qf_npy *a
         fprintf(stderr, "qfuse: fuse: %s %s holds %s: expected a float array\n", flag, path, qf_dtype_name(a->dtype));
         return 2;
     }
+    if (ndim == FRAMES_NDIM) ndim = a->ndim == 4 ? 4 : 3; /* [B,T,K,D] or [B,T,D] (or [T,D]) */
     if (a->ndim != ndim && a->ndim != ndim - 1) {
         fprintf(stderr, "qfuse: fuse: %s %s has %d dims: expected %d (or %d without the batch dim)\n", flag, path,
                 a->ndim, ndim, ndim - 1);
@@ -652,6 +667,158 @@ done:
     return rc;
 }
 
+/* affectgpt_video_qformer / affectgpt_audio_qformer: one modality's frames. The frames come from
+ * --face (video) or --audio (audio), or --features for either; the mask from the matching
+ * --face-mask / --audio-mask (or --mask next to --features). */
+static int fuse_modality(const fuse_opts *o, const char *type, int video) {
+    const char *own = video ? "--face" : "--audio", *own_mask = video ? "--face-mask" : "--audio-mask";
+    const char *frames = video ? o->face : o->audio, *fmask = video ? o->face_mask : o->audio_mask;
+    int rc = fuse_reject("--image", o->image, type) | fuse_reject("--pixels", o->pixels, type) |
+             fuse_reject("--global", o->global, type) | fuse_reject("--queries", o->queries, type) |
+             fuse_reject("--project", o->project ? "" : NULL, type) | fuse_reject("--text-ids", o->text_ids, type) |
+             fuse_reject(video ? "--audio" : "--face", video ? o->audio : o->face, type) |
+             fuse_reject(video ? "--audio-mask" : "--face-mask", video ? o->audio_mask : o->face_mask, type);
+    if (rc) return rc;
+    if (frames && o->features) {
+        fprintf(stderr, "qfuse: fuse: give the frames once: %s or --features, not both\n", own);
+        return 2;
+    }
+    if (fmask && o->mask) {
+        fprintf(stderr, "qfuse: fuse: give the frame mask once: %s or --mask, not both\n", own_mask);
+        return 2;
+    }
+    const char *flag = frames ? own : "--features", *mflag = fmask ? own_mask : "--mask";
+    if (!frames) frames = o->features;
+    if (!fmask) fmask = o->mask;
+    if (!frames) {
+        fprintf(stderr, "qfuse: fuse: %s models need %s F.npy (or --features F.npy): frames [B,T,input_dim]%s\n",
+                type, own, video ? " or [B,T,K,input_dim]" : "");
+        return 2;
+    }
+    qf_npy x = {0}, m = {0};
+    int64_t d[4] = {0}, md[2];
+    float *out = NULL;
+    qf_modality_qformer *model = NULL;
+    double t0 = now_ms();
+    if (qf_modality_qformer_load(o->model, &model) != QF_OK) return fail("fuse");
+    double t_load = now_ms() - t0;
+    qf_modality_qformer_config c;
+    qf_modality_qformer_get_config(model, &c);
+    if ((rc = fuse_read_f32(flag, frames, video ? FRAMES_NDIM : 3, &x, d))) goto done;
+    int nd = x.ndim == 4 ? 4 : 3;
+    int64_t B = d[0], T = d[1], K = nd == 4 ? d[2] : 1;
+    if (d[nd - 1] != c.input_dim || T < 1 || K < 1) {
+        char want[96];
+        snprintf(want, sizeof want, "[B,T,%s%lld] (input_dim)", video ? "(K,)" : "", (long long)c.input_dim);
+        rc = fuse_shape_error(flag, frames, d, nd, want);
+        goto done;
+    }
+    if (T > c.frame_position_size) {
+        char want[96];
+        snprintf(want, sizeof want, "T <= %lld frames (frame_position_size: rows of its position table)",
+                 (long long)c.frame_position_size);
+        rc = fuse_shape_error(flag, frames, d, nd, want);
+        goto done;
+    }
+    if (fmask) {
+        if ((rc = fuse_read_int(mflag, fmask, 1, &m, md))) goto done;
+        if (md[0] != B || md[1] != T) {
+            char want[64];
+            snprintf(want, sizeof want, "[%lld,%lld]: one flag per frame", (long long)B, (long long)T);
+            rc = fuse_shape_error(mflag, fmask, md, 2, want);
+            goto done;
+        }
+    }
+    out = malloc((size_t)(B * c.num_query_token * c.llm_hidden_size) * sizeof *out);
+    if (!out) { fprintf(stderr, "qfuse: out of memory\n"); rc = 1; goto done; }
+    qf_modality_qformer_args a = {.B = B, .frames = T, .tokens_per_frame = K, .frame_mask = m.data};
+    t0 = now_ms();
+    if (qf_modality_qformer_forward(model, &a, x.data, out) != QF_OK) { rc = fail("fuse"); goto done; }
+    double t_fwd = now_ms() - t0;
+    printf("%s: %lld queries over %lld %s frames x %lld tokens -> %lld; load %.1f ms, forward %.3f ms, %d threads\n",
+           type, (long long)c.num_query_token, (long long)T, video ? "video" : "audio", (long long)K,
+           (long long)c.llm_hidden_size, t_load, t_fwd, qf_get_num_threads());
+    print_dims(video ? "face" : "audio", d, nd);
+    if ((rc = fuse_write(o->out, out, B, c.num_query_token, c.llm_hidden_size))) goto done;
+    if (o->attn_png) rc = fuse_heatmap(qf_modality_qformer_qformer(model), o, B, c.num_query_token, T * K, NULL, 0);
+done:
+    qf_npy_free(&x); qf_npy_free(&m);
+    free(out);
+    qf_modality_qformer_free(model);
+    return rc;
+}
+
+/* affectgpt_attention_fusion: time means of --audio and --face, weighted by two learned scalars
+ * per item; there is no attention map, so the weights are printed instead. */
+static int fuse_attention(const fuse_opts *o, const char *type) {
+    int rc = fuse_reject("--image", o->image, type) | fuse_reject("--pixels", o->pixels, type) |
+             fuse_reject("--features", o->features, type) | fuse_reject("--global", o->global, type) |
+             fuse_reject("--queries", o->queries, type) | fuse_reject("--mask", o->mask, type) |
+             fuse_reject("--project", o->project ? "" : NULL, type) | fuse_reject("--text-ids", o->text_ids, type);
+    if (rc) return rc;
+    if (o->attn_png) {
+        fprintf(stderr, "qfuse: fuse: --attn-png: %s models have no cross-attention to draw (the fusion is two "
+                "learned modality weights per item, printed by every run); drop --attn-png\n", type);
+        return 2;
+    }
+    if (!o->audio || !o->face) return usage_error("fuse: %s models need both --audio and --face", type);
+    qf_npy au = {0}, fa = {0}, am = {0}, fm = {0};
+    int64_t ad[4] = {0}, fd[4] = {0}, md[2];
+    float *out = NULL, *w = NULL;
+    qf_attn_fusion *model = NULL;
+    double t0 = now_ms();
+    if (qf_attn_fusion_load(o->model, &model) != QF_OK) return fail("fuse");
+    double t_load = now_ms() - t0;
+    qf_attn_fusion_config c;
+    qf_attn_fusion_get_config(model, &c);
+    if ((rc = fuse_read_f32("--audio", o->audio, 3, &au, ad))) goto done;
+    if (ad[2] != c.audio_dim) { rc = fuse_shape_error("--audio", o->audio, ad, 3, "[B,ta,audio_dim]"); goto done; }
+    if ((rc = fuse_read_f32("--face", o->face, 3, &fa, fd))) goto done;
+    if (fd[2] != c.video_dim) { rc = fuse_shape_error("--face", o->face, fd, 3, "[B,tf,video_dim]"); goto done; }
+    int64_t B = ad[0], ta = ad[1], tf = fd[1];
+    if (fd[0] != B) {
+        fprintf(stderr, "qfuse: fuse: --audio has batch %lld but --face %lld\n", (long long)B, (long long)fd[0]);
+        rc = 2;
+        goto done;
+    }
+    if (ta < 1 || tf < 1) {
+        fprintf(stderr, "qfuse: fuse: %s needs at least one frame of each modality (audio %lld, face %lld)\n", type,
+                (long long)ta, (long long)tf);
+        rc = 2;
+        goto done;
+    }
+    if (o->audio_mask) {
+        if ((rc = fuse_read_int("--audio-mask", o->audio_mask, 1, &am, md))) goto done;
+        if (md[0] != B || md[1] != ta) { rc = fuse_shape_error("--audio-mask", o->audio_mask, md, 2, "[B,ta]"); goto done; }
+    }
+    if (o->face_mask) {
+        if ((rc = fuse_read_int("--face-mask", o->face_mask, 1, &fm, md))) goto done;
+        if (md[0] != B || md[1] != tf) { rc = fuse_shape_error("--face-mask", o->face_mask, md, 2, "[B,tf]"); goto done; }
+    }
+    out = malloc((size_t)(B * c.num_multi_query_token * c.llm_hidden_size) * sizeof *out);
+    w = malloc((size_t)(2 * B) * sizeof *w);
+    if (!out || !w) { fprintf(stderr, "qfuse: out of memory\n"); rc = 1; goto done; }
+    qf_prefusion_args a = {.B = B, .audio_len = ta, .face_len = tf, .audio_mask = am.data, .face_mask = fm.data};
+    t0 = now_ms();
+    if (qf_attn_fusion_forward(model, &a, au.data, fa.data, out) != QF_OK) { rc = fail("fuse"); goto done; }
+    double t_fwd = now_ms() - t0;
+    if (qf_attn_fusion_weights(model, w) != QF_OK) { rc = fail("fuse"); goto done; }
+    printf("%s: time means of %lld face + %lld audio frames, weighted sum -> %lld x %lld (rows equal); load %.1f "
+           "ms, forward %.3f ms, %d threads\n", type, (long long)tf, (long long)ta,
+           (long long)c.num_multi_query_token, (long long)c.llm_hidden_size, t_load, t_fwd, qf_get_num_threads());
+    print_dims("audio", ad, 3);
+    print_dims("face", fd, 3);
+    if ((rc = fuse_write(o->out, out, B, c.num_multi_query_token, c.llm_hidden_size))) goto done;
+    printf("modality weights (fc_att output, no softmax):\n");
+    for (int64_t b = 0; b < B; b++)
+        printf("  item %lld: face %.6g audio %.6g\n", (long long)b, (double)w[2 * b], (double)w[2 * b + 1]);
+done:
+    qf_npy_free(&au); qf_npy_free(&fa); qf_npy_free(&am); qf_npy_free(&fm);
+    free(out); free(w);
+    qf_attn_fusion_free(model);
+    return rc;
+}
+
 /* blip2_kv_prefix */
 static int fuse_kvprefix(const fuse_opts *o, const char *type) {
     int rc = fuse_reject("--image", o->image, type) | fuse_reject("--pixels", o->pixels, type) |
@@ -760,8 +927,12 @@ static int cmd_fuse(int argc, char **argv) {
     if (!strcmp(type, "blip-2") || !strcmp(type, "instructblip")) return fuse_blip2(&o, type);
     if (!strcmp(type, "affectgpt_prefusion")) return fuse_prefusion(&o, type);
     if (!strcmp(type, "blip2_kv_prefix")) return fuse_kvprefix(&o, type);
+    if (!strcmp(type, "affectgpt_video_qformer")) return fuse_modality(&o, type, 1);
+    if (!strcmp(type, "affectgpt_audio_qformer")) return fuse_modality(&o, type, 0);
+    if (!strcmp(type, "affectgpt_attention_fusion")) return fuse_attention(&o, type);
     fprintf(stderr, "qfuse: fuse: %s: model_type \"%s\" is not a fusion model qfuse runs (blip_2_qformer, "
-            "instructblip_qformer, blip-2, instructblip, affectgpt_prefusion, blip2_kv_prefix)\n", path, type);
+            "instructblip_qformer, blip-2, instructblip, affectgpt_prefusion, blip2_kv_prefix, "
+            "affectgpt_video_qformer, affectgpt_audio_qformer, affectgpt_attention_fusion)\n", path, type);
     return 1;
 }
 

@@ -245,3 +245,124 @@ def test_fuse_kvprefix(tmp_path):
     assert util.rel_err(np.load(out), proj) <= 1e-4
     rc, _, err = run(d, "--features", fe)
     assert rc == 2 and "--global" in err
+
+
+# ---- AffectGPT per-modality Q-Formers and attention fusion (float64 refs of ref_modality.py) ---
+
+def _modality_model(tmp_path, modality, rng, D):
+    RF = pytest.importorskip("ref_fusion")
+    RM = pytest.importorskip("ref_modality")
+    q = RF.qformer_config(hidden=32, heads=4, layers=2, inter=48, freq=1)
+    cfg = RM.modality_config(modality, D, 5, 24, q)
+    sd = RM.random_modality(cfg, rng)
+    d = str(tmp_path / modality)
+    lav = {k: v for k, v in sd.items()}
+    if modality == "video":   # AffectGPT's own (LAVIS) names for one of the two
+        lav = {RF.to_lavis(k, RM.NAMES[modality]["qformer"]): v for k, v in sd.items()}
+    _write_model(d, cfg, lav)
+    return RM, d, cfg, sd
+
+
+@pytest.mark.parametrize("modality", ["video", "audio"])
+def test_fuse_modality_qformer(tmp_path, modality):
+    rng = np.random.default_rng(23 if modality == "video" else 24)
+    D = 20 if modality == "video" else 12
+    RM, d, cfg, sd = _modality_model(tmp_path, modality, rng, D)
+    flag, mflag = ("--face", "--face-mask") if modality == "video" else ("--audio", "--audio-mask")
+    B, T = 2, 6
+    x = rng.standard_normal((B, T, D)).astype(np.float32)
+    fm = np.ones((B, T), np.uint8)
+    fm[1, 4:] = 0
+    ref, _, probs = RM.modality_reference(sd, cfg, x.astype(np.float64), fm)
+    out, png, cell = str(tmp_path / "o.npy"), str(tmp_path / "a.png"), 2
+    xp, mp = save(tmp_path, "x", x), save(tmp_path, "m", fm)
+    rc, so, se = run(d, flag, xp, mflag, mp, "--out", out, "--attn-png", png, "--cell", cell, "--layer", 0)
+    assert rc == 0, se
+    assert cfg["model_type"] in so
+    err = util.rel_err(np.load(out), ref)
+    assert err <= 1e-4, "%s Q-Former tokens vs float64 reference: rel err %g" % (modality, err)
+    cells, white = _cells(png, cell)
+    assert white == []                                   # one modality: no separator
+    assert cells.shape[:2] == (5, T)
+    assert np.max(np.abs(cells - _want_colors(probs[0][0].mean(axis=0)))) <= 2.0
+    # --features is the same input; --mask goes with it
+    rc, so, se = run(d, "--features", xp, "--mask", mp, "--out", out)
+    assert rc == 0, se
+    assert util.rel_err(np.load(out), ref) <= 1e-4
+    # the other modality's input is not read by this model
+    other = "--audio" if modality == "video" else "--face"
+    rc, _, err = run(d, flag, xp, other, xp)
+    assert rc == 2 and other in err and cfg["model_type"] in err
+    rc, _, err = run(d, flag, xp, "--features", xp)
+    assert rc == 2 and "not both" in err
+    rc, _, err = run(d, flag, save(tmp_path, "bad", x[..., :-1]))
+    assert rc == 2 and "input_dim" in err and "[2,6,%d]" % (D - 1) in err
+    P = 32 if modality == "video" else 8
+    rc, _, err = run(d, flag, save(tmp_path, "long", np.zeros((1, P + 1, D), np.float32)))
+    assert rc == 2 and ("%d" % P) in err and "frame_position_size" in err
+    rc, _, err = run(d, flag, xp, mflag, save(tmp_path, "m5", fm[:, :5]))
+    assert rc == 2 and mflag in err and "[2,6]" in err
+    if modality == "video":   # [B,T,K,D]: K image-Q-Former tokens per frame, mask per frame
+        x4 = rng.standard_normal((2, 4, 3, D)).astype(np.float32)
+        fm4 = np.array([[1, 1, 0, 0], [1, 1, 1, 1]], np.uint8)
+        ref4, _, probs4 = RM.modality_reference(sd, cfg, x4.astype(np.float64), fm4)
+        rc, so, se = run(d, "--face", save(tmp_path, "x4", x4), "--face-mask", save(tmp_path, "m4", fm4),
+                         "--out", out, "--attn-png", png, "--cell", cell)
+        assert rc == 0, se
+        assert util.rel_err(np.load(out), ref4) <= 1e-4
+        cells, _ = _cells(png, cell)
+        assert cells.shape[:2] == (5, 12)
+        assert np.max(np.abs(cells - _want_colors(probs4[-1][0].mean(axis=0)))) <= 2.0
+
+
+def test_fuse_attention_fusion(tmp_path):
+    RM = pytest.importorskip("ref_modality")
+    rng = np.random.default_rng(25)
+    cfg = RM.attention_config(12, 20, 4, 16)
+    sd = RM.random_attention(cfg, rng)
+    d = str(tmp_path / "attn")
+    _write_model(d, cfg, sd)
+    B, ta, tf = 3, 5, 7
+    a = rng.standard_normal((B, ta, 12)).astype(np.float32)
+    f = rng.standard_normal((B, tf, 20)).astype(np.float32)
+    am = np.ones((B, ta), np.uint8)
+    am[0, 3:] = 0
+    fm = np.ones((B, tf), np.uint8)
+    fm[2, 1:] = 0
+    ref, _, w = RM.attention_reference(sd, cfg, a.astype(np.float64), f.astype(np.float64), am, fm)
+    out = str(tmp_path / "o.npy")
+    ap, fp = save(tmp_path, "a", a), save(tmp_path, "f", f)
+    amp, fmp = save(tmp_path, "am", am), save(tmp_path, "fm", fm)
+    rc, so, se = run(d, "--audio", ap, "--face", fp, "--audio-mask", amp, "--face-mask", fmp, "--out", out)
+    assert rc == 0, se
+    err = util.rel_err(np.load(out), ref)
+    assert err <= 1e-4, "attention fusion tokens vs float64 reference: rel err %g" % err
+    got = {}
+    for line in so.splitlines():
+        p = line.split()
+        if len(p) == 6 and p[0] == "item" and p[2] == "face" and p[4] == "audio":
+            got[int(p[1].rstrip(":"))] = (float(p[3]), float(p[5]))
+    assert sorted(got) == list(range(B)), so
+    gw = np.array([got[b] for b in range(B)])
+    assert np.max(np.abs(gw - w)) <= 1e-4 * max(1.0, np.max(np.abs(w))), (gw, w)
+    # there is no attention map to draw: a clear usage error, nothing written
+    png = tmp_path / "a.png"
+    rc, so, err = run(d, "--audio", ap, "--face", fp, "--attn-png", str(png))
+    assert rc == 2 and "--attn-png" in err and "affectgpt_attention_fusion" in err and "weights" in err
+    assert not png.exists()
+    rc, _, err = run(d, "--audio", ap)
+    assert rc == 2 and "--face" in err
+    rc, _, err = run(d, "--audio", ap, "--face", fp, "--features", fp)
+    assert rc == 2 and "--features" in err
+    no_face = fm.copy()
+    no_face[1] = 0
+    rc, _, err = run(d, "--audio", ap, "--face", fp, "--face-mask", save(tmp_path, "nf", no_face))
+    assert rc == 1 and "face_mask" in err and "item 1" in err
+
+
+def test_fuse_help_names_affectgpt_siblings():
+    rc, out, _ = run("--help")
+    assert rc == 0
+    for word in ("affectgpt_video_qformer", "affectgpt_audio_qformer", "affectgpt_attention_fusion",
+                 "--face-mask", "--audio-mask", "[B,T,K,input_dim]", "modality weights"):
+        assert word in out, word
