@@ -228,3 +228,87 @@ def test_attention_fusion_errors(tmp_path):
          "QF_ERR_NOT_FOUND", "fc_att.weight")
     _err(lambda: AttentionFusion.load(_write(str(tmp_path / "mh"), dict(cfg, max_hidden_size=24), sd)),
          "QF_ERR_FORMAT", "max_hidden_size")
+
+
+# ---- tools/convert_affectgpt.py --kind video|audio|attention on a synthetic AffectGPT .pth -------
+
+def test_converter_kinds_on_synthetic_pth(tmp_path):
+    import subprocess
+    import sys
+    import qfuse
+    torch = util.torch()
+    tool = os.path.join(util.REPO, "tools", "convert_affectgpt.py")
+    rng, seed = _rng()
+    vcfg = RM.modality_config("video", 20, 5, 24, _qcfg())
+    acfg = RM.modality_config("audio", 12, 3, 24, _qcfg())
+    tcfg = RM.attention_config(12, 20, 4, 24)
+    vsd, asd, tsd = RM.random_modality(vcfg, rng), RM.random_modality(acfg, rng), RM.random_attention(tcfg, rng)
+    ck = {}
+    for sd, qp in ((vsd, "video_Qformer."), (asd, "audio_Qformer."), (tsd, None)):
+        for k, v in sd.items():   # AffectGPT saves LAVIS names
+            ck[RF.to_lavis(k, qp) if qp else k] = torch.tensor(np.asarray(v, np.float32))
+    # what a real checkpoint also holds: buffers, leftovers of the text branch, other modules
+    for qp in ("video_Qformer.", "audio_Qformer."):
+        ck[qp + "bert.embeddings.position_ids"] = torch.arange(512)[None]
+        ck[qp + "bert.encoder.layer.0.output.dense.weight"] = torch.zeros(4, 4)
+        ck[qp + "cls.predictions.bias"] = torch.zeros(3)
+    ck["llama_model.base_model.model.lm_head.weight"] = torch.zeros(2, 2)
+    ck["visual_encoder.weight"] = torch.zeros(2)
+    pth = str(tmp_path / "affectgpt.pth")
+    torch.save({"model": ck, "epoch": 1}, pth)
+
+    def conv(kind, *extra):
+        out = str(tmp_path / ("conv_" + kind + "".join(extra)))
+        r = subprocess.run([sys.executable, tool, pth, out, "--kind", kind, "--heads", "4"] + list(extra),
+                           capture_output=True, text=True)
+        return r, out
+
+    for kind, cfg, sd, qp in (("video", vcfg, vsd, "video_Qformer."), ("audio", acfg, asd, "audio_Qformer.")):
+        for names in ([], ["--transformers-names"]):
+            r, out = conv(kind, *names)
+            assert r.returncode == 0, r.stderr
+            with open(os.path.join(out, "config.json")) as f:
+                c = json.load(f)
+            assert c["model_type"] == cfg["model_type"] and c["input_dim"] == cfg["input_dim"]
+            assert c["frame_position_size"] == (32 if kind == "video" else 8)
+            assert c["num_query_token"] == cfg["num_query_token"] and c["llm_hidden_size"] == 24
+            assert c["qformer_config"]["num_hidden_layers"] == 2 and c["qformer_config"]["intermediate_size"] == 48
+            st = util.read_safetensors(os.path.join(out, "model.safetensors"))
+            other = "audio_" if kind == "video" else "video_"
+            assert not [k for k in st if k.startswith(other) or k.startswith("multi_") or "llama_model" in k]
+            assert not [k for k in st if "position_ids" in k or "layer.0.output.dense" in k or "cls." in k]
+            assert (qp + "bert.encoder.layer.0.attention.self.query.weight" in st) == (not names)
+            fm_ = qfuse.load(out)
+            assert fm_.kind == kind + "_qformer"
+            m = fm_.impl
+            assert isinstance(m, ModalityQFormer) and m.modality == kind
+            x = rng.standard_normal((2, 5, cfg["input_dim"])).astype(np.float32)
+            fm = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+            _check_modality(m, sd, cfg, x, fm, rng, seed, qp)
+
+    r, out = conv("attention", "--num-multi-query-token", "4")
+    assert r.returncode == 0, r.stderr
+    with open(os.path.join(out, "config.json")) as f:
+        c = json.load(f)
+    assert c == tcfg, c
+    assert set(util.read_safetensors(os.path.join(out, "model.safetensors"))) == set(tsd)
+    m = qfuse.load(out)
+    assert m.kind == "attention_fusion"
+    m = m.impl
+    assert isinstance(m, AttentionFusion)
+    a = rng.standard_normal((3, 4, 12)).astype(np.float32)
+    f = rng.standard_normal((3, 6, 20)).astype(np.float32)
+    ref, _, w = RM.attention_reference(tsd, tcfg, a, f)
+    e = util.rel_err(m.fuse(a, f), ref)
+    assert e < TOL, "converted attention fusion: rel err %.3g (seed %d)" % (e, seed)
+    assert util.rel_err(m.modality_weights(), w) < TOL
+
+    # what the converter cannot know, or a part the checkpoint lacks: a message, no folder
+    r, out = conv("attention")
+    assert r.returncode != 0 and "--num-multi-query-token" in r.stderr, r.stderr
+    del ck["audio_query_tokens"]
+    torch.save({"model": ck}, pth)
+    import shutil
+    shutil.rmtree(str(tmp_path / "conv_audio"))
+    r, out = conv("audio")
+    assert r.returncode != 0 and "audio_query_tokens" in r.stderr and not os.path.exists(out), r.stderr
