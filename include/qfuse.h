@@ -283,6 +283,7 @@ void qf_mha_zero_grad(qf_mha *m);
 #include "qfuse_ops.h"
 #include "qfuse_models.h"
 #include "qfuse_text.h"
+#include "qfuse_llm.h"
 
 #ifdef __cplusplus
 }
