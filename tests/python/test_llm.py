@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 
-import qfuse  # noqa: F401  (conftest makes it importable)
+import qfuse
 from qfuse._native import QfuseError
 from qfuse.llm import CausalLM
 
@@ -143,3 +143,15 @@ def test_tied_ignores_lm_head(tmp_path):
     write_safetensors(str(folder / "model.safetensors"), tensors)
     out = CausalLM.load(folder).logits(input_ids=io["input_ids"])
     assert rel_err(out, io["logits"]) <= meta["rtol_fp32"]
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_logits_every_isa(case, isa):
+    # The attention inside runs on qf_sdpa_forward, which has one kernel per ISA.
+    name, meta, io, m = case
+    try:
+        qfuse.set_isa(isa)
+    except QfuseError:
+        pytest.skip("this CPU lacks %s" % isa)
+    err = rel_err(m.logits(input_ids=io["input_ids"]), io["logits"])
+    assert err <= meta["rtol_fp32"], "%s logits (%s): rel err %.3g" % (name, isa, err)
