@@ -34,6 +34,7 @@ from .blip2 import Blip2
 from .fusion import KVPrefix, Prefusion
 from .modality import AttentionFusion, ModalityQFormer
 from .heatmap import save_heatmap
+from .llm import CausalLM
 from .qformer import QFormer
 
 _KINDS = {
@@ -44,6 +45,7 @@ _KINDS = {
     "affectgpt_prefusion": "prefusion", "blip2_kv_prefix": "kv_prefix",
     "affectgpt_video_qformer": "video_qformer", "affectgpt_audio_qformer": "audio_qformer",
     "affectgpt_attention_fusion": "attention_fusion",
+    "llama": "llm", "qwen2": "llm", "LlamaForCausalLM": "llm", "Qwen2ForCausalLM": "llm",
 }
 
 
@@ -71,7 +73,10 @@ def model_kind(folder):
 
 
 def load(folder):
-    """Loads a Hugging Face (or qfuse-layout) folder as a FusionModel."""
+    """Loads a Hugging Face (or qfuse-layout) folder: a decoder LLM (llama, qwen2) as a
+    qfuse.CausalLM, every Q-Former family member as a FusionModel."""
+    if model_kind(folder) == "llm":
+        return CausalLM.load(folder)
     return FusionModel(folder)
 
 

@@ -158,3 +158,10 @@ def test_affectgpt_siblings_against_references(tmp_path):
     assert util.rel_err(m.fuse(audio=a, face=f), RM.attention_reference(sd, cfg, a, f)[0]) < TOL, seed
     with pytest.raises(QfuseError, match="has no cross-attention"):
         m.cross_attention_maps()
+
+
+def test_llm_folder_loads_as_causal_lm():
+    case, io, folder = util.load_fixture("llm_qwen2")
+    m = qfuse.load(folder)
+    assert isinstance(m, qfuse.CausalLM)
+    assert util.rel_err(m.logits(input_ids=io["input_ids"]), io["logits"]) < case["rtol_fp32"]
