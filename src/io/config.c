@@ -20,27 +20,36 @@ struct qf_config {
     char *label;
 };
 
+qf_status qf_io_parse_json_object(const char *json, size_t len, const char *label, const char *what,
+                                  cJSON **out) {
+    *out = NULL;
+    const char *end = NULL;
+    cJSON *root = cJSON_ParseWithLengthOpts(json ? json : "", len, &end, 0);
+    if (!root) {
+        size_t at = end && json && end >= json && end <= json + len ? (size_t)(end - json) : 0;
+        return qf_fail(QF_ERR_FORMAT, "%s: %s is not valid JSON (error near byte %zu of %zu)", label, what, at, len);
+    }
+    for (const char *p = end; p && p < json + len; p++)
+        if (*p != ' ' && *p != '\t' && *p != '\n' && *p != '\r' && *p != '\0') {
+            cJSON_Delete(root);
+            return qf_fail(QF_ERR_FORMAT, "%s: %s is not valid JSON (trailing text at byte %zu)", label, what,
+                           (size_t)(p - json));
+        }
+    if (!cJSON_IsObject(root)) {
+        cJSON_Delete(root);
+        return qf_fail(QF_ERR_FORMAT, "%s: %s is not a JSON object", label, what);
+    }
+    *out = root;
+    return QF_OK;
+}
+
 qf_status qf_config_parse(const char *json, size_t len, const char *label, qf_config **out) {
     if (!out) return qf_fail(QF_ERR_ARG, "qf_config_parse: out is NULL");
     *out = NULL;
     if (!label) label = "<config>";
     if (!json && len) return qf_fail(QF_ERR_ARG, "%s: config text is NULL", label);
-    const char *end = NULL;
-    cJSON *root = cJSON_ParseWithLengthOpts(json ? json : "", len, &end, 0);
-    if (!root) {
-        size_t at = end && json && end >= json && end <= json + len ? (size_t)(end - json) : 0;
-        return qf_fail(QF_ERR_FORMAT, "%s: config is not valid JSON (error near byte %zu)", label, at);
-    }
-    for (const char *p = end; p && p < json + len; p++)
-        if (*p != ' ' && *p != '\t' && *p != '\n' && *p != '\r' && *p != '\0') {
-            cJSON_Delete(root);
-            return qf_fail(QF_ERR_FORMAT, "%s: config is not valid JSON (trailing text at byte %zu)", label,
-                           (size_t)(p - json));
-        }
-    if (!cJSON_IsObject(root)) {
-        cJSON_Delete(root);
-        return qf_fail(QF_ERR_FORMAT, "%s: config is not a JSON object", label);
-    }
+    cJSON *root = NULL;
+    QF_TRY(qf_io_parse_json_object(json, len, label, "config", &root));
     qf_config *c = calloc(1, sizeof *c);
     size_t ln = strlen(label) + 1;
     char *lab = malloc(ln);

@@ -23,4 +23,12 @@ qf_status qf_io_read_file(const char *path, size_t max_len, const char *what, un
  * it was; the message carries the errno text. */
 qf_status qf_io_write_atomic(const char *path, const qf_io_chunk *chunks, int n, const char *what);
 
+/* Parses json[0..len) with cJSON into *root, which must be a JSON object with nothing but
+ * whitespace after it. `what` names the document in messages ("config", "tokenizer"):
+ * "<label>: <what> is not valid JSON (error near byte N of LEN)" / "(trailing text at byte N)" /
+ * "<what> is not a JSON object". The caller cJSON_Delete()s *root. */
+struct cJSON;
+qf_status qf_io_parse_json_object(const char *json, size_t len, const char *label, const char *what,
+                                  struct cJSON **root);
+
 #endif

@@ -917,22 +917,8 @@ qf_status qf_tokenizer_load_memory(const char *json, size_t len, const char *lab
     *out = NULL;
     if (!label) label = "<tokenizer>";
     if (!json && len) return qf_fail(QF_ERR_ARG, "%s: tokenizer text is NULL", label);
-    const char *end = NULL;
-    cJSON *root = cJSON_ParseWithLengthOpts(json ? json : "", len, &end, 0);
-    if (!root) {
-        size_t at = end && json && end >= json && end <= json + len ? (size_t)(end - json) : 0;
-        return qf_fail(QF_ERR_FORMAT, "%s: tokenizer is not valid JSON (error near byte %zu of %zu)", label, at, len);
-    }
-    for (const char *p = end; p && p < json + len; p++)
-        if (*p != ' ' && *p != '\t' && *p != '\n' && *p != '\r' && *p != '\0') {
-            cJSON_Delete(root);
-            return qf_fail(QF_ERR_FORMAT, "%s: tokenizer is not valid JSON (trailing text at byte %zu)", label,
-                           (size_t)(p - json));
-        }
-    if (!cJSON_IsObject(root)) {
-        cJSON_Delete(root);
-        return qf_fail(QF_ERR_FORMAT, "%s: tokenizer is not a JSON object", label);
-    }
+    cJSON *root = NULL;
+    QF_TRY(qf_io_parse_json_object(json, len, label, "tokenizer", &root));
     qf_tokenizer *t = calloc(1, sizeof *t);
     size_t ln = strlen(label) + 1;
     char *lab = malloc(ln);

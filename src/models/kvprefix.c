@@ -22,7 +22,7 @@
  *     is reported with grad NULL (backward starts at the Q-Former output).
  *   - fwd/bwd are grow-only planned blocks; fwd keeps copies of the inputs.
  *   - have_fwd only after a fully successful forward; backward refuses without one. */
-#include "internal.h"
+#include "models_internal.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -153,20 +153,7 @@ static qf_status load_into(qf_kvprefix *m, const char *folder) {
     }
     if (s == QF_OK) {
         m->nq_params = qf_qformer_num_params(m->qf);
-        m->q_names = calloc((size_t)(m->nq_params > 0 ? m->nq_params : 1), sizeof *m->q_names);
-        if (!m->q_names) s = qf_fail(QF_ERR_NOMEM, "%s: cannot allocate the name table", fn);
-        for (int i = 0; i < m->nq_params && s == QF_OK; i++) {
-            qf_param qp;
-            s = qf_qformer_param(m->qf, i, &qp);
-            if (s != QF_OK) break;
-            size_t n = strlen(qp.name) + sizeof "qformer.";
-            m->q_names[i] = malloc(n);
-            if (!m->q_names[i]) {
-                s = qf_fail(QF_ERR_NOMEM, "%s: cannot copy a parameter name", fn);
-                break;
-            }
-            snprintf(m->q_names[i], n, "qformer.%s", qp.name);
-        }
+        s = qf_model_prefixed_qformer_names(m->qf, "qformer.", fn, &m->q_names);
     }
     if (s == QF_OK) {
         const kv_ptab *t = m->ptab;
@@ -209,9 +196,7 @@ qf_status qf_kvprefix_load(const char *folder, qf_kvprefix **out) {
 void qf_kvprefix_free(qf_kvprefix *m) {
     if (!m) return;
     qf_qformer_free(m->qf);
-    if (m->q_names)
-        for (int i = 0; i < m->nq_params; i++) free(m->q_names[i]);
-    free(m->q_names);
+    free(m->q_names);               /* one block (models_internal.h) */
     free(m->params);
     free(m->grads);
     free(m->fwd);

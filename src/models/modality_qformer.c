@@ -49,7 +49,7 @@
  *     the forward keeps what backward needs, so callers may reuse their buffers.
  *   - have_fwd is set only after a forward fully succeeded; backward refuses without one.
  *   - Load fully succeeds or frees everything; every failure names the file and key/tensor. */
-#include "internal.h"
+#include "models_internal.h"
 #include <cjson/cJSON.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -311,20 +311,7 @@ static qf_status mq_load_into(qf_modality_qformer *m, const char *folder) {
     }
     if (s == QF_OK) {
         m->nq_params = qf_qformer_num_params(m->qf);
-        m->q_names = calloc((size_t)(m->nq_params > 0 ? m->nq_params : 1), sizeof *m->q_names);
-        if (!m->q_names) s = qf_fail(QF_ERR_NOMEM, "%s: cannot allocate the name table", fn);
-        for (int i = 0; i < m->nq_params && s == QF_OK; i++) {
-            qf_param qp;
-            s = qf_qformer_param(m->qf, i, &qp);
-            if (s != QF_OK) break;
-            size_t n = strlen(qp.name) + strlen(qprefix) + 1;
-            m->q_names[i] = malloc(n);
-            if (!m->q_names[i]) {
-                s = qf_fail(QF_ERR_NOMEM, "%s: cannot copy a parameter name", fn);
-                break;
-            }
-            snprintf(m->q_names[i], n, "%s%s", qprefix, qp.name);
-        }
+        s = qf_model_prefixed_qformer_names(m->qf, qprefix, fn, &m->q_names);
     }
     qf_st_close(st);
     qf_config_free(qcfg);
@@ -350,9 +337,7 @@ qf_status qf_modality_qformer_load(const char *folder, qf_modality_qformer **out
 void qf_modality_qformer_free(qf_modality_qformer *m) {
     if (!m) return;
     qf_qformer_free(m->qf);
-    if (m->q_names)
-        for (int i = 0; i < m->nq_params; i++) free(m->q_names[i]);
-    free(m->q_names);
+    free(m->q_names);               /* one block (models_internal.h) */
     free(m->p.params);
     free(m->p.grads);
     free(m->fwd);

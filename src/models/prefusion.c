@@ -33,7 +33,7 @@
  *     nothing). fwd keeps copies of the inputs, so the caller may reuse its buffers.
  *   - have_fwd is set only after a forward fully succeeded; backward refuses without one.
  *   - Load fully succeeds or frees everything; every failure names the file and key/tensor. */
-#include "internal.h"
+#include "models_internal.h"
 #include <cjson/cJSON.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -254,20 +254,7 @@ static qf_status load_into(qf_prefusion *m, const char *folder) {
     }
     if (s == QF_OK) {
         m->nq_params = qf_qformer_num_params(m->qf);
-        m->q_names = calloc((size_t)(m->nq_params > 0 ? m->nq_params : 1), sizeof *m->q_names);
-        if (!m->q_names) s = qf_fail(QF_ERR_NOMEM, "%s: cannot allocate the name table", fn);
-        for (int i = 0; i < m->nq_params && s == QF_OK; i++) {
-            qf_param qp;
-            s = qf_qformer_param(m->qf, i, &qp);
-            if (s != QF_OK) break;
-            size_t n = strlen(qp.name) + sizeof "multi_Qformer.";
-            m->q_names[i] = malloc(n);
-            if (!m->q_names[i]) {
-                s = qf_fail(QF_ERR_NOMEM, "%s: cannot copy a parameter name", fn);
-                break;
-            }
-            snprintf(m->q_names[i], n, "multi_Qformer.%s", qp.name);
-        }
+        s = qf_model_prefixed_qformer_names(m->qf, "multi_Qformer.", fn, &m->q_names);
     }
     if (s == QF_OK) {
         int k = 0;
@@ -308,9 +295,7 @@ qf_status qf_prefusion_load(const char *folder, qf_prefusion **out) {
 void qf_prefusion_free(qf_prefusion *m) {
     if (!m) return;
     qf_qformer_free(m->qf);
-    if (m->q_names)
-        for (int i = 0; i < m->nq_params; i++) free(m->q_names[i]);
-    free(m->q_names);
+    free(m->q_names);               /* one block (models_internal.h) */
     free(m->params);
     free(m->grads);
     free(m->fwd);
