@@ -61,6 +61,74 @@ qf_status qf_llm_embed(qf_llm *m, const int32_t *ids, int64_t B, int64_t T, floa
 qf_status qf_llm_forward(qf_llm *m, const float *inputs_embeds, int64_t B, int64_t T,
                          float *logits);
 
+/* ---- sampling (src/models/sampler.c) ------------------------------------------------------
+ * transformers' logits processors, in generate's order: repetition_penalty (over every id in
+ * `history`: logit < 0 ? logit * p : logit / p), then temperature (logits / t), top_k (keep the
+ * k largest, ties at the k-th kept as torch.topk's threshold does), top_p (keep the smallest
+ * set of highest-probability tokens whose mass reaches top_p, at least one), softmax and one
+ * draw from a counter-based generator: the draw is a function of (seed, counter) only, so a run
+ * is reproducible and rows of a batch are independent (counter = step * B + row).
+ * do_sample 0 = greedy (argmax after the repetition penalty; ties pick the lowest id). */
+typedef struct {
+    int do_sample;
+    float temperature;         /* > 0; 1 = off           */
+    int64_t top_k;             /* 0 = off                */
+    float top_p;               /* (0,1]; 1 = off         */
+    float repetition_penalty;  /* > 0; 1 = off           */
+    uint64_t seed;
+} qf_sampling;
+
+qf_sampling qf_sampling_defaults(void);   /* greedy, every processor off, seed 0 */
+/* Picks the next id from logits [V] (modified in place: the processed logits). history: the ids
+ * seen so far in this row (prompt and generated), n_history >= 0. */
+qf_status qf_sample_token(const qf_sampling *s, float *logits, int64_t V, const int32_t *history,
+                          int64_t n_history, uint64_t counter, int32_t *out_id);
+
+/* ---- weights formats, options, partial loads ------------------------------------------- */
+enum { QF_WEIGHTS_F32 = 0, QF_WEIGHTS_BF16 = 1, QF_WEIGHTS_INT8 = 2, QF_WEIGHTS_Q4 = 3 };
+
+typedef struct {
+    int weights;     /* QF_WEIGHTS_*: storage of every linear layer (lm_head included); the
+                        embedding tables and norms stay float32                               */
+    int64_t block;   /* scale block along the input dimension: int8 0 = per output channel;
+                        q4 0 = 32                                                           */
+} qf_llm_options;
+
+qf_status qf_llm_load_ex(const char *folder, const qf_llm_options *opt, qf_llm **out);
+/* The decoder inside a composite checkpoint (BLIP-2's language_model): the config's keys under
+ * cfg_prefix ("text_config.") and tensors under tensor_prefix ("language_model."). */
+qf_status qf_llm_load_parts(const qf_config *cfg, const char *cfg_prefix, const qf_safetensors *st,
+                            const char *tensor_prefix, const qf_llm_options *opt, qf_llm **out);
+/* Bytes held by the weights as stored (quantized formats count their scales). */
+size_t qf_llm_weight_bytes(const qf_llm *m);
+
+/* ---- KV cache and incremental decoding ---------------------------------------------------
+ * A cache holds, for B rows, the keys and values of up to `capacity` positions of every layer,
+ * plus which positions were real tokens (mask 1) or padding (0). Position ids follow the mask
+ * as transformers' generate computes them (cumsum(mask) - 1): left padding does not shift a
+ * row's positions, so a padded row gives the logits it gives alone. */
+typedef struct qf_llm_cache qf_llm_cache;
+qf_status qf_llm_cache_new(const qf_llm *m, int64_t B, int64_t capacity, qf_llm_cache **out);
+void qf_llm_cache_free(qf_llm_cache *c);
+void qf_llm_cache_reset(qf_llm_cache *c);                   /* length 0, memory kept */
+int64_t qf_llm_cache_length(const qf_llm_cache *c);
+/* Appends T positions to every row: embeds [B,T,embed_dim], mask [B,T] for these positions
+ * (NULL = all real). logits [B,T,vocab], or [B,vocab] of the last position when last_only.
+ * QF_ERR_ARG naming capacity when length + T exceeds it. No allocation once warm. */
+qf_status qf_llm_decode(qf_llm *m, qf_llm_cache *c, const float *embeds, int64_t T,
+                        const uint8_t *mask, float *logits, int last_only);
+
+/* ---- LoRA adapters (src/models/llm_adapter.c; PEFT format) -------------------------------
+ * Several adapters may be loaded under distinct names; at most one is active. The active one is
+ * applied on the fly (y += scaling * (x A^T) B^T on every module it targets) unless merged into
+ * the float32 weights; unmerge subtracts it again (restores the base weights to float32
+ * rounding). An adapter whose target module the model lacks, or whose shapes differ, is refused
+ * by name (an adapter for another architecture). Merging needs float32 weights. */
+qf_status qf_llm_load_adapter(qf_llm *m, const char *folder, const char *name);
+qf_status qf_llm_set_adapter(qf_llm *m, const char *name);   /* NULL: no adapter */
+qf_status qf_llm_merge_adapter(qf_llm *m);                   /* merges the active adapter */
+qf_status qf_llm_unmerge_adapter(qf_llm *m);
+
 #ifdef __cplusplus
 }
 #endif
