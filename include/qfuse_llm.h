@@ -129,6 +129,28 @@ qf_status qf_llm_set_adapter(qf_llm *m, const char *name);   /* NULL: no adapter
 qf_status qf_llm_merge_adapter(qf_llm *m);                   /* merges the active adapter */
 qf_status qf_llm_unmerge_adapter(qf_llm *m);
 
+/* ---- generation (KV cache + sampling) ---------------------------------------------------
+ * Prefills embeds [B,T,embed_dim] (mask [B,T], NULL = all real; left padding is how rows of
+ * different lengths share a batch), then decodes up to max_new_tokens per row. A row stops at
+ * one of eos_ids or when on_token returns nonzero for it; stopped rows are filled with pad_id.
+ * prompt_ids [B,T] (may be NULL) seed the repetition-penalty history. out_ids [B,max_new_tokens];
+ * *n_steps = the number of decoding steps run (<= max_new_tokens). Row b's draw at step i uses
+ * counter i * B + b. */
+typedef struct {
+    int64_t max_new_tokens;
+    qf_sampling sampling;
+    const int32_t *eos_ids;
+    int n_eos;
+    int32_t pad_id;
+    int (*on_token)(void *user, int64_t row, int32_t id);
+    void *user;
+} qf_generate_options;
+
+qf_generate_options qf_generate_defaults(void);  /* greedy, 20 tokens, no eos, pad 0 */
+qf_status qf_llm_generate(qf_llm *m, const float *embeds, const uint8_t *mask, int64_t B, int64_t T,
+                          const int32_t *prompt_ids, const qf_generate_options *o, int32_t *out_ids,
+                          int64_t *n_steps);
+
 #ifdef __cplusplus
 }
 #endif
