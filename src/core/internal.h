@@ -58,4 +58,11 @@ static inline size_t qf_align_up(size_t n, size_t a) { return (n + a - 1) & ~(a 
 /* n elements of size `size`, or QF_ERR_ARG naming `what` on size_t overflow. */
 qf_status qf_mul_size(size_t a, size_t b, const char *what, size_t *out);
 
+/* ---- checkpoints and configs (src/io/checkpoint.c, src/io/config.c) ----
+ * FOLDER/model.safetensors, or the shards of FOLDER/model.safetensors.index.json gathered into
+ * one in-memory image holding the tensors `want` accepts (NULL: all). */
+qf_status qf_open_checkpoint(const char *folder, int (*want)(const char *name), qf_safetensors **out);
+/* The label (path) a config was loaded or parsed under, for messages. */
+const char *qf_config_label(const qf_config *c);
+
 #endif

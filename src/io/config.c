@@ -20,6 +20,8 @@ struct qf_config {
     char *label;
 };
 
+const char *qf_config_label(const qf_config *c) { return c && c->label ? c->label : "config"; }
+
 qf_status qf_io_parse_json_object(const char *json, size_t len, const char *label, const char *what,
                                   cJSON **out) {
     *out = NULL;

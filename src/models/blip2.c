@@ -54,160 +54,10 @@ struct qf_blip2 {
 
 /* ---- sharded checkpoints ---- */
 
-static qf_status read_file(const char *path, char **buf, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return qf_fail(QF_ERR_IO, "qf_blip2_load: cannot open %s", path);
-    char *b = NULL;
-    size_t n = 0, cap = 0;
-    for (;;) {
-        if (n + 65536 > cap) {
-            cap = cap ? 2 * cap : 1 << 16;
-            char *nb = realloc(b, cap + 1);
-            if (!nb) {
-                free(b);
-                fclose(f);
-                return qf_fail(QF_ERR_NOMEM, "qf_blip2_load: cannot read %s into memory", path);
-            }
-            b = nb;
-        }
-        size_t r = fread(b + n, 1, cap - n, f);
-        n += r;
-        if (r == 0) break;
-    }
-    int err = ferror(f);
-    fclose(f);
-    if (err) {
-        free(b);
-        return qf_fail(QF_ERR_IO, "qf_blip2_load: read error on %s", path);
-    }
-    b[n] = 0;
-    *buf = b;
-    *len = n;
-    return QF_OK;
-}
 
 static int wanted_tensor(const char *name) {
     return !strncmp(name, "vision_model.", 13) || !strncmp(name, "qformer.", 8) || !strcmp(name, "query_tokens") ||
            !strncmp(name, "language_projection.", 20);
-}
-
-/* Gathers the wanted tensors of every shard listed in index.json into one safetensors image in
- * memory (tensors keep their stored dtype). */
-static qf_status open_sharded(const char *folder, const char *index_path, qf_safetensors **out) {
-    const char *fn = "qf_blip2_load";
-    char *json = NULL;
-    size_t len = 0;
-    QF_TRY(read_file(index_path, &json, &len));
-    cJSON *root = cJSON_ParseWithLength(json, len);
-    free(json);
-    if (!root) return qf_fail(QF_ERR_FORMAT, "%s: %s is not valid JSON", fn, index_path);
-    const cJSON *wm = cJSON_GetObjectItemCaseSensitive(root, "weight_map");
-    qf_status s = QF_OK;
-    if (!cJSON_IsObject(wm)) s = qf_fail(QF_ERR_FORMAT, "%s: %s has no \"weight_map\" object", fn, index_path);
-
-    /* distinct shard files that hold a wanted tensor */
-    enum { MAX_SHARDS = 256 };
-    const char *shards[MAX_SHARDS];
-    qf_safetensors *files[MAX_SHARDS] = {0};
-    int ns = 0;
-    const cJSON *it;
-    if (s == QF_OK) {
-        cJSON_ArrayForEach(it, wm) {
-            if (!cJSON_IsString(it)) {
-                s = qf_fail(QF_ERR_FORMAT, "%s: %s: weight_map entry \"%s\" is not a file name", fn, index_path,
-                            it->string);
-                break;
-            }
-            if (!wanted_tensor(it->string)) continue;
-            const char *fname = it->valuestring;
-            if (strchr(fname, '/') || !strcmp(fname, "..")) {
-                s = qf_fail(QF_ERR_FORMAT, "%s: %s: shard name \"%s\" is not a plain file name", fn, index_path, fname);
-                break;
-            }
-            int k = 0;
-            while (k < ns && strcmp(shards[k], fname)) k++;
-            if (k == ns) {
-                if (ns == MAX_SHARDS) {
-                    s = qf_fail(QF_ERR_UNSUPPORTED, "%s: %s names more than %d shards", fn, index_path, MAX_SHARDS);
-                    break;
-                }
-                shards[ns++] = fname;
-            }
-        }
-    }
-    for (int k = 0; k < ns && s == QF_OK; k++) {
-        char path[4096];
-        snprintf(path, sizeof path, "%s/%s", folder, shards[k]);
-        s = qf_st_open(path, &files[k]);
-    }
-    /* header + data of the merged image */
-    cJSON *hdr = s == QF_OK ? cJSON_CreateObject() : NULL;
-    if (s == QF_OK && !hdr) s = qf_fail(QF_ERR_NOMEM, "%s: cannot build the merged header", fn);
-    size_t data_len = 0;
-    for (int k = 0; k < ns && s == QF_OK; k++) {
-        int n = qf_st_count(files[k]);
-        for (int i = 0; i < n && s == QF_OK; i++) {
-            qf_tensor_view tv;
-            s = qf_st_get(files[k], i, &tv);
-            if (s != QF_OK || !wanted_tensor(tv.name) || cJSON_GetObjectItemCaseSensitive(hdr, tv.name)) continue;
-            cJSON *t = cJSON_CreateObject();
-            cJSON *shape = cJSON_CreateArray();
-            cJSON *offs = cJSON_CreateArray();
-            if (!t || !shape || !offs) {
-                cJSON_Delete(t);
-                cJSON_Delete(shape);
-                cJSON_Delete(offs);
-                s = qf_fail(QF_ERR_NOMEM, "%s: cannot build the merged header", fn);
-                break;
-            }
-            for (int d = 0; d < tv.ndim; d++) cJSON_AddItemToArray(shape, cJSON_CreateNumber((double)tv.shape[d]));
-            cJSON_AddItemToArray(offs, cJSON_CreateNumber((double)data_len));
-            cJSON_AddItemToArray(offs, cJSON_CreateNumber((double)(data_len + tv.nbytes)));
-            cJSON_AddStringToObject(t, "dtype", qf_dtype_name(tv.dtype));
-            cJSON_AddItemToObject(t, "shape", shape);
-            cJSON_AddItemToObject(t, "data_offsets", offs);
-            cJSON_AddItemToObject(hdr, tv.name, t);
-            data_len += tv.nbytes;
-        }
-    }
-    char *htxt = s == QF_OK ? cJSON_PrintUnformatted(hdr) : NULL;
-    if (s == QF_OK && !htxt) s = qf_fail(QF_ERR_NOMEM, "%s: cannot print the merged header", fn);
-    unsigned char *img = NULL;
-    size_t img_len = 0;
-    if (s == QF_OK) {
-        size_t hl = strlen(htxt), hpad = qf_align_up(hl, 8);
-        img_len = 8 + hpad + data_len;
-        img = malloc(img_len ? img_len : 1);
-        if (!img) {
-            s = qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes for the merged shards", fn, img_len);
-        } else {
-            uint64_t h64 = hpad;
-            for (int b = 0; b < 8; b++) img[b] = (unsigned char)(h64 >> (8 * b));
-            memcpy(img + 8, htxt, hl);
-            memset(img + 8 + hl, ' ', hpad - hl);
-            /* data in the header's insertion order, the order offsets were given */
-            size_t off = 8 + hpad;
-            const cJSON *t;
-            cJSON_ArrayForEach(t, hdr) {
-                for (int k = 0; k < ns; k++) {
-                    qf_tensor_view tv;
-                    if (qf_st_find(files[k], t->string, &tv) == QF_OK) {
-                        memcpy(img + off, tv.data, tv.nbytes);
-                        off += tv.nbytes;
-                        break;
-                    }
-                }
-            }
-            qf_clear_error();
-        }
-    }
-    if (s == QF_OK) s = qf_st_open_memory(img, img_len, index_path, out);
-    free(img);
-    free(htxt);
-    cJSON_Delete(hdr);
-    for (int k = 0; k < ns; k++) qf_st_close(files[k]);
-    cJSON_Delete(root);
-    return s;
 }
 
 /* ---- loading ---- */
@@ -311,7 +161,7 @@ qf_status qf_blip2_load(const char *folder, qf_blip2 **out) {
     if (!out) return qf_fail(QF_ERR_ARG, "%s: out is NULL", fn);
     *out = NULL;
     if (!folder) return qf_fail(QF_ERR_ARG, "%s: folder is NULL", fn);
-    char cfg_path[4096], path[4096];
+    char cfg_path[4096];
     if (snprintf(cfg_path, sizeof cfg_path, "%s/config.json", folder) >= (int)sizeof cfg_path - 40)
         return qf_fail(QF_ERR_ARG, "%s: folder path is too long", fn);
     qf_config *cfg = NULL;
@@ -332,24 +182,7 @@ qf_status qf_blip2_load(const char *folder, qf_blip2 **out) {
                                             "\"instructblip\")", fn, cfg_path, mt);
     }
     qf_safetensors *st = NULL;
-    if (s == QF_OK) {
-        snprintf(path, sizeof path, "%s/model.safetensors", folder);
-        FILE *f = fopen(path, "rb");
-        if (f) {
-            fclose(f);
-            s = qf_st_open(path, &st);
-        } else {
-            snprintf(path, sizeof path, "%s/model.safetensors.index.json", folder);
-            f = fopen(path, "rb");
-            if (f) {
-                fclose(f);
-                s = open_sharded(folder, path, &st);
-            } else {
-                s = qf_fail(QF_ERR_IO, "%s: %s has neither model.safetensors nor model.safetensors.index.json", fn,
-                            folder);
-            }
-        }
-    }
+    if (s == QF_OK) s = qf_open_checkpoint(folder, wanted_tensor, &st);
     if (s == QF_OK) {
         s = load_parts(m, cfg, st, cfg_path);
         if (s != QF_OK) s = qf_fail_prefix(s, "%s: %s", fn, folder);
