@@ -1,0 +1,653 @@
+/* qmatmul.c - reduced-precision linear weights (bf16, int8, q4) and y = x W^T on them
+ * (contract: qmatmul.h). Activations and accumulators stay float32.
+ *
+ * Storage of W [out,in] (row-major, torch layout), one array of codes + one of float32 scales:
+ *   BF16  uint16 [out*in]: the high half of the float32 rounded to nearest, ties to even
+ *         (torch's float->bfloat16: u + 0x7FFF + ((u >> 16) & 1), >> 16). No scales.
+ *   INT8  int8 [out*in], scales float [out * in/block] (block = in when per output row).
+ *         scale = max|w| over the block / 127 (float32 division), q = nearbyint(w * (1/scale))
+ *         with the float32 reciprocal and round-half-to-even, clamped to [-127, 127]: the rule
+ *         of torch.quantize_per_channel(w, scales, zero_points=0, axis=0, dtype=torch.qint8)
+ *         (fbgemm's Quantize multiplies by 1.0f/scale). An all-zero block has scale 0, q 0.
+ *   Q4    uint8 [out*in/2] + scales float [out * in/block], block even (default 32). Within a
+ *         block of b values stored in b/2 bytes, byte j holds element j in its low nibble and
+ *         element j + b/2 in its high nibble, each as q + 8 (0..15). This is ggml's Q4_0
+ *         arrangement: one 16-byte load of a 32-block unpacks, with one AND and one shift, into
+ *         the two 16-lane halves of the block, already in x's order. Scale: m = the element of
+ *         largest |w| (the first on ties), scale = m / -8 (float32), so m itself becomes -8 and
+ *         all 16 levels are used; q = clamp(nearbyint(w * (1/scale)), -8, 7). scale 0 when the
+ *         block is zero. (Symmetric amax/7 uses 15 levels: 13% larger error on Gaussian blocks, measured.)
+ *   Dequantized: w = (float)q * scale (bf16: the bits << 16), one float32 multiply: the value
+ *   qf_qweight_dequantize returns and every kernel uses, so all paths compute with the same W.
+ *   Weights must be finite (QF_ERR_NONFINITE naming the element).
+ *
+ * Matmul, y[N,out] = x[N,in] W^T (+ bias):
+ *   N <= 8 (decoding): memory-bound. Each thread takes a contiguous range of output rows; a row
+ *     is read once, dequantized in registers (w = q * scale) and FMA'd into N float32
+ *     accumulator vectors (two sets, to hide FMA latency), reduced at the row's end. N is a
+ *     compile-time constant in each instantiation so the accumulators live in registers.
+ *     9 <= N < 16: the same in chunks of 8 rows of x (W is read ceil(N/8) times).
+ *   N >= 16 (prefill): panels of W rows are dequantized into a float32 scratch panel (OpenMP)
+ *     and multiplied with cblas_sgemm (threaded by the BLAS), about 4 MiB per panel.
+ *   Paths: scalar, AVX2+FMA (8 lanes, scalar tails), AVX-512 (16 lanes, masked tails), picked by
+ *   qf_get_isa() per call. They differ only in summation order: the bound against float64
+ *   x @ dequant(W)^T is float32 accumulation error, max|y - ref| / max|ref| <= 1e-5 tested on
+ *   every path. VNNI / AVX512-BF16 dot products are not used: they would round activations to
+ *   int8 / bf16 (error 2^-9 and worse), while the kernel is limited by reading W anyway.
+ *
+ * Invariants: a qf_qweight is immutable after quantize (so matmuls may run concurrently);
+ * nothing is allocated after quantize except through qf_scratch; every error names `what`.
+ */
+#include "ops/qmatmul.h"
+#include "qfuse_llm.h"
+#include <cblas.h>
+#include <immintrin.h>
+#include <limits.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct qf_qweight {
+    int format;
+    int64_t out, in;
+    int64_t block;    /* inputs per scale (int8 per row: in); bf16: in (no scales)        */
+    int64_t nblocks;  /* scales per row = in / block; 0 for bf16                           */
+    void *codes;      /* bf16: uint16 [out*in]; int8: int8 [out*in]; q4: uint8 [out*in/2]  */
+    float *scales;    /* [out * nblocks] or NULL                                          */
+    size_t bytes;     /* codes + scales                                                    */
+    char what[96];
+};
+
+enum { QMM_NR = 8, QMM_GEMM_MIN_N = 16 };
+#define QMM_PANEL_BYTES ((size_t)4 << 20)
+
+static const char *fmt_name(int f) {
+    switch (f) {
+    case QF_WEIGHTS_F32: return "f32";
+    case QF_WEIGHTS_BF16: return "bf16";
+    case QF_WEIGHTS_INT8: return "int8";
+    case QF_WEIGHTS_Q4: return "q4";
+    }
+    return "unknown";
+}
+
+static size_t row_code_bytes(const qf_qweight *q) {
+    switch (q->format) {
+    case QF_WEIGHTS_BF16: return (size_t)q->in * 2;
+    case QF_WEIGHTS_INT8: return (size_t)q->in;
+    default: return (size_t)q->in / 2;
+    }
+}
+
+/* ---- quantization (scalar, once per weight) ------------------------------------------- */
+
+static inline uint16_t bf16_rne(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static void quantize_row_int8(const float *w, int64_t in, int64_t block, int8_t *q, float *sc) {
+    for (int64_t k = 0; k < in / block; k++) {
+        const float *wk = w + k * block;
+        float amax = 0.0f;
+        for (int64_t i = 0; i < block; i++) amax = fmaxf(amax, fabsf(wk[i]));
+        float s = amax / 127.0f, inv = s > 0.0f ? 1.0f / s : 0.0f;
+        sc[k] = s;
+        for (int64_t i = 0; i < block; i++) {
+            float r = nearbyintf(wk[i] * inv);
+            q[k * block + i] = (int8_t)(r > 127.0f ? 127 : r < -127.0f ? -127 : (int)r);
+        }
+    }
+}
+
+static void quantize_row_q4(const float *w, int64_t in, int64_t block, uint8_t *q, float *sc) {
+    const int64_t half = block / 2;
+    for (int64_t k = 0; k < in / block; k++) {
+        const float *wk = w + k * block;
+        float m = 0.0f;
+        for (int64_t i = 0; i < block; i++)
+            if (fabsf(wk[i]) > fabsf(m)) m = wk[i];
+        float s = m / -8.0f, inv = s != 0.0f ? 1.0f / s : 0.0f;
+        sc[k] = s;
+        uint8_t *qk = q + k * half;
+        for (int64_t j = 0; j < half; j++) {
+            int c[2];
+            for (int h = 0; h < 2; h++) {
+                float r = nearbyintf(wk[j + h * half] * inv);
+                c[h] = (r > 7.0f ? 7 : r < -8.0f ? -8 : (int)r) + 8;
+            }
+            qk[j] = (uint8_t)(c[0] | (c[1] << 4));
+        }
+    }
+}
+
+qf_status qf_qweight_quantize(int format, int64_t block, const float *w, int64_t out, int64_t in,
+                              const char *what, qf_qweight **qout) {
+    const char *fn = "qf_qweight_quantize";
+    if (!what) what = "(unnamed weight)";
+    if (!qout) return qf_fail(QF_ERR_ARG, "%s: %s: q (the output pointer) is NULL", fn, what);
+    *qout = NULL;
+    if (!w) return qf_fail(QF_ERR_ARG, "%s: %s: w is NULL", fn, what);
+    if (format != QF_WEIGHTS_BF16 && format != QF_WEIGHTS_INT8 && format != QF_WEIGHTS_Q4)
+        return qf_fail(QF_ERR_ARG,
+                       "%s: %s: format %d (%s) is not a quantized format (QF_WEIGHTS_BF16 = 1, "
+                       "QF_WEIGHTS_INT8 = 2, QF_WEIGHTS_Q4 = 3)", fn, what, format, fmt_name(format));
+    if (out <= 0 || in <= 0)
+        return qf_fail(QF_ERR_ARG, "%s: %s: sizes must be >= 1, got out = %lld, in = %lld", fn, what,
+                       (long long)out, (long long)in);
+    if (in > INT_MAX)
+        return qf_fail(QF_ERR_ARG, "%s: %s: in = %lld must fit in int (BLAS)", fn, what, (long long)in);
+    int64_t eff = in;
+    if (format == QF_WEIGHTS_INT8) {
+        if (block < 0 || (block > 0 && in % block != 0))
+            return qf_fail(QF_ERR_ARG, "int8: block %lld does not divide in = %lld of %s (0 = one scale "
+                           "per output row, else a positive divisor of in)", (long long)block, (long long)in, what);
+        if (block > 0) eff = block;
+    } else if (format == QF_WEIGHTS_Q4) {
+        if (block == 0) block = 32;
+        if (block < 0 || block % 2 != 0)
+            return qf_fail(QF_ERR_ARG, "q4: block %lld of %s must be a positive even number (0 = 32)",
+                           (long long)block, what);
+        if (in % block != 0)
+            return qf_fail(QF_ERR_ARG, "q4: block %lld does not divide in = %lld of %s", (long long)block,
+                           (long long)in, what);
+        eff = block;
+    }
+    size_t n_el, code_bytes, n_sc = 0;
+    QF_TRY(qf_mul_size((size_t)out, (size_t)in, what, &n_el));
+    code_bytes = format == QF_WEIGHTS_BF16 ? n_el * 2 : format == QF_WEIGHTS_INT8 ? n_el : n_el / 2;
+    if (format == QF_WEIGHTS_BF16 && code_bytes / 2 != n_el)
+        return qf_fail(QF_ERR_ARG, "%s: %s: size overflows (%lld x %lld bf16)", fn, what, (long long)out,
+                       (long long)in);
+    if (format != QF_WEIGHTS_BF16) n_sc = (size_t)out * (size_t)(in / eff);
+
+    /* Non-finite weights have no scale: refuse, naming the first (row-major) offender. */
+    int64_t bad = INT64_MAX;
+#pragma omp parallel for num_threads(qf_threads()) reduction(min : bad) if (n_el > (1u << 18))
+    for (int64_t o = 0; o < out; o++)
+        for (int64_t i = 0; i < in; i++)
+            if (!isfinite(w[o * in + i])) {
+                if (o * in + i < bad) bad = o * in + i;
+                break;
+            }
+    if (bad != INT64_MAX)
+        return qf_fail(QF_ERR_NONFINITE, "%s: %s[%lld,%lld] = %g: weights must be finite to quantize (%s)",
+                       fn, what, (long long)(bad / in), (long long)(bad % in), (double)w[bad], fmt_name(format));
+
+    qf_qweight *q = calloc(1, sizeof *q);
+    if (!q) return qf_fail(QF_ERR_NOMEM, "%s: %s: cannot allocate the weight header", fn, what);
+    void *codes = NULL;
+    if (posix_memalign(&codes, 64, qf_align_up(code_bytes, 64)) != 0) {
+        free(q);
+        return qf_fail(QF_ERR_NOMEM, "%s: %s: cannot allocate %zu bytes of %s codes", fn, what, code_bytes,
+                       fmt_name(format));
+    }
+    if (n_sc && !(q->scales = malloc(n_sc * sizeof(float)))) {
+        free(codes);
+        free(q);
+        return qf_fail(QF_ERR_NOMEM, "%s: %s: cannot allocate %zu scales", fn, what, n_sc);
+    }
+    q->format = format;
+    q->out = out;
+    q->in = in;
+    q->block = eff;
+    q->nblocks = format == QF_WEIGHTS_BF16 ? 0 : in / eff;
+    q->codes = codes;
+    q->bytes = code_bytes + n_sc * sizeof(float);
+    snprintf(q->what, sizeof q->what, "%s", what);
+
+#pragma omp parallel for num_threads(qf_threads()) schedule(static) if (n_el > (1u << 16))
+    for (int64_t o = 0; o < out; o++) {
+        const float *wr = w + o * in;
+        if (format == QF_WEIGHTS_BF16) {
+            uint16_t *c = (uint16_t *)codes + o * in;
+            for (int64_t i = 0; i < in; i++) c[i] = bf16_rne(wr[i]);
+        } else if (format == QF_WEIGHTS_INT8) {
+            quantize_row_int8(wr, in, eff, (int8_t *)codes + o * in, q->scales + o * q->nblocks);
+        } else {
+            quantize_row_q4(wr, in, eff, (uint8_t *)codes + o * (in / 2), q->scales + o * q->nblocks);
+        }
+    }
+    *qout = q;
+    return QF_OK;
+}
+
+void qf_qweight_free(qf_qweight *q) {
+    if (!q) return;
+    free(q->codes);
+    free(q->scales);
+    free(q);
+}
+
+int qf_qweight_format(const qf_qweight *q) { return q ? q->format : -1; }
+size_t qf_qweight_bytes(const qf_qweight *q) { return q ? q->bytes : 0; }
+
+/* ---- scalar path ------------------------------------------------------------------------- */
+
+static inline float bf16_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* dst[0:in] = dequantized row o. */
+static void dequant_row_scalar(const qf_qweight *q, int64_t o, float *dst) {
+    const int64_t in = q->in, b = q->block, half = b / 2;
+    if (q->format == QF_WEIGHTS_BF16) {
+        const uint16_t *c = (const uint16_t *)q->codes + o * in;
+        for (int64_t i = 0; i < in; i++) dst[i] = bf16_f32(c[i]);
+    } else if (q->format == QF_WEIGHTS_INT8) {
+        const int8_t *c = (const int8_t *)q->codes + o * in;
+        const float *sc = q->scales + o * q->nblocks;
+        for (int64_t i = 0; i < in; i++) dst[i] = (float)c[i] * sc[i / b];
+    } else {
+        const uint8_t *c = (const uint8_t *)q->codes + o * (in / 2);
+        const float *sc = q->scales + o * q->nblocks;
+        for (int64_t k = 0; k < q->nblocks; k++)
+            for (int64_t j = 0; j < half; j++) {
+                uint8_t byte = c[k * half + j];
+                dst[k * b + j] = (float)((int)(byte & 15) - 8) * sc[k];
+                dst[k * b + half + j] = (float)((int)(byte >> 4) - 8) * sc[k];
+            }
+    }
+}
+
+/* y[n*ldy + o] = x_n . W_o for n < nr, o in [o0,o1). */
+static void rows_scalar(const qf_qweight *q, const float *x, int nr, float *y, int64_t ldy, int64_t o0,
+                        int64_t o1) {
+    const int64_t in = q->in, b = q->block, half = b / 2;
+    for (int64_t o = o0; o < o1; o++) {
+        float acc[QMM_NR] = {0};
+        if (q->format == QF_WEIGHTS_BF16) {
+            const uint16_t *c = (const uint16_t *)q->codes + o * in;
+            for (int64_t i = 0; i < in; i++) {
+                float w = bf16_f32(c[i]);
+                for (int n = 0; n < nr; n++) acc[n] += w * x[n * in + i];
+            }
+        } else if (q->format == QF_WEIGHTS_INT8) {
+            const int8_t *c = (const int8_t *)q->codes + o * in;
+            const float *sc = q->scales + o * q->nblocks;
+            for (int64_t i = 0; i < in; i++) {
+                float w = (float)c[i] * sc[i / b];
+                for (int n = 0; n < nr; n++) acc[n] += w * x[n * in + i];
+            }
+        } else {
+            const uint8_t *c = (const uint8_t *)q->codes + o * (in / 2);
+            const float *sc = q->scales + o * q->nblocks;
+            for (int64_t k = 0; k < q->nblocks; k++)
+                for (int64_t j = 0; j < half; j++) {
+                    uint8_t byte = c[k * half + j];
+                    float wl = (float)((int)(byte & 15) - 8) * sc[k];
+                    float wh = (float)((int)(byte >> 4) - 8) * sc[k];
+                    for (int n = 0; n < nr; n++)
+                        acc[n] += wl * x[n * in + k * b + j] + wh * x[n * in + k * b + half + j];
+                }
+        }
+        for (int n = 0; n < nr; n++) y[n * ldy + o] = acc[n];
+    }
+}
+
+/* ---- AVX-512 path -------------------------------------------------------------------------
+ * Loaders return 16 dequantized-but-unscaled codes ((float)q) from p; the _m variants load only
+ * the lanes of mask m (others 0). Kernels scale them (w = q * s, the same product as the scalar
+ * dequantization) and FMA into acc sets A (first 16 of each 32) and B. */
+#define QA512 static inline __attribute__((always_inline)) QF_TARGET_AVX512
+
+QA512 __m512 ld_bf16_512(const uint16_t *p, __mmask16 m) {
+    __m256i h = _mm256_maskz_loadu_epi16(m, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+QA512 __m512 ld_i8_512(const int8_t *p, __mmask16 m) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+}
+/* 16 bytes of q4 codes -> the low-nibble and high-nibble values minus 8. */
+QA512 void ld_q4_512(const uint8_t *p, __mmask16 m, __m512 *lo, __m512 *hi) {
+    __m512i v = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p));
+    const __m512i f = _mm512_set1_epi32(15), e = _mm512_set1_epi32(8);
+    *lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(v, f), e));
+    *hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(v, 4), e));
+}
+
+#define FMA_ROWS512(ACC, W, XP)                                                                 \
+    _Pragma("GCC unroll 8") for (int n = 0; n < NR; n++) ACC[n] =                                \
+        _mm512_fmadd_ps(W, _mm512_maskz_loadu_ps(mk, (XP) + n * in), ACC[n])
+
+QA512 void row512(const qf_qweight *q, int64_t o, const float *x, const int NR, float *res) {
+    const int64_t in = q->in, b = q->block;
+    __m512 A[QMM_NR], B[QMM_NR];
+    _Pragma("GCC unroll 8") for (int n = 0; n < NR; n++) A[n] = B[n] = _mm512_setzero_ps();
+    if (q->format == QF_WEIGHTS_Q4) {
+        const int64_t half = b / 2;
+        const uint8_t *c = (const uint8_t *)q->codes + o * (in / 2);
+        const float *sc = q->scales + o * q->nblocks;
+        for (int64_t k = 0; k < q->nblocks; k++) {
+            const __m512 s = _mm512_set1_ps(sc[k]);
+            const float *xk = x + k * b;
+            for (int64_t j = 0; j < half; j += 16) {
+                const __mmask16 mk = half - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (half - j)) - 1);
+                __m512 lo, hi;
+                ld_q4_512(c + k * half + j, mk, &lo, &hi);
+                lo = _mm512_mul_ps(lo, s);
+                hi = _mm512_mul_ps(hi, s);
+                FMA_ROWS512(A, lo, xk + j);
+                FMA_ROWS512(B, hi, xk + half + j);
+            }
+        }
+    } else {
+        /* bf16 / int8: blocks of b inputs (bf16: one block, scale 1), 32 per step. */
+        const int isbf = q->format == QF_WEIGHTS_BF16;
+        const int64_t nb = isbf ? 1 : q->nblocks;
+        const uint16_t *cb = (const uint16_t *)q->codes + o * in;
+        const int8_t *ci = (const int8_t *)q->codes + o * in;
+        for (int64_t k = 0; k < nb; k++) {
+            const __m512 s = _mm512_set1_ps(isbf ? 1.0f : q->scales[o * nb + k]);
+            const int64_t base = k * b;
+            int64_t i = 0;
+            __mmask16 mk = 0xFFFF;
+            for (; i + 32 <= b; i += 32) {
+                __m512 w0, w1;
+                if (isbf) {
+                    w0 = ld_bf16_512(cb + base + i, mk);
+                    w1 = ld_bf16_512(cb + base + i + 16, mk);
+                } else {
+                    w0 = _mm512_mul_ps(ld_i8_512(ci + base + i, mk), s);
+                    w1 = _mm512_mul_ps(ld_i8_512(ci + base + i + 16, mk), s);
+                }
+                FMA_ROWS512(A, w0, x + base + i);
+                FMA_ROWS512(B, w1, x + base + i + 16);
+            }
+            for (; i < b; i += 16) {
+                mk = b - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (b - i)) - 1);
+                __m512 w0 = isbf ? ld_bf16_512(cb + base + i, mk) : _mm512_mul_ps(ld_i8_512(ci + base + i, mk), s);
+                FMA_ROWS512(A, w0, x + base + i);
+            }
+        }
+    }
+    _Pragma("GCC unroll 8") for (int n = 0; n < NR; n++) res[n] = _mm512_reduce_add_ps(_mm512_add_ps(A[n], B[n]));
+}
+
+QF_TARGET_AVX512 static void rows_avx512(const qf_qweight *q, const float *x, int nr, float *y, int64_t ldy,
+                                         int64_t o0, int64_t o1) {
+    float r[QMM_NR];
+    for (int64_t o = o0; o < o1; o++) {
+        switch (nr) { /* constant NR per case: the accumulators stay in registers */
+        case 1: row512(q, o, x, 1, r); break;
+        case 2: row512(q, o, x, 2, r); break;
+        case 3: row512(q, o, x, 3, r); break;
+        case 4: row512(q, o, x, 4, r); break;
+        case 5: row512(q, o, x, 5, r); break;
+        case 6: row512(q, o, x, 6, r); break;
+        case 7: row512(q, o, x, 7, r); break;
+        default: row512(q, o, x, 8, r); break;
+        }
+        for (int n = 0; n < nr; n++) y[n * ldy + o] = r[n];
+    }
+}
+
+QF_TARGET_AVX512 static void dequant_row_avx512(const qf_qweight *q, int64_t o, float *dst) {
+    const int64_t in = q->in, b = q->block;
+    if (q->format == QF_WEIGHTS_Q4) {
+        const int64_t half = b / 2;
+        const uint8_t *c = (const uint8_t *)q->codes + o * (in / 2);
+        for (int64_t k = 0; k < q->nblocks; k++) {
+            const __m512 s = _mm512_set1_ps(q->scales[o * q->nblocks + k]);
+            for (int64_t j = 0; j < half; j += 16) {
+                const __mmask16 mk = half - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (half - j)) - 1);
+                __m512 lo, hi;
+                ld_q4_512(c + k * half + j, mk, &lo, &hi);
+                _mm512_mask_storeu_ps(dst + k * b + j, mk, _mm512_mul_ps(lo, s));
+                _mm512_mask_storeu_ps(dst + k * b + half + j, mk, _mm512_mul_ps(hi, s));
+            }
+        }
+        return;
+    }
+    const int isbf = q->format == QF_WEIGHTS_BF16;
+    const int64_t nb = isbf ? 1 : q->nblocks;
+    for (int64_t k = 0; k < nb; k++) {
+        const __m512 s = _mm512_set1_ps(isbf ? 1.0f : q->scales[o * nb + k]);
+        for (int64_t i = k * b; i < (k + 1) * b; i += 16) {
+            const int64_t left = (k + 1) * b - i;
+            const __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+            __m512 w = isbf ? ld_bf16_512((const uint16_t *)q->codes + o * in + i, mk)
+                            : _mm512_mul_ps(ld_i8_512((const int8_t *)q->codes + o * in + i, mk), s);
+            _mm512_mask_storeu_ps(dst + i, mk, w);
+        }
+    }
+}
+
+/* ---- AVX2 path (8 lanes; tails of a block scalar) -------------------------------------- */
+#define QA256 static inline __attribute__((always_inline)) QF_TARGET_AVX2
+
+QA256 __m256 ld_bf16_256(const uint16_t *p) {
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+QA256 __m256 ld_i8_256(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+QA256 void ld_q4_256(const uint8_t *p, __m256 *lo, __m256 *hi) {
+    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    const __m256i f = _mm256_set1_epi32(15), e = _mm256_set1_epi32(8);
+    *lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v, f), e));
+    *hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v, 4), e));
+}
+QA256 float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+#define FMA_ROWS256(ACC, W, XP)                                                                 \
+    _Pragma("GCC unroll 8") for (int n = 0; n < NR; n++) ACC[n] =                                \
+        _mm256_fmadd_ps(W, _mm256_loadu_ps((XP) + n * in), ACC[n])
+
+QA256 void row256(const qf_qweight *q, int64_t o, const float *x, const int NR, float *res) {
+    const int64_t in = q->in, b = q->block;
+    __m256 A[QMM_NR], B[QMM_NR];
+    float tail[QMM_NR] = {0};
+    _Pragma("GCC unroll 8") for (int n = 0; n < NR; n++) A[n] = B[n] = _mm256_setzero_ps();
+    if (q->format == QF_WEIGHTS_Q4) {
+        const int64_t half = b / 2;
+        const uint8_t *c = (const uint8_t *)q->codes + o * (in / 2);
+        const float *sc = q->scales + o * q->nblocks;
+        for (int64_t k = 0; k < q->nblocks; k++) {
+            const __m256 s = _mm256_set1_ps(sc[k]);
+            const float *xk = x + k * b;
+            const uint8_t *ck = c + k * half;
+            int64_t j = 0;
+            for (; j + 8 <= half; j += 8) {
+                __m256 lo, hi;
+                ld_q4_256(ck + j, &lo, &hi);
+                lo = _mm256_mul_ps(lo, s);
+                hi = _mm256_mul_ps(hi, s);
+                FMA_ROWS256(A, lo, xk + j);
+                FMA_ROWS256(B, hi, xk + half + j);
+            }
+            for (; j < half; j++) {
+                float wl = (float)((int)(ck[j] & 15) - 8) * sc[k], wh = (float)((int)(ck[j] >> 4) - 8) * sc[k];
+                for (int n = 0; n < NR; n++) tail[n] += wl * xk[n * in + j] + wh * xk[n * in + half + j];
+            }
+        }
+    } else {
+        const int isbf = q->format == QF_WEIGHTS_BF16;
+        const int64_t nb = isbf ? 1 : q->nblocks;
+        const uint16_t *cb = (const uint16_t *)q->codes + o * in;
+        const int8_t *ci = (const int8_t *)q->codes + o * in;
+        for (int64_t k = 0; k < nb; k++) {
+            const float sf = isbf ? 1.0f : q->scales[o * nb + k];
+            const __m256 s = _mm256_set1_ps(sf);
+            const int64_t base = k * b;
+            int64_t i = 0;
+            for (; i + 16 <= b; i += 16) {
+                __m256 w0, w1;
+                if (isbf) {
+                    w0 = ld_bf16_256(cb + base + i);
+                    w1 = ld_bf16_256(cb + base + i + 8);
+                } else {
+                    w0 = _mm256_mul_ps(ld_i8_256(ci + base + i), s);
+                    w1 = _mm256_mul_ps(ld_i8_256(ci + base + i + 8), s);
+                }
+                FMA_ROWS256(A, w0, x + base + i);
+                FMA_ROWS256(B, w1, x + base + i + 8);
+            }
+            for (; i + 8 <= b; i += 8) {
+                __m256 w0 = isbf ? ld_bf16_256(cb + base + i) : _mm256_mul_ps(ld_i8_256(ci + base + i), s);
+                FMA_ROWS256(A, w0, x + base + i);
+            }
+            for (; i < b; i++) {
+                float w = isbf ? bf16_f32(cb[base + i]) : (float)ci[base + i] * sf;
+                for (int n = 0; n < NR; n++) tail[n] += w * x[n * in + base + i];
+            }
+        }
+    }
+    _Pragma("GCC unroll 8") for (int n = 0; n < NR; n++) res[n] = hsum256(_mm256_add_ps(A[n], B[n])) + tail[n];
+}
+
+QF_TARGET_AVX2 static void rows_avx2(const qf_qweight *q, const float *x, int nr, float *y, int64_t ldy,
+                                     int64_t o0, int64_t o1) {
+    float r[QMM_NR];
+    for (int64_t o = o0; o < o1; o++) {
+        switch (nr) {
+        case 1: row256(q, o, x, 1, r); break;
+        case 2: row256(q, o, x, 2, r); break;
+        case 3: row256(q, o, x, 3, r); break;
+        case 4: row256(q, o, x, 4, r); break;
+        case 5: row256(q, o, x, 5, r); break;
+        case 6: row256(q, o, x, 6, r); break;
+        case 7: row256(q, o, x, 7, r); break;
+        default: row256(q, o, x, 8, r); break;
+        }
+        for (int n = 0; n < nr; n++) y[n * ldy + o] = r[n];
+    }
+}
+
+QF_TARGET_AVX2 static void dequant_row_avx2(const qf_qweight *q, int64_t o, float *dst) {
+    const int64_t in = q->in, b = q->block;
+    if (q->format == QF_WEIGHTS_Q4) {
+        const int64_t half = b / 2;
+        const uint8_t *c = (const uint8_t *)q->codes + o * (in / 2);
+        for (int64_t k = 0; k < q->nblocks; k++) {
+            const float sf = q->scales[o * q->nblocks + k];
+            const __m256 s = _mm256_set1_ps(sf);
+            int64_t j = 0;
+            for (; j + 8 <= half; j += 8) {
+                __m256 lo, hi;
+                ld_q4_256(c + k * half + j, &lo, &hi);
+                _mm256_storeu_ps(dst + k * b + j, _mm256_mul_ps(lo, s));
+                _mm256_storeu_ps(dst + k * b + half + j, _mm256_mul_ps(hi, s));
+            }
+            for (; j < half; j++) {
+                uint8_t byte = c[k * half + j];
+                dst[k * b + j] = (float)((int)(byte & 15) - 8) * sf;
+                dst[k * b + half + j] = (float)((int)(byte >> 4) - 8) * sf;
+            }
+        }
+        return;
+    }
+    const int isbf = q->format == QF_WEIGHTS_BF16;
+    const int64_t nb = isbf ? 1 : q->nblocks;
+    const uint16_t *cb = (const uint16_t *)q->codes + o * in;
+    const int8_t *ci = (const int8_t *)q->codes + o * in;
+    for (int64_t k = 0; k < nb; k++) {
+        const float sf = isbf ? 1.0f : q->scales[o * nb + k];
+        const __m256 s = _mm256_set1_ps(sf);
+        int64_t i = k * b;
+        for (; i + 8 <= (k + 1) * b; i += 8)
+            _mm256_storeu_ps(dst + i, isbf ? ld_bf16_256(cb + i) : _mm256_mul_ps(ld_i8_256(ci + i), s));
+        for (; i < (k + 1) * b; i++) dst[i] = isbf ? bf16_f32(cb[i]) : (float)ci[i] * sf;
+    }
+}
+
+/* ---- dispatch ------------------------------------------------------------------------------ */
+
+typedef void (*rows_fn)(const qf_qweight *, const float *, int, float *, int64_t, int64_t, int64_t);
+typedef void (*dequant_fn)(const qf_qweight *, int64_t, float *);
+
+static void pick(rows_fn *rows, dequant_fn *deq) {
+    switch (qf_get_isa()) {
+    case QF_ISA_AVX512: *rows = rows_avx512; *deq = dequant_row_avx512; return;
+    case QF_ISA_AVX2: *rows = rows_avx2; *deq = dequant_row_avx2; return;
+    default: *rows = rows_scalar; *deq = dequant_row_scalar; return;
+    }
+}
+
+/* Rows [o0,o1) of the dequantized weight into dst (row o at dst + (o - o0) * in). */
+static void dequant_rows(const qf_qweight *q, dequant_fn deq, int64_t o0, int64_t o1, float *dst) {
+    const int64_t in = q->in;
+#pragma omp parallel for num_threads(qf_threads()) schedule(static) if ((o1 - o0) * in > (1 << 15))
+    for (int64_t o = o0; o < o1; o++) deq(q, o, dst + (o - o0) * in);
+}
+
+qf_status qf_qweight_dequantize(const qf_qweight *q, float *w) {
+    if (!q) return qf_fail(QF_ERR_ARG, "qf_qweight_dequantize: q is NULL");
+    if (!w) return qf_fail(QF_ERR_ARG, "qf_qweight_dequantize: %s: w (the output) is NULL", q->what);
+    rows_fn rows;
+    dequant_fn deq;
+    pick(&rows, &deq);
+    dequant_rows(q, deq, 0, q->out, w);
+    return QF_OK;
+}
+
+qf_status qf_qweight_matmul(float *y, const float *x, const qf_qweight *q, const float *bias, int64_t N) {
+    const char *fn = "qf_qweight_matmul";
+    if (!q) return qf_fail(QF_ERR_ARG, "%s: q (the weight) is NULL", fn);
+    if (!y) return qf_fail(QF_ERR_ARG, "%s: %s: y is NULL", fn, q->what);
+    if (!x) return qf_fail(QF_ERR_ARG, "%s: %s: x is NULL", fn, q->what);
+    if (N <= 0 || N > INT_MAX)
+        return qf_fail(QF_ERR_ARG, "%s: %s: N = %lld rows of x: must be in [1, INT_MAX]", fn, q->what, (long long)N);
+    const int64_t in = q->in, out = q->out;
+    rows_fn rows;
+    dequant_fn deq;
+    pick(&rows, &deq);
+
+    if (N < QMM_GEMM_MIN_N) {
+        /* Row ranges of ~16 KiB of codes per task keep each thread streaming contiguous memory. */
+        const size_t rb = row_code_bytes(q);
+        int64_t chunk = (int64_t)((16384 + rb - 1) / rb);
+        if (chunk < 1) chunk = 1;
+        const int64_t ntask = (out + chunk - 1) / chunk;
+        for (int64_t n0 = 0; n0 < N; n0 += QMM_NR) {
+            const int nr = (int)(N - n0 < QMM_NR ? N - n0 : QMM_NR);
+            const float *xn = x + n0 * in;
+            float *yn = y + n0 * out;
+#pragma omp parallel for num_threads(qf_threads()) schedule(static) if (out * in > (1 << 15))
+            for (int64_t t = 0; t < ntask; t++) {
+                const int64_t o0 = t * chunk, o1 = o0 + chunk < out ? o0 + chunk : out;
+                rows(q, xn, nr, yn, out, o0, o1);
+                if (bias)
+                    for (int n = 0; n < nr; n++)
+                        for (int64_t o = o0; o < o1; o++) yn[n * out + o] += bias[o];
+            }
+        }
+        return QF_OK;
+    }
+
+    /* Prefill: dequantized panels of W rows through SGEMM. */
+    int64_t R = (int64_t)(QMM_PANEL_BYTES / ((size_t)in * sizeof(float)));
+    R = R < 16 ? 16 : R & ~(int64_t)15;
+    if (R > out) R = out;
+    void *mem;
+    size_t panel_bytes;
+    QF_TRY(qf_mul_size((size_t)R * sizeof(float), (size_t)in, q->what, &panel_bytes));
+    QF_TRY(qf_scratch(panel_bytes, &mem));
+    float *panel = mem;
+    float beta = 0.0f;
+    if (bias) {
+#pragma omp parallel for num_threads(qf_threads()) if (N * out > 65536)
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t o = 0; o < out; o++) y[n * out + o] = bias[o];
+        beta = 1.0f;
+    }
+    for (int64_t o0 = 0; o0 < out; o0 += R) {
+        const int64_t r = o0 + R < out ? R : out - o0;
+        dequant_rows(q, deq, o0, o0 + r, panel);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)N, (int)r, (int)in, 1.0f, x, (int)in, panel,
+                    (int)in, beta, y + o0, (int)out);
+    }
+    return QF_OK;
+}
