@@ -86,6 +86,45 @@ size_t qf_tokenizer_id_limit(const qf_tokenizer *t);
 /* 1 if id is a special added token, else 0. */
 int qf_tokenizer_is_special(const qf_tokenizer *t, int32_t id);
 
+/* ---- streaming detokenizer (src/io/text_stream.c) ----------------------------------------
+ * Turns ids arriving one at a time (generation) into text as it becomes final:
+ *
+ *   qf_text_stream *ts;
+ *   const char *stops[] = {"\nUser:"};
+ *   qf_text_stream_new(tok, stops, 1, 1, &ts);          // skip_special = 1
+ *   for (each generated id) {
+ *       const char *txt; size_t n; int stopped;
+ *       qf_text_stream_push(ts, id, &txt, &n, &stopped); // txt: the newly final text
+ *       fwrite(txt, 1, n, stdout);
+ *       if (stopped) break;                              // a stop string completed
+ *   }
+ *   qf_text_stream_flush(ts, &txt, &n);                  // whatever was held back
+ *   qf_text_stream_free(ts);
+ *
+ * Contract: the concatenation of every push's text and the flush's text equals
+ * qf_tokenizer_decode(all ids pushed, skip_special), cut before the first occurrence of any stop
+ * string (the stop string itself and everything after it are never returned). Each returned
+ * piece is whole UTF-8 characters: bytes of a character split across byte-level tokens are held
+ * until it completes. Text that could still be the start of a stop string is held until the
+ * next ids settle it (or until flush). Once a stop string has completed, push reports
+ * stopped = 1 with empty text and ignores further ids. flush returns the held text and resets
+ * the stream for a new sequence (reset does the same, dropping the held text).
+ * Cost: each push decodes a short window of recent ids (those since the last point where the
+ * text ended on a whole character, plus the previous such stretch as context). The tokenizer
+ * must outlive the stream; a stream is used by one thread at a time. Returned text is
+ * NUL-terminated and valid until the next call on the stream. */
+typedef struct qf_text_stream qf_text_stream;
+
+/* stop[0..n_stop): non-empty, valid UTF-8, NUL-terminated (copied). skip_special: as decode's. */
+qf_status qf_text_stream_new(const qf_tokenizer *t, const char *const *stop, size_t n_stop,
+                             int skip_special, qf_text_stream **out);
+void qf_text_stream_free(qf_text_stream *s);
+void qf_text_stream_reset(qf_text_stream *s);
+/* An id that names no token: QF_ERR_ARG naming it, stream unchanged. */
+qf_status qf_text_stream_push(qf_text_stream *s, int32_t id, const char **text, size_t *len,
+                              int *stopped);
+qf_status qf_text_stream_flush(qf_text_stream *s, const char **text, size_t *len);
+
 #ifdef __cplusplus
 }
 #endif
