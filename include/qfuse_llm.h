@@ -35,13 +35,19 @@ extern "C" {
 typedef struct qf_llm qf_llm;
 
 typedef struct {
-    char model_type[16];     /* "llama" or "qwen2"                                            */
-    int64_t vocab_size, hidden_size, intermediate_size, num_hidden_layers;
+    char model_type[16];     /* "llama", "qwen2" or "opt"                                     */
+    int64_t vocab_size, hidden_size, intermediate_size, num_hidden_layers;  /* OPT: ffn_dim  */
     int64_t num_attention_heads, num_key_value_heads, head_dim;
-    double rms_norm_eps, rope_theta;
-    int attention_bias;      /* q/k/v biases (always for qwen2; llama: also o_proj's)         */
-    int mlp_bias;            /* gate/up/down biases (llama's mlp_bias)                        */
+    int64_t max_position_embeddings;
+    int64_t word_embed_proj_dim; /* width of the token embeddings (OPT; hidden_size otherwise)  */
+    double norm_eps;         /* RMSNorm eps (rms_norm_eps) or OPT's LayerNorm eps (1e-5)     */
+    double rope_theta;       /* LLaMA/Qwen2                                                  */
+    int attention_bias;      /* q/k/v biases (always for qwen2; llama: also o_proj's; OPT: all) */
+    int mlp_bias;            /* FFN biases (llama's mlp_bias; OPT's enable_bias)             */
     int tie_word_embeddings; /* the output projection is the embedding table                 */
+    int do_layer_norm_before;/* OPT pre-LN (1) or post-LN (0); 1 for LLaMA/Qwen2              */
+    int has_final_norm;      /* a norm after the last layer                                  */
+    int64_t bos_token_id, eos_token_id, pad_token_id;   /* from config.json; -1 = none        */
 } qf_llm_config;
 
 /* Loads folder/config.json and folder/model.safetensors (any float dtype, converted to float32).
@@ -55,11 +61,12 @@ qf_status qf_llm_get_config(const qf_llm *m, qf_llm_config *out);
  * naming input_ids[b,t], the id and the vocabulary size (nothing written). */
 qf_status qf_llm_embed(qf_llm *m, const int32_t *ids, int64_t B, int64_t T, float *out);
 
-/* logits [B,T,vocab] of inputs_embeds [B,T,hidden] (causal, positions 0..T-1). Activations live
- * in a grow-only workspace of m: a call with shapes no larger than an earlier one allocates
- * nothing. Not thread-safe on one m. */
+/* logits [B,T,vocab] of inputs_embeds [B,T,embed_dim], causal, with attention_mask [B,T]
+ * (1 = token, 0 = padding; NULL = all tokens; positions as qf_llm_decode counts them).
+ * Activations and the cache live in grow-only buffers of m: a call with shapes no larger than
+ * an earlier one allocates nothing. Not thread-safe on one m. */
 qf_status qf_llm_forward(qf_llm *m, const float *inputs_embeds, int64_t B, int64_t T,
-                         float *logits);
+                         const uint8_t *attention_mask, float *logits);
 
 /* ---- sampling (src/models/sampler.c) ------------------------------------------------------
  * transformers' logits processors, in generate's order: repetition_penalty (over every id in

@@ -1,6 +1,7 @@
 /* llm_internal.h - the decoder LLM's internal layout, shared by the files that implement
  * include/qfuse_llm.h (not installed):
- *   llama.c        config, load, forward with KV cache (LLaMA/Qwen2 and OPT)
+ *   llm.c          config and load (LLaMA/Qwen2 and OPT)
+ *   llm_forward.c  KV cache, decode/forward, generate
  *   llm_adapter.c  PEFT LoRA adapters on a loaded model (load/select/merge/unmerge)
  *   src/ops/qmatmul.c  quantized weight formats and their matmuls (bf16, int8, q4)
  *
@@ -61,6 +62,7 @@ struct qf_llm {
     float *final_norm, *final_norm_b;  /* final_norm NULL for OPT without a final LayerNorm */
     llm_linear project_in, project_out;   /* OPT word_embed_proj_dim != hidden; else w NULL */
     llm_linear lm_head;        /* w == embed (not owned) when tied and float32              */
+    int lm_head_tied;          /* lm_head.w is embed                                         */
     llm_layer *layers;
     llm_linear **linears;      /* every linear with a weight, checkpoint order             */
     int n_linears;
