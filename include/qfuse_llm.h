@@ -1,26 +1,29 @@
-/* qfuse_llm.h - decoder-only language models of the LLaMA family (included by qfuse.h; do not
- * include it alone): transformers' LlamaForCausalLM and Qwen2ForCausalLM (5.x semantics), float32
- * inference forward from a Hugging Face folder (config.json + model.safetensors).
+/* qfuse_llm.h - decoder-only language models (included by qfuse.h; do not include it alone):
+ * transformers' LlamaForCausalLM, Qwen2ForCausalLM and OPTForCausalLM (5.x semantics), loaded
+ * from a Hugging Face folder (config.json + model.safetensors or a sharded index) in float32 or
+ * with bf16 / int8 / 4-bit linear weights; KV-cached decoding, sampling, PEFT LoRA adapters.
  *
  *   qf_llm *m;
- *   if (qf_llm_load("my-llama", &m) != QF_OK) { puts(qf_last_error()); ... }
- *   qf_llm_config c; qf_llm_get_config(m, &c);
- *   qf_llm_embed(m, ids, B, T, embeds);            // ids [B,T] int32 -> embeds [B,T,hidden]
+ *   if (qf_llm_load("my-qwen2", &m) != QF_OK) { puts(qf_last_error()); ... }
+ *   qf_llm_embed(m, ids, B, T, embeds);            // ids [B,T] int32 -> embeds [B,T,embed_dim]
  *   // ... splice fused modality tokens into embeds here (that is how they enter the LLM) ...
- *   qf_llm_forward(m, embeds, B, T, logits);       // embeds [B,T,hidden] -> logits [B,T,vocab]
+ *   qf_llm_forward(m, embeds, B, T, NULL, logits); // -> logits [B,T,vocab]
+ *   qf_generate_options o = qf_generate_defaults();
+ *   o.max_new_tokens = 32; o.sampling.do_sample = 1; o.sampling.top_p = 0.9f;
+ *   qf_llm_generate(m, embeds, NULL, B, T, ids, &o, out_ids, &n);   // out_ids [B,32]
  *
- * What the forward computes (per layer, pre-norm): x += o_proj(causal_attn(rope(q), rope(k), v))
- * with q/k/v = proj(rmsnorm(x)); x += down(silu(gate(h)) * up(h)) with h = rmsnorm(x); then
- * logits = lm_head(rmsnorm(x)). RMSNorm: weight * x / sqrt(mean(x^2) + rms_norm_eps). RoPE: the
+ * LLaMA/Qwen2 layers (pre-norm): x += o_proj(attn(rope(q), rope(k), v)) with q/k/v =
+ * proj(rmsnorm(x)); x += down(silu(gate(h)) * up(h)) with h = rmsnorm(x); logits =
+ * lm_head(rmsnorm(x)). RMSNorm: weight * x / sqrt(mean(x^2) + rms_norm_eps). RoPE: the
  * "default" rope_type with rope_theta (config "rope_parameters.rope_theta", or "rope_theta";
- * default 10000), rotate_half convention (first half / second half of each head, not
- * interleaved), positions 0..T-1 in every row. Attention: grouped-query (num_key_value_heads),
- * scale 1/sqrt(head_dim), causal. lm_head.weight absent and tie_word_embeddings -> the embedding
- * table is the output projection.
+ * default 10000), rotate_half convention. Attention: grouped-query, scale 1/sqrt(head_dim),
+ * causal. OPT: learned positions (offset 2), LayerNorm before (or after) each block, ReLU FFN,
+ * project_in/out when word_embed_proj_dim != hidden_size. Tied embeddings: the embedding table
+ * is the output projection. Padding: see the KV cache section (positions follow the mask).
  *
  * Not supported (load fails with QF_ERR_UNSUPPORTED naming the key): rope types other than
  * "default" (llama3, linear, dynamic, yarn scaling), Qwen2 sliding-window attention, activations
- * other than silu, a KV cache, padding masks (every row attends to all its earlier positions).
+ * other than silu (LLaMA) / relu (OPT), OPT without elementwise-affine LayerNorm.
  */
 #ifndef QFUSE_LLM_H
 #define QFUSE_LLM_H
