@@ -45,6 +45,7 @@ CLI_OBJ := $(CLI_SRC:%.c=$(BUILD)/%.o)
 TEST_SRC := $(sort $(wildcard tests/c/test_*.c))
 TEST_BIN := $(TEST_SRC:tests/c/%.c=$(BUILD)/tests/%)
 FUZZ_SRC := $(sort $(wildcard fuzz/fuzz_*.c))
+-include cuda.mk
 
 .PHONY: all test test-c test-python sanitize fuzz bench bench-qformer clean
 all: $(BUILD)/libqfuse.a $(BUILD)/libqfuse.so $(BUILD)/qfuse $(BUILD)/bench_attention $(BUILD)/bench_qformer

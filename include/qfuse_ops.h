@@ -101,6 +101,23 @@ qf_status qf_mha_get_config(const qf_mha *m, qf_mha_config *out);
  * caller size grad_query [.., E], grad_key [.., kdim], grad_value [.., vdim] for backward. */
 qf_status qf_mha_last_shape(const qf_mha *m, int64_t *B, int64_t *L, int64_t *S);
 
+/* ---- CUDA device memory (the CUDA backend; libqfuse built with `make CUDA=1`) -------------
+ * The device flag of an op is where its tensors live: qf_sdpa_forward / qf_sdpa_backward run on
+ * the GPU when their tensors are in GPU memory (qf_cuda_malloc, or any cudaMalloc'd pointer once
+ * qf_cuda_init has succeeded), on the CPU otherwise. Every tensor of one call, the mask's data
+ * included, must be on the same side (QF_ERR_ARG naming the two tensors otherwise). GPU calls
+ * are queued on the default stream: they return before the kernels finish, except where a
+ * finite check (check_finite) reads its verdict back; qf_cuda_download waits for them.
+ * In a build without CUDA, qf_cuda_init and the others return QF_ERR_UNSUPPORTED saying so. */
+/* Picks GPU 0 and checks it is usable (QF_ERR_UNSUPPORTED with the CUDA runtime's reason). */
+qf_status qf_cuda_init(void);
+qf_status qf_cuda_malloc(void **out, size_t bytes);          /* *out = NULL on failure      */
+qf_status qf_cuda_free(void *ptr);                           /* NULL is allowed             */
+qf_status qf_cuda_upload(void *dst_device, const void *src_host, size_t bytes);
+qf_status qf_cuda_download(void *dst_host, const void *src_device, size_t bytes);
+/* Waits for every queued GPU call; reports an error a kernel hit while running. */
+qf_status qf_cuda_synchronize(void);
+
 #ifdef __cplusplus
 }
 #endif

@@ -119,6 +119,15 @@ static bool block_has_nonfinite(const float *x, size_t n) {
 
 typedef struct { const char *name; const float *x; int64_t dims[4]; } finite_arg;
 
+/* The error for element `bad` (flat index) of a, whose value is NaN or Inf. */
+static qf_status report_nonfinite(const finite_arg *a, size_t bad, float value) {
+    const int64_t *d = a->dims;
+    int64_t i3 = (int64_t)(bad % (size_t)d[3]), r = (int64_t)(bad / (size_t)d[3]);
+    int64_t i2 = r % d[2], i1 = (r / d[2]) % d[1], i0 = r / d[2] / d[1];
+    return qf_fail(QF_ERR_NONFINITE, "sdpa: %s contains %s at [%lld,%lld,%lld,%lld]", a->name,
+                   isnan(value) ? "NaN" : "Inf", (long long)i0, (long long)i1, (long long)i2, (long long)i3);
+}
+
 /* Screens all tensors in one parallel pass; on a hit, rescans the first bad block serially to
  * report the first NaN/Inf with its 4-D index. */
 static qf_status check_finite(const finite_arg *args, int count) {
@@ -146,11 +155,31 @@ static qf_status check_finite(const finite_arg *args, int count) {
     const finite_arg *a = &args[t];
     size_t bad = blk * BLOCK;
     while (isfinite(a->x[bad])) bad++;
-    const int64_t *d = a->dims;
-    int64_t i3 = (int64_t)(bad % (size_t)d[3]), r = (int64_t)(bad / (size_t)d[3]);
-    int64_t i2 = r % d[2], i1 = (r / d[2]) % d[1], i0 = r / d[2] / d[1];
-    return qf_fail(QF_ERR_NONFINITE, "sdpa: %s contains %s at [%lld,%lld,%lld,%lld]", a->name,
-                   isnan(a->x[bad]) ? "NaN" : "Inf", (long long)i0, (long long)i1, (long long)i2, (long long)i3);
+    return report_nonfinite(a, bad, a->x[bad]);
+}
+
+static qf_status float_mask_error(size_t i, float value) {
+    return qf_fail(QF_ERR_NONFINITE, "sdpa: attn_mask contains %s at flat index %zu (only finite values and -inf are allowed)",
+                   isnan(value) ? "NaN" : "+Inf", i);
+}
+
+/* check_finite and check_float_mask for tensors in a device backend's memory (the GPU kernels do
+ * not screen): the backend finds the first bad value, the message is the CPU path's. */
+static qf_status check_finite_on(const qf_backend *be, const finite_arg *args, int count,
+                                 const qf_sdpa_params *p, const qf_sdpa_problem *pr) {
+    size_t bad;
+    float value;
+    for (int t = 0; t < count; t++) {
+        const int64_t *d = args[t].dims;
+        size_t n = (size_t)(d[0] * d[1] * d[2] * d[3]);
+        QF_TRY(be->find_nonfinite(args[t].x, n, 0, &bad, &value));
+        if (bad < n) return report_nonfinite(&args[t], bad, value);
+    }
+    if (p->mask.kind != QF_MASK_FLOAT) return QF_OK;
+    size_t n = 1;
+    for (int d = 0; d < p->mask.ndim; d++) n *= (size_t)p->mask.shape[d];
+    QF_TRY(be->find_nonfinite((const float *)pr->mask, n, 1, &bad, &value));
+    return bad < n ? float_mask_error(bad, value) : QF_OK;
 }
 
 /* A float mask may hold -inf (blocked) but not NaN or +inf (softmax would turn it into NaN). */
@@ -160,9 +189,7 @@ static qf_status check_float_mask(const qf_sdpa_params *p) {
     for (int d = 0; d < p->mask.ndim; d++) n *= (size_t)p->mask.shape[d];
     const float *m = p->mask.data;
     for (size_t i = 0; i < n; i++)
-        if (isnan(m[i]) || m[i] == INFINITY)
-            return qf_fail(QF_ERR_NONFINITE, "sdpa: attn_mask contains %s at flat index %zu (only finite values and -inf are allowed)",
-                           isnan(m[i]) ? "NaN" : "+Inf", i);
+        if (isnan(m[i]) || m[i] == INFINITY) return float_mask_error(i, m[i]);
     return QF_OK;
 }
 
@@ -175,12 +202,17 @@ qf_status qf_sdpa_forward(const qf_sdpa_params *p, const float *q, const float *
     /* The screen of q, k, v runs inside the kernel where it can (folded into the passes that
      * read them anyway); otherwise, or when it saw a NaN/Inf, check_finite names the first one.
      * On an error the outputs hold garbage (their contents are unspecified). */
+    const void *ptrs[7] = {q, k, v, out, lse, weights, pr.mask};
+    static const char *const names[7] = {"q", "k", "v", "out", "lse", "weights", "attn_mask"};
+    const qf_backend *be;
+    QF_TRY(qf_backend_for("sdpa", ptrs, names, 7, &be));
     int screen = QF_SDPA_UNSCREENED;
-    if (p->check_finite) pr.screen = &screen;
-    QF_TRY(qf_backend_cpu()->sdpa_forward(&pr, q, k, v, out, lse, weights));
+    if (p->check_finite && be == qf_backend_cpu()) pr.screen = &screen;
+    QF_TRY(be->sdpa_forward(&pr, q, k, v, out, lse, weights));
     if (p->check_finite) {
         const finite_arg args[3] = {{"q", q, {pr.B, pr.Hq, pr.L, pr.D}}, {"k", k, {pr.B, pr.Hkv, pr.S, pr.D}},
                                     {"v", v, {pr.B, pr.Hkv, pr.S, pr.Dv}}};
+        if (be != qf_backend_cpu()) return check_finite_on(be, args, 3, p, &pr);
         if (screen != QF_SDPA_FINITE) QF_TRY(check_finite(args, 3));
         QF_TRY(check_float_mask(p));
     }
@@ -196,12 +228,17 @@ qf_status qf_sdpa_backward(const qf_sdpa_params *p, const float *q, const float 
                           : !grad_out ? "grad_out" : !dq ? "dq" : !dk ? "dk" : !dv ? "dv" : NULL;
     if (null_name) return qf_fail(QF_ERR_ARG, "sdpa_backward: %s is NULL", null_name);
     /* screen as in qf_sdpa_forward: inside the kernel where it can, check_finite names the value */
+    const void *ptrs[10] = {q, k, v, out, lse, grad_out, dq, dk, dv, pr.mask};
+    static const char *const names[10] = {"q", "k", "v", "out", "lse", "grad_out", "dq", "dk", "dv", "attn_mask"};
+    const qf_backend *be;
+    QF_TRY(qf_backend_for("sdpa_backward", ptrs, names, 10, &be));
     int screen = QF_SDPA_UNSCREENED;
-    if (p->check_finite) pr.screen = &screen;
-    QF_TRY(qf_backend_cpu()->sdpa_backward(&pr, q, k, v, out, lse, grad_out, dq, dk, dv));
+    if (p->check_finite && be == qf_backend_cpu()) pr.screen = &screen;
+    QF_TRY(be->sdpa_backward(&pr, q, k, v, out, lse, grad_out, dq, dk, dv));
     if (p->check_finite) {
         const finite_arg args[4] = {{"q", q, {pr.B, pr.Hq, pr.L, pr.D}}, {"k", k, {pr.B, pr.Hkv, pr.S, pr.D}},
                                     {"v", v, {pr.B, pr.Hkv, pr.S, pr.Dv}}, {"grad_out", grad_out, {pr.B, pr.Hq, pr.L, pr.Dv}}};
+        if (be != qf_backend_cpu()) return check_finite_on(be, args, 4, p, &pr);
         if (screen != QF_SDPA_FINITE) QF_TRY(check_finite(args, 4));
         QF_TRY(check_float_mask(p));
     }

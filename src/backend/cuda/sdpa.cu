@@ -1,0 +1,516 @@
+/* sdpa.cu - fused scaled dot-product attention on the GPU, float32, forward and backward
+ * (flash-attention style: scores never reach device memory).
+ *
+ * Forward (sdpa_fwd): one block of 128 threads per 64 query rows of one (batch, head). It keeps the
+ * scaled Q tile in shared memory and streams 64-key tiles of K and then V through one shared
+ * buffer, with an online softmax (running row max m and sum l, in log2 units: exp2 of
+ * scale*log2(e)*q.k). Causal blocks stop at the last key tile any of their rows can see.
+ * Backward (sdpa_bwd): one block per 64 keys of one (batch, kv head); K and V stay in shared
+ * memory while the block walks the query tiles of every query head of its group (GQA), recomputes
+ * P = exp(s - lse) from the forward's lse, accumulates dK and dV in registers, and adds its share
+ * of dQ with atomics (dq is zeroed first). Delta_i = dO_i . O_i comes from sdpa_delta.
+ *
+ * Thread layout (both kernels): warp w, lane l -> row group rg = 4w + l/8 (rows 4rg..4rg+3 of
+ * the tile) and column group cg = l%8 (score columns cg + 8c; head-dim float4 chunks cg + 8t).
+ * The 8 lanes that share a row group are consecutive, so row reductions are 3 xor-shuffles, and
+ * shared-memory tiles have a row stride of DP+4 floats (DP+4 = 4 mod 32 words) so the 8 lanes of
+ * a quarter-warp read 8 different rows or 8 consecutive chunks without bank conflicts.
+ *
+ * Invariants shared with the CPU kernels (sdpa_internal.h): a key is attendable iff j < S, i < L,
+ * not (causal and j > i), and the mask allows it (bool: nonzero; float: added, -inf blocks);
+ * rows with no attendable key give out = 0, lse = -inf and zero gradients. DP (the padded head
+ * dim: 32, 64 or 128) >= D and Dv; padding columns are zero in shared memory and never stored.
+ * Dropout is not implemented here (QF_ERR_UNSUPPORTED). */
+#include "cuda_internal.h"
+
+#include <math.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int BM = 64;       /* query rows per tile */
+constexpr int BN = 64;       /* keys per tile */
+constexpr int NT = 128;      /* threads per block */
+constexpr int LDP = BM + 4;  /* row stride of the P / dS tiles */
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
+
+struct Args {
+    const float *q, *k, *v, *o, *dout, *lse_in, *delta;
+    float *out, *lse, *dq, *dk, *dv, *weights;
+    int64_t B, Hq, Hkv, L, S, D, Dv, group;
+    float scale, scale_log2;
+    int causal, mask_kind, vec_d, vec_dv;
+    const void *mask;
+    int64_t ms_b, ms_h, ms_i, ms_j;
+};
+
+/* The mask's term for (i, j) in log2 units: 0 / -inf for bool, value*log2(e) for float. */
+__device__ __forceinline__ float mask_log2(const Args &a, int64_t base, int64_t i, int64_t j) {
+    int64_t at = base + i * a.ms_i + j * a.ms_j;
+    if (a.mask_kind == QF_MASK_BOOL) return ((const uint8_t *)a.mask)[at] ? 0.0f : -INFINITY;
+    return ((const float *)a.mask)[at] * LOG2E;
+}
+
+/* Rows [row0, row0+64) x cols [0, DP) of the row-major [nrows, ncols] matrix src into tile
+ * (row stride DP+4), times mul; rows >= nrows and cols >= ncols become 0. vec: ncols % 4 == 0
+ * and src 16-byte aligned, so rows can be read as float4. */
+template <int DP>
+__device__ __forceinline__ void load_tile(float *tile, const float *src, int64_t row0, int64_t nrows, int64_t ncols,
+                                          float mul, int vec) {
+    constexpr int LD = DP + 4;
+    if (vec) {
+        constexpr int C4 = DP / 4;
+        for (int idx = threadIdx.x; idx < 64 * C4; idx += NT) {
+            int r = idx / C4, c = (idx % C4) * 4;
+            float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (row0 + r < nrows && c < ncols) x = __ldg((const float4 *)(src + (row0 + r) * ncols + c));
+            x.x *= mul; x.y *= mul; x.z *= mul; x.w *= mul;
+            *(float4 *)(tile + r * LD + c) = x;
+        }
+    } else {
+        for (int idx = threadIdx.x; idx < 64 * DP; idx += NT) {
+            int r = idx / DP, c = idx % DP;
+            float x = 0.f;
+            if (row0 + r < nrows && c < ncols) x = __ldg(src + (row0 + r) * ncols + c) * mul;
+            tile[r * LD + c] = x;
+        }
+    }
+}
+
+template <int DP>
+constexpr size_t fwd_smem_bytes() { return sizeof(float) * (size_t)(2 * 64 * (DP + 4) + BN * LDP); }
+template <int DP>
+constexpr size_t bwd_smem_bytes() { return sizeof(float) * (size_t)(4 * 64 * (DP + 4) + 2 * BM * LDP + 2 * BM); }
+
+/* out[b,h,rows], lse[b,h,rows]. grid (ceil(L/64), Hq, B). */
+template <int DP>
+__global__ void __launch_bounds__(NT) sdpa_fwd(Args a) {
+    constexpr int LD = DP + 4, NC = DP / 32;
+    extern __shared__ float4 smem4[];
+    float *Qs = (float *)smem4, *KVs = Qs + BM * LD, *Ps = KVs + BN * LD;
+    const int tid = threadIdx.x, lane = tid & 31;
+    const int rg = (tid >> 5) * 4 + (lane >> 3), cg = lane & 7;
+    /* causal: the heaviest query tiles (the last ones) start first */
+    const int64_t qb = a.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    const int64_t h = blockIdx.y, b = blockIdx.z, hk = h / a.group, row0 = qb * BM;
+    const int64_t bh = b * a.Hq + h, bhk = b * a.Hkv + hk;
+    const float *k = a.k + bhk * a.S * a.D, *v = a.v + bhk * a.S * a.Dv;
+    const int64_t mbase = b * a.ms_b + h * a.ms_h;
+
+    load_tile<DP>(Qs, a.q + bh * a.L * a.D, row0, a.L, a.D, a.scale_log2, a.vec_d);
+
+    float o[4][4 * NC], m[4], l[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        m[i] = -INFINITY;
+        l[i] = 0.f;
+#pragma unroll
+        for (int c = 0; c < 4 * NC; c++) o[i][c] = 0.f;
+    }
+    int64_t nkb = (a.S + BN - 1) / BN;
+    if (a.causal) {
+        int64_t last_row = (row0 + BM < a.L ? row0 + BM : a.L) - 1;
+        if (last_row / BN + 1 < nkb) nkb = last_row / BN + 1;
+    }
+    for (int64_t kb = 0; kb < nkb; kb++) {
+        const int64_t col0 = kb * BN;
+        __syncthreads(); /* the previous tile's P.V is done with KVs and Ps */
+        load_tile<DP>(KVs, k, col0, a.S, a.D, 1.f, a.vec_d);
+        __syncthreads();
+        float s[4][8];
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+#pragma unroll
+            for (int c = 0; c < 8; c++) s[i][c] = 0.f;
+#pragma unroll 4
+        for (int d = 0; d < DP; d += 4) {
+            float4 qv[4], kv[8];
+#pragma unroll
+            for (int i = 0; i < 4; i++) qv[i] = *(const float4 *)(Qs + (rg * 4 + i) * LD + d);
+#pragma unroll
+            for (int c = 0; c < 8; c++) kv[c] = *(const float4 *)(KVs + (cg + 8 * c) * LD + d);
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int c = 0; c < 8; c++)
+                    s[i][c] += qv[i].x * kv[c].x + qv[i].y * kv[c].y + qv[i].z * kv[c].z + qv[i].w * kv[c].w;
+        }
+        const bool edge = col0 + BN > a.S || row0 + BM > a.L || (a.causal && col0 + BN - 1 > row0) || a.mask_kind;
+        if (edge) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int64_t qi = row0 + rg * 4 + i;
+#pragma unroll
+                for (int c = 0; c < 8; c++) {
+                    const int64_t kj = col0 + cg + 8 * c;
+                    if (kj >= a.S || qi >= a.L || (a.causal && kj > qi)) s[i][c] = -INFINITY;
+                    else if (a.mask_kind) s[i][c] += mask_log2(a, mbase, qi, kj);
+                }
+            }
+        }
+        /* online softmax: new row max, rescale the running sum and output */
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            float mx = s[i][0];
+#pragma unroll
+            for (int c = 1; c < 8; c++) mx = fmaxf(mx, s[i][c]);
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+            const float mnew = fmaxf(m[i], mx);
+            const float base = mnew == -INFINITY ? 0.f : mnew; /* no key yet: keep exp2 finite */
+            const float alpha = exp2f(m[i] - base);
+            m[i] = mnew;
+            float sum = 0.f;
+#pragma unroll
+            for (int c = 0; c < 8; c++) {
+                s[i][c] = exp2f(s[i][c] - base);
+                sum += s[i][c];
+            }
+            l[i] = l[i] * alpha + sum; /* this lane's part of the row sum; reduced at the end */
+#pragma unroll
+            for (int c = 0; c < 4 * NC; c++) o[i][c] *= alpha;
+        }
+#pragma unroll
+        for (int c = 0; c < 8; c++)
+            *(float4 *)(Ps + (cg + 8 * c) * LDP + rg * 4) = make_float4(s[0][c], s[1][c], s[2][c], s[3][c]);
+        __syncthreads(); /* all lanes are done reading K */
+        load_tile<DP>(KVs, v, col0, a.S, a.Dv, 1.f, a.vec_dv);
+        __syncthreads();
+#pragma unroll 4
+        for (int j = 0; j < BN; j++) {
+            const float4 p = *(const float4 *)(Ps + j * LDP + rg * 4);
+#pragma unroll
+            for (int t = 0; t < NC; t++) {
+                const float4 x = *(const float4 *)(KVs + j * LD + (cg + 8 * t) * 4);
+                o[0][4 * t + 0] += p.x * x.x; o[0][4 * t + 1] += p.x * x.y; o[0][4 * t + 2] += p.x * x.z; o[0][4 * t + 3] += p.x * x.w;
+                o[1][4 * t + 0] += p.y * x.x; o[1][4 * t + 1] += p.y * x.y; o[1][4 * t + 2] += p.y * x.z; o[1][4 * t + 3] += p.y * x.w;
+                o[2][4 * t + 0] += p.z * x.x; o[2][4 * t + 1] += p.z * x.y; o[2][4 * t + 2] += p.z * x.z; o[2][4 * t + 3] += p.z * x.w;
+                o[3][4 * t + 0] += p.w * x.x; o[3][4 * t + 1] += p.w * x.y; o[3][4 * t + 2] += p.w * x.z; o[3][4 * t + 3] += p.w * x.w;
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float sum = l[i];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+        const int64_t qi = row0 + rg * 4 + i;
+        if (qi >= a.L) continue;
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        float *dst = a.out + (bh * a.L + qi) * a.Dv;
+#pragma unroll
+        for (int t = 0; t < NC; t++) {
+            const int d = (cg + 8 * t) * 4;
+            if (a.vec_dv) {
+                if (d < a.Dv)
+                    *(float4 *)(dst + d) = make_float4(o[i][4 * t] * inv, o[i][4 * t + 1] * inv, o[i][4 * t + 2] * inv,
+                                                       o[i][4 * t + 3] * inv);
+            } else {
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    if (d + e < a.Dv) dst[d + e] = o[i][4 * t + e] * inv;
+            }
+        }
+        if (a.lse && cg == 0) a.lse[bh * a.L + qi] = sum > 0.f ? m[i] * LN2 + logf(sum) : -INFINITY;
+    }
+}
+
+/* delta[r] = sum_d dout[r,d] * o[r,d], one warp per row r of B*Hq*L. */
+__global__ void sdpa_delta(const float *dout, const float *o, float *delta, int64_t rows, int64_t Dv) {
+    const int64_t r = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (r >= rows) return;
+    float acc = 0.f;
+    for (int64_t d = lane; d < Dv; d += 32) acc += dout[r * Dv + d] * o[r * Dv + d];
+#pragma unroll
+    for (int off = 16; off; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) delta[r] = acc;
+}
+
+/* dk, dv for 64 keys of (b, kv head); dq += via atomics. grid (ceil(S/64), Hkv, B). */
+template <int DP>
+__global__ void __launch_bounds__(NT) sdpa_bwd(Args a) {
+    constexpr int LD = DP + 4, NC = DP / 32;
+    extern __shared__ float4 smem4[];
+    float *Ks = (float *)smem4, *Vs = Ks + BN * LD, *Qs = Vs + BN * LD, *dOs = Qs + BM * LD;
+    float *Pt = dOs + BM * LD, *dSt = Pt + BM * LDP, *lse2 = dSt + BM * LDP, *dels = lse2 + BM;
+    const int tid = threadIdx.x, lane = tid & 31;
+    const int rg = (tid >> 5) * 4 + (lane >> 3), cg = lane & 7;
+    const int64_t kb = blockIdx.x, hk = blockIdx.y, b = blockIdx.z, col0 = kb * BN;
+    const int64_t bhk = b * a.Hkv + hk;
+
+    load_tile<DP>(Ks, a.k + bhk * a.S * a.D, col0, a.S, a.D, 1.f, a.vec_d);
+    load_tile<DP>(Vs, a.v + bhk * a.S * a.Dv, col0, a.S, a.Dv, 1.f, a.vec_dv);
+
+    float dk[4][4 * NC], dv[4][4 * NC];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int c = 0; c < 4 * NC; c++) dk[i][c] = dv[i][c] = 0.f;
+
+    const int64_t nqb = (a.L + BM - 1) / BM;
+    const int64_t qb0 = a.causal ? col0 / BM : 0; /* earlier query tiles cannot see these keys */
+    for (int64_t hh = 0; hh < a.group; hh++) {
+        const int64_t h = hk * a.group + hh, bh = b * a.Hq + h;
+        const int64_t mbase = b * a.ms_b + h * a.ms_h;
+        const float *q = a.q + bh * a.L * a.D, *dout = a.dout + bh * a.L * a.Dv;
+        float *dq = a.dq + bh * a.L * a.D;
+        for (int64_t qb = qb0; qb < nqb; qb++) {
+            const int64_t row0 = qb * BM;
+            __syncthreads(); /* the previous tile is done with Qs, dOs, Pt, dSt */
+            load_tile<DP>(Qs, q, row0, a.L, a.D, 1.f, a.vec_d);
+            load_tile<DP>(dOs, dout, row0, a.L, a.Dv, 1.f, a.vec_dv);
+            if (tid < BM) {
+                const int64_t qi = row0 + tid;
+                const float ls = qi < a.L ? a.lse_in[bh * a.L + qi] : -INFINITY;
+                lse2[tid] = ls == -INFINITY ? INFINITY : ls * LOG2E; /* +inf: P = 0 on empty rows */
+                dels[tid] = qi < a.L ? a.delta[bh * a.L + qi] : 0.f;
+            }
+            __syncthreads();
+            /* P^T[j][i] for keys 4rg+r, queries cg+8c */
+            float p[4][8], dp[4][8];
+#pragma unroll
+            for (int r = 0; r < 4; r++)
+#pragma unroll
+                for (int c = 0; c < 8; c++) p[r][c] = dp[r][c] = 0.f;
+#pragma unroll 2
+            for (int d = 0; d < DP; d += 4) {
+                float4 kv[4], qv[8];
+#pragma unroll
+                for (int r = 0; r < 4; r++) kv[r] = *(const float4 *)(Ks + (rg * 4 + r) * LD + d);
+#pragma unroll
+                for (int c = 0; c < 8; c++) qv[c] = *(const float4 *)(Qs + (cg + 8 * c) * LD + d);
+#pragma unroll
+                for (int r = 0; r < 4; r++)
+#pragma unroll
+                    for (int c = 0; c < 8; c++)
+                        p[r][c] += kv[r].x * qv[c].x + kv[r].y * qv[c].y + kv[r].z * qv[c].z + kv[r].w * qv[c].w;
+            }
+#pragma unroll 2
+            for (int d = 0; d < DP; d += 4) {
+                float4 vv[4], gv[8];
+#pragma unroll
+                for (int r = 0; r < 4; r++) vv[r] = *(const float4 *)(Vs + (rg * 4 + r) * LD + d);
+#pragma unroll
+                for (int c = 0; c < 8; c++) gv[c] = *(const float4 *)(dOs + (cg + 8 * c) * LD + d);
+#pragma unroll
+                for (int r = 0; r < 4; r++)
+#pragma unroll
+                    for (int c = 0; c < 8; c++)
+                        dp[r][c] += vv[r].x * gv[c].x + vv[r].y * gv[c].y + vv[r].z * gv[c].z + vv[r].w * gv[c].w;
+            }
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const int64_t kj = col0 + rg * 4 + r;
+#pragma unroll
+                for (int c = 0; c < 8; c++) {
+                    const int64_t qi = row0 + cg + 8 * c;
+                    float x = p[r][c] * a.scale_log2;
+                    const bool ok = kj < a.S && qi < a.L && !(a.causal && kj > qi);
+                    if (ok && a.mask_kind) x += mask_log2(a, mbase, qi, kj);
+                    const float pr = ok ? exp2f(x - lse2[cg + 8 * c]) : 0.f;
+                    p[r][c] = pr;
+                    dp[r][c] = pr * (dp[r][c] - dels[cg + 8 * c]);
+                }
+            }
+#pragma unroll
+            for (int c = 0; c < 8; c++) {
+                *(float4 *)(Pt + (cg + 8 * c) * LDP + rg * 4) = make_float4(p[0][c], p[1][c], p[2][c], p[3][c]);
+                *(float4 *)(dSt + (cg + 8 * c) * LDP + rg * 4) = make_float4(dp[0][c], dp[1][c], dp[2][c], dp[3][c]);
+            }
+            __syncthreads();
+            /* dV += P^T dO, dK += dS^T Q (scale applied at the end) */
+#pragma unroll 2
+            for (int i = 0; i < BM; i++) {
+                const float4 pv = *(const float4 *)(Pt + i * LDP + rg * 4);
+                const float4 sv = *(const float4 *)(dSt + i * LDP + rg * 4);
+#pragma unroll
+                for (int t = 0; t < NC; t++) {
+                    const float4 g = *(const float4 *)(dOs + i * LD + (cg + 8 * t) * 4);
+                    const float4 x = *(const float4 *)(Qs + i * LD + (cg + 8 * t) * 4);
+                    dv[0][4 * t + 0] += pv.x * g.x; dv[0][4 * t + 1] += pv.x * g.y; dv[0][4 * t + 2] += pv.x * g.z; dv[0][4 * t + 3] += pv.x * g.w;
+                    dv[1][4 * t + 0] += pv.y * g.x; dv[1][4 * t + 1] += pv.y * g.y; dv[1][4 * t + 2] += pv.y * g.z; dv[1][4 * t + 3] += pv.y * g.w;
+                    dv[2][4 * t + 0] += pv.z * g.x; dv[2][4 * t + 1] += pv.z * g.y; dv[2][4 * t + 2] += pv.z * g.z; dv[2][4 * t + 3] += pv.z * g.w;
+                    dv[3][4 * t + 0] += pv.w * g.x; dv[3][4 * t + 1] += pv.w * g.y; dv[3][4 * t + 2] += pv.w * g.z; dv[3][4 * t + 3] += pv.w * g.w;
+                    dk[0][4 * t + 0] += sv.x * x.x; dk[0][4 * t + 1] += sv.x * x.y; dk[0][4 * t + 2] += sv.x * x.z; dk[0][4 * t + 3] += sv.x * x.w;
+                    dk[1][4 * t + 0] += sv.y * x.x; dk[1][4 * t + 1] += sv.y * x.y; dk[1][4 * t + 2] += sv.y * x.z; dk[1][4 * t + 3] += sv.y * x.w;
+                    dk[2][4 * t + 0] += sv.z * x.x; dk[2][4 * t + 1] += sv.z * x.y; dk[2][4 * t + 2] += sv.z * x.z; dk[2][4 * t + 3] += sv.z * x.w;
+                    dk[3][4 * t + 0] += sv.w * x.x; dk[3][4 * t + 1] += sv.w * x.y; dk[3][4 * t + 2] += sv.w * x.z; dk[3][4 * t + 3] += sv.w * x.w;
+                }
+            }
+            /* dQ[4rg+r][chunk t] += scale * sum_j dS[i][j] K[j][:], one float4 chunk at a time */
+#pragma unroll
+            for (int t = 0; t < NC; t++) {
+                float acc[4][4];
+#pragma unroll
+                for (int r = 0; r < 4; r++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) acc[r][e] = 0.f;
+#pragma unroll 2
+                for (int j = 0; j < BN; j += 4) {
+                    float4 sr[4], kr[4];
+#pragma unroll
+                    for (int r = 0; r < 4; r++) sr[r] = *(const float4 *)(dSt + (rg * 4 + r) * LDP + j);
+#pragma unroll
+                    for (int u = 0; u < 4; u++) kr[u] = *(const float4 *)(Ks + (j + u) * LD + (cg + 8 * t) * 4);
+#pragma unroll
+                    for (int r = 0; r < 4; r++) {
+                        acc[r][0] += sr[r].x * kr[0].x + sr[r].y * kr[1].x + sr[r].z * kr[2].x + sr[r].w * kr[3].x;
+                        acc[r][1] += sr[r].x * kr[0].y + sr[r].y * kr[1].y + sr[r].z * kr[2].y + sr[r].w * kr[3].y;
+                        acc[r][2] += sr[r].x * kr[0].z + sr[r].y * kr[1].z + sr[r].z * kr[2].z + sr[r].w * kr[3].z;
+                        acc[r][3] += sr[r].x * kr[0].w + sr[r].y * kr[1].w + sr[r].z * kr[2].w + sr[r].w * kr[3].w;
+                    }
+                }
+                const int d = (cg + 8 * t) * 4;
+#pragma unroll
+                for (int r = 0; r < 4; r++) {
+                    const int64_t qi = row0 + rg * 4 + r;
+                    if (qi >= a.L) continue;
+#pragma unroll
+                    for (int e = 0; e < 4; e++)
+                        if (d + e < a.D) atomicAdd(dq + qi * a.D + d + e, acc[r][e] * a.scale);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+        const int64_t kj = col0 + rg * 4 + r;
+        if (kj >= a.S) continue;
+        float *dkr = a.dk + (bhk * a.S + kj) * a.D, *dvr = a.dv + (bhk * a.S + kj) * a.Dv;
+#pragma unroll
+        for (int t = 0; t < NC; t++) {
+            const int d = (cg + 8 * t) * 4;
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                if (d + e < a.D) dkr[d + e] = dk[r][4 * t + e] * a.scale;
+                if (d + e < a.Dv) dvr[d + e] = dv[r][4 * t + e];
+            }
+        }
+    }
+}
+
+/* weights[b,h,i,j] = P_ij (0 where not attendable), one thread per element; needs lse. Only
+ * for the optional weights output: simple, not fast. */
+__global__ void sdpa_weights(Args a) {
+    const int64_t n = a.B * a.Hq * a.L * a.S;
+    for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n; idx += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t j = idx % a.S, i = (idx / a.S) % a.L, bh = idx / a.S / a.L;
+        const int64_t h = bh % a.Hq, b = bh / a.Hq, hk = h / a.group;
+        const float ls = a.lse[bh * a.L + i];
+        float w = 0.f;
+        if (ls != -INFINITY && !(a.causal && j > i)) {
+            const float *qr = a.q + (bh * a.L + i) * a.D, *kr = a.k + ((b * a.Hkv + hk) * a.S + j) * a.D;
+            float dot = 0.f;
+            for (int64_t d = 0; d < a.D; d++) dot += qr[d] * kr[d];
+            float x = dot * a.scale_log2;
+            if (a.mask_kind) x += mask_log2(a, b * a.ms_b + h * a.ms_h, i, j);
+            w = exp2f(x - ls * LOG2E);
+        }
+        a.weights[idx] = w;
+    }
+}
+
+bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+
+/* Shared setup of both directions; QF_ERR_UNSUPPORTED for what these kernels do not cover. */
+qf_status make_args(const char *fn, const qf_sdpa_problem *pr, Args *a, int *dp) {
+    if (pr->dropout_p > 0.0f)
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: dropout_p = %g is not implemented on the CUDA backend (CPU only)",
+                       fn, (double)pr->dropout_p);
+    const int64_t dmax = pr->D > pr->Dv ? pr->D : pr->Dv;
+    if (dmax > 128)
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: head dim D = %lld / Dv = %lld: the CUDA kernels take at most 128 "
+                       "(the CPU backend takes up to 1024)", fn, (long long)pr->D, (long long)pr->Dv);
+    if (pr->B > 65535 || pr->Hq > 65535 || (pr->L + BM - 1) / BM > 0x7fffffff || (pr->S + BN - 1) / BN > 0x7fffffff)
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: B = %lld or Hq = %lld exceeds the CUDA grid's 65535", fn,
+                       (long long)pr->B, (long long)pr->Hq);
+    *dp = dmax <= 32 ? 32 : dmax <= 64 ? 64 : 128;
+    *a = Args{};
+    a->B = pr->B; a->Hq = pr->Hq; a->Hkv = pr->Hkv; a->L = pr->L; a->S = pr->S; a->D = pr->D; a->Dv = pr->Dv;
+    a->group = pr->group;
+    a->scale = pr->scale;
+    a->scale_log2 = pr->scale * LOG2E;
+    a->causal = pr->is_causal;
+    a->mask_kind = pr->mask ? (int)pr->mask_kind : (int)QF_MASK_NONE;
+    a->mask = pr->mask;
+    a->ms_b = pr->ms_b; a->ms_h = pr->ms_h; a->ms_i = pr->ms_i; a->ms_j = pr->ms_j;
+    return QF_OK;
+}
+
+template <int DP>
+qf_status launch_fwd(const Args &a) {
+    static bool attr_set = false; /* idempotent, so a race between threads is harmless */
+    const size_t smem = fwd_smem_bytes<DP>();
+    if (!attr_set) {
+        QF_TRY(qf_cuda_check(cudaFuncSetAttribute(sdpa_fwd<DP>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                             "sdpa forward: cudaFuncSetAttribute"));
+        attr_set = true;
+    }
+    dim3 grid((unsigned)((a.L + BM - 1) / BM), (unsigned)a.Hq, (unsigned)a.B);
+    sdpa_fwd<DP><<<grid, NT, smem>>>(a);
+    return qf_cuda_launched("sdpa_fwd");
+}
+
+template <int DP>
+qf_status launch_bwd(const Args &a) {
+    static bool attr_set = false;
+    const size_t smem = bwd_smem_bytes<DP>();
+    if (!attr_set) {
+        QF_TRY(qf_cuda_check(cudaFuncSetAttribute(sdpa_bwd<DP>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                             "sdpa backward: cudaFuncSetAttribute"));
+        attr_set = true;
+    }
+    dim3 grid((unsigned)((a.S + BN - 1) / BN), (unsigned)a.Hkv, (unsigned)a.B);
+    sdpa_bwd<DP><<<grid, NT, smem>>>(a);
+    return qf_cuda_launched("sdpa_bwd");
+}
+
+} // namespace
+
+qf_status qf_cuda_sdpa_forward(const qf_sdpa_problem *pr, const float *q, const float *k, const float *v,
+                               float *out, float *lse, float *weights) {
+    Args a;
+    int dp;
+    QF_TRY(make_args("sdpa (cuda)", pr, &a, &dp));
+    a.q = q; a.k = k; a.v = v; a.out = out; a.lse = lse; a.weights = weights;
+    a.vec_d = pr->D % 4 == 0 && aligned16(q) && aligned16(k);
+    a.vec_dv = pr->Dv % 4 == 0 && aligned16(v) && aligned16(out);
+    if (weights && !lse) { /* the weights pass needs every row's lse */
+        void *buf;
+        QF_TRY(qf_cuda_scratch(0, sizeof(float) * (size_t)(pr->B * pr->Hq * pr->L), &buf));
+        a.lse = (float *)buf;
+    }
+    QF_TRY(dp == 32 ? launch_fwd<32>(a) : dp == 64 ? launch_fwd<64>(a) : launch_fwd<128>(a));
+    if (weights) {
+        const int64_t n = pr->B * pr->Hq * pr->L * pr->S;
+        int64_t blocks = (n + 255) / 256;
+        if (blocks > 65536) blocks = 65536;
+        sdpa_weights<<<(unsigned)blocks, 256>>>(a);
+        QF_TRY(qf_cuda_launched("sdpa_weights"));
+    }
+    return QF_OK;
+}
+
+qf_status qf_cuda_sdpa_backward(const qf_sdpa_problem *pr, const float *q, const float *k, const float *v,
+                                const float *out, const float *lse, const float *grad_out, float *dq, float *dk,
+                                float *dv) {
+    Args a;
+    int dp;
+    QF_TRY(make_args("sdpa_backward (cuda)", pr, &a, &dp));
+    a.q = q; a.k = k; a.v = v; a.o = out; a.lse_in = lse; a.dout = grad_out;
+    a.dq = dq; a.dk = dk; a.dv = dv;
+    a.vec_d = pr->D % 4 == 0 && aligned16(q) && aligned16(k);
+    a.vec_dv = pr->Dv % 4 == 0 && aligned16(v) && aligned16(grad_out);
+    const int64_t rows = pr->B * pr->Hq * pr->L;
+    void *buf;
+    QF_TRY(qf_cuda_scratch(1, sizeof(float) * (size_t)rows, &buf));
+    a.delta = (const float *)buf;
+    sdpa_delta<<<(unsigned)((rows * 32 + 255) / 256), 256>>>(grad_out, out, (float *)buf, rows, pr->Dv);
+    QF_TRY(qf_cuda_launched("sdpa_delta"));
+    QF_TRY(qf_cuda_check(cudaMemsetAsync(dq, 0, sizeof(float) * (size_t)(rows * pr->D)), "sdpa backward: zeroing dq"));
+    return dp == 32 ? launch_bwd<32>(a) : dp == 64 ? launch_bwd<64>(a) : launch_bwd<128>(a);
+}
