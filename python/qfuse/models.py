@@ -45,7 +45,8 @@ _KINDS = {
     "affectgpt_prefusion": "prefusion", "blip2_kv_prefix": "kv_prefix",
     "affectgpt_video_qformer": "video_qformer", "affectgpt_audio_qformer": "audio_qformer",
     "affectgpt_attention_fusion": "attention_fusion",
-    "llama": "llm", "qwen2": "llm", "LlamaForCausalLM": "llm", "Qwen2ForCausalLM": "llm",
+    "llama": "llm", "qwen2": "llm", "opt": "llm",
+    "LlamaForCausalLM": "llm", "Qwen2ForCausalLM": "llm", "OPTForCausalLM": "llm",
 }
 
 
@@ -72,11 +73,14 @@ def model_kind(folder):
                      "QF_ERR_UNSUPPORTED")
 
 
-def load(folder):
-    """Loads a Hugging Face (or qfuse-layout) folder: a decoder LLM (llama, qwen2) as a
-    qfuse.CausalLM, every Q-Former family member as a FusionModel."""
+def load(folder, weights="f32", block=0):
+    """Loads a Hugging Face (or qfuse-layout) folder: a decoder LLM (llama, qwen2, opt) as a
+    qfuse.CausalLM (weights "f32", "bf16", "int8" or "q4", see CausalLM.load), every Q-Former
+    family member as a FusionModel."""
     if model_kind(folder) == "llm":
-        return CausalLM.load(folder)
+        return CausalLM.load(folder, weights=weights, block=block)
+    if weights != "f32":
+        raise QfuseError("load: weights = %r applies to decoder LLMs; %s is a fusion model" % (weights, folder))
     return FusionModel(folder)
 
 

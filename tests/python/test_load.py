@@ -165,3 +165,14 @@ def test_llm_folder_loads_as_causal_lm():
     m = qfuse.load(folder)
     assert isinstance(m, qfuse.CausalLM)
     assert util.rel_err(m.logits(input_ids=io["input_ids"]), io["logits"]) < case["rtol_fp32"]
+
+
+def test_opt_folder_loads_as_causal_lm_in_every_format():
+    case, io, folder = util.load_fixture("llm_opt")
+    m = qfuse.load(folder)
+    assert isinstance(m, qfuse.CausalLM) and m.config["model_type"] == "opt"
+    assert util.rel_err(m.logits(input_ids=io["input_ids"]), io["logits"]) < case["rtol_fp32"]
+    q = qfuse.load(folder, weights="int8")
+    assert q.weight_bytes < m.weight_bytes
+    with pytest.raises(qfuse.QfuseError, match="weights"):
+        qfuse.load(folder, weights="int3")
