@@ -318,6 +318,74 @@ int qf_attn_fusion_num_params(const qf_attn_fusion *m);
 qf_status qf_attn_fusion_param(qf_attn_fusion *m, int i, qf_param *out);   /* checkpoint names */
 void qf_attn_fusion_zero_grad(qf_attn_fusion *m);
 
+/* ---- BLIP-2 / InstructBLIP with their language model (section added by helper "vlm";
+ * src/models/blip2_lm.c) ------------------------------------------------------------------------
+ * transformers' Blip2ForConditionalGeneration / InstructBlipForConditionalGeneration (5.x), whole:
+ * the image side is qf_blip2 (vision -> Q-Former -> language_projection), the decoder is the
+ * qf_llm of text_config (OPT or LLaMA; tensors "language_model.*"). Splicing follows the
+ * reference exactly: embeds = embed_tokens(input_ids), then the positions holding image_token_id
+ * (config "image_token_id" or "image_token_index") receive the projected query outputs in order
+ * (masked_scatter). Every row must hold exactly num_query_tokens image tokens (the reference
+ * spreads a miscount silently across rows; here it is QF_ERR_ARG naming the row and both counts).
+ * Blip2Processor puts them first, before the BOS token: [img x nq, BOS, prompt...].
+ * The decoder sees attention_mask (NULL = all ones; left padding for rows of different lengths).
+ * A prompt longer than text_config.max_position_embeddings, or one that would grow past it while
+ * generating, is QF_ERR_ARG. Ids other than image tokens must lie in [0, vocab) (QF_ERR_ARG names
+ * input_ids[b,t]); image-token positions are never looked up in the embedding table. */
+#include "qfuse_llm.h"   /* qf_llm, qf_llm_options, qf_generate_options (qfuse.h includes it later) */
+typedef struct qf_vlm qf_vlm;
+enum { QF_VLM_MAX_EOS = 8 };
+typedef struct {
+    int instruct;                   /* model_type "instructblip": the Q-Former reads an instruction */
+    char text_model_type[16];       /* "opt", "llama", ...                                      */
+    int64_t num_query_tokens, embed_dim, vocab_size, max_positions;
+    int64_t image_size;             /* vision_config.image_size (pixel_values are [B,3,s,s])    */
+    int32_t image_token_id, bos_token_id, pad_token_id;   /* bos -1 when the config has none   */
+    int32_t eos_ids[QF_VLM_MAX_EOS];/* generation_config.json's eos_token_id (int or list), else */
+    int n_eos;                      /* text_config.eos_token_id                                 */
+} qf_vlm_info;
+typedef struct {
+    int64_t B, T;                   /* batch, prompt length                                     */
+    const float *pixel_values;      /* [B,3,image_size,image_size]                              */
+    const int32_t *input_ids;       /* [B,T]                                                    */
+    const uint8_t *attention_mask;  /* [B,T] nonzero = real token (NULL = all real)             */
+    int64_t qformer_len;            /* InstructBLIP: instruction length Lt (0 for BLIP-2)       */
+    const int32_t *qformer_ids;     /* [B,Lt] Q-Former (BERT) token ids                         */
+    const uint8_t *qformer_mask;    /* [B,Lt] (NULL = all real)                                 */
+} qf_vlm_inputs;
+/* Loads FOLDER/config.json (model_type "blip-2" / "instructblip"), the weights (model.safetensors
+ * or a sharded index) and FOLDER/generation_config.json when present. opt NULL = float32. */
+qf_status qf_vlm_load(const char *folder, const qf_llm_options *opt, qf_vlm **out);
+void qf_vlm_free(qf_vlm *m);
+qf_status qf_vlm_get_info(const qf_vlm *m, qf_vlm_info *out);
+qf_blip2 *qf_vlm_blip2(qf_vlm *m);   /* owned by m */
+qf_llm *qf_vlm_llm(qf_vlm *m);       /* owned by m */
+/* The projected Q-Former outputs fused [B,num_query_tokens,embed_dim] (qf_blip2_fuse). */
+qf_status qf_vlm_fused_tokens(qf_vlm *m, const qf_vlm_inputs *in, float *fused);
+/* embeds [B,T,embed_dim] = embed_tokens(input_ids) with each row's image tokens replaced, in
+ * order, by that row's fused [B,num_query_tokens,embed_dim]. */
+qf_status qf_vlm_splice_image_tokens(qf_vlm *m, const int32_t *input_ids, int64_t B, int64_t T,
+                                     const float *fused, float *embeds);
+/* fused tokens + splice: the decoder's inputs_embeds [B,T,embed_dim]. */
+qf_status qf_vlm_embed(qf_vlm *m, const qf_vlm_inputs *in, float *embeds);
+/* logits [B,T,vocab] of the whole model (what the reference's forward returns as logits). */
+qf_status qf_vlm_logits(qf_vlm *m, const qf_vlm_inputs *in, float *logits);
+/* qf_generate_defaults() with the model's eos ids and pad id filled in. */
+qf_generate_options qf_vlm_generate_defaults(const qf_vlm *m);
+/* Embeds as qf_vlm_embed, then qf_llm_generate with input_ids as the repetition-penalty history.
+ * out_ids [B,o->max_new_tokens]: the new tokens only (the reference returns the prompt followed by
+ * them); rows that stopped are filled with o->pad_id. */
+qf_status qf_vlm_generate(qf_vlm *m, const qf_vlm_inputs *in, const qf_generate_options *o,
+                          int32_t *out_ids, int64_t *n_steps);
+
+/* General splice (e.g. AffectGPT's pre-fusion tokens into a prompt): out [B,T+n,D] =
+ * prompt[:, :pos] ; fused [B,n,D] ; prompt[:, pos:], with 0 <= pos <= T. out must not overlap
+ * the inputs. mask_out [B,T+n] (may be NULL) gets prompt_mask (NULL = all 1) with 1s at the fused
+ * tokens. */
+qf_status qf_splice_embeds(const float *prompt, const uint8_t *prompt_mask, int64_t B, int64_t T,
+                           int64_t D, const float *fused, int64_t n, int64_t pos, float *out,
+                           uint8_t *mask_out);
+
 #ifdef __cplusplus
 }
 #endif
