@@ -31,8 +31,11 @@ qf_status qf_linear_forward(float *out, const float *in, const float *weight, co
             for (int64_t o = 0; o < Cout; o++) out[n * Cout + o] = bias[o];
         beta = 1.0f;
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)N, (int)Cout, (int)Cin, 1.0f, in, (int)Cin,
-                weight, (int)Cin, beta, out, (int)Cout);
+    if (N == 1) /* one row (a decoding step): GEMV streams the weight once, GEMM would pack it */
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)Cout, (int)Cin, 1.0f, weight, (int)Cin, in, 1, beta, out, 1);
+    else
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)N, (int)Cout, (int)Cin, 1.0f, in, (int)Cin,
+                    weight, (int)Cin, beta, out, (int)Cout);
     return QF_OK;
 }
 
