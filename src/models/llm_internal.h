@@ -79,5 +79,7 @@ struct qf_llm {
 
 /* Finds the linear whose name is `module` (exact match), or NULL. */
 llm_linear *llm_find_linear(qf_llm *m, const char *module);
+/* Frees every loaded adapter and clears the linears' lora pointers (llm_adapter.c; for qf_llm_free). */
+void llm_adapters_free(qf_llm *m);
 
 #endif
