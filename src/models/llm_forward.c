@@ -223,14 +223,16 @@ qf_status qf_llm_decode(qf_llm *m, qf_llm_cache *c, const float *embeds, int64_t
                   QD = Hq * hd, KD = Hkv * hd, half = hd / 2, cap = c->cap;
     const int opt = m->arch == LLM_ARCH_OPT;
     const float eps = (float)cf->norm_eps;
-    if (opt) /* learned positions: the table must cover every position this row will reach */
-        for (int64_t b = 0; b < B; b++) {
-            int64_t add = 0;
-            for (int64_t t = 0; t < T; t++) add += mask ? mask[b * T + t] != 0 : 1;
-            if (c->next_pos[b] + add > cf->max_position_embeddings)
-                return qf_fail(QF_ERR_ARG, "%s: row %lld reaches position %lld but max_position_embeddings is %lld", fn,
-                               (long long)b, (long long)(c->next_pos[b] + add - 1), (long long)cf->max_position_embeddings);
-        }
+    /* The context: OPT's learned-position table has max_position_embeddings rows; RoPE models
+     * were trained up to it and transformers' configs state it as the limit. */
+    for (int64_t b = 0; b < B; b++) {
+        int64_t add = 0;
+        for (int64_t t = 0; t < T; t++) add += mask ? mask[b * T + t] != 0 : 1;
+        if (c->next_pos[b] + add > cf->max_position_embeddings)
+            return qf_fail(QF_ERR_ARG, "%s: row %lld reaches position %lld but max_position_embeddings (the "
+                           "context) is %lld", fn, (long long)b, (long long)(c->next_pos[b] + add - 1),
+                           (long long)cf->max_position_embeddings);
+    }
     const int64_t NL = last_only ? B : N, Wmax = H > E ? H : E;
     /* workspace plan */
     size_t fl[] = {(size_t)N * H, (size_t)N * (Wmax > QD ? Wmax : QD), (size_t)N * QD, (size_t)N * KD,
@@ -410,7 +412,7 @@ qf_status qf_llm_generate(qf_llm *m, const float *embeds, const uint8_t *mask, i
             if (prompt_ids[i] < 0 || prompt_ids[i] >= V)
                 return qf_fail(QF_ERR_ARG, "%s: prompt_ids[%lld,%lld] = %d is outside [0, vocab_size = %lld)", fn,
                                (long long)(i / T), (long long)(i % T), (int)prompt_ids[i], (long long)V);
-    if (m->arch == LLM_ARCH_OPT) { /* the prompt plus every new token needs a learned position */
+    { /* the prompt plus every new token must fit the context */
         for (int64_t b = 0; b < B; b++) {
             int64_t n = 0;
             for (int64_t t = 0; t < T; t++) n += mask ? mask[b * T + t] != 0 : 1;

@@ -265,8 +265,9 @@ def test_on_token_stops_a_row(case):
     np.testing.assert_array_equal(out[1], ref[1])
 
 
-def test_opt_context_limit():
-    meta, io, folder = load_fixture("llm_opt")
+@pytest.mark.parametrize("name", CASES)
+def test_context_limit(name):
+    meta, io, folder = load_fixture(name)
     m = CausalLM.load(folder)
     n = m.config["max_position_embeddings"]
     with pytest.raises(QfuseError) as e:
