@@ -126,7 +126,10 @@ class _SdpaCall:
     """Converted inputs and filled qf_sdpa_params for one sdpa call (keeps buffers alive)."""
 
     def __init__(self, fn, q, k, v, attn_mask, is_causal, scale, enable_gqa, dropout_p, seed,
-                 check_finite):
+                 check_finite, device="cpu"):
+        if device not in ("cpu", "cuda"):
+            raise QfuseError("%s: device = %r; expected 'cpu' or 'cuda'" % (fn, device))
+        self.device = device
         q, k, v = _f32(q, fn + ": q"), _f32(k, fn + ": k"), _f32(v, fn + ": v")
         if q.ndim not in (3, 4):
             raise QfuseError("%s: q has shape %s (rank %d); expected [B,H,L,D] or [H,L,D]"
@@ -173,6 +176,9 @@ class _SdpaCall:
         self.shape = (B, Hq, L, S, D, Dv)
 
     def forward(self, want_lse, want_weights):
+        if self.device == "cuda":  # host copies around the GPU kernels (qfuse.cuda)
+            from . import cuda
+            return cuda.sdpa_forward(self, want_lse, want_weights)
         B, Hq, L, S, D, Dv = self.shape
         out = np.empty((B, Hq, L, Dv), np.float32)
         lse = np.empty((B, Hq, L), np.float32) if want_lse else None
@@ -186,8 +192,9 @@ class _SdpaCall:
 
 
 def sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
-         dropout_p=0.0, seed=0, return_weights=False, check_finite=True):
-    """torch.nn.functional.scaled_dot_product_attention on the CPU engine.
+         dropout_p=0.0, seed=0, return_weights=False, check_finite=True, device="cpu"):
+    """torch.nn.functional.scaled_dot_product_attention on the CPU engine (device="cuda": on the
+    GPU through the CUDA backend, numpy in and out; see qfuse.cuda).
 
     q [B,Hq,L,D] (or [Hq,L,D]), k [B,Hkv,S,D], v [B,Hkv,S,Dv] -> out [B,Hq,L,Dv] float32.
     attn_mask: bool (True = attend) or float (added), broadcastable to [B,Hq,L,S].
@@ -197,7 +204,7 @@ def sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
     check_finite=False skips the NaN/Inf scan of q, k, v.
     """
     c = _SdpaCall("sdpa", q, k, v, attn_mask, is_causal, scale, enable_gqa, dropout_p, seed,
-                  check_finite)
+                  check_finite, device)
     out, _, w = c.forward(False, return_weights)
     if return_weights:
         return c.back(out), c.back(w)
@@ -205,11 +212,11 @@ def sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
 
 
 def sdpa_backward(q, k, v, grad_out, attn_mask=None, is_causal=False, scale=None,
-                  enable_gqa=False, dropout_p=0.0, seed=0, check_finite=True):
+                  enable_gqa=False, dropout_p=0.0, seed=0, check_finite=True, device="cpu"):
     """Gradients (dq, dk, dv) of loss = sum(sdpa(q, k, v, ...) * grad_out), same arguments as
     sdpa (the same dropout_p/seed reproduce the forward's dropout mask)."""
     c = _SdpaCall("sdpa_backward", q, k, v, attn_mask, is_causal, scale, enable_gqa, dropout_p,
-                  seed, check_finite)
+                  seed, check_finite, device)
     B, Hq, L, S, D, Dv = c.shape
     g = _f32(grad_out, "sdpa_backward: grad_out")
     if c.unbatched and g.ndim == 3:
@@ -219,6 +226,9 @@ def sdpa_backward(q, k, v, grad_out, attn_mask=None, is_causal=False, scale=None
         raise QfuseError("sdpa_backward: grad_out has shape %s but the output is [%s]"
                          % (_shape(np.asarray(grad_out)), ",".join(map(str, want))),
                          "QF_ERR_SHAPE")
+    if c.device == "cuda":
+        from . import cuda
+        return tuple(c.back(x) for x in cuda.sdpa_backward(c, g))
     out, lse, _ = c.forward(True, False)
     dq = np.empty(c.q.shape, np.float32)
     dk = np.empty(c.k.shape, np.float32)
