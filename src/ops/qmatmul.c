@@ -324,6 +324,23 @@ QA512 void row512(const qf_qweight *q, int64_t o, const float *x, const int NR, 
         const int64_t half = b / 2;
         const uint8_t *c = (const uint8_t *)q->codes + o * (in / 2);
         const float *sc = q->scales + o * q->nblocks;
+        if (half % 16 == 0) { /* whole vectors (block 32, 64, ...): no masks */
+            const __m512i f15 = _mm512_set1_epi32(15);
+            const __mmask16 mk = 0xFFFF;
+            for (int64_t k = 0; k < q->nblocks; k++) {
+                /* w = (u - 8) * s as one FMA u * s + (-8 s): exact product, one rounding, so
+                 * the same float as the scalar (float)(u - 8) * s (-8 s is exact) */
+                const __m512 s = _mm512_set1_ps(sc[k]), m8s = _mm512_set1_ps(-8.0f * sc[k]);
+                const float *xk = x + k * b;
+                for (int64_t j = 0; j < half; j += 16) {
+                    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + k * half + j)));
+                    __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, f15)), s, m8s);
+                    __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), s, m8s);
+                    FMA_ROWS512(A, lo, xk + j);
+                    FMA_ROWS512(B, hi, xk + half + j);
+                }
+            }
+        } else
         for (int64_t k = 0; k < q->nblocks; k++) {
             const __m512 s = _mm512_set1_ps(sc[k]);
             const float *xk = x + k * b;
