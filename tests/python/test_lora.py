@@ -521,3 +521,37 @@ def test_model_adapter_for_another_architecture(tmp_path):
     with pytest.raises(QfuseError, match="no adapter is active"):
         m.merge_adapter()
     assert m.err("logits") <= m.meta["rtol_fp32"]
+
+
+@needs_llm_adapter
+def test_model_merge_refused_for_quantized_and_tied(tmp_path):
+    meta, io, folder = load_fixture("llm_llama")
+    q = CausalLM.load(folder, weights="int8")
+    AdapterMixin.load_adapter(q, fixture_lora("llm_llama"))
+    before = q.logits(input_ids=io["input_ids"])
+    with pytest.raises(QfuseError) as e:
+        AdapterMixin.merge_adapter(q)
+    assert e.value.status == "QF_ERR_UNSUPPORTED" and "quantized" in e.value.message
+    assert "model.layers.0." in e.value.message
+    np.testing.assert_array_equal(q.logits(input_ids=io["input_ids"]), before)  # nothing changed
+    # the adapter still applies on the fly on int8 weights: the lora effect (logits_lora - logits,
+    # relative size ~1) is reproduced up to int8 rounding
+    AdapterMixin.set_adapter(q, None)
+    base = q.logits(input_ids=io["input_ids"])
+    effect_err = rel_err(before - base, io["logits_lora"] - io["logits"])
+    print("int8: lora effect rel err %.3g" % effect_err)
+    assert effect_err < 0.05
+    # Qwen2's lm_head is embed_tokens (tied): an adapter on lm_head applies, but cannot merge
+    m = Model("llm_qwen2")
+    cfg = base_config()
+    cfg["target_modules"] = ["lm_head"]
+    rng = np.random.default_rng(3)
+    t = {PREFIX + "lm_head.lora_A.weight": rng.standard_normal((4, 64)).astype(np.float32),
+         PREFIX + "lm_head.lora_B.weight": rng.standard_normal((200, 4)).astype(np.float32)}
+    m.load_adapter(write_adapter(str(tmp_path / "head"), cfg, t))
+    assert m.err("logits") > 10 * m.meta["rtol_fp32"]
+    with pytest.raises(QfuseError) as e:
+        m.merge_adapter()
+    assert e.value.status == "QF_ERR_UNSUPPORTED" and "tie_word_embeddings" in e.value.message
+    m.set_adapter(None)
+    assert m.err("logits") <= m.meta["rtol_fp32"]
