@@ -19,12 +19,9 @@
  *      the first id, in id order, whose running sum of exp(x - max) (double) exceeds u * total.
  *      The draw is a pure function of (processed logits, seed, counter).
  *
- * Top-p without the full ascending sort: the ascending cumsum at token j equals the total mass
- * minus the mass strictly above j in descending order. Candidates go into a binary max-heap
- * ordered by (value desc, id desc) - the reverse of the stable ascending order - and are popped
- * until the first removed one; everything left in the heap is removed too, since c only falls
- * as the pops go down. Cost O(V + m log V) for m kept tokens. Top-k uses a size-k min-heap of
- * values: O(V log k). Probabilities are computed in double from the float32 logits; torch's are
+ * Top-p without the full ascending sort: c only grows along the ascending order, so the removed
+ * tokens are a prefix of it; a weighted quickselect finds where that prefix ends (expected
+ * O(V)). Top-k uses a size-k min-heap of values: O(V log k). Probabilities are computed in double from the float32 logits; torch's are
  * float32, so the two can disagree only where c is within float32 rounding of 1 - top_p.
  *
  * Inputs: -inf logits are allowed (masked tokens); NaN and +inf are refused, and so is a row
@@ -51,22 +48,16 @@ qf_sampling qf_sampling_defaults(void) {
 typedef struct {
     float v;
     int32_t id;
+    double e;          /* exp(v - max) */
 } cand;
 
-/* heap order for top-p: a is above b when larger, or equal with a larger id */
-static int cand_above(cand a, cand b) { return a.v > b.v || (a.v == b.v && a.id > b.id); }
+/* the stable ascending order of top-p's sort: by value, then by id */
+static int cand_less(const cand *a, const cand *b) { return a->v < b->v || (a->v == b->v && a->id < b->id); }
 
-static void cand_sift_down(cand *h, int64_t n, int64_t i) {
-    cand x = h[i];
-    for (;;) {
-        int64_t c = 2 * i + 1;
-        if (c >= n) break;
-        if (c + 1 < n && cand_above(h[c + 1], h[c])) c++;
-        if (!cand_above(h[c], x)) break;
-        h[i] = h[c];
-        i = c;
-    }
-    h[i] = x;
+static void cand_swap(cand *a, cand *b) {
+    cand t = *a;
+    *a = *b;
+    *b = t;
 }
 
 /* min-heap of floats (top-k threshold) */
@@ -95,30 +86,50 @@ static float kth_largest(const float *x, int64_t V, int64_t k, float *heap) {
     return heap[0];
 }
 
-/* Top-p over the finite entries of x (at least one), with max m. */
-static void top_p_filter(float *x, int64_t V, float top_p, float m, cand *heap) {
-    int64_t n = 0;
+/* Top-p over the finite entries of x (at least one), with max m. A weighted quickselect on the
+ * candidates c[0..n): each round partitions the open range around a pivot (keys are unique:
+ * value, then id), and the pivot's ascending cumsum - the mass below the range, plus the part
+ * below the pivot, plus its own - says on which side the first kept candidate lies. The largest
+ * candidate is set apart first: it is kept whatever the threshold (min_tokens_to_keep = 1).
+ * Expected O(n). */
+static void top_p_filter(float *x, int64_t V, float top_p, float m, cand *c) {
+    int64_t n = 0, top = 0;
     double total = 0.0;
     for (int64_t i = 0; i < V; i++)
         if (x[i] != -INFINITY) {
-            heap[n++] = (cand){x[i], (int32_t)i};
-            total += exp((double)x[i] - (double)m);
+            double e = exp((double)x[i] - (double)m);
+            c[n] = (cand){x[i], (int32_t)i, e};
+            if (cand_less(&c[top], &c[n])) top = n;
+            total += e;
+            n++;
         }
     const float thr = (float)(1.0 - (double)top_p);
-    for (int64_t i = n / 2 - 1; i >= 0; i--) cand_sift_down(heap, n, i);
-    double above = 0.0;
-    int first = 1;
-    while (n > 0) {
-        cand c = heap[0];
-        /* ascending cumsum at c: everything not strictly above it */
-        float cum = (float)((total - above) / total);
-        if (!first && cum <= thr) break;
-        first = 0;
-        above += exp((double)c.v - (double)m);
-        heap[0] = heap[--n];
-        if (n) cand_sift_down(heap, n, 0);
+    cand_swap(&c[top], &c[n - 1]);
+    int64_t lo = 0, hi = n - 1;   /* undecided range; [0,lo) removed, [hi,n) kept */
+    double below = 0.0;           /* mass of c[0..lo) */
+    uint32_t rng = 0x9E3779B9u;
+    while (lo < hi) {
+        rng = rng * 1664525u + 1013904223u;
+        int64_t p = lo + (int64_t)((uint64_t)rng * (uint64_t)(hi - lo) >> 32);
+        cand_swap(&c[p], &c[hi - 1]);
+        const cand piv = c[hi - 1];
+        int64_t store = lo;
+        double mass = 0.0;
+        for (int64_t i = lo; i < hi - 1; i++)
+            if (cand_less(&c[i], &piv)) {
+                mass += c[i].e;
+                cand_swap(&c[i], &c[store++]);
+            }
+        cand_swap(&c[store], &c[hi - 1]); /* pivot at store: [lo,store) below it, (store,hi) above */
+        float cum = (float)((below + mass + piv.e) / total);
+        if (cum <= thr) {  /* pivot and everything below it removed */
+            below += mass + piv.e;
+            lo = store + 1;
+        } else {           /* pivot and everything above it kept */
+            hi = store;
+        }
     }
-    for (int64_t i = 0; i < n; i++) x[heap[i].id] = -INFINITY;
+    for (int64_t i = 0; i < lo; i++) x[c[i].id] = -INFINITY;
 }
 
 static uint64_t draw_bits53(uint64_t seed, uint64_t counter) {

@@ -161,6 +161,17 @@ def test_greedy_ties_pick_lowest_id():
     assert sample_token(x)[0] == 2
 
 
+def test_top_p_exact_boundary():
+    # four equal tokens: the ascending cumsum is exactly 0.25, 0.5, 0.75, 1 in float32 and in
+    # double, so "c <= 1 - top_p" is decided by the equality itself; of the ties the lowest ids go
+    for p, kept in ((0.75, [1, 2, 3]), (0.5, [2, 3]), (0.25, [3]), (0.125, [3])):
+        x = np.array([0, 0, NEG_INF, 0, 0], np.float32)
+        ref, _ = ref_process(x, [], True, 1.0, 0, p, 1.0)
+        _, got = sample_token(x, do_sample=True, top_p=p)
+        assert_same_logits(got, ref, "top_p=%g" % p)
+        assert list(np.nonzero(np.isfinite(got))[0]) == [[0, 1, 3, 4][i] for i in kept]
+
+
 def test_large_vocab_top_k_top_p():
     rng = np.random.default_rng(7)
     V = 152064
