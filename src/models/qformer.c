@@ -388,6 +388,11 @@ qf_status qf_qformer_load_parts(const qf_config *cfg, const char *cfg_prefix, co
     return QF_OK;
 }
 
+/* In a whole BLIP-2 / InstructBLIP checkpoint only the Q-Former's tensors are gathered. */
+static int want_qformer_tensor(const char *name) {
+    return !strncmp(name, "qformer.", 8) || !strcmp(name, "query_tokens");
+}
+
 qf_status qf_qformer_load(const char *folder, qf_qformer **out) {
     const char *fn = "qf_qformer_load";
     if (!out) return qf_fail(QF_ERR_ARG, "%s: out is NULL", fn);
@@ -415,20 +420,8 @@ qf_status qf_qformer_load(const char *folder, qf_qformer **out) {
     }
     qf_safetensors *st = NULL;
     if (s == QF_OK) {
-        snprintf(path, sizeof path, "%s/model.safetensors", folder);
-        s = qf_st_open(path, &st);
-        if (s != QF_OK) {
-            char idx[4200];
-            snprintf(idx, sizeof idx, "%s/model.safetensors.index.json", folder);
-            FILE *f = fopen(idx, "rb");
-            if (f) {
-                fclose(f);
-                s = qf_fail(QF_ERR_UNSUPPORTED, "%s: %s is a sharded checkpoint (model.safetensors.index.json); "
-                                                "sharded loading is not implemented yet", fn, folder);
-            } else {
-                s = qf_fail_prefix(s, "%s", fn);
-            }
-        }
+        s = qf_open_checkpoint(folder, *tensor_prefix ? want_qformer_tensor : NULL, &st);
+        if (s != QF_OK) s = qf_fail_prefix(s, "%s", fn);
     }
     if (s == QF_OK) {
         s = qf_qformer_load_parts(cfg, cfg_prefix, st, tensor_prefix, out);

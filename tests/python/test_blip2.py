@@ -30,6 +30,7 @@ import pytest
 import util
 from qfuse import QfuseError, _native
 from qfuse.blip2 import Blip2
+from qfuse.qformer import QFormer
 
 TOL = 1e-4
 HAVE_QF_BWD = _native.has("qf_qformer_backward")
@@ -421,6 +422,12 @@ def test_sharded_checkpoint(tmp_path):
     (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
     m = Blip2.load(str(dst))
     assert util.rel_err(m.fuse(io["pixel_values"]), io["language_projection"]) < TOL
+    # the bare Q-Former of the same sharded folder (only its tensors are gathered)
+    qf, ref_qf = QFormer.load(str(dst)), QFormer.load(folder)
+    rng = np.random.default_rng(3)
+    H, Henc = qf.config["hidden_size"], qf.config["encoder_hidden_size"]
+    qe, enc = rng.standard_normal((1, 4, H)).astype(np.float32), rng.standard_normal((1, 5, Henc)).astype(np.float32)
+    np.testing.assert_array_equal(qf.forward(qe, enc), ref_qf.forward(qe, enc))
     # a shard that is missing is an I/O error naming it
     os.remove(dst / "model-00002-of-00002.safetensors")
     with pytest.raises(QfuseError) as e:
