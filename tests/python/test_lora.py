@@ -555,3 +555,50 @@ def test_model_merge_refused_for_quantized_and_tied(tmp_path):
     assert e.value.status == "QF_ERR_UNSUPPORTED" and "tie_word_embeddings" in e.value.message
     m.set_adapter(None)
     assert m.err("logits") <= m.meta["rtol_fp32"]
+
+
+@needs_llm_adapter
+def test_model_opt_adapter_vs_merged_checkpoint(tmp_path):
+    """OPT's module names (model.decoder.layers.N.self_attn.out_proj, fc1, fc2) and biased
+    linears. No PEFT fixture exists for OPT, so the reference is the base forward (checked
+    against transformers in test_llm) of a checkpoint whose weights numpy merged:
+    W + scaling * B @ A in float64."""
+    src = os.path.join(FIXTURES, "llm_opt")
+    if not os.path.isdir(src):
+        pytest.skip("no llm_opt fixture")
+    meta, io, _ = load_fixture("llm_opt")
+    cfg = base_config()
+    cfg["auto_mapping"] = {"base_model_class": "OPTForCausalLM"}
+    cfg.update(r=3, lora_alpha=6, use_rslora=True, target_modules=["q_proj", "out_proj", "fc1", "fc2"])
+    weights = read_safetensors(os.path.join(src, "model.safetensors"))
+    rng = np.random.default_rng(4)
+    t, merged = {}, dict(weights)
+    for layer in range(2):
+        for sub in ("self_attn.q_proj", "self_attn.out_proj", "fc1", "fc2"):
+            mod = "model.decoder.layers.%d.%s" % (layer, sub)
+            W = weights[mod + ".weight"]
+            A = (rng.standard_normal((3, W.shape[1])) * 0.3).astype(np.float32)
+            B = (rng.standard_normal((W.shape[0], 3)) * 0.3).astype(np.float32)
+            t[PREFIX + mod + ".lora_A.weight"], t[PREFIX + mod + ".lora_B.weight"] = A, B
+            merged[mod + ".weight"] = (W.astype(np.float64) + 6 / math.sqrt(3) *
+                                       (B.astype(np.float64) @ A.astype(np.float64))).astype(np.float32)
+    adapter = write_adapter(str(tmp_path / "opt_lora"), cfg, t)
+    ref_folder = tmp_path / "opt_merged"
+    shutil.copytree(src, ref_folder)
+    for p in ref_folder.iterdir():
+        os.chmod(p, 0o644)
+    write_safetensors(str(ref_folder / "model.safetensors"), merged)
+    ref = CausalLM.load(ref_folder).logits(input_ids=io["input_ids"])
+    m = CausalLM.load(src)
+    AdapterMixin.load_adapter(m, adapter)
+    e_fly = rel_err(m.logits(input_ids=io["input_ids"]), ref)
+    AdapterMixin.merge_adapter(m)
+    e_merged = rel_err(m.logits(input_ids=io["input_ids"]), ref)
+    AdapterMixin.unmerge_adapter(m)
+    AdapterMixin.set_adapter(m, None)
+    e_base = rel_err(m.logits(input_ids=io["input_ids"]), io["logits"])
+    gap = rel_err(io["logits"], ref)
+    print("opt: on the fly %.3g, merged %.3g, base after unmerge %.3g; adapter effect %.3g"
+          % (e_fly, e_merged, e_base, gap))
+    assert gap > 100 * meta["rtol_fp32"]
+    assert max(e_fly, e_merged, e_base) <= meta["rtol_fp32"]
