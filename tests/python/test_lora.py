@@ -602,3 +602,9 @@ def test_model_opt_adapter_vs_merged_checkpoint(tmp_path):
           % (e_fly, e_merged, e_base, gap))
     assert gap > 100 * meta["rtol_fp32"]
     assert max(e_fly, e_merged, e_base) <= meta["rtol_fp32"]
+
+
+def test_causal_lm_has_adapter_calls():
+    assert issubclass(CausalLM, AdapterMixin)
+    for name in ("load_adapter", "set_adapter", "merge_adapter", "unmerge_adapter"):
+        assert getattr(CausalLM, name) is getattr(AdapterMixin, name)
