@@ -47,7 +47,7 @@ TEST_BIN := $(TEST_SRC:tests/c/%.c=$(BUILD)/tests/%)
 FUZZ_SRC := $(sort $(wildcard fuzz/fuzz_*.c))
 -include cuda.mk
 
-.PHONY: all test test-c test-python sanitize fuzz bench bench-qformer clean
+.PHONY: all test test-c test-python sanitize fuzz bench bench-qformer bench-llm clean
 all: $(BUILD)/libqfuse.a $(BUILD)/libqfuse.so $(BUILD)/qfuse $(BUILD)/bench_attention $(BUILD)/bench_qformer
 
 $(BUILD)/%.o: %.c $(wildcard include/*.h src/*/*.h)
@@ -114,6 +114,14 @@ bench: all
 # Whole models (BLIP-2 Q-Former, AffectGPT pre-fusion) against PyTorch; THREADS=N to choose.
 bench-qformer: $(BUILD)/bench_qformer
 	$(BUILD)/bench_qformer $(if $(THREADS),--threads $(THREADS)) --python $(PYTHON)
+
+# Decoder LLM per weight format (f32/bf16/int8/q4), bench/bench_llm.c: FOLDER=<HF llama/qwen2
+# folder> [THREADS=N] [ARGS="--kernels ..."]; bench/llm_peer.py makes a random Qwen2 folder.
+$(BUILD)/bench_llm: bench/bench_llm.c $(BUILD)/libqfuse.a
+	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libqfuse.a $(LDLIBS)
+
+bench-llm: $(BUILD)/bench_llm
+	$(BUILD)/bench_llm $(or $(FOLDER),$(error bench-llm: set FOLDER=<model folder>)) $(if $(THREADS),--threads $(THREADS)) $(ARGS)
 
 clean:
 	rm -rf build build-san build-fuzz
