@@ -220,9 +220,12 @@ typedef struct {
     int64_t hidden_size, num_query_tokens, num_prefix_tokens, prefix_feature_dim, projection_dim;
 } qf_kvprefix_shape;
 qf_status qf_kvprefix_get_shape(const qf_kvprefix *m, qf_kvprefix_shape *out);
-/* in [rows,hidden] -> out [rows,projection_dim] through language_projection (forward only;
- * QF_ERR_NOT_FOUND when the checkpoint has none). */
+/* in [rows,hidden] -> out [rows,projection_dim] through language_projection (QF_ERR_NOT_FOUND
+ * when the checkpoint has none). The backward of that product: grad_in [rows,hidden] (may be
+ * NULL) overwritten, language_projection's gradients accumulated. */
 qf_status qf_kvprefix_project(qf_kvprefix *m, int64_t rows, const float *in, float *out);
+qf_status qf_kvprefix_project_backward(qf_kvprefix *m, int64_t rows, const float *in, const float *grad_out,
+                                       float *grad_in);
 
 /* ---- attention heatmap ------------------------------------------------------------------------
  * Writes weights [rows, cols] (queries down, encoder tokens across) as an 8-bit RGB PNG, each

@@ -79,6 +79,7 @@ _native.declare({
     "qf_kvprefix_forward": (c_int, [c_void_p, P(qf_qformer_args), c_void_p, c_void_p, c_void_p,
                                     c_void_p]),
     "qf_kvprefix_project": (c_int, [c_void_p, c_int64, c_void_p, c_void_p]),
+    "qf_kvprefix_project_backward": (c_int, [c_void_p, c_int64, c_void_p, c_void_p, c_void_p]),
     "qf_kvprefix_backward": (c_int, [c_void_p, c_void_p, c_void_p, c_void_p, c_void_p]),
     "qf_kvprefix_num_params": (c_int, [c_void_p]),
     "qf_kvprefix_param": (c_int, [c_void_p, c_int, P(_native.qf_param)]),
@@ -413,6 +414,30 @@ class KVPrefix(_Model):
         out = np.empty(x.shape[:-1] + (self.projection_dim,), np.float32)
         check(lib.qf_kvprefix_project(h, rows, _ptr(x), _ptr(out)))
         return out
+
+    def project_backward(self, tokens, grad_out):
+        """Gradients of sum(project(tokens) * grad_out): (grad_tokens [..., hidden],
+        {"language_projection.weight": ..., "language_projection.bias": ...}). Chain it in front
+        of backward() to train through the projection. Like backward(), it starts from zeroed
+        parameter gradients."""
+        h = self._handle("project_backward")
+        fn = "KVPrefix.project_backward"
+        if not self.projection_dim:
+            raise QfuseError("%s: the checkpoint has no language_projection" % fn, "QF_ERR_NOT_FOUND")
+        x = _f32(tokens, fn + ": tokens")
+        if x.ndim < 1 or x.shape[-1] != self.hidden_size:
+            raise QfuseError("%s: tokens has shape %s; the last dim must be %d"
+                             % (fn, _shape(x), self.hidden_size), "QF_ERR_SHAPE")
+        g = _f32(grad_out, fn + ": grad_out")
+        if g.shape != x.shape[:-1] + (self.projection_dim,):
+            raise QfuseError("%s: grad_out has shape %s; expected %s" % (fn, _shape(g), _shape(
+                np.empty(x.shape[:-1] + (self.projection_dim,)))), "QF_ERR_SHAPE")
+        rows = int(np.prod(x.shape[:-1]))
+        gx = np.empty(x.shape, np.float32)
+        lib.qf_kvprefix_zero_grad(h)
+        check(lib.qf_kvprefix_project_backward(h, rows, _ptr(x), _ptr(g), _ptr(gx)))
+        grads = self._grads()
+        return gx, {k: grads[k] for k in ("language_projection.weight", "language_projection.bias")}
 
     def backward(self, grad_out):
         """Gradients of sum(fuse(...) * grad_out) for the last fuse(): {"encoder_hidden_states",

@@ -9,7 +9,9 @@
  *   out = Q-Former(query_embeds or query_tokens, encoder_hidden_states, prefix_k = pk, prefix_v = pv)
  * The same pk/pv are prepended (before the layer's own encoder keys/values) in EVERY
  * cross-attention layer and are always attended (the encoder mask is extended with ones).
- * language_projection (optional in the checkpoint) is applied by qf_kvprefix_project, forward only.
+ * language_projection (optional in the checkpoint) is applied by qf_kvprefix_project; its backward,
+ * qf_kvprefix_project_backward, is separate because the projection sits after the Q-Former output
+ * that qf_kvprefix_backward starts from (a caller chains the two).
  *
  * Checkpoint: query_tokens [1,nq,hidden]; Q-Former under "qformer." (config "qformer_config");
  * kv_prefix.feature_proj.0.{weight [F,F],bias}, kv_prefix.feature_proj.2.{weight [hidden,F],bias},
@@ -18,8 +20,8 @@
  *
  * Invariants:
  *   - Own parameters in one float buffer and their gradients in another (ptab, llm.c style); the
- *     Q-Former keeps its own. Gradients accumulate until qf_kvprefix_zero_grad. language_projection
- *     is reported with grad NULL (backward starts at the Q-Former output).
+ *     Q-Former keeps its own. Gradients accumulate until qf_kvprefix_zero_grad (language_projection's
+ *     only through qf_kvprefix_project_backward).
  *   - fwd/bwd are grow-only planned blocks; fwd keeps copies of the inputs.
  *   - have_fwd only after a fully successful forward; backward refuses without one. */
 #include "models_internal.h"
@@ -34,7 +36,7 @@ typedef struct {
     int ndim;
     int64_t shape[3];
     size_t off, n;
-    int trained;                    /* 0: reported with grad NULL (language_projection) */
+    int trained;                    /* 0: reported with grad NULL */
 } kv_ptab;
 
 struct qf_kvprefix {
@@ -44,7 +46,7 @@ struct qf_kvprefix {
     kv_ptab ptab[KV_NP];
     float *params, *grads;
     const float *qtok, *w0, *b0, *w2, *b2, *ptok, *wk, *bk, *wv, *bv, *wp, *bp;
-    float *gqtok, *gw0, *gb0, *gw2, *gb2, *gptok, *gwk, *gbk, *gwv, *gbv;
+    float *gqtok, *gw0, *gb0, *gw2, *gb2, *gptok, *gwk, *gbk, *gwv, *gbv, *gwp, *gbp;
     int nq_params;
     char **q_names;                 /* "qformer." + the core's name */
 
@@ -135,8 +137,8 @@ static qf_status load_into(qf_kvprefix *m, const char *folder) {
         add_param(m, "kv_prefix.v_proj.weight", 2, H, H, 0, 1, &off);
         add_param(m, "kv_prefix.v_proj.bias", 1, H, 0, 0, 1, &off);
         if (has_proj) {
-            add_param(m, "language_projection.weight", 2, m->D, H, 0, 0, &off);
-            add_param(m, "language_projection.bias", 1, m->D, 0, 0, 0, &off);
+            add_param(m, "language_projection.weight", 2, m->D, H, 0, 1, &off);
+            add_param(m, "language_projection.bias", 1, m->D, 0, 0, 1, &off);
         }
         if (posix_memalign((void **)&m->params, 64, off * sizeof(float)) ||
             posix_memalign((void **)&m->grads, 64, off * sizeof(float)))
@@ -169,8 +171,8 @@ static qf_status load_into(qf_kvprefix *m, const char *folder) {
         m->wv = P_ + t[8].off;    m->gwv = G + t[8].off;
         m->bv = P_ + t[9].off;    m->gbv = G + t[9].off;
         if (has_proj) {
-            m->wp = P_ + t[10].off;
-            m->bp = P_ + t[11].off;
+            m->wp = P_ + t[10].off;   m->gwp = G + t[10].off;
+            m->bp = P_ + t[11].off;   m->gbp = G + t[11].off;
         }
     }
     qf_st_close(st);
@@ -327,6 +329,16 @@ qf_status qf_kvprefix_project(qf_kvprefix *m, int64_t rows, const float *in, flo
     if (!m->D)
         return qf_fail(QF_ERR_NOT_FOUND, "%s: the checkpoint has no language_projection.weight", fn);
     return qf_linear_forward(out, in, m->wp, m->bp, rows, m->H, m->D);
+}
+
+qf_status qf_kvprefix_project_backward(qf_kvprefix *m, int64_t rows, const float *in, const float *grad_out,
+                                       float *grad_in) {
+    const char *fn = "qf_kvprefix_project_backward";
+    if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
+    if (!in || !grad_out) return qf_fail(QF_ERR_ARG, "%s: in/grad_out is NULL", fn);
+    if (!m->D)
+        return qf_fail(QF_ERR_NOT_FOUND, "%s: the checkpoint has no language_projection.weight", fn);
+    return qf_linear_backward(grad_in, m->gwp, m->gbp, grad_out, in, m->wp, rows, m->H, m->D);
 }
 
 /* ---- backward ---- */

@@ -121,6 +121,17 @@ def test_prefix_acts_and_projection(tmp_path):
     proj = m.project(out)
     ref = out.astype(np.float64) @ sd["language_projection.weight"].T + sd["language_projection.bias"]
     assert proj.shape == (2, cfg["num_query_tokens"], 9) and util.rel_err(proj, ref) < TOL
+    # its backward vs torch autograd (float64)
+    t = util.torch()
+    go = rng.standard_normal(proj.shape)
+    xt = t.tensor(out.astype(np.float64), requires_grad=True)
+    wt = t.tensor(sd["language_projection.weight"].astype(np.float64), requires_grad=True)
+    bt = t.tensor(sd["language_projection.bias"].astype(np.float64), requires_grad=True)
+    (t.nn.functional.linear(xt, wt, bt) * t.tensor(go)).sum().backward()
+    gx, gp = m.project_backward(out, go.astype(np.float32))
+    assert util.rel_err(gx, xt.grad.numpy()) < TOL
+    assert util.rel_err(gp["language_projection.weight"], wt.grad.numpy()) < TOL
+    assert util.rel_err(gp["language_projection.bias"], bt.grad.numpy()) < TOL
     # a prefix whose keys and values are all zero rows still takes attention mass: the output
     # differs from the plain Q-Former, and matches the reference
     sd0 = dict(sd)
