@@ -123,5 +123,15 @@ $(BUILD)/bench_llm: bench/bench_llm.c $(BUILD)/libqfuse.a
 bench-llm: $(BUILD)/bench_llm
 	$(BUILD)/bench_llm $(or $(FOLDER),$(error bench-llm: set FOLDER=<model folder>)) $(if $(THREADS),--threads $(THREADS)) $(ARGS)
 
+# The bundled demo: models/default (a tiny BLIP-2 with RANDOM weights: the words mean nothing)
+# describing data/chelsea.png, streamed. Any BLIP-2 folder / image / prompt:
+#   make run RUN_MODEL=blip2-opt-2.7b RUN_IMAGE=cat.jpg RUN_PROMPT="Question: what is this? Answer:"
+RUN_MODEL  ?= models/default
+RUN_IMAGE  ?= data/chelsea.png
+RUN_PROMPT ?= Question: what is in the picture? Answer:
+.PHONY: run
+run: $(BUILD)/qfuse
+	$(BUILD)/qfuse run $(RUN_MODEL) --image $(RUN_IMAGE) --prompt "$(RUN_PROMPT)" --repetition-penalty 1.3
+
 clean:
 	rm -rf build build-san build-fuzz

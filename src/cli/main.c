@@ -29,6 +29,9 @@ static const char *usage_text =
     "  fuse MODEL [options]      run a fusion model (Q-Former, BLIP-2, AffectGPT pre-fusion / video and\n"
     "                            audio Q-Formers / attention fusion, KV-prefix)\n"
     "                            on .npy features or an image; `qfuse fuse --help` for the options\n"
+    "  run MODEL --image X [--prompt TEXT]\n"
+    "                            BLIP-2 / InstructBLIP: describe an image, streaming the answer\n"
+    "                            (`qfuse run --help` for sampling, stop strings, weights)\n"
     "  help                      this text\n"
     "\n"
     "environment:\n"
@@ -41,6 +44,8 @@ static const char *usage_text =
     "  qfuse fuse blip2/ --image cat.png --out tokens.npy --attn-png map.png\n"
     "\n"
     "The attention benchmark (qfuse vs PyTorch) is `make bench`; see README.md.\n";
+
+int cmd_run(int argc, char **argv); /* src/cli/run.c */
 
 static int usage_error(const char *fmt, const char *arg) {
     fprintf(stderr, "qfuse: ");
@@ -959,5 +964,6 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "inspect")) return cmd_inspect(argc - i, argv + i);
     if (!strcmp(cmd, "sdpa")) return cmd_sdpa(argc - i, argv + i);
     if (!strcmp(cmd, "fuse")) return cmd_fuse(argc - i, argv + i);
+    if (!strcmp(cmd, "run")) return cmd_run(argc - i, argv + i);     /* src/cli/run.c */
     return usage_error("unknown command '%s'", cmd);
 }

@@ -21,9 +21,8 @@
  * pad_token_id, as the reference's generate reads them.
  *
  * Invariants:
- *   - fused, embeds and ids are grow-only planned buffers; cache (for logits with a mask) is
- *     re-created only when B or T grows. A call with the shapes of an earlier one allocates
- *     nothing here.
+ *   - fused, embeds and ids are grow-only planned buffers (the decoder keeps its own): a call
+ *     with the shapes of an earlier one allocates nothing here.
  *   - Every check on the inputs (counts, id ranges, context length) runs before any model work,
  *     so a rejected call leaves nothing half done.
  */
@@ -42,8 +41,6 @@ struct qf_vlm {
     size_t fused_cap, embeds_cap;   /* floats */
     int32_t *ids;                   /* input_ids with image positions mapped to 0 */
     size_t ids_cap;
-    qf_llm_cache *cache;
-    int64_t cache_B, cache_T;
 };
 
 /* ---- loading ------------------------------------------------------------------------------ */
@@ -155,7 +152,6 @@ void qf_vlm_free(qf_vlm *m) {
     if (!m) return;
     qf_blip2_free(m->blip2);
     qf_llm_free(m->llm);
-    qf_llm_cache_free(m->cache);
     free(m->fused);
     free(m->embeds);
     free(m->ids);
@@ -358,15 +354,7 @@ qf_status qf_vlm_logits(qf_vlm *m, const qf_vlm_inputs *in, float *logits) {
     const char *fn = "qf_vlm_logits";
     if (!logits) return qf_fail(QF_ERR_ARG, "%s: logits is NULL", fn);
     QF_TRY(embed_own(fn, m, in));
-    if (!m->cache || in->B != m->cache_B || in->T > m->cache_T) {
-        qf_llm_cache_free(m->cache);
-        m->cache = NULL;
-        QF_TRY(qf_llm_cache_new(m->llm, in->B, in->T, &m->cache));
-        m->cache_B = in->B;
-        m->cache_T = in->T;
-    }
-    qf_llm_cache_reset(m->cache);
-    return qf_llm_decode(m->llm, m->cache, m->embeds, in->T, in->attention_mask, logits, 0);
+    return qf_llm_forward(m->llm, m->embeds, in->B, in->T, in->attention_mask, logits);
 }
 
 qf_generate_options qf_vlm_generate_defaults(const qf_vlm *m) {

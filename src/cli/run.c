@@ -1,0 +1,355 @@
+/* run.c - `qfuse run`: an image and a prompt in, streamed text out, through a whole BLIP-2 /
+ * InstructBLIP folder (qf_vlm). The steps are the ones transformers' Blip2Processor + generate
+ * take:
+ *   pixels    = BlipImageProcessor(image)      per MODEL/preprocessor_config.json (defaults:
+ *                                              bicubic to vision_config.image_size, CLIP mean/std)
+ *   input_ids = [image_token_id] * num_query_tokens + tokenizer(prompt, add_special_tokens)
+ *               (the image tokens go before BOS, as the processor puts them)
+ *   InstructBLIP: qformer_input_ids = MODEL/qformer_tokenizer/tokenizer.json(prompt)
+ *   ids       = generate(...), decoded as they come (qf_text_stream: whole UTF-8 characters,
+ *               special tokens skipped, --stop strings cut)
+ * The answer goes to stdout as it is produced; timings go to stderr. Exit status: 0 done, 1 a
+ * library error (its message on stderr), 2 a usage error. */
+#include "qfuse.h"
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+int cmd_run(int argc, char **argv);
+
+static const char *run_help =
+    "usage: qfuse run MODEL --image IMAGE [--prompt TEXT] [options]\n"
+    "\n"
+    "Describes IMAGE with a BLIP-2 / InstructBLIP model folder (config.json model_type \"blip-2\" or\n"
+    "\"instructblip\", model.safetensors or a sharded index, tokenizer.json; optional\n"
+    "preprocessor_config.json and generation_config.json), streaming the answer to stdout.\n"
+    "The prompt is tokenized with MODEL/tokenizer.json and placed after the model's image tokens,\n"
+    "as Blip2Processor does (image tokens, BOS, prompt). Timings (tokens/s) go to stderr.\n"
+    "\n"
+    "options:\n"
+    "  --image FILE            PNG / JPEG / BMP / TGA / GIF, resized and normalized like\n"
+    "                          BlipImageProcessor (MODEL/preprocessor_config.json when present)\n"
+    "  --prompt TEXT           the text after the image (default: empty: the model captions)\n"
+    "  --max-new-tokens N      at most N new tokens (default 32; capped by the context length)\n"
+    "  --temperature T         sample with temperature T (0 = greedy, the default)\n"
+    "  --top-k K               sample among the K most likely tokens (implies sampling)\n"
+    "  --top-p P               sample from the smallest set of mass >= P (implies sampling)\n"
+    "  --repetition-penalty R  divide the logits of already-seen tokens by R (greedy too)\n"
+    "  --seed S                sampling seed (default 0; the same seed gives the same text)\n"
+    "  --stop STR              stop when STR appears (not printed); may be repeated\n"
+    "  --weights FMT           language model weights: f32 (default), bf16, int8, q4\n"
+    "  --threads N             worker threads\n"
+    "  --quiet                 no timings on stderr\n"
+    "\n"
+    "Generation ends at the model's eos token (generation_config.json), a --stop string, or\n"
+    "--max-new-tokens.\n"
+    "\n"
+    "examples:\n"
+    "  qfuse run models/default --image data/chelsea.png --prompt \"Question: what is this? Answer:\"\n"
+    "  qfuse run blip2-opt-2.7b/ --image cat.jpg --max-new-tokens 20 --temperature 0.7 --top-p 0.9 --seed 1\n";
+
+static int run_usage(const char *fmt, const char *arg) {
+    fprintf(stderr, "qfuse: run: ");
+    fprintf(stderr, fmt, arg);
+    fprintf(stderr, "\n(see `qfuse run --help`)\n");
+    return 2;
+}
+
+static int run_fail(const char *what) {
+    fprintf(stderr, "qfuse: run: %s: %s\n", what, qf_last_error());
+    return 1;
+}
+
+static double run_now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + t.tv_nsec / 1e9;
+}
+
+static int file_exists(const char *path) {
+    struct stat s;
+    return stat(path, &s) == 0 && S_ISREG(s.st_mode);
+}
+
+static int parse_double(const char *flag, const char *s, double lo, double hi, double *out) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (!*s || *end || errno || !(v >= lo && v <= hi)) {
+        fprintf(stderr, "qfuse: run: %s expects a number in [%g, %g], got \"%s\"\n(see `qfuse run --help`)\n",
+                flag, lo, hi, s);
+        return 2;
+    }
+    *out = v;
+    return 0;
+}
+
+static int parse_int(const char *flag, const char *s, long long lo, long long hi, long long *out) {
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (!*s || *end || errno || v < lo || v > hi) {
+        fprintf(stderr, "qfuse: run: %s expects an integer in [%lld, %lld], got \"%s\"\n(see `qfuse run --help`)\n",
+                flag, lo, hi, s);
+        return 2;
+    }
+    *out = v;
+    return 0;
+}
+
+enum { RUN_MAX_STOPS = 16 };
+
+typedef struct {
+    const char *model, *image, *prompt, *weights;
+    long long max_new, top_k, seed, threads;
+    double temperature, top_p, repetition_penalty;
+    int sample, quiet;
+    const char *stops[RUN_MAX_STOPS];
+    int n_stops;
+} run_opts;
+
+/* The streaming state the token callback updates. */
+typedef struct {
+    qf_text_stream *ts;
+    double t_start, t_first;
+    int64_t n_tokens;
+    int stopped, error;
+} run_stream;
+
+static int on_token(void *user, int64_t row, int32_t id) {
+    (void)row;
+    run_stream *rs = user;
+    if (rs->n_tokens++ == 0) rs->t_first = run_now();
+    const char *txt;
+    size_t n;
+    int stopped = 0;
+    if (qf_text_stream_push(rs->ts, id, &txt, &n, &stopped) != QF_OK) {
+        rs->error = 1;
+        return 1;
+    }
+    fwrite(txt, 1, n, stdout);
+    fflush(stdout);
+    if (stopped) rs->stopped = 1;
+    return stopped;
+}
+
+static int parse_args(int argc, char **argv, run_opts *o) {
+    memset(o, 0, sizeof *o);
+    o->prompt = "";
+    o->weights = "f32";
+    o->max_new = 32;
+    o->temperature = 1.0;
+    o->top_p = 1.0;
+    o->repetition_penalty = 1.0;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) return -1;
+        if (!strcmp(a, "--quiet")) { o->quiet = 1; continue; }
+        if (a[0] != '-') {
+            if (o->model) return run_usage("one MODEL folder only; extra argument %s", a);
+            o->model = a;
+            continue;
+        }
+        static const char *const valued[] = {"--image", "--prompt", "--max-new-tokens", "--temperature", "--top-k",
+                                             "--top-p", "--repetition-penalty", "--seed", "--stop", "--weights",
+                                             "--threads"};
+        int known = 0;
+        for (size_t k = 0; k < sizeof valued / sizeof *valued; k++) known |= !strcmp(a, valued[k]);
+        if (!known) return run_usage("unknown option %s", a);
+        if (i + 1 >= argc) return run_usage("%s needs a value", a);
+        const char *v = argv[++i];
+        int rc = 0;
+        double d;
+        if (!strcmp(a, "--image")) o->image = v;
+        else if (!strcmp(a, "--prompt")) o->prompt = v;
+        else if (!strcmp(a, "--weights")) o->weights = v;
+        else if (!strcmp(a, "--max-new-tokens")) rc = parse_int(a, v, 1, 1 << 20, &o->max_new);
+        else if (!strcmp(a, "--top-k")) { rc = parse_int(a, v, 0, 1LL << 31, &o->top_k); o->sample |= o->top_k > 0; }
+        else if (!strcmp(a, "--seed")) rc = parse_int(a, v, 0, INT64_MAX, &o->seed);
+        else if (!strcmp(a, "--threads")) rc = parse_int(a, v, 1, 4096, &o->threads);
+        else if (!strcmp(a, "--temperature")) {
+            rc = parse_double(a, v, 0.0, 1e6, &d);
+            if (!rc && d > 0) { o->temperature = d; o->sample = 1; }
+        } else if (!strcmp(a, "--top-p")) {
+            rc = parse_double(a, v, 1e-9, 1.0, &o->top_p);
+            o->sample |= !rc && o->top_p < 1.0;
+        } else if (!strcmp(a, "--repetition-penalty")) rc = parse_double(a, v, 1e-6, 1e6, &o->repetition_penalty);
+        else if (!strcmp(a, "--stop")) {
+            if (!*v) return run_usage("--stop needs a non-empty string%s", "");
+            if (o->n_stops == RUN_MAX_STOPS) return run_usage("at most 16 --stop strings%s", "");
+            o->stops[o->n_stops++] = v;
+        }
+        if (rc) return rc;
+    }
+    if (!o->model) return run_usage("missing MODEL folder%s", "");
+    if (!o->image) return run_usage("missing --image FILE%s", "");
+    return 0;
+}
+
+static int weights_format(const char *s, int *out) {
+    static const struct { const char *name; int v; } f[] = {{"f32", QF_WEIGHTS_F32}, {"bf16", QF_WEIGHTS_BF16},
+                                                            {"int8", QF_WEIGHTS_INT8}, {"q4", QF_WEIGHTS_Q4}};
+    for (size_t i = 0; i < sizeof f / sizeof *f; i++)
+        if (!strcmp(s, f[i].name)) { *out = f[i].v; return 0; }
+    return run_usage("--weights: expected f32, bf16, int8 or q4, got %s", s);
+}
+
+/* ids of text under tok (add_special as the processor does); *ids malloc'd. */
+static int tokenize(const qf_tokenizer *tok, const char *text, int add_special, int32_t **ids, size_t *n) {
+    size_t len = strlen(text);
+    if (qf_tokenizer_encode(tok, text, len, add_special, NULL, 0, n) != QF_OK) return run_fail("--prompt");
+    *ids = malloc((*n ? *n : 1) * sizeof **ids);
+    if (!*ids) { fprintf(stderr, "qfuse: run: out of memory\n"); return 1; }
+    if (qf_tokenizer_encode(tok, text, len, add_special, *ids, *n, n) != QF_OK) return run_fail("--prompt");
+    return 0;
+}
+
+int cmd_run(int argc, char **argv) {
+    run_opts o;
+    int rc = parse_args(argc, argv, &o);
+    if (rc == -1) { fputs(run_help, stdout); return 0; }
+    if (rc) return rc;
+    int wfmt;
+    if ((rc = weights_format(o.weights, &wfmt))) return rc;
+    if (o.threads && qf_set_num_threads((int)o.threads) != QF_OK) return run_fail("--threads");
+
+    char path[4096];
+    if (snprintf(path, sizeof path, "%s/tokenizer.json", o.model) >= (int)sizeof path - 64)
+        return run_usage("MODEL path is too long: %s", o.model);
+
+    qf_vlm *m = NULL;
+    qf_tokenizer *tok = NULL, *qtok = NULL;
+    qf_text_stream *ts = NULL;
+    uint8_t *rgb = NULL;
+    float *pixels = NULL, *embeds = NULL;
+    int32_t *prompt_ids = NULL, *qids = NULL, *ids = NULL, *out_ids = NULL;
+    rc = 1;
+
+    double t0 = run_now();
+    qf_llm_options lo = {wfmt, 0};
+    if (qf_vlm_load(o.model, &lo, &m) != QF_OK) { rc = run_fail("loading the model"); goto done; }
+    qf_vlm_info info;
+    qf_vlm_get_info(m, &info);
+    if (qf_tokenizer_load(path, &tok) != QF_OK) { rc = run_fail("tokenizer"); goto done; }
+    if (info.instruct) {
+        snprintf(path, sizeof path, "%s/qformer_tokenizer/tokenizer.json", o.model);
+        if (qf_tokenizer_load(path, &qtok) != QF_OK) {
+            fprintf(stderr, "qfuse: run: InstructBLIP's Q-Former reads the prompt through its own tokenizer "
+                            "(MODEL/qformer_tokenizer/tokenizer.json, BERT WordPiece upstream), which qfuse cannot read: %s\n",
+                    qf_last_error());
+            goto done;
+        }
+    }
+    double t_load = run_now();
+
+    /* image -> pixel_values [1,3,S,S] */
+    int64_t w = 0, h = 0;
+    if (qf_image_load(o.image, &w, &h, &rgb) != QF_OK) { rc = run_fail("--image"); goto done; }
+    snprintf(path, sizeof path, "%s/preprocessor_config.json", o.model);
+    qf_image_preproc pp;
+    if (qf_image_preproc_load(file_exists(path) ? path : NULL, info.image_size, &pp) != QF_OK) {
+        rc = run_fail("preprocessor_config.json");
+        goto done;
+    }
+    if (pp.size_h != info.image_size || pp.size_w != info.image_size) {
+        fprintf(stderr, "qfuse: run: %s resizes to %lldx%lld but the vision tower takes %lldx%lld images\n", path,
+                (long long)pp.size_h, (long long)pp.size_w, (long long)info.image_size, (long long)info.image_size);
+        goto done;
+    }
+    pixels = malloc((size_t)(3 * pp.size_h * pp.size_w) * sizeof *pixels);
+    if (!pixels) { fprintf(stderr, "qfuse: run: out of memory\n"); goto done; }
+    if (qf_image_preprocess(&pp, rgb, w, h, pixels) != QF_OK) { rc = run_fail("--image"); goto done; }
+
+    /* input_ids = image tokens + tokenizer(prompt) */
+    size_t np_ = 0, nq_text = 0;
+    if ((rc = tokenize(tok, o.prompt, 1, &prompt_ids, &np_))) goto done;
+    rc = 1;
+    if (qtok) {
+        if ((rc = tokenize(qtok, o.prompt, 1, &qids, &nq_text))) goto done;
+        rc = 1;
+    }
+    const int64_t nq = info.num_query_tokens, T = nq + (int64_t)np_;
+    if (T > info.max_positions) {
+        fprintf(stderr, "qfuse: run: the prompt is %zu tokens; with the %lld image tokens that is %lld, more than the "
+                        "language model's context of %lld\n", np_, (long long)nq, (long long)T,
+                (long long)info.max_positions);
+        goto done;
+    }
+    int64_t max_new = o.max_new;
+    if (T + max_new > info.max_positions) {
+        max_new = info.max_positions - T;
+        if (!o.quiet)
+            fprintf(stderr, "qfuse: run: --max-new-tokens %lld capped to %lld by the context of %lld tokens\n",
+                    o.max_new, (long long)max_new, (long long)info.max_positions);
+        if (max_new < 1) {
+            fprintf(stderr, "qfuse: run: the prompt fills the whole context: no room to generate\n");
+            goto done;
+        }
+    }
+    ids = malloc((size_t)T * sizeof *ids);
+    out_ids = malloc((size_t)max_new * sizeof *out_ids);
+    embeds = malloc((size_t)(T * info.embed_dim) * sizeof *embeds);
+    if (!ids || !out_ids || !embeds) { fprintf(stderr, "qfuse: run: out of memory\n"); goto done; }
+    for (int64_t i = 0; i < nq; i++) ids[i] = info.image_token_id;
+    memcpy(ids + nq, prompt_ids, np_ * sizeof *ids);
+
+    if (qf_text_stream_new(tok, o.stops, (size_t)o.n_stops, 1, &ts) != QF_OK) { rc = run_fail("--stop"); goto done; }
+
+    /* image + prompt -> inputs_embeds */
+    double t1 = run_now();
+    qf_vlm_inputs in = {.B = 1, .T = T, .pixel_values = pixels, .input_ids = ids, .attention_mask = NULL,
+                        .qformer_len = (int64_t)nq_text, .qformer_ids = qids, .qformer_mask = NULL};
+    if (qf_vlm_embed(m, &in, embeds) != QF_OK) { rc = run_fail("image"); goto done; }
+    double t2 = run_now();
+
+    /* prefill + decode, streamed */
+    run_stream rs = {.ts = ts, .t_start = t2};
+    qf_generate_options go = qf_vlm_generate_defaults(m);
+    go.max_new_tokens = max_new;
+    go.sampling.do_sample = o.sample;
+    go.sampling.temperature = (float)o.temperature;
+    go.sampling.top_k = o.top_k;
+    go.sampling.top_p = (float)o.top_p;
+    go.sampling.repetition_penalty = (float)o.repetition_penalty;
+    go.sampling.seed = (uint64_t)o.seed;
+    go.on_token = on_token;
+    go.user = &rs;
+    int64_t steps = 0;
+    qf_status gs = qf_llm_generate(qf_vlm_llm(m), embeds, NULL, 1, T, ids, &go, out_ids, &steps);
+    double t3 = run_now();
+    if (rs.error) { rc = run_fail("decoding the output"); goto done; }
+    if (gs != QF_OK) { rc = run_fail("generate"); goto done; }
+    const char *txt;
+    size_t n;
+    if (!rs.stopped && qf_text_stream_flush(ts, &txt, &n) == QF_OK) fwrite(txt, 1, n, stdout);
+    fputc('\n', stdout);
+    fflush(stdout);
+
+    if (!o.quiet) {
+        const char *why = rs.stopped ? "stop string" : steps < max_new ? "eos" : "max-new-tokens";
+        double pre = rs.n_tokens ? rs.t_first - t2 : t3 - t2, dec = t3 - (rs.n_tokens ? rs.t_first : t3);
+        fprintf(stderr, "\n[qfuse run] load %.2f s | image (vision + Q-Former) %.1f ms | prefill %lld tokens %.1f ms "
+                        "(%.1f tok/s) | decode %lld tokens %.1f ms (%.1f tok/s) | ended by %s | %d threads\n",
+                t_load - t0, (t2 - t1) * 1e3, (long long)T, pre * 1e3, pre > 0 ? T / pre : 0.0,
+                (long long)(rs.n_tokens > 0 ? rs.n_tokens - 1 : 0), dec * 1e3,
+                dec > 0 && rs.n_tokens > 1 ? (rs.n_tokens - 1) / dec : 0.0, why, qf_get_num_threads());
+    }
+    rc = 0;
+done:
+    qf_text_stream_free(ts);
+    qf_tokenizer_free(tok);
+    qf_tokenizer_free(qtok);
+    qf_vlm_free(m);
+    free(rgb);
+    free(pixels);
+    free(embeds);
+    free(prompt_ids);
+    free(qids);
+    free(ids);
+    free(out_ids);
+    return rc;
+}
