@@ -133,7 +133,9 @@ qf_status qf_llm_decode(qf_llm *m, qf_llm_cache *c, const float *embeds, int64_t
  * applied on the fly (y += scaling * (x A^T) B^T on every module it targets) unless merged into
  * the float32 weights; unmerge subtracts it again (restores the base weights to float32
  * rounding). An adapter whose target module the model lacks, or whose shapes differ, is refused
- * by name (an adapter for another architecture). Merging needs float32 weights. */
+ * by name (an adapter for another architecture). Merging needs float32 weights (and an lm_head
+ * not tied to the embeddings). As in PEFT: the first adapter loaded while none is active becomes
+ * active; selecting another (or none) while one is merged unmerges it first. */
 qf_status qf_llm_load_adapter(qf_llm *m, const char *folder, const char *name);
 qf_status qf_llm_set_adapter(qf_llm *m, const char *name);   /* NULL: no adapter */
 qf_status qf_llm_merge_adapter(qf_llm *m);                   /* merges the active adapter */
