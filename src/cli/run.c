@@ -234,7 +234,12 @@ int cmd_run(int argc, char **argv) {
     if (qf_vlm_load(o.model, &lo, &m) != QF_OK) { rc = run_fail("loading the model"); goto done; }
     qf_vlm_info info;
     qf_vlm_get_info(m, &info);
-    if (qf_tokenizer_load(path, &tok) != QF_OK) { rc = run_fail("tokenizer"); goto done; }
+    if (!file_exists(path)) {
+        fprintf(stderr, "qfuse: run: %s is missing: qfuse run needs the model's fast-tokenizer file (what the "
+                        "tokenizer's save_pretrained writes next to config.json)\n", path);
+        goto done;
+    }
+    if (qf_tokenizer_load(path, &tok) != QF_OK) { rc = run_fail("loading the tokenizer"); goto done; }
     if (info.instruct) {
         snprintf(path, sizeof path, "%s/qformer_tokenizer/tokenizer.json", o.model);
         if (qf_tokenizer_load(path, &qtok) != QF_OK) {

@@ -174,6 +174,12 @@ qf_status qf_vlm_load(const char *folder, const qf_llm_options *opt, qf_vlm **ou
     if (s == QF_OK) s = qf_config_load(cfg_path, &cfg);
     if (s == QF_OK && !qf_config_has(cfg, "text_config"))
         s = qf_fail(QF_ERR_FORMAT, "%s: %s has no text_config: no language model to load", fn, cfg_path);
+    int decoder_only = 1;
+    if (s == QF_OK && qf_config_has(cfg, "use_decoder_only_language_model"))
+        s = qf_config_bool(cfg, "use_decoder_only_language_model", &decoder_only);
+    if (s == QF_OK && !decoder_only)
+        s = qf_fail(QF_ERR_UNSUPPORTED, "%s: %s: use_decoder_only_language_model = false (an encoder-decoder language "
+                                        "model such as Flan-T5) is not supported; OPT and LLaMA decoders are", fn, cfg_path);
     if (s == QF_OK) s = qf_open_checkpoint(folder, want_language_model, &st);
     if (s == QF_OK) {
         s = qf_llm_load_parts(cfg, "text_config.", st, "language_model.", opt, &m->llm);

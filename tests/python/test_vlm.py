@@ -348,3 +348,23 @@ def test_reduced_weights(weights, tol):
     m = VisionLM.load(folder, weights=weights)
     err = util.rel_err(m.logits(io["input_ids"], io["pixel_values"]), io["logits"])
     assert 1e-7 < err < tol, "%s logits rel err %.3g" % (weights, err)
+
+
+def test_encoder_decoder_refused(tmp_path):
+    case, io, folder = fixture("blip2_opt_0")
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["use_decoder_only_language_model"] = False
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(cfg, f)
+    os.symlink(os.path.join(folder, "model.safetensors"), tmp_path / "model.safetensors")
+    with pytest.raises(QfuseError, match="use_decoder_only_language_model = false") as e:
+        VisionLM.load(tmp_path)
+    assert e.value.status == "QF_ERR_UNSUPPORTED"
+
+
+@needs_cli
+def test_run_without_tokenizer():
+    case, io, folder = fixture("blip2_opt_0")
+    rc, out, err = run(folder, "--image", PHOTO)
+    assert rc == 1 and "tokenizer.json is missing" in err
