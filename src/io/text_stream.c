@@ -167,6 +167,7 @@ static int is_stop_prefix(const qf_text_stream *s, const char *p, size_t n) {
 /* Position of the first complete stop string in held (SIZE_MAX if none). */
 static size_t first_stop(const qf_text_stream *s) {
     size_t best = SIZE_MAX;
+    if (!s->held_len) return best;
     for (size_t i = 0; i < s->n_stop; i++) {
         const char *m = memmem(s->held, s->held_len, s->stop[i], s->stop_len[i]);
         if (m && (size_t)(m - s->held) < best) best = (size_t)(m - s->held);
@@ -190,10 +191,10 @@ static qf_status release(qf_text_stream *s, int final, const char **text, size_t
         emit = s->held_len - h;
     }
     QF_TRY(grow((void **)&s->out, &s->out_cap, emit + 1, 1, "bytes of output"));
-    memcpy(s->out, s->held, emit);
+    if (emit) memcpy(s->out, s->held, emit);
     s->out[emit] = '\0';
     if (s->stopped) s->held_len = 0;
-    else {
+    else if (emit) {
         memmove(s->held, s->held + emit, s->held_len - emit);
         s->held_len -= emit;
     }
