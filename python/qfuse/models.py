@@ -1,9 +1,14 @@
 """qfuse.load(folder): one object for every model of the Q-Former family, with the API of the
 issue tracker's contract (the names mirror transformers where it has them):
 
-    m = qfuse.load(folder)   # Blip2QFormerModel / InstructBlipQFormerModel, Blip2ForConditionalGeneration,
-                             # InstructBlipForConditionalGeneration, affectgpt_prefusion, blip2_kv_prefix,
-                             # affectgpt_{video,audio}_qformer, affectgpt_attention_fusion
+    m = qfuse.load(folder)   # Blip2QFormerModel / InstructBlipQFormerModel, affectgpt_prefusion,
+                             # blip2_kv_prefix, affectgpt_{video,audio}_qformer, affectgpt_attention_fusion,
+                             # and BLIP-2 / InstructBLIP folders without a language model
+    # A Blip2ForConditionalGeneration / InstructBlipForConditionalGeneration folder with its
+    # language model loads as qfuse.VisionLM (logits, generate; see vlm.py); its fusion part
+    # alone (vision tower -> Q-Former -> projection, with backward and maps) is
+    # qfuse.load(folder, part="fusion").
+    # A decoder LLM (llama, qwen2, opt) loads as qfuse.CausalLM.
     h = m.qformer(query_embeds=None, encoder_hidden_states=..., encoder_attention_mask=None,
                   qformer_input_ids=None, qformer_attention_mask=None, global_feature=None)
     grads = m.qformer_backward(grad_out, **same_inputs)
@@ -73,14 +78,42 @@ def model_kind(folder):
                      "QF_ERR_UNSUPPORTED")
 
 
-def load(folder, weights="f32", block=0):
-    """Loads a Hugging Face (or qfuse-layout) folder: a decoder LLM (llama, qwen2, opt) as a
-    qfuse.CausalLM (weights "f32", "bf16", "int8" or "q4", see CausalLM.load), every Q-Former
-    family member as a FusionModel."""
-    if model_kind(folder) == "llm":
+def _has_language_model(folder):
+    """Whether the folder's weights (one file or a sharded index) hold language_model.* tensors."""
+    folder = os.fspath(folder)
+    try:
+        idx = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.exists(idx):
+            with open(idx) as f:
+                names = json.load(f).get("weight_map", {})
+        else:
+            with open(os.path.join(folder, "model.safetensors"), "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                names = json.loads(f.read(min(n, 100 << 20)))
+    except (OSError, ValueError, AttributeError):
+        return False            # the C loader reports what is wrong with the files
+    return any(k.startswith("language_model.") for k in names)
+
+
+def load(folder, weights="f32", block=0, part=None):
+    """Loads a Hugging Face (or qfuse-layout) folder:
+    - a decoder LLM (llama, qwen2, opt) as a qfuse.CausalLM;
+    - a BLIP-2 / InstructBLIP folder whose weights hold the language model as a qfuse.VisionLM
+      (image + prompt -> logits / generated ids), unless part="fusion";
+    - every Q-Former family member (and BLIP-2 with part="fusion") as a FusionModel.
+    weights ("f32", "bf16", "int8", "q4"; block: the scale block) is the storage of the
+    language model's linear layers."""
+    kind = model_kind(folder)
+    if part not in (None, "fusion"):
+        raise QfuseError("load: part = %r; expected None or \"fusion\"" % (part,))
+    if kind == "llm":
         return CausalLM.load(folder, weights=weights, block=block)
+    if kind == "blip2" and part is None and _has_language_model(folder):
+        from .vlm import VisionLM
+        return VisionLM.load(folder, weights=weights, block=block)
     if weights != "f32":
-        raise QfuseError("load: weights = %r applies to decoder LLMs; %s is a fusion model" % (weights, folder))
+        raise QfuseError("load: weights = %r applies to language models; %s loads as a fusion model"
+                         % (weights, folder))
     return FusionModel(folder)
 
 

@@ -60,9 +60,17 @@ def test_qformer_fixture():
         m.qformer(encoder_hidden_states=io["encoder_hidden_states"])
 
 
-def test_blip2_fixture():
+def test_blip2_with_language_model_loads_as_vision_lm():
     case, io, folder = util.load_fixture("blip2_opt_0")
     m = qfuse.load(folder)
+    assert isinstance(m, qfuse.VisionLM)
+    out = m.logits(input_ids=io["input_ids"], pixel_values=io["pixel_values"])
+    assert util.rel_err(out, io["logits"]) < case["rtol_fp32"]
+
+
+def test_blip2_fixture():
+    case, io, folder = util.load_fixture("blip2_opt_0")
+    m = qfuse.load(folder, part="fusion")
     assert m.kind == "blip2"
     v = m.vision(io["pixel_values"])
     assert util.rel_err(v, io["vision_last_hidden_state"]) < TOL
