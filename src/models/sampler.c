@@ -21,8 +21,10 @@
  *
  * Top-p without the full ascending sort: c only grows along the ascending order, so the removed
  * tokens are a prefix of it; a weighted quickselect finds where that prefix ends (expected
- * O(V)). Top-k uses a size-k min-heap of values: O(V log k). Probabilities are computed in double from the float32 logits; torch's are
- * float32, so the two can disagree only where c is within float32 rounding of 1 - top_p.
+ * O(V)). Top-k uses a size-k min-heap of values: O(V log k). Probabilities are computed in
+ * double from the float32 logits, torch's in float32: the two can disagree only where c is
+ * within float32 rounding of 1 - top_p. Validation covers every field whether or not do_sample
+ * uses it, so a setting that is invalid is refused before it matters.
  *
  * Inputs: -inf logits are allowed (masked tokens); NaN and +inf are refused, and so is a row
  * that is -inf everywhere (nothing could be picked). A penalty or temperature that overflows a
