@@ -159,6 +159,10 @@ typedef struct {
 } qf_generate_options;
 
 qf_generate_options qf_generate_defaults(void);  /* greedy, 20 tokens, no eos, pad 0 */
+/* The same with the model's eos ids and pad id as transformers' generate takes them:
+ * generation_config.json (read by qf_llm_load / _ex when the folder has one), else config.json;
+ * pad falls back to the first eos. The eos array lives as long as m. */
+qf_generate_options qf_llm_generate_defaults(const qf_llm *m);
 qf_status qf_llm_generate(qf_llm *m, const float *embeds, const uint8_t *mask, int64_t B, int64_t T,
                           const int32_t *prompt_ids, const qf_generate_options *o, int32_t *out_ids,
                           int64_t *n_steps);

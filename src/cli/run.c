@@ -1,6 +1,7 @@
 /* run.c - `qfuse run`: an image and a prompt in, streamed text out, through a whole BLIP-2 /
- * InstructBLIP folder (qf_vlm). The steps are the ones transformers' Blip2Processor + generate
- * take:
+ * InstructBLIP folder (qf_vlm); without --image, a prompt in and streamed text out through a
+ * decoder LLM folder (LLaMA / Qwen2 / OPT: qf_llm). The image steps are the ones transformers'
+ * Blip2Processor + generate take:
  *   pixels    = BlipImageProcessor(image)      per MODEL/preprocessor_config.json (defaults:
  *                                              bicubic to vision_config.image_size, CLIP mean/std)
  *   input_ids = [image_token_id] * num_query_tokens + tokenizer(prompt, add_special_tokens)
@@ -23,12 +24,15 @@ int cmd_run(int argc, char **argv);
 
 static const char *run_help =
     "usage: qfuse run MODEL --image IMAGE [--prompt TEXT] [options]\n"
+    "       qfuse run LLM --prompt TEXT [options]\n"
     "\n"
     "Describes IMAGE with a BLIP-2 / InstructBLIP model folder (config.json model_type \"blip-2\" or\n"
     "\"instructblip\", model.safetensors or a sharded index, tokenizer.json; optional\n"
     "preprocessor_config.json and generation_config.json), streaming the answer to stdout.\n"
     "The prompt is tokenized with MODEL/tokenizer.json and placed after the model's image tokens,\n"
     "as Blip2Processor does (image tokens, BOS, prompt). Timings (tokens/s) go to stderr.\n"
+    "Without --image, MODEL is a decoder LLM folder (model_type \"llama\", \"qwen2\" or \"opt\"):\n"
+    "the prompt is tokenized as tokenizer(prompt) does and continued.\n"
     "\n"
     "options:\n"
     "  --image FILE            PNG / JPEG / BMP / TGA / GIF, resized and normalized like\n"
@@ -42,6 +46,8 @@ static const char *run_help =
     "  --seed S                sampling seed (default 0; the same seed gives the same text)\n"
     "  --stop STR              stop when STR appears (not printed); may be repeated\n"
     "  --weights FMT           language model weights: f32 (default), bf16, int8, q4\n"
+    "  --adapter DIR           apply a PEFT LoRA adapter (adapter_config.json +\n"
+    "                          adapter_model.safetensors) to the language model, on the fly\n"
     "  --threads N             worker threads\n"
     "  --quiet                 no timings on stderr\n"
     "\n"
@@ -50,7 +56,8 @@ static const char *run_help =
     "\n"
     "examples:\n"
     "  qfuse run models/default --image data/chelsea.png --prompt \"Question: what is this? Answer:\"\n"
-    "  qfuse run blip2-opt-2.7b/ --image cat.jpg --max-new-tokens 20 --temperature 0.7 --top-p 0.9 --seed 1\n";
+    "  qfuse run blip2-opt-2.7b/ --image cat.jpg --max-new-tokens 20 --temperature 0.7 --top-p 0.9 --seed 1\n"
+    "  qfuse run Qwen2.5-0.5B/ --prompt \"The capital of France is\" --weights int8 --adapter my-lora/\n";
 
 static int run_usage(const char *fmt, const char *arg) {
     fprintf(stderr, "qfuse: run: ");
@@ -104,7 +111,7 @@ static int parse_int(const char *flag, const char *s, long long lo, long long hi
 enum { RUN_MAX_STOPS = 16 };
 
 typedef struct {
-    const char *model, *image, *prompt, *weights;
+    const char *model, *image, *prompt, *weights, *adapter;
     long long max_new, top_k, seed, threads;
     double temperature, top_p, repetition_penalty;
     int sample, quiet;
@@ -156,7 +163,7 @@ static int parse_args(int argc, char **argv, run_opts *o) {
         }
         static const char *const valued[] = {"--image", "--prompt", "--max-new-tokens", "--temperature", "--top-k",
                                              "--top-p", "--repetition-penalty", "--seed", "--stop", "--weights",
-                                             "--threads"};
+                                             "--threads", "--adapter"};
         int known = 0;
         for (size_t k = 0; k < sizeof valued / sizeof *valued; k++) known |= !strcmp(a, valued[k]);
         if (!known) return run_usage("unknown option %s", a);
@@ -167,6 +174,7 @@ static int parse_args(int argc, char **argv, run_opts *o) {
         if (!strcmp(a, "--image")) o->image = v;
         else if (!strcmp(a, "--prompt")) o->prompt = v;
         else if (!strcmp(a, "--weights")) o->weights = v;
+        else if (!strcmp(a, "--adapter")) o->adapter = v;
         else if (!strcmp(a, "--max-new-tokens")) rc = parse_int(a, v, 1, 1 << 20, &o->max_new);
         else if (!strcmp(a, "--top-k")) { rc = parse_int(a, v, 0, 1LL << 31, &o->top_k); o->sample |= o->top_k > 0; }
         else if (!strcmp(a, "--seed")) rc = parse_int(a, v, 0, INT64_MAX, &o->seed);
@@ -186,7 +194,7 @@ static int parse_args(int argc, char **argv, run_opts *o) {
         if (rc) return rc;
     }
     if (!o->model) return run_usage("missing MODEL folder%s", "");
-    if (!o->image) return run_usage("missing --image FILE%s", "");
+    if (!o->image && !*o->prompt) return run_usage("give --image FILE (a BLIP-2 folder) or --prompt TEXT (an LLM)%s", "");
     return 0;
 }
 
@@ -208,6 +216,109 @@ static int tokenize(const qf_tokenizer *tok, const char *text, int add_special, 
     return 0;
 }
 
+/* Prints the timing line shared by both modes. */
+static void print_timings(const run_opts *o, const run_stream *rs, double t_load, double t_image, int64_t T,
+                          double t_gen0, double t_gen1, int64_t steps, int64_t max_new) {
+    if (o->quiet) return;
+    const char *why = rs->stopped ? "stop string" : steps < max_new ? "eos" : "max-new-tokens";
+    double pre = rs->n_tokens ? rs->t_first - t_gen0 : t_gen1 - t_gen0,
+           dec = t_gen1 - (rs->n_tokens ? rs->t_first : t_gen1);
+    fprintf(stderr, "\n[qfuse run] load %.2f s | ", t_load);
+    if (t_image >= 0) fprintf(stderr, "image (vision + Q-Former) %.1f ms | ", t_image * 1e3);
+    fprintf(stderr, "prefill %lld tokens %.1f ms (%.1f tok/s) | decode %lld tokens %.1f ms (%.1f tok/s) | ended by %s "
+                    "| %d threads\n", (long long)T, pre * 1e3, pre > 0 ? T / pre : 0.0,
+            (long long)(rs->n_tokens > 0 ? rs->n_tokens - 1 : 0), dec * 1e3,
+            dec > 0 && rs->n_tokens > 1 ? (rs->n_tokens - 1) / dec : 0.0, why, qf_get_num_threads());
+}
+
+/* Loads --adapter onto the language model and makes it active. */
+static int apply_adapter(qf_llm *llm, const run_opts *o) {
+    if (!o->adapter) return 0;
+    if (qf_llm_load_adapter(llm, o->adapter, "cli") != QF_OK || qf_llm_set_adapter(llm, "cli") != QF_OK)
+        return run_fail("--adapter");
+    return 0;
+}
+
+/* Without --image: a decoder LLM folder continues the prompt. */
+static int run_text(const run_opts *o, int wfmt) {
+    char path[4096];
+    if (snprintf(path, sizeof path, "%s/tokenizer.json", o->model) >= (int)sizeof path)
+        return run_usage("MODEL path is too long: %s", o->model);
+    qf_llm *m = NULL;
+    qf_tokenizer *tok = NULL;
+    qf_text_stream *ts = NULL;
+    int32_t *ids = NULL, *out_ids = NULL;
+    float *embeds = NULL;
+    int rc = 1;
+    double t0 = run_now();
+    qf_llm_options lo = {wfmt, 0};
+    if (qf_llm_load_ex(o->model, &lo, &m) != QF_OK) { rc = run_fail("loading the model"); goto done; }
+    if ((rc = apply_adapter(m, o))) goto done;
+    rc = 1;
+    if (!file_exists(path)) {
+        fprintf(stderr, "qfuse: run: %s is missing: qfuse run needs the model's fast-tokenizer file\n", path);
+        goto done;
+    }
+    if (qf_tokenizer_load(path, &tok) != QF_OK) { rc = run_fail("loading the tokenizer"); goto done; }
+    qf_llm_config c;
+    qf_llm_get_config(m, &c);
+    size_t n = 0;
+    if ((rc = tokenize(tok, o->prompt, 1, &ids, &n))) goto done;
+    rc = 1;
+    const int64_t T = (int64_t)n;
+    if (T < 1) { fprintf(stderr, "qfuse: run: the prompt has no tokens\n"); goto done; }
+    if (T >= c.max_position_embeddings) {
+        fprintf(stderr, "qfuse: run: the prompt is %lld tokens; the model's context is %lld\n", (long long)T,
+                (long long)c.max_position_embeddings);
+        goto done;
+    }
+    int64_t max_new = o->max_new;
+    if (T + max_new > c.max_position_embeddings) {
+        max_new = c.max_position_embeddings - T;
+        if (!o->quiet)
+            fprintf(stderr, "qfuse: run: --max-new-tokens %lld capped to %lld by the context of %lld tokens\n",
+                    o->max_new, (long long)max_new, (long long)c.max_position_embeddings);
+    }
+    out_ids = malloc((size_t)max_new * sizeof *out_ids);
+    embeds = malloc((size_t)(T * c.word_embed_proj_dim) * sizeof *embeds);
+    if (!out_ids || !embeds) { fprintf(stderr, "qfuse: run: out of memory\n"); goto done; }
+    if (qf_llm_embed(m, ids, 1, T, embeds) != QF_OK) { rc = run_fail("--prompt"); goto done; }
+    if (qf_text_stream_new(tok, o->stops, (size_t)o->n_stops, 1, &ts) != QF_OK) { rc = run_fail("--stop"); goto done; }
+    double t1 = run_now();
+    run_stream rs = {.ts = ts, .t_start = t1};
+    qf_generate_options go = qf_llm_generate_defaults(m);
+    go.max_new_tokens = max_new;
+    go.sampling.do_sample = o->sample;
+    go.sampling.temperature = (float)o->temperature;
+    go.sampling.top_k = o->top_k;
+    go.sampling.top_p = (float)o->top_p;
+    go.sampling.repetition_penalty = (float)o->repetition_penalty;
+    go.sampling.seed = (uint64_t)o->seed;
+    go.on_token = on_token;
+    go.user = &rs;
+    int64_t steps = 0;
+    fputs(o->prompt, stdout);
+    qf_status gs = qf_llm_generate(m, embeds, NULL, 1, T, ids, &go, out_ids, &steps);
+    double t2 = run_now();
+    if (rs.error) { rc = run_fail("decoding the output"); goto done; }
+    if (gs != QF_OK) { rc = run_fail("generate"); goto done; }
+    const char *txt;
+    size_t tn;
+    if (!rs.stopped && qf_text_stream_flush(ts, &txt, &tn) == QF_OK) fwrite(txt, 1, tn, stdout);
+    fputc('\n', stdout);
+    fflush(stdout);
+    print_timings(o, &rs, t1 - t0, -1, T, t1, t2, steps, max_new);
+    rc = 0;
+done:
+    qf_text_stream_free(ts);
+    qf_tokenizer_free(tok);
+    qf_llm_free(m);
+    free(ids);
+    free(out_ids);
+    free(embeds);
+    return rc;
+}
+
 int cmd_run(int argc, char **argv) {
     run_opts o;
     int rc = parse_args(argc, argv, &o);
@@ -216,6 +327,7 @@ int cmd_run(int argc, char **argv) {
     int wfmt;
     if ((rc = weights_format(o.weights, &wfmt))) return rc;
     if (o.threads && qf_set_num_threads((int)o.threads) != QF_OK) return run_fail("--threads");
+    if (!o.image) return run_text(&o, wfmt);
 
     char path[4096];
     if (snprintf(path, sizeof path, "%s/tokenizer.json", o.model) >= (int)sizeof path - 64)
@@ -232,6 +344,8 @@ int cmd_run(int argc, char **argv) {
     double t0 = run_now();
     qf_llm_options lo = {wfmt, 0};
     if (qf_vlm_load(o.model, &lo, &m) != QF_OK) { rc = run_fail("loading the model"); goto done; }
+    if ((rc = apply_adapter(qf_vlm_llm(m), &o))) goto done;
+    rc = 1;
     qf_vlm_info info;
     qf_vlm_get_info(m, &info);
     if (!file_exists(path)) {
@@ -334,15 +448,7 @@ int cmd_run(int argc, char **argv) {
     fputc('\n', stdout);
     fflush(stdout);
 
-    if (!o.quiet) {
-        const char *why = rs.stopped ? "stop string" : steps < max_new ? "eos" : "max-new-tokens";
-        double pre = rs.n_tokens ? rs.t_first - t2 : t3 - t2, dec = t3 - (rs.n_tokens ? rs.t_first : t3);
-        fprintf(stderr, "\n[qfuse run] load %.2f s | image (vision + Q-Former) %.1f ms | prefill %lld tokens %.1f ms "
-                        "(%.1f tok/s) | decode %lld tokens %.1f ms (%.1f tok/s) | ended by %s | %d threads\n",
-                t_load - t0, (t2 - t1) * 1e3, (long long)T, pre * 1e3, pre > 0 ? T / pre : 0.0,
-                (long long)(rs.n_tokens > 0 ? rs.n_tokens - 1 : 0), dec * 1e3,
-                dec > 0 && rs.n_tokens > 1 ? (rs.n_tokens - 1) / dec : 0.0, why, qf_get_num_threads());
-    }
+    print_timings(&o, &rs, t_load - t0, t2 - t1, T, t2, t3, steps, max_new);
     rc = 0;
 done:
     qf_text_stream_free(ts);

@@ -21,6 +21,8 @@
  *     the float32 copy of a layer exists only while that layer is being quantized).
  */
 #include "models/llm_internal.h"
+#include "io/io_internal.h"
+#include <cjson/cJSON.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -356,9 +358,11 @@ qf_status qf_llm_load_parts(const qf_config *cfg, const char *cfg_prefix, const 
     qf_llm *m = calloc(1, sizeof *m);
     if (!m) return qf_fail(QF_ERR_NOMEM, "%s: out of memory", fn);
     m->active_adapter = m->merged_adapter = -1;
+    m->gen_pad = -1;
     cfg_reader r = {.c = cfg, .prefix = cfg_prefix, .path = qf_config_label(cfg)};
     qf_status s = read_config(&r, &m->cfg, &m->arch);
     if (s != QF_OK) goto fail;
+    m->cfg_eos = (int32_t)m->cfg.eos_token_id;
     const qf_llm_config *c = &m->cfg;
     m->layers = calloc((size_t)c->num_hidden_layers, sizeof *m->layers);
     m->linears = calloc((size_t)c->num_hidden_layers * 7 + 3, sizeof *m->linears);
@@ -405,6 +409,67 @@ fail:
     return s;
 }
 
+/* FOLDER/generation_config.json (optional): eos_token_id (an integer or a list) and
+ * pad_token_id, which transformers' generate prefers over config.json's. */
+static qf_status read_generation_config(qf_llm *m, const char *folder) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/generation_config.json", folder);
+    FILE *f = fopen(path, "rb");
+    if (!f) return QF_OK;
+    fclose(f);
+    unsigned char *buf = NULL;
+    size_t len = 0;
+    QF_TRY(qf_io_read_file(path, (size_t)1 << 20, "generation_config", &buf, &len));
+    cJSON *root = NULL;
+    qf_status s = qf_io_parse_json_object((const char *)buf, len, path, "generation config", &root);
+    free(buf);
+    if (s != QF_OK) return s;
+    const cJSON *eos = cJSON_GetObjectItemCaseSensitive(root, "eos_token_id"), *e;
+    if (cJSON_IsNumber(eos)) {
+        m->gen_eos[m->n_gen_eos++] = (int32_t)eos->valuedouble;
+    } else if (cJSON_IsArray(eos)) {
+        cJSON_ArrayForEach(e, eos) {
+            if (!cJSON_IsNumber(e) || m->n_gen_eos == LLM_MAX_EOS) {
+                s = qf_fail(QF_ERR_FORMAT, "%s: eos_token_id must be an integer or a list of at most %d integers",
+                            path, LLM_MAX_EOS);
+                break;
+            }
+            m->gen_eos[m->n_gen_eos++] = (int32_t)e->valuedouble;
+        }
+    } else if (eos && !cJSON_IsNull(eos)) {
+        s = qf_fail(QF_ERR_FORMAT, "%s: eos_token_id must be an integer or a list of integers", path);
+    }
+    const cJSON *pad = cJSON_GetObjectItemCaseSensitive(root, "pad_token_id");
+    if (s == QF_OK && cJSON_IsNumber(pad)) m->gen_pad = (int32_t)pad->valuedouble;
+    else if (s == QF_OK && pad && !cJSON_IsNull(pad))
+        s = qf_fail(QF_ERR_FORMAT, "%s: pad_token_id must be an integer", path);
+    for (int i = 0; s == QF_OK && i < m->n_gen_eos; i++)
+        if (m->gen_eos[i] < 0 || m->gen_eos[i] >= m->cfg.vocab_size)
+            s = qf_fail(QF_ERR_FORMAT, "%s: eos_token_id %d is outside the vocabulary of %lld", path,
+                        (int)m->gen_eos[i], (long long)m->cfg.vocab_size);
+    if (s == QF_OK && (m->gen_pad < -1 || m->gen_pad >= m->cfg.vocab_size))
+        s = qf_fail(QF_ERR_FORMAT, "%s: pad_token_id %d is outside the vocabulary of %lld", path, (int)m->gen_pad,
+                    (long long)m->cfg.vocab_size);
+    cJSON_Delete(root);
+    return s;
+}
+
+qf_generate_options qf_llm_generate_defaults(const qf_llm *m) {
+    qf_generate_options o = qf_generate_defaults();
+    if (!m) return o;
+    if (m->n_gen_eos) {
+        o.eos_ids = m->gen_eos;
+        o.n_eos = m->n_gen_eos;
+    } else if (m->cfg.eos_token_id >= 0 && m->cfg.eos_token_id < m->cfg.vocab_size) {
+        o.eos_ids = &m->cfg_eos;
+        o.n_eos = 1;
+    }
+    int64_t pad = m->gen_pad >= 0 ? m->gen_pad : m->cfg.pad_token_id;
+    if (pad < 0 || pad >= m->cfg.vocab_size) pad = o.n_eos ? o.eos_ids[0] : 0;  /* transformers: pad = eos */
+    o.pad_id = (int32_t)pad;
+    return o;
+}
+
 qf_status qf_llm_load_ex(const char *folder, const qf_llm_options *opt, qf_llm **out) {
     if (!folder || !out) return qf_fail(QF_ERR_ARG, "qf_llm_load: NULL folder or out");
     *out = NULL;
@@ -418,6 +483,10 @@ qf_status qf_llm_load_ex(const char *folder, const qf_llm_options *opt, qf_llm *
     if (s == QF_OK) s = qf_llm_load_parts(cfg, "", st, "", opt, out);
     qf_st_close(st);
     qf_config_free(cfg);
+    if (s == QF_OK && (s = read_generation_config(*out, folder)) != QF_OK) {
+        qf_llm_free(*out);
+        *out = NULL;
+    }
     return s;
 }
 

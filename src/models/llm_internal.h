@@ -51,7 +51,7 @@ typedef struct {
     qf_lora *lora;
 } llm_adapter;
 
-enum { LLM_MAX_ADAPTERS = 16 };
+enum { LLM_MAX_ADAPTERS = 16, LLM_MAX_EOS = 16 };
 
 struct qf_llm {
     qf_llm_config cfg;
@@ -71,6 +71,11 @@ struct qf_llm {
     int n_adapters;
     int active_adapter;        /* index into adapters, or -1 */
     int merged_adapter;        /* index of the adapter merged into the weights, or -1 */
+
+    int32_t gen_eos[LLM_MAX_EOS];  /* generation_config.json's eos ids (n_gen_eos of them)  */
+    int n_gen_eos;
+    int32_t gen_pad;           /* generation_config.json's pad_token_id, or -1             */
+    int32_t cfg_eos;           /* config.json's eos_token_id as int32 (for eos_ids)         */
 
     float *ws;                 /* grow-only activation workspace (floats) */
     size_t ws_cap;
