@@ -309,7 +309,7 @@ def test_run_help_and_usage(tmp_path):
     rc, out, _ = run("--help")
     assert rc == 0 and "usage: qfuse run MODEL --image IMAGE" in out and "--max-new-tokens" in out
     rc, _, err = run(DEFAULT_MODEL)
-    assert rc == 2 and "missing --image" in err
+    assert rc == 2 and "give --image FILE" in err
     rc, _, err = run(DEFAULT_MODEL, "--image", PHOTO, "--top-p", "1.5")
     assert rc == 2 and "--top-p expects a number in" in err
     rc, _, err = run(DEFAULT_MODEL, "--image", PHOTO, "--bogus")
