@@ -128,6 +128,28 @@ def bench_shape(B, H, L, S, D, causal, dtype, budget_s, lines):
         lines.append(line)
 
 
+def host_overhead(n=2000):
+    """Per-call cost of a near-empty forward [1,1,1,1,8] (host work + launch), both sides: what
+    small shapes such as the Q-Former's pay besides the kernel."""
+    x = torch.randn(1, 1, 1, 8, device="cuda")
+    o = torch.empty_like(x)
+    p = params(1, 1, 1, 1, 8, False)
+    pp = ctypes.byref(p)
+    px, po = ptr(x), ptr(o)
+    res = []
+    for fn in (lambda: check(lib.qf_sdpa_forward(pp, px, px, px, po, None, None)),
+               lambda: F.scaled_dot_product_attention(x, x, x)):
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        res.append((time.perf_counter() - t0) / n * 1e6)
+    return "# per-call overhead, forward [1,1,1,1,8]: qfuse %.1f us, torch %.1f us" % tuple(res)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="shorter timing budget")
@@ -146,6 +168,8 @@ def main():
         print(h, flush=True)
     lines = list(head)
     budget = 0.15 if args.quick else 0.5
+    lines.append(host_overhead())
+    print(lines[-1], flush=True)
     for shp in ((8, 16, 4096, 4096, 128, True), (8, 16, 4096, 4096, 64, False), (8, 12, 32, 257, 64, False)):
         bench_shape(*shp, torch.float32, budget, lines)
     if args.out:

@@ -33,6 +33,13 @@ for s in $steps; do
         > "$OUT/sanitizer-$tool.txt" 2>&1
       echo "exit $?"; tail -n 6 "$OUT/sanitizer-$tool.txt"
     done ;;
+  profile)
+    echo "== ncu: kernel times of one Q-Former-shape forward + backward (8x12x32x257x64)"
+    ncu --metrics gpu__time_duration.sum --print-summary per-kernel python3 -c "
+import numpy as np, qfuse, qfuse.cuda
+r = np.random.default_rng(0); f = lambda *s: r.standard_normal(s).astype(np.float32)
+q, k, v, g = f(8,12,32,64), f(8,12,257,64), f(8,12,257,64), f(8,12,32,64)
+qfuse.sdpa_backward(q, k, v, g, device='cuda', check_finite=False)" 2>&1 | grep -E "sdpa|find_|gpu__time|Kernel|void" | head -n 40 ;;
   bench)
     echo "== bench_cuda_attention.py"
     python3 bench/bench_cuda_attention.py ${QF_QUICK:+--quick} --out "$OUT/h100-cuda-attention.txt" ;;

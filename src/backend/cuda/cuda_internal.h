@@ -26,7 +26,16 @@ qf_status qf_cuda_check(cudaError_t e, const char *what);
 qf_status qf_cuda_launched(const char *kernel);
 
 /* A device buffer of at least `bytes`, owned by this host thread, valid until the next call of
- * qf_cuda_scratch on this thread (slot 0..3: independent buffers). Grow-only. */
+ * qf_cuda_scratch with the same slot on this thread. Grow-only. One slot per use, so buffers of
+ * kernels still queued are never reallocated under them by another use. */
+enum {
+    QF_CUDA_SCRATCH_LSE = 0,     /* sdpa forward: lse when only weights were asked for     */
+    QF_CUDA_SCRATCH_PART_O,      /* sdpa forward split: partial outputs                     */
+    QF_CUDA_SCRATCH_PART_ML,     /* sdpa forward split: partial (max, sum)                  */
+    QF_CUDA_SCRATCH_DELTA,       /* sdpa backward: rowwise dO . O                           */
+    QF_CUDA_SCRATCH_SCREEN,      /* NaN/Inf screen: the first bad index                     */
+    QF_CUDA_SCRATCH_SLOTS
+};
 qf_status qf_cuda_scratch(int slot, size_t bytes, void **out);
 
 /* SDPA kernels (sdpa.cu): pr validated by sdpa.c, every pointer device memory. */

@@ -105,13 +105,14 @@ extern "C" qf_status qf_cuda_synchronize(void) {
 
 namespace {
 struct Scratch {
-    void *ptr[4] = {nullptr, nullptr, nullptr, nullptr};
-    size_t cap[4] = {0, 0, 0, 0};
+    void *ptr[QF_CUDA_SCRATCH_SLOTS] = {};
+    size_t cap[QF_CUDA_SCRATCH_SLOTS] = {};
 };
 thread_local Scratch t_scratch;
 } // namespace
 
 qf_status qf_cuda_scratch(int slot, size_t bytes, void **out) {
+    if (slot < 0 || slot >= QF_CUDA_SCRATCH_SLOTS) return qf_fail(QF_ERR_INTERNAL, "cuda scratch: no slot %d", slot);
     Scratch &s = t_scratch;
     if (bytes > s.cap[slot]) {
         if (s.ptr[slot]) QF_TRY(qf_cuda_check(cudaFree(s.ptr[slot]), "scratch: cudaFree"));
@@ -147,7 +148,7 @@ static qf_status cuda_find_nonfinite(const float *x, size_t n, int nan_or_posinf
     *value = 0.0f;
     if (n == 0) return QF_OK;
     void *buf;
-    QF_TRY(qf_cuda_scratch(3, sizeof(unsigned long long), &buf));
+    QF_TRY(qf_cuda_scratch(QF_CUDA_SCRATCH_SCREEN, sizeof(unsigned long long), &buf));
     unsigned long long *first = (unsigned long long *)buf, host = ~0ull;
     QF_TRY(qf_cuda_check(cudaMemcpy(first, &host, sizeof host, cudaMemcpyHostToDevice), "nan screen: cudaMemcpy"));
     size_t blocks = (n + 255) / 256;

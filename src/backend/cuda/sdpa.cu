@@ -34,6 +34,12 @@ constexpr int NT = 128;      /* threads per block */
 constexpr int LDP = BM + 4;  /* row stride of the P / dS tiles */
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
+#ifndef QF_SDPA_FWD_RR
+#define QF_SDPA_FWD_RR 4 /* query rows per thread in the forward: 4 (128 threads) or 2 (256) */
+#endif
+#ifndef QF_SDPA_BWD_KR
+#define QF_SDPA_BWD_KR 4 /* keys per thread in the backward: 4 (128 threads) or 2 (256; slower on the H100) */
+#endif
 
 struct Args {
     const float *q, *k, *v, *o, *dout, *lse_in, *delta;
@@ -41,6 +47,11 @@ struct Args {
     int64_t B, Hq, Hkv, L, S, D, Dv, group;
     float scale, scale_log2;
     int causal, mask_kind, vec_d, vec_dv;
+    /* forward split over keys (grid z = B * nsplit): partial unnormalised outputs part_o
+     * [nsplit][B*Hq*L][Dv] and (m in log2 units, l) pairs part_ml [nsplit][B*Hq*L][2], merged by
+     * sdpa_combine. nsplit = 1: no split, out/lse written directly. */
+    int nsplit;
+    float *part_o, *part_ml;
     const void *mask;
     int64_t ms_b, ms_h, ms_i, ms_j;
 };
@@ -52,28 +63,41 @@ __device__ __forceinline__ float mask_log2(const Args &a, int64_t base, int64_t 
     return ((const float *)a.mask)[at] * LOG2E;
 }
 
-/* Rows [row0, row0+64) x cols [0, DP) of the row-major [nrows, ncols] matrix src into tile
- * (row stride DP+4), times mul; rows >= nrows and cols >= ncols become 0. vec: ncols % 4 == 0
- * and src 16-byte aligned, so rows can be read as float4. */
-template <int DP>
-__device__ __forceinline__ void load_tile(float *tile, const float *src, int64_t row0, int64_t nrows, int64_t ncols,
-                                          float mul, int vec) {
+/* cp.async (sm_80+): global -> shared without registers, so every load of a tile is in flight at
+ * once; src_bytes 0 writes zeros (the padding rows/cols) without reading gmem. */
+__device__ __forceinline__ void cp_async16(float *dst, const float *src, bool valid) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async4(float *dst, const float *src, bool valid) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0));
+}
+/* Waits for this thread's cp.async copies; a __syncthreads must follow before others read. */
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+/* Rows [row0, row0+64) x cols [0, DP) of the row-major [nrows, ncols] matrix src into tile (row
+ * stride DP+4), asynchronously: issue here, then cp_async_wait + __syncthreads before use. Rows
+ * >= nrows and cols >= ncols become 0. vec: ncols % 4 == 0 and src 16-byte aligned (float4
+ * copies). NTH: the block's thread count. */
+template <int DP, int NTH = NT>
+__device__ __forceinline__ void load_tile_async(float *tile, const float *src, int64_t row0, int64_t nrows,
+                                                int64_t ncols, int vec) {
     constexpr int LD = DP + 4;
     if (vec) {
         constexpr int C4 = DP / 4;
-        for (int idx = threadIdx.x; idx < 64 * C4; idx += NT) {
-            int r = idx / C4, c = (idx % C4) * 4;
-            float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (row0 + r < nrows && c < ncols) x = __ldg((const float4 *)(src + (row0 + r) * ncols + c));
-            x.x *= mul; x.y *= mul; x.z *= mul; x.w *= mul;
-            *(float4 *)(tile + r * LD + c) = x;
+#pragma unroll 4
+        for (int idx = threadIdx.x; idx < 64 * C4; idx += NTH) {
+            const int r = idx / C4, c = (idx % C4) * 4;
+            const bool ok = row0 + r < nrows && c < ncols;
+            cp_async16(tile + r * LD + c, ok ? src + (row0 + r) * ncols + c : src, ok);
         }
     } else {
-        for (int idx = threadIdx.x; idx < 64 * DP; idx += NT) {
-            int r = idx / DP, c = idx % DP;
-            float x = 0.f;
-            if (row0 + r < nrows && c < ncols) x = __ldg(src + (row0 + r) * ncols + c) * mul;
-            tile[r * LD + c] = x;
+#pragma unroll 4
+        for (int idx = threadIdx.x; idx < 64 * DP; idx += NTH) {
+            const int r = idx / DP, c = idx % DP;
+            const bool ok = row0 + r < nrows && c < ncols;
+            cp_async4(tile + r * LD + c, ok ? src + (row0 + r) * ncols + c : src, ok);
         }
     }
 }
@@ -83,26 +107,46 @@ constexpr size_t fwd_smem_bytes() { return sizeof(float) * (size_t)(2 * 64 * (DP
 template <int DP>
 constexpr size_t bwd_smem_bytes() { return sizeof(float) * (size_t)(4 * 64 * (DP + 4) + 2 * BM * LDP + 2 * BM); }
 
-/* out[b,h,rows], lse[b,h,rows]. grid (ceil(L/64), Hq, B). */
-template <int DP>
-__global__ void __launch_bounds__(NT) sdpa_fwd(Args a) {
-    constexpr int LD = DP + 4, NC = DP / 32;
+template <int KR>
+__device__ __forceinline__ void store_kr(float *dst, const float (&x)[KR]) {
+    if constexpr (KR == 4) *(float4 *)dst = make_float4(x[0], x[1], x[2], x[3]);
+    else *(float2 *)dst = make_float2(x[0], x[1]);
+}
+template <int KR>
+__device__ __forceinline__ void load_kr(const float *src, float (&x)[KR]) {
+    if constexpr (KR == 4) {
+        const float4 v = *(const float4 *)src;
+        x[0] = v.x; x[1] = v.y; x[2] = v.z; x[3] = v.w;
+    } else {
+        const float2 v = *(const float2 *)src;
+        x[0] = v.x; x[1] = v.y;
+    }
+}
+
+/* out[b,h,rows], lse[b,h,rows]. grid (ceil(L/64), Hq, B * nsplit). RR query rows per thread:
+ * 64/RR row groups of 8 lanes, 512/RR threads. */
+template <int DP, int RR>
+__global__ void __launch_bounds__(512 / RR) sdpa_fwd(Args a) {
+    constexpr int LD = DP + 4, NC = DP / 32, NTH = 512 / RR;
     extern __shared__ float4 smem4[];
     float *Qs = (float *)smem4, *KVs = Qs + BM * LD, *Ps = KVs + BN * LD;
     const int tid = threadIdx.x, lane = tid & 31;
     const int rg = (tid >> 5) * 4 + (lane >> 3), cg = lane & 7;
     /* causal: the heaviest query tiles (the last ones) start first */
     const int64_t qb = a.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-    const int64_t h = blockIdx.y, b = blockIdx.z, hk = h / a.group, row0 = qb * BM;
+    const int64_t h = blockIdx.y, b = blockIdx.z / a.nsplit, split = blockIdx.z % a.nsplit;
+    const int64_t hk = h / a.group, row0 = qb * BM;
     const int64_t bh = b * a.Hq + h, bhk = b * a.Hkv + hk;
     const float *k = a.k + bhk * a.S * a.D, *v = a.v + bhk * a.S * a.Dv;
     const int64_t mbase = b * a.ms_b + h * a.ms_h;
 
-    load_tile<DP>(Qs, a.q + bh * a.L * a.D, row0, a.L, a.D, a.scale_log2, a.vec_d);
+    /* Q arrives asynchronously with the first K tile (one wait for both); the scale is applied
+     * to the scores, not to Q, so nothing has to pass through registers here. */
+    load_tile_async<DP, NTH>(Qs, a.q + bh * a.L * a.D, row0, a.L, a.D, a.vec_d);
 
-    float o[4][4 * NC], m[4], l[4];
+    float o[RR][4 * NC], m[RR], l[RR];
 #pragma unroll
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < RR; i++) {
         m[i] = -INFINITY;
         l[i] = 0.f;
 #pragma unroll
@@ -113,34 +157,45 @@ __global__ void __launch_bounds__(NT) sdpa_fwd(Args a) {
         int64_t last_row = (row0 + BM < a.L ? row0 + BM : a.L) - 1;
         if (last_row / BN + 1 < nkb) nkb = last_row / BN + 1;
     }
-    for (int64_t kb = 0; kb < nkb; kb++) {
+    int64_t kb_begin = 0;
+    if (a.nsplit > 1) { /* this block's share of the key tiles (possibly none) */
+        const int64_t per = (nkb + a.nsplit - 1) / a.nsplit;
+        kb_begin = split * per;
+        nkb = kb_begin + per < nkb ? kb_begin + per : nkb;
+    }
+    for (int64_t kb = kb_begin; kb < nkb; kb++) {
         const int64_t col0 = kb * BN;
         __syncthreads(); /* the previous tile's P.V is done with KVs and Ps */
-        load_tile<DP>(KVs, k, col0, a.S, a.D, 1.f, a.vec_d);
+        load_tile_async<DP, NTH>(KVs, k, col0, a.S, a.D, a.vec_d);
+        cp_async_wait();
         __syncthreads();
-        float s[4][8];
+        float s[RR][8];
 #pragma unroll
-        for (int i = 0; i < 4; i++)
+        for (int i = 0; i < RR; i++)
 #pragma unroll
             for (int c = 0; c < 8; c++) s[i][c] = 0.f;
 #pragma unroll 4
         for (int d = 0; d < DP; d += 4) {
-            float4 qv[4], kv[8];
+            float4 qv[RR], kv[8];
 #pragma unroll
-            for (int i = 0; i < 4; i++) qv[i] = *(const float4 *)(Qs + (rg * 4 + i) * LD + d);
+            for (int i = 0; i < RR; i++) qv[i] = *(const float4 *)(Qs + (rg * RR + i) * LD + d);
 #pragma unroll
             for (int c = 0; c < 8; c++) kv[c] = *(const float4 *)(KVs + (cg + 8 * c) * LD + d);
 #pragma unroll
-            for (int i = 0; i < 4; i++)
+            for (int i = 0; i < RR; i++)
 #pragma unroll
                 for (int c = 0; c < 8; c++)
                     s[i][c] += qv[i].x * kv[c].x + qv[i].y * kv[c].y + qv[i].z * kv[c].z + qv[i].w * kv[c].w;
         }
+#pragma unroll
+        for (int i = 0; i < RR; i++)
+#pragma unroll
+            for (int c = 0; c < 8; c++) s[i][c] *= a.scale_log2;
         const bool edge = col0 + BN > a.S || row0 + BM > a.L || (a.causal && col0 + BN - 1 > row0) || a.mask_kind;
         if (edge) {
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int64_t qi = row0 + rg * 4 + i;
+            for (int i = 0; i < RR; i++) {
+                const int64_t qi = row0 + rg * RR + i;
 #pragma unroll
                 for (int c = 0; c < 8; c++) {
                     const int64_t kj = col0 + cg + 8 * c;
@@ -151,7 +206,7 @@ __global__ void __launch_bounds__(NT) sdpa_fwd(Args a) {
         }
         /* online softmax: new row max, rescale the running sum and output */
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
+        for (int i = 0; i < RR; i++) {
             float mx = s[i][0];
 #pragma unroll
             for (int c = 1; c < 8; c++) mx = fmaxf(mx, s[i][c]);
@@ -173,34 +228,50 @@ __global__ void __launch_bounds__(NT) sdpa_fwd(Args a) {
             for (int c = 0; c < 4 * NC; c++) o[i][c] *= alpha;
         }
 #pragma unroll
-        for (int c = 0; c < 8; c++)
-            *(float4 *)(Ps + (cg + 8 * c) * LDP + rg * 4) = make_float4(s[0][c], s[1][c], s[2][c], s[3][c]);
+        for (int c = 0; c < 8; c++) {
+            float pc[RR];
+#pragma unroll
+            for (int i = 0; i < RR; i++) pc[i] = s[i][c];
+            store_kr<RR>(Ps + (cg + 8 * c) * LDP + rg * RR, pc);
+        }
         __syncthreads(); /* all lanes are done reading K */
-        load_tile<DP>(KVs, v, col0, a.S, a.Dv, 1.f, a.vec_dv);
+        load_tile_async<DP, NTH>(KVs, v, col0, a.S, a.Dv, a.vec_dv);
+        cp_async_wait();
         __syncthreads();
 #pragma unroll 4
         for (int j = 0; j < BN; j++) {
-            const float4 p = *(const float4 *)(Ps + j * LDP + rg * 4);
+            float p[RR];
+            load_kr<RR>(Ps + j * LDP + rg * RR, p);
 #pragma unroll
             for (int t = 0; t < NC; t++) {
                 const float4 x = *(const float4 *)(KVs + j * LD + (cg + 8 * t) * 4);
-                o[0][4 * t + 0] += p.x * x.x; o[0][4 * t + 1] += p.x * x.y; o[0][4 * t + 2] += p.x * x.z; o[0][4 * t + 3] += p.x * x.w;
-                o[1][4 * t + 0] += p.y * x.x; o[1][4 * t + 1] += p.y * x.y; o[1][4 * t + 2] += p.y * x.z; o[1][4 * t + 3] += p.y * x.w;
-                o[2][4 * t + 0] += p.z * x.x; o[2][4 * t + 1] += p.z * x.y; o[2][4 * t + 2] += p.z * x.z; o[2][4 * t + 3] += p.z * x.w;
-                o[3][4 * t + 0] += p.w * x.x; o[3][4 * t + 1] += p.w * x.y; o[3][4 * t + 2] += p.w * x.z; o[3][4 * t + 3] += p.w * x.w;
+#pragma unroll
+                for (int i = 0; i < RR; i++) {
+                    o[i][4 * t + 0] += p[i] * x.x; o[i][4 * t + 1] += p[i] * x.y;
+                    o[i][4 * t + 2] += p[i] * x.z; o[i][4 * t + 3] += p[i] * x.w;
+                }
             }
         }
     }
 #pragma unroll
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < RR; i++) {
         float sum = l[i];
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
         sum += __shfl_xor_sync(0xffffffffu, sum, 4);
-        const int64_t qi = row0 + rg * 4 + i;
+        const int64_t qi = row0 + rg * RR + i;
         if (qi >= a.L) continue;
-        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        float inv = sum > 0.f ? 1.f / sum : 0.f;
         float *dst = a.out + (bh * a.L + qi) * a.Dv;
+        if (a.nsplit > 1) { /* partial: unnormalised, with its (m, l) for sdpa_combine */
+            const int64_t at = split * a.B * a.Hq * a.L + bh * a.L + qi;
+            dst = a.part_o + at * a.Dv;
+            inv = 1.f;
+            if (cg == 0) {
+                a.part_ml[2 * at] = m[i];
+                a.part_ml[2 * at + 1] = sum;
+            }
+        }
 #pragma unroll
         for (int t = 0; t < NC; t++) {
             const int d = (cg + 8 * t) * 4;
@@ -214,8 +285,31 @@ __global__ void __launch_bounds__(NT) sdpa_fwd(Args a) {
                     if (d + e < a.Dv) dst[d + e] = o[i][4 * t + e] * inv;
             }
         }
-        if (a.lse && cg == 0) a.lse[bh * a.L + qi] = sum > 0.f ? m[i] * LN2 + logf(sum) : -INFINITY;
+        if (a.nsplit == 1 && a.lse && cg == 0) a.lse[bh * a.L + qi] = sum > 0.f ? m[i] * LN2 + logf(sum) : -INFINITY;
     }
+}
+
+/* Merges the nsplit partial results of each row: M = max m_s, l = sum l_s 2^(m_s - M),
+ * out = sum o_s 2^(m_s - M) / l, lse = M ln 2 + ln l (-inf and zeros for a row without keys).
+ * One warp per row of B*Hq*L. */
+__global__ void sdpa_combine(Args a) {
+    const int64_t rows = a.B * a.Hq * a.L;
+    const int64_t r = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (r >= rows) return;
+    float M = -INFINITY;
+    for (int s = 0; s < a.nsplit; s++) M = fmaxf(M, a.part_ml[2 * (s * rows + r)]);
+    const float base = M == -INFINITY ? 0.f : M;
+    float l = 0.f;
+    for (int s = 0; s < a.nsplit; s++) l += a.part_ml[2 * (s * rows + r) + 1] * exp2f(a.part_ml[2 * (s * rows + r)] - base);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    for (int64_t d = lane; d < a.Dv; d += 32) {
+        float acc = 0.f;
+        for (int s = 0; s < a.nsplit; s++)
+            acc += a.part_o[(s * rows + r) * a.Dv + d] * exp2f(a.part_ml[2 * (s * rows + r)] - base);
+        a.out[r * a.Dv + d] = acc * inv;
+    }
+    if (lane == 0 && a.lse) a.lse[r] = l > 0.f ? M * LN2 + logf(l) : -INFINITY;
 }
 
 /* delta[r] = sum_d dout[r,d] * o[r,d], one warp per row r of B*Hq*L. */
@@ -230,10 +324,12 @@ __global__ void sdpa_delta(const float *dout, const float *o, float *delta, int6
     if (lane == 0) delta[r] = acc;
 }
 
-/* dk, dv for 64 keys of (b, kv head); dq += via atomics. grid (ceil(S/64), Hkv, B). */
-template <int DP>
-__global__ void __launch_bounds__(NT) sdpa_bwd(Args a) {
-    constexpr int LD = DP + 4, NC = DP / 32;
+/* dk, dv for 64 keys of (b, kv head); dq += via atomics. grid (ceil(S/64), Hkv, B).
+ * KR keys (and, for dQ, queries) per thread: 64/KR row groups of 8 lanes, 8*64/KR threads
+ * (KR = 2: 256 threads, two warps per scheduler even when shared memory allows one block). */
+template <int DP, int KR>
+__global__ void __launch_bounds__(512 / KR) sdpa_bwd(Args a) {
+    constexpr int LD = DP + 4, NC = DP / 32, NTH = 512 / KR;
     extern __shared__ float4 smem4[];
     float *Ks = (float *)smem4, *Vs = Ks + BN * LD, *Qs = Vs + BN * LD, *dOs = Qs + BM * LD;
     float *Pt = dOs + BM * LD, *dSt = Pt + BM * LDP, *lse2 = dSt + BM * LDP, *dels = lse2 + BM;
@@ -242,14 +338,14 @@ __global__ void __launch_bounds__(NT) sdpa_bwd(Args a) {
     const int64_t kb = blockIdx.x, hk = blockIdx.y, b = blockIdx.z, col0 = kb * BN;
     const int64_t bhk = b * a.Hkv + hk;
 
-    load_tile<DP>(Ks, a.k + bhk * a.S * a.D, col0, a.S, a.D, 1.f, a.vec_d);
-    load_tile<DP>(Vs, a.v + bhk * a.S * a.Dv, col0, a.S, a.Dv, 1.f, a.vec_dv);
+    load_tile_async<DP, NTH>(Ks, a.k + bhk * a.S * a.D, col0, a.S, a.D, a.vec_d);
+    load_tile_async<DP, NTH>(Vs, a.v + bhk * a.S * a.Dv, col0, a.S, a.Dv, a.vec_dv);
 
-    float dk[4][4 * NC], dv[4][4 * NC];
+    float dk[KR][4 * NC], dv[KR][4 * NC];
 #pragma unroll
-    for (int i = 0; i < 4; i++)
+    for (int r = 0; r < KR; r++)
 #pragma unroll
-        for (int c = 0; c < 4 * NC; c++) dk[i][c] = dv[i][c] = 0.f;
+        for (int c = 0; c < 4 * NC; c++) dk[r][c] = dv[r][c] = 0.f;
 
     const int64_t nqb = (a.L + BM - 1) / BM;
     const int64_t qb0 = a.causal ? col0 / BM : 0; /* earlier query tiles cannot see these keys */
@@ -261,50 +357,51 @@ __global__ void __launch_bounds__(NT) sdpa_bwd(Args a) {
         for (int64_t qb = qb0; qb < nqb; qb++) {
             const int64_t row0 = qb * BM;
             __syncthreads(); /* the previous tile is done with Qs, dOs, Pt, dSt */
-            load_tile<DP>(Qs, q, row0, a.L, a.D, 1.f, a.vec_d);
-            load_tile<DP>(dOs, dout, row0, a.L, a.Dv, 1.f, a.vec_dv);
+            load_tile_async<DP, NTH>(Qs, q, row0, a.L, a.D, a.vec_d);
+            load_tile_async<DP, NTH>(dOs, dout, row0, a.L, a.Dv, a.vec_dv);
             if (tid < BM) {
                 const int64_t qi = row0 + tid;
                 const float ls = qi < a.L ? a.lse_in[bh * a.L + qi] : -INFINITY;
                 lse2[tid] = ls == -INFINITY ? INFINITY : ls * LOG2E; /* +inf: P = 0 on empty rows */
                 dels[tid] = qi < a.L ? a.delta[bh * a.L + qi] : 0.f;
             }
+            cp_async_wait(); /* this thread's Q/dO (and, the first time, K/V) copies */
             __syncthreads();
-            /* P^T[j][i] for keys 4rg+r, queries cg+8c */
-            float p[4][8], dp[4][8];
+            /* P^T and dP^T for keys KR*rg + r, queries cg + 8c */
+            float p[KR][8], dp[KR][8];
 #pragma unroll
-            for (int r = 0; r < 4; r++)
+            for (int r = 0; r < KR; r++)
 #pragma unroll
                 for (int c = 0; c < 8; c++) p[r][c] = dp[r][c] = 0.f;
 #pragma unroll 2
             for (int d = 0; d < DP; d += 4) {
-                float4 kv[4], qv[8];
+                float4 kv[KR], qv[8];
 #pragma unroll
-                for (int r = 0; r < 4; r++) kv[r] = *(const float4 *)(Ks + (rg * 4 + r) * LD + d);
+                for (int r = 0; r < KR; r++) kv[r] = *(const float4 *)(Ks + (rg * KR + r) * LD + d);
 #pragma unroll
                 for (int c = 0; c < 8; c++) qv[c] = *(const float4 *)(Qs + (cg + 8 * c) * LD + d);
 #pragma unroll
-                for (int r = 0; r < 4; r++)
+                for (int r = 0; r < KR; r++)
 #pragma unroll
                     for (int c = 0; c < 8; c++)
                         p[r][c] += kv[r].x * qv[c].x + kv[r].y * qv[c].y + kv[r].z * qv[c].z + kv[r].w * qv[c].w;
             }
 #pragma unroll 2
             for (int d = 0; d < DP; d += 4) {
-                float4 vv[4], gv[8];
+                float4 vv[KR], gv[8];
 #pragma unroll
-                for (int r = 0; r < 4; r++) vv[r] = *(const float4 *)(Vs + (rg * 4 + r) * LD + d);
+                for (int r = 0; r < KR; r++) vv[r] = *(const float4 *)(Vs + (rg * KR + r) * LD + d);
 #pragma unroll
                 for (int c = 0; c < 8; c++) gv[c] = *(const float4 *)(dOs + (cg + 8 * c) * LD + d);
 #pragma unroll
-                for (int r = 0; r < 4; r++)
+                for (int r = 0; r < KR; r++)
 #pragma unroll
                     for (int c = 0; c < 8; c++)
                         dp[r][c] += vv[r].x * gv[c].x + vv[r].y * gv[c].y + vv[r].z * gv[c].z + vv[r].w * gv[c].w;
             }
 #pragma unroll
-            for (int r = 0; r < 4; r++) {
-                const int64_t kj = col0 + rg * 4 + r;
+            for (int r = 0; r < KR; r++) {
+                const int64_t kj = col0 + rg * KR + r;
 #pragma unroll
                 for (int c = 0; c < 8; c++) {
                     const int64_t qi = row0 + cg + 8 * c;
@@ -318,46 +415,52 @@ __global__ void __launch_bounds__(NT) sdpa_bwd(Args a) {
             }
 #pragma unroll
             for (int c = 0; c < 8; c++) {
-                *(float4 *)(Pt + (cg + 8 * c) * LDP + rg * 4) = make_float4(p[0][c], p[1][c], p[2][c], p[3][c]);
-                *(float4 *)(dSt + (cg + 8 * c) * LDP + rg * 4) = make_float4(dp[0][c], dp[1][c], dp[2][c], dp[3][c]);
+                float pc[KR], sc[KR];
+#pragma unroll
+                for (int r = 0; r < KR; r++) {
+                    pc[r] = p[r][c];
+                    sc[r] = dp[r][c];
+                }
+                store_kr<KR>(Pt + (cg + 8 * c) * LDP + rg * KR, pc);
+                store_kr<KR>(dSt + (cg + 8 * c) * LDP + rg * KR, sc);
             }
             __syncthreads();
             /* dV += P^T dO, dK += dS^T Q (scale applied at the end) */
 #pragma unroll 2
             for (int i = 0; i < BM; i++) {
-                const float4 pv = *(const float4 *)(Pt + i * LDP + rg * 4);
-                const float4 sv = *(const float4 *)(dSt + i * LDP + rg * 4);
+                float pv[KR], sv[KR];
+                load_kr<KR>(Pt + i * LDP + rg * KR, pv);
+                load_kr<KR>(dSt + i * LDP + rg * KR, sv);
 #pragma unroll
                 for (int t = 0; t < NC; t++) {
                     const float4 g = *(const float4 *)(dOs + i * LD + (cg + 8 * t) * 4);
                     const float4 x = *(const float4 *)(Qs + i * LD + (cg + 8 * t) * 4);
-                    dv[0][4 * t + 0] += pv.x * g.x; dv[0][4 * t + 1] += pv.x * g.y; dv[0][4 * t + 2] += pv.x * g.z; dv[0][4 * t + 3] += pv.x * g.w;
-                    dv[1][4 * t + 0] += pv.y * g.x; dv[1][4 * t + 1] += pv.y * g.y; dv[1][4 * t + 2] += pv.y * g.z; dv[1][4 * t + 3] += pv.y * g.w;
-                    dv[2][4 * t + 0] += pv.z * g.x; dv[2][4 * t + 1] += pv.z * g.y; dv[2][4 * t + 2] += pv.z * g.z; dv[2][4 * t + 3] += pv.z * g.w;
-                    dv[3][4 * t + 0] += pv.w * g.x; dv[3][4 * t + 1] += pv.w * g.y; dv[3][4 * t + 2] += pv.w * g.z; dv[3][4 * t + 3] += pv.w * g.w;
-                    dk[0][4 * t + 0] += sv.x * x.x; dk[0][4 * t + 1] += sv.x * x.y; dk[0][4 * t + 2] += sv.x * x.z; dk[0][4 * t + 3] += sv.x * x.w;
-                    dk[1][4 * t + 0] += sv.y * x.x; dk[1][4 * t + 1] += sv.y * x.y; dk[1][4 * t + 2] += sv.y * x.z; dk[1][4 * t + 3] += sv.y * x.w;
-                    dk[2][4 * t + 0] += sv.z * x.x; dk[2][4 * t + 1] += sv.z * x.y; dk[2][4 * t + 2] += sv.z * x.z; dk[2][4 * t + 3] += sv.z * x.w;
-                    dk[3][4 * t + 0] += sv.w * x.x; dk[3][4 * t + 1] += sv.w * x.y; dk[3][4 * t + 2] += sv.w * x.z; dk[3][4 * t + 3] += sv.w * x.w;
+#pragma unroll
+                    for (int r = 0; r < KR; r++) {
+                        dv[r][4 * t + 0] += pv[r] * g.x; dv[r][4 * t + 1] += pv[r] * g.y;
+                        dv[r][4 * t + 2] += pv[r] * g.z; dv[r][4 * t + 3] += pv[r] * g.w;
+                        dk[r][4 * t + 0] += sv[r] * x.x; dk[r][4 * t + 1] += sv[r] * x.y;
+                        dk[r][4 * t + 2] += sv[r] * x.z; dk[r][4 * t + 3] += sv[r] * x.w;
+                    }
                 }
             }
-            /* dQ[4rg+r][chunk t] += scale * sum_j dS[i][j] K[j][:], one float4 chunk at a time */
+            /* dQ[KR*rg+r][chunk t] += scale * sum_j dS[i][j] K[j][:], one float4 chunk at a time */
 #pragma unroll
             for (int t = 0; t < NC; t++) {
-                float acc[4][4];
+                float acc[KR][4];
 #pragma unroll
-                for (int r = 0; r < 4; r++)
+                for (int r = 0; r < KR; r++)
 #pragma unroll
                     for (int e = 0; e < 4; e++) acc[r][e] = 0.f;
 #pragma unroll 2
                 for (int j = 0; j < BN; j += 4) {
-                    float4 sr[4], kr[4];
+                    float4 sr[KR], kr[4];
 #pragma unroll
-                    for (int r = 0; r < 4; r++) sr[r] = *(const float4 *)(dSt + (rg * 4 + r) * LDP + j);
+                    for (int r = 0; r < KR; r++) sr[r] = *(const float4 *)(dSt + (rg * KR + r) * LDP + j);
 #pragma unroll
                     for (int u = 0; u < 4; u++) kr[u] = *(const float4 *)(Ks + (j + u) * LD + (cg + 8 * t) * 4);
 #pragma unroll
-                    for (int r = 0; r < 4; r++) {
+                    for (int r = 0; r < KR; r++) {
                         acc[r][0] += sr[r].x * kr[0].x + sr[r].y * kr[1].x + sr[r].z * kr[2].x + sr[r].w * kr[3].x;
                         acc[r][1] += sr[r].x * kr[0].y + sr[r].y * kr[1].y + sr[r].z * kr[2].y + sr[r].w * kr[3].y;
                         acc[r][2] += sr[r].x * kr[0].z + sr[r].y * kr[1].z + sr[r].z * kr[2].z + sr[r].w * kr[3].z;
@@ -366,8 +469,8 @@ __global__ void __launch_bounds__(NT) sdpa_bwd(Args a) {
                 }
                 const int d = (cg + 8 * t) * 4;
 #pragma unroll
-                for (int r = 0; r < 4; r++) {
-                    const int64_t qi = row0 + rg * 4 + r;
+                for (int r = 0; r < KR; r++) {
+                    const int64_t qi = row0 + rg * KR + r;
                     if (qi >= a.L) continue;
 #pragma unroll
                     for (int e = 0; e < 4; e++)
@@ -376,9 +479,10 @@ __global__ void __launch_bounds__(NT) sdpa_bwd(Args a) {
             }
         }
     }
+    cp_async_wait(); /* K/V copies are still pending when no query tile could see these keys */
 #pragma unroll
-    for (int r = 0; r < 4; r++) {
-        const int64_t kj = col0 + rg * 4 + r;
+    for (int r = 0; r < KR; r++) {
+        const int64_t kj = col0 + rg * KR + r;
         if (kj >= a.S) continue;
         float *dkr = a.dk + (bhk * a.S + kj) * a.D, *dvr = a.dv + (bhk * a.S + kj) * a.Dv;
 #pragma unroll
@@ -443,29 +547,37 @@ qf_status make_args(const char *fn, const qf_sdpa_problem *pr, Args *a, int *dp)
 
 template <int DP>
 qf_status launch_fwd(const Args &a) {
+    constexpr int RR = QF_SDPA_FWD_RR;
     static bool attr_set = false; /* idempotent, so a race between threads is harmless */
     const size_t smem = fwd_smem_bytes<DP>();
     if (!attr_set) {
-        QF_TRY(qf_cuda_check(cudaFuncSetAttribute(sdpa_fwd<DP>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+        QF_TRY(qf_cuda_check(cudaFuncSetAttribute(sdpa_fwd<DP, RR>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
                              "sdpa forward: cudaFuncSetAttribute"));
         attr_set = true;
     }
-    dim3 grid((unsigned)((a.L + BM - 1) / BM), (unsigned)a.Hq, (unsigned)a.B);
-    sdpa_fwd<DP><<<grid, NT, smem>>>(a);
-    return qf_cuda_launched("sdpa_fwd");
+    dim3 grid((unsigned)((a.L + BM - 1) / BM), (unsigned)a.Hq, (unsigned)(a.B * a.nsplit));
+    sdpa_fwd<DP, RR><<<grid, 512 / RR, smem>>>(a);
+    QF_TRY(qf_cuda_launched("sdpa_fwd"));
+    if (a.nsplit > 1) {
+        const int64_t rows = a.B * a.Hq * a.L;
+        sdpa_combine<<<(unsigned)((rows * 32 + 255) / 256), 256>>>(a);
+        QF_TRY(qf_cuda_launched("sdpa_combine"));
+    }
+    return QF_OK;
 }
 
 template <int DP>
 qf_status launch_bwd(const Args &a) {
+    constexpr int KR = QF_SDPA_BWD_KR;
     static bool attr_set = false;
     const size_t smem = bwd_smem_bytes<DP>();
     if (!attr_set) {
-        QF_TRY(qf_cuda_check(cudaFuncSetAttribute(sdpa_bwd<DP>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+        QF_TRY(qf_cuda_check(cudaFuncSetAttribute(sdpa_bwd<DP, KR>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
                              "sdpa backward: cudaFuncSetAttribute"));
         attr_set = true;
     }
     dim3 grid((unsigned)((a.S + BN - 1) / BN), (unsigned)a.Hkv, (unsigned)a.B);
-    sdpa_bwd<DP><<<grid, NT, smem>>>(a);
+    sdpa_bwd<DP, KR><<<grid, 512 / KR, smem>>>(a);
     return qf_cuda_launched("sdpa_bwd");
 }
 
@@ -481,8 +593,31 @@ qf_status qf_cuda_sdpa_forward(const qf_sdpa_problem *pr, const float *q, const 
     a.vec_dv = pr->Dv % 4 == 0 && aligned16(v) && aligned16(out);
     if (weights && !lse) { /* the weights pass needs every row's lse */
         void *buf;
-        QF_TRY(qf_cuda_scratch(0, sizeof(float) * (size_t)(pr->B * pr->Hq * pr->L), &buf));
+        QF_TRY(qf_cuda_scratch(QF_CUDA_SCRATCH_LSE, sizeof(float) * (size_t)(pr->B * pr->Hq * pr->L), &buf));
         a.lse = (float *)buf;
+    }
+    /* Too few blocks to fill the GPU (short queries: the Q-Former's 32): split the keys so each
+     * SM gets several blocks, then merge (sdpa_combine). */
+    static int sms = 0;
+    if (!sms && cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0) != cudaSuccess) {
+        (void)cudaGetLastError();
+        sms = 1;
+    }
+    const int64_t blocks = (pr->L + BM - 1) / BM * pr->Hq * pr->B, nkb = (pr->S + BN - 1) / BN;
+    a.nsplit = 1;
+    if (blocks < 2 * sms && nkb > 1) {
+        int64_t want = (4 * sms + blocks - 1) / blocks;
+        want = want < nkb ? want : nkb;
+        want = want < 16 ? want : 16;
+        if (pr->B * want <= 65535) a.nsplit = (int)want;
+    }
+    if (a.nsplit > 1) {
+        const size_t rows = (size_t)(pr->B * pr->Hq * pr->L);
+        void *po, *pm;
+        QF_TRY(qf_cuda_scratch(QF_CUDA_SCRATCH_PART_O, sizeof(float) * rows * (size_t)pr->Dv * (size_t)a.nsplit, &po));
+        QF_TRY(qf_cuda_scratch(QF_CUDA_SCRATCH_PART_ML, sizeof(float) * rows * 2 * (size_t)a.nsplit, &pm));
+        a.part_o = (float *)po;
+        a.part_ml = (float *)pm;
     }
     QF_TRY(dp == 32 ? launch_fwd<32>(a) : dp == 64 ? launch_fwd<64>(a) : launch_fwd<128>(a));
     if (weights) {
@@ -501,13 +636,14 @@ qf_status qf_cuda_sdpa_backward(const qf_sdpa_problem *pr, const float *q, const
     Args a;
     int dp;
     QF_TRY(make_args("sdpa_backward (cuda)", pr, &a, &dp));
+    a.nsplit = 1;
     a.q = q; a.k = k; a.v = v; a.o = out; a.lse_in = lse; a.dout = grad_out;
     a.dq = dq; a.dk = dk; a.dv = dv;
     a.vec_d = pr->D % 4 == 0 && aligned16(q) && aligned16(k);
     a.vec_dv = pr->Dv % 4 == 0 && aligned16(v) && aligned16(grad_out);
     const int64_t rows = pr->B * pr->Hq * pr->L;
     void *buf;
-    QF_TRY(qf_cuda_scratch(1, sizeof(float) * (size_t)rows, &buf));
+    QF_TRY(qf_cuda_scratch(QF_CUDA_SCRATCH_DELTA, sizeof(float) * (size_t)rows, &buf));
     a.delta = (const float *)buf;
     sdpa_delta<<<(unsigned)((rows * 32 + 255) / 256), 256>>>(grad_out, out, (float *)buf, rows, pr->Dv);
     QF_TRY(qf_cuda_launched("sdpa_delta"));
