@@ -25,6 +25,9 @@
  *               fast as streaming its weights once. Bandwidth: the best of 5 multi-threaded
  *               sequential reads (64-bit adds of AVX-512 loads, AVX2 without it) of a `bw-mib` buffer (>> last-level cache),
  *               same threads, measured first.
+ *   mm_B1/B8    (bench_llm only) the time of one pass over every linear layer's matmul alone
+ *               (qf_qweight_matmul / qf_linear_forward on zeros, N = 1 / 8 rows, best of 3) over
+ *               the measured step: the share of a decode step spent in matmuls.
  * --kernels adds a table of qf_qweight_matmul alone (GB/s of weights at N = 1 and 8) on a
  * [4864, 896] weight (Qwen2-0.5B's up_proj) and a [151936, 896] one (its lm_head).
  * Token ids are a fixed pseudo-random sequence (no tokenizer needed). */
@@ -169,7 +172,7 @@ static int32_t next_id(int64_t vocab) {
 }
 
 typedef struct {
-    double prefill_tps, dec1_tps, dec8_tps, weights_mb, read_mb, rss_mb, frac1, frac8;
+    double prefill_tps, dec1_tps, dec8_tps, weights_mb, read_mb, rss_mb, frac1, frac8, mm1, mm8;
     int rss_exact;
 } row_result;
 
@@ -190,6 +193,37 @@ static double decode_steps(qf_llm *m, qf_llm_cache *c, int64_t B, int steps, flo
     }
     (void)E;
     return now_s() - t0;
+}
+
+/* Seconds of one pass over every linear layer's matmul alone (x zero, N rows, checkpoint order:
+ * the weights stream as in a decode step), best of 3: the matmul part of a step. */
+static double matmul_replay(const qf_llm *m, int64_t N) {
+    int64_t maxd = 0;
+    for (int i = 0; i < m->n_linears; i++) {
+        const llm_linear *L = m->linears[i];
+        if (L->in > maxd) maxd = L->in;
+        if (L->out > maxd) maxd = L->out;
+    }
+    float *x = calloc((size_t)(N * maxd), sizeof *x), *y = malloc((size_t)(N * maxd) * sizeof *y);
+    if (!x || !y) {
+        fprintf(stderr, "bench_llm: out of memory (replay)\n");
+        exit(1);
+    }
+    double best = 1e30;
+    for (int rep = 0; rep < 3; rep++) {
+        double t0 = now_s();
+        for (int i = 0; i < m->n_linears; i++) {
+            const llm_linear *L = m->linears[i];
+            qf_status st = L->q ? qf_qweight_matmul(y, x, L->q, L->bias, N)
+                                : qf_linear_forward(y, x, L->w, L->bias, N, L->in, L->out);
+            if (st != QF_OK) die("replay");
+        }
+        double dt = now_s() - t0;
+        if (dt < best) best = dt;
+    }
+    free(x);
+    free(y);
+    return best;
 }
 
 static row_result bench_format(const bench_opts *o, int format, double bw) {
@@ -231,6 +265,7 @@ static row_result bench_format(const bench_opts *o, int format, double bw) {
     double dt1 = decode_steps(m, c1, 1, (int)S, logits, emb, ids, V, E);
     r.dec1_tps = (double)S / dt1;
     r.frac1 = (read_bytes / bw) / (dt1 / (double)S);
+    r.mm1 = matmul_replay(m, 1) / (dt1 / (double)S);
     qf_llm_cache_free(c1);
 
     /* B = 8 */
@@ -242,6 +277,7 @@ static row_result bench_format(const bench_opts *o, int format, double bw) {
     double dt8 = decode_steps(m, c8, 8, (int)S, logits, emb, ids, V, E);
     r.dec8_tps = 8.0 * (double)S / dt8;
     r.frac8 = (read_bytes / bw) / (dt8 / (double)S);
+    r.mm8 = matmul_replay(m, 8) / (dt8 / (double)S);
     qf_llm_cache_free(c8);
 
     r.rss_mb = status_mib("VmHWM");
@@ -351,8 +387,8 @@ int main(int argc, char **argv) {
            qf_isa_name(qf_get_isa()), bw / 1e9, bw_mib);
     printf("# prefill: B=1, %d-token prompt (best of %d); decode: %d greedy steps after it (B=1) / after a "
            "%d-token prompt per row (B=8)\n", o.prompt, o.reps, o.steps, o.prompt8);
-    printf("%-6s %-7s %7s %12s %12s %12s %10s %10s %10s %9s %9s\n", "impl", "weights", "threads", "prefill_t/s",
-           "dec_B1_t/s", "dec_B8_t/s", "weights_MB", "read/tok_MB", "peakRSS_MB", "bw_B1", "bw_B8");
+    printf("%-6s %-7s %7s %12s %12s %12s %10s %10s %10s %9s %9s %7s %7s\n", "impl", "weights", "threads", "prefill_t/s",
+           "dec_B1_t/s", "dec_B8_t/s", "weights_MB", "read/tok_MB", "peakRSS_MB", "bw_B1", "bw_B8", "mm_B1", "mm_B8");
     fflush(stdout);
     char list[256];
     snprintf(list, sizeof list, "%s", formats);
@@ -364,9 +400,9 @@ int main(int argc, char **argv) {
             return 2;
         }
         row_result r = bench_format(&o, fmt, bw);
-        printf("%-6s %-7s %7d %12.1f %12.2f %12.2f %10.1f %10.1f %9.0f%s %9.2f %9.2f\n", "qfuse", f, threads,
-               r.prefill_tps, r.dec1_tps, r.dec8_tps, r.weights_mb, r.read_mb, r.rss_mb, r.rss_exact ? " " : "*",
-               r.frac1, r.frac8);
+        printf("%-6s %-7s %7d %12.1f %12.2f %12.2f %10.1f %10.1f %9.0f%s %9.2f %9.2f %7.2f %7.2f\n", "qfuse", f,
+               threads, r.prefill_tps, r.dec1_tps, r.dec8_tps, r.weights_mb, r.read_mb, r.rss_mb,
+               r.rss_exact ? " " : "*", r.frac1, r.frac8, r.mm1, r.mm8);
         fflush(stdout);
     }
     if (kernels) bench_kernels(threads);

@@ -18,7 +18,9 @@
  *         all 16 levels are used; q = clamp(nearbyint(w * (1/scale)), -8, 7). scale 0 when the
  *         block is zero. (Symmetric amax/7 uses 15 levels: 13% larger error on Gaussian blocks, measured.)
  *   Dequantized: w = (float)q * scale (bf16: the bits << 16), one float32 multiply: the value
- *   qf_qweight_dequantize returns and every kernel uses, so all paths compute with the same W.
+ *   qf_qweight_dequantize returns and the kernels use (q4 through a 16-entry table of the block's
+ *   values), except int8 with one scale per row, whose SIMD kernels sum q * x and scale the
+ *   row's sum once (a multiply fewer per 16 weights; the same bound).
  *   Weights must be finite (QF_ERR_NONFINITE naming the element).
  *
  * Matmul, y[N,out] = x[N,in] W^T (+ bias):
@@ -318,6 +320,7 @@ QA512 void ld_q4_512(const uint8_t *p, __mmask16 m, __m512 *lo, __m512 *hi) {
 
 QA512 void row512(const qf_qweight *q, int64_t o, const float *x, const int NR, float *res) {
     const int64_t in = q->in, b = q->block;
+    float post = 1.0f;
     __m512 A[QMM_NR], B[QMM_NR];
     _Pragma("GCC unroll 8") for (int n = 0; n < NR; n++) A[n] = B[n] = _mm512_setzero_ps();
     if (q->format == QF_WEIGHTS_Q4) {
@@ -325,17 +328,19 @@ QA512 void row512(const qf_qweight *q, int64_t o, const float *x, const int NR, 
         const uint8_t *c = (const uint8_t *)q->codes + o * (in / 2);
         const float *sc = q->scales + o * q->nblocks;
         if (half % 16 == 0) { /* whole vectors (block 32, 64, ...): no masks */
-            const __m512i f15 = _mm512_set1_epi32(15);
+            /* lut[u] = (u - 8) * s, the 16 dequantized values of this block (the same float
+             * products as the scalar path); vpermps picks lane values by the low 4 bits of each
+             * index lane, so the zero-extended code bytes need no AND, only a shift for the
+             * high nibbles. */
+            const __m512 base = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
             const __mmask16 mk = 0xFFFF;
             for (int64_t k = 0; k < q->nblocks; k++) {
-                /* w = (u - 8) * s as one FMA u * s + (-8 s): exact product, one rounding, so
-                 * the same float as the scalar (float)(u - 8) * s (-8 s is exact) */
-                const __m512 s = _mm512_set1_ps(sc[k]), m8s = _mm512_set1_ps(-8.0f * sc[k]);
+                const __m512 lut = _mm512_mul_ps(base, _mm512_set1_ps(sc[k]));
                 const float *xk = x + k * b;
                 for (int64_t j = 0; j < half; j += 16) {
                     __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + k * half + j)));
-                    __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, f15)), s, m8s);
-                    __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), s, m8s);
+                    __m512 lo = _mm512_permutexvar_ps(v, lut);
+                    __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
                     FMA_ROWS512(A, lo, xk + j);
                     FMA_ROWS512(B, hi, xk + half + j);
                 }
@@ -355,13 +360,16 @@ QA512 void row512(const qf_qweight *q, int64_t o, const float *x, const int NR, 
             }
         }
     } else {
-        /* bf16 / int8: blocks of b inputs (bf16: one block, scale 1), 32 per step. */
+        /* bf16 / int8: blocks of b inputs (bf16: one block, scale 1), 32 per step. int8 with one
+         * scale per row accumulates q * x and scales the row's sum once (post). */
         const int isbf = q->format == QF_WEIGHTS_BF16;
         const int64_t nb = isbf ? 1 : q->nblocks;
+        const int scaled = !isbf && nb > 1;
+        if (!isbf && nb == 1) post = q->scales[o];
         const uint16_t *cb = (const uint16_t *)q->codes + o * in;
         const int8_t *ci = (const int8_t *)q->codes + o * in;
         for (int64_t k = 0; k < nb; k++) {
-            const __m512 s = _mm512_set1_ps(isbf ? 1.0f : q->scales[o * nb + k]);
+            const __m512 s = _mm512_set1_ps(scaled ? q->scales[o * nb + k] : 1.0f);
             const int64_t base = k * b;
             int64_t i = 0;
             __mmask16 mk = 0xFFFF;
@@ -371,20 +379,25 @@ QA512 void row512(const qf_qweight *q, int64_t o, const float *x, const int NR, 
                     w0 = ld_bf16_512(cb + base + i, mk);
                     w1 = ld_bf16_512(cb + base + i + 16, mk);
                 } else {
-                    w0 = _mm512_mul_ps(ld_i8_512(ci + base + i, mk), s);
-                    w1 = _mm512_mul_ps(ld_i8_512(ci + base + i + 16, mk), s);
+                    w0 = ld_i8_512(ci + base + i, mk);
+                    w1 = ld_i8_512(ci + base + i + 16, mk);
+                    if (scaled) {
+                        w0 = _mm512_mul_ps(w0, s);
+                        w1 = _mm512_mul_ps(w1, s);
+                    }
                 }
                 FMA_ROWS512(A, w0, x + base + i);
                 FMA_ROWS512(B, w1, x + base + i + 16);
             }
             for (; i < b; i += 16) {
                 mk = b - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (b - i)) - 1);
-                __m512 w0 = isbf ? ld_bf16_512(cb + base + i, mk) : _mm512_mul_ps(ld_i8_512(ci + base + i, mk), s);
+                __m512 w0 = isbf ? ld_bf16_512(cb + base + i, mk) : ld_i8_512(ci + base + i, mk);
+                if (scaled) w0 = _mm512_mul_ps(w0, s);
                 FMA_ROWS512(A, w0, x + base + i);
             }
         }
     }
-    _Pragma("GCC unroll 8") for (int n = 0; n < NR; n++) res[n] = _mm512_reduce_add_ps(_mm512_add_ps(A[n], B[n]));
+    _Pragma("GCC unroll 8") for (int n = 0; n < NR; n++) res[n] = _mm512_reduce_add_ps(_mm512_add_ps(A[n], B[n])) * post;
 }
 
 QF_TARGET_AVX512 static void rows_avx512(const qf_qweight *q, const float *x, int nr, float *y, int64_t ldy,
@@ -465,6 +478,7 @@ QA256 float hsum256(__m256 v) {
 
 QA256 void row256(const qf_qweight *q, int64_t o, const float *x, const int NR, float *res) {
     const int64_t in = q->in, b = q->block;
+    float post = 1.0f;
     __m256 A[QMM_NR], B[QMM_NR];
     float tail[QMM_NR] = {0};
     _Pragma("GCC unroll 8") for (int n = 0; n < NR; n++) A[n] = B[n] = _mm256_setzero_ps();
@@ -493,10 +507,12 @@ QA256 void row256(const qf_qweight *q, int64_t o, const float *x, const int NR, 
     } else {
         const int isbf = q->format == QF_WEIGHTS_BF16;
         const int64_t nb = isbf ? 1 : q->nblocks;
+        const int scaled = !isbf && nb > 1;
+        if (!isbf && nb == 1) post = q->scales[o];
         const uint16_t *cb = (const uint16_t *)q->codes + o * in;
         const int8_t *ci = (const int8_t *)q->codes + o * in;
         for (int64_t k = 0; k < nb; k++) {
-            const float sf = isbf ? 1.0f : q->scales[o * nb + k];
+            const float sf = scaled ? q->scales[o * nb + k] : 1.0f;
             const __m256 s = _mm256_set1_ps(sf);
             const int64_t base = k * b;
             int64_t i = 0;
@@ -506,14 +522,19 @@ QA256 void row256(const qf_qweight *q, int64_t o, const float *x, const int NR, 
                     w0 = ld_bf16_256(cb + base + i);
                     w1 = ld_bf16_256(cb + base + i + 8);
                 } else {
-                    w0 = _mm256_mul_ps(ld_i8_256(ci + base + i), s);
-                    w1 = _mm256_mul_ps(ld_i8_256(ci + base + i + 8), s);
+                    w0 = ld_i8_256(ci + base + i);
+                    w1 = ld_i8_256(ci + base + i + 8);
+                    if (scaled) {
+                        w0 = _mm256_mul_ps(w0, s);
+                        w1 = _mm256_mul_ps(w1, s);
+                    }
                 }
                 FMA_ROWS256(A, w0, x + base + i);
                 FMA_ROWS256(B, w1, x + base + i + 8);
             }
             for (; i + 8 <= b; i += 8) {
-                __m256 w0 = isbf ? ld_bf16_256(cb + base + i) : _mm256_mul_ps(ld_i8_256(ci + base + i), s);
+                __m256 w0 = isbf ? ld_bf16_256(cb + base + i) : ld_i8_256(ci + base + i);
+                if (scaled) w0 = _mm256_mul_ps(w0, s);
                 FMA_ROWS256(A, w0, x + base + i);
             }
             for (; i < b; i++) {
@@ -522,7 +543,7 @@ QA256 void row256(const qf_qweight *q, int64_t o, const float *x, const int NR, 
             }
         }
     }
-    _Pragma("GCC unroll 8") for (int n = 0; n < NR; n++) res[n] = hsum256(_mm256_add_ps(A[n], B[n])) + tail[n];
+    _Pragma("GCC unroll 8") for (int n = 0; n < NR; n++) res[n] = (hsum256(_mm256_add_ps(A[n], B[n])) + tail[n]) * post;
 }
 
 QF_TARGET_AVX2 static void rows_avx2(const qf_qweight *q, const float *x, int nr, float *y, int64_t ldy,
