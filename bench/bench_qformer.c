@@ -4,7 +4,7 @@
  * it checks only that each call succeeds and gives finite numbers.
  *
  *   bench_qformer [--threads N] [--quick] [--rounds R] [--model DIR] [--prefusion-model DIR]
- *                 [--no-peer] [--python PY] [--peer bench/qformer_peer.py] [--keep]
+ *                 [--no-peer] [--python PY] [--peer bench/qformer_peer.py] [--keep] [--only SUBSTR]
  *
  * Checkpoints: unless --model / --prefusion-model name folders, random-weight ones are written to a
  * temporary folder (config.json + model.safetensors through qf_st_write; removed at exit unless
@@ -458,13 +458,14 @@ static void remove_folder(const char *dir) {
 
 static void usage(void) {
     fprintf(stderr, "usage: bench_qformer [--threads N] [--quick] [--rounds R] [--model DIR] [--prefusion-model DIR]\n"
-                    "                     [--no-peer] [--python PY] [--peer bench/qformer_peer.py] [--keep]\n"
+                    "                     [--no-peer] [--python PY] [--peer bench/qformer_peer.py] [--keep] [--only SUBSTR]\n"
                     "  times the BLIP-2 Q-Former and the AffectGPT pre-fusion in qfuse and in PyTorch; see the\n"
                     "  opening comment of bench/bench_qformer.c and bench/README.md\n");
 }
 
 int main(int argc, char **argv) {
     int threads = 0, rounds = 3, use_peer = 1, keep = 0;
+    const char *only = NULL; /* --only SUBSTR: time only the cases whose name contains SUBSTR */
     const char *qdir = NULL, *pdir = NULL, *python = getenv("PYTHON"), *script = "bench/qformer_peer.py";
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -478,6 +479,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--quick")) quick_factor = 0.2;
         else if (!strcmp(a, "--no-peer")) use_peer = 0;
         else if (!strcmp(a, "--keep")) keep = 1;
+        else if (!strcmp(a, "--only") && more) only = argv[++i];
         else { usage(); return 2; }
     }
     if (rounds < 1 || rounds > 20) { fprintf(stderr, "bench_qformer: --rounds must be 1..20\n"); return 2; }
@@ -556,6 +558,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "bench_qformer: round %d/%d (ceiling %.1f GFLOP/s)\n", r + 1, rounds, cg);
         for (int k = 0; k < NC; k++) {
             double qm = -1, pm = -1;
+            if (only && !strstr(cases[k].name, only)) continue;
             if (r % 2 == 0) { qm = run_qfuse_case(&c, &cases[k]); pm = peer_case(&peer, cases[k].name); }
             else { pm = peer_case(&peer, cases[k].name); qm = run_qfuse_case(&c, &cases[k]); }
             if (qm > 0) q_ms[k][nq_ok[k]++] = qm;
@@ -580,6 +583,7 @@ int main(int argc, char **argv) {
         double lo = 1e30, hi = 0;
         for (int i = 0; i < nr[k]; i++) { lo = fmin(lo, ratio[k][i]); hi = fmax(hi, ratio[k][i]); }
         double sp = median(ratio[k], nr[k]);
+        if (only && !strstr(cases[k].name, only)) continue;
         if (qm <= 0) { printf("%-36s %10s\n", cases[k].name, "FAILED"); continue; }
         double gf = cases[k].flop / qm * 1e-6;
         printf("%-36s %10.3f %9.1f %6.1f%%", cases[k].name, qm, gf, ceil_best > 0 ? 100 * gf / ceil_best : 0);

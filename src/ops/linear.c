@@ -1,9 +1,11 @@
 /* linear.c - torch.nn.functional.linear forward and backward on the linked BLAS.
  * Layouts are torch's: in [N,Cin], weight [Cout,Cin], bias [Cout], out [N,Cout]. Every product is one SGEMM;
- * the BLAS threads itself with the count qf_set_num_threads gave it.
+ * the BLAS threads itself with the count qf_set_num_threads gave it. Exceptions in the forward: one
+ * row goes to SGEMV, and 2..QF_GEMM_SMALL_MAX_M rows to qf_gemm_nt_small (gemm_small.h).
  * Invariants: d_in is overwritten, d_weight and d_bias are accumulated (see qfuse_ops.h);
  * nothing is written before all arguments have been checked. */
 #include "internal.h"
+#include "gemm_small.h"
 #include <cblas.h>
 #include <limits.h>
 
@@ -24,6 +26,12 @@ qf_status qf_linear_forward(float *out, const float *in, const float *weight, co
     if (!in) return qf_fail(QF_ERR_ARG, "%s: in is NULL", fn);
     if (!weight) return qf_fail(QF_ERR_ARG, "%s: weight is NULL", fn);
     QF_TRY(check_sizes(fn, N, Cin, Cout));
+    if (qf_gemm_small_wanted(N, Cout, Cin)) { /* a few rows: gemm_small.h says why */
+        qf_gemm_nt_args g = {.x = in, .ldx = Cin, .w = weight, .bias = bias, .out = out, .ldo = Cout,
+                             .M = N, .N = Cout, .K = Cin};
+        qf_gemm_nt_small(&g);
+        return QF_OK;
+    }
     float beta = 0.0f;
     if (bias) { /* start from the bias rows so the GEMM adds onto them (beta = 1) */
 #pragma omp parallel for num_threads(qf_threads()) if (N * Cout > 65536)

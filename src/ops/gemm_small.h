@@ -1,0 +1,45 @@
+/* gemm_small.h - out = x · wᵀ (+ bias, + residual) for products with few rows, the shape of a
+ * linear layer applied to a handful of tokens (the Q-Former's 32 queries at batch 1).
+ *
+ * Why not the BLAS: OpenBLAS packs the whole weight for every call; with M <= 64 rows the packing
+ * costs about as much as the arithmetic, and its thread split leaves threads idle on such shapes
+ * (measured in bench/results/gemm-small-*.txt). This kernel reads the weight in place ([N, K]
+ * rows, as torch stores it), takes dot products along K, and splits the output columns over the
+ * OpenMP threads, so every weight element is read from memory once per call.
+ *
+ * Contract: no argument checking (callers validate); never fails; out must not alias x, w, bias.
+ * res may equal out only when accumulate == 0 (each element is read before it is written).
+ * Numerics: float32 accumulation in 16 (AVX-512) / 8 (AVX2) lanes over K, summed at the end;
+ * the scalar path sums in order. */
+#ifndef QF_GEMM_SMALL_H
+#define QF_GEMM_SMALL_H
+
+#include "internal.h"
+
+typedef struct {
+    const float *x;     /* [M, K], row stride ldx                                               */
+    int64_t ldx;
+    const float *w;     /* [N, K], row stride K                                                 */
+    const float *bias;  /* [N] or NULL                                                          */
+    const float *res;   /* [M, N], row stride ldr, or NULL: added once (a residual connection)  */
+    int64_t ldr;
+    float *out;         /* [M, N], row stride ldo                                               */
+    int64_t ldo;
+    int64_t M, N, K;
+    int accumulate;     /* 1: out += x·wᵀ + ..., 0: out = x·wᵀ + ...                           */
+} qf_gemm_nt_args;
+
+/* Rows up to which qf_gemm_nt_small is used in place of the BLAS (see gemm_small.c). */
+#define QF_GEMM_SMALL_MAX_M 64
+
+/* out = [out +] x·wᵀ + bias + res, threaded over output columns with qf_threads(). */
+void qf_gemm_nt_small(const qf_gemm_nt_args *a);
+
+/* 1 when qf_gemm_nt_small is the faster choice for an M x N x K product on this build. */
+static inline int qf_gemm_small_wanted(int64_t M, int64_t N, int64_t K) {
+    (void)N;
+    (void)K;
+    return M >= 2 && M <= QF_GEMM_SMALL_MAX_M;
+}
+
+#endif
