@@ -1,26 +1,30 @@
 /* sdpa.cu - fused scaled dot-product attention on the GPU, float32, forward and backward
- * (flash-attention style: scores never reach device memory).
+ * (flash-attention style: scores never reach device memory). SIMT FMA kernels, no tensor cores.
  *
- * Forward (sdpa_fwd): one block of 128 threads per 64 query rows of one (batch, head). It keeps the
- * scaled Q tile in shared memory and streams 64-key tiles of K and then V through one shared
- * buffer, with an online softmax (running row max m and sum l, in log2 units: exp2 of
- * scale*log2(e)*q.k). Causal blocks stop at the last key tile any of their rows can see.
+ * Forward (sdpa_fwd): one block of 128 threads per 64 query rows of one (batch, head). Q and the
+ * 64-key tiles of K, then V, arrive in shared memory by cp.async (K and V share one buffer);
+ * an online softmax keeps each row's running max m and sum l in log2 units (exp2 of
+ * scale*log2(e)*q.k). Causal blocks stop at the last key tile any of their rows can see, and
+ * the heaviest query tiles are scheduled first. When the grid is too small to fill the GPU
+ * (the Q-Former's 32 queries), the key tiles are split over up to 16 blocks per query tile whose
+ * partial (o, m, l) sdpa_combine merges.
  * Backward (sdpa_bwd): one block per 64 keys of one (batch, kv head); K and V stay in shared
  * memory while the block walks the query tiles of every query head of its group (GQA), recomputes
  * P = exp(s - lse) from the forward's lse, accumulates dK and dV in registers, and adds its share
  * of dQ with atomics (dq is zeroed first). Delta_i = dO_i . O_i comes from sdpa_delta.
  *
- * Thread layout (both kernels): warp w, lane l -> row group rg = 4w + l/8 (rows 4rg..4rg+3 of
- * the tile) and column group cg = l%8 (score columns cg + 8c; head-dim float4 chunks cg + 8t).
- * The 8 lanes that share a row group are consecutive, so row reductions are 3 xor-shuffles, and
- * shared-memory tiles have a row stride of DP+4 floats (DP+4 = 4 mod 32 words) so the 8 lanes of
- * a quarter-warp read 8 different rows or 8 consecutive chunks without bank conflicts.
+ * Thread layout (both kernels): warp w, lane l -> row group rg = 4w + l/8 (rows R*rg..R*rg+R-1
+ * of the tile, R = RR query rows in the forward, KR keys in the backward, 4 by default: measured
+ * best on the H100) and column group cg = l%8 (score columns cg + 8c; head-dim float4 chunks
+ * cg + 8t). The 8 lanes of a row group are consecutive, so row reductions are 3 xor-shuffles;
+ * shared tiles have a row stride of DP+4 floats (4 mod 32 words) so the 8 lanes of a quarter-warp
+ * read 8 different rows or 8 consecutive chunks without bank conflicts.
  *
  * Invariants shared with the CPU kernels (sdpa_internal.h): a key is attendable iff j < S, i < L,
  * not (causal and j > i), and the mask allows it (bool: nonzero; float: added, -inf blocks);
  * rows with no attendable key give out = 0, lse = -inf and zero gradients. DP (the padded head
  * dim: 32, 64 or 128) >= D and Dv; padding columns are zero in shared memory and never stored.
- * Dropout is not implemented here (QF_ERR_UNSUPPORTED). */
+ * Dropout and head dims above 128 are not implemented here (QF_ERR_UNSUPPORTED). */
 #include "cuda_internal.h"
 
 #include <math.h>
@@ -126,7 +130,7 @@ __device__ __forceinline__ void load_kr(const float *src, float (&x)[KR]) {
 /* out[b,h,rows], lse[b,h,rows]. grid (ceil(L/64), Hq, B * nsplit). RR query rows per thread:
  * 64/RR row groups of 8 lanes, 512/RR threads. */
 template <int DP, int RR>
-__global__ void __launch_bounds__(512 / RR) sdpa_fwd(Args a) {
+__global__ void __launch_bounds__(512 / RR, DP >= 128 ? 2 : 3) sdpa_fwd(Args a) {
     constexpr int LD = DP + 4, NC = DP / 32, NTH = 512 / RR;
     extern __shared__ float4 smem4[];
     float *Qs = (float *)smem4, *KVs = Qs + BM * LD, *Ps = KVs + BN * LD;
