@@ -58,7 +58,9 @@ struct qf_qweight {
     int64_t nblocks;  /* scales per row = in / block; 0 for bf16                           */
     void *codes;      /* bf16: uint16 [out*in]; int8: int8 [out*in]; q4: uint8 [out*in/2]  */
     float *scales;    /* [out * nblocks] or NULL                                          */
-    size_t bytes;     /* codes + scales                                                    */
+    int32_t *qsum;    /* int8 with one scale per row: each row's sum of codes (the VNNI
+                         path's offset term); else NULL                                     */
+    size_t bytes;     /* codes + scales + qsum                                             */
     char what[96];
 };
 
@@ -192,13 +194,19 @@ qf_status qf_qweight_quantize(int format, int64_t block, const float *w, int64_t
         free(q);
         return qf_fail(QF_ERR_NOMEM, "%s: %s: cannot allocate %zu scales", fn, what, n_sc);
     }
+    if (format == QF_WEIGHTS_INT8 && eff == in && !(q->qsum = malloc((size_t)out * sizeof(int32_t)))) {
+        free(q->scales);
+        free(codes);
+        free(q);
+        return qf_fail(QF_ERR_NOMEM, "%s: %s: cannot allocate %lld row sums", fn, what, (long long)out);
+    }
     q->format = format;
     q->out = out;
     q->in = in;
     q->block = eff;
     q->nblocks = format == QF_WEIGHTS_BF16 ? 0 : in / eff;
     q->codes = codes;
-    q->bytes = code_bytes + n_sc * sizeof(float);
+    q->bytes = code_bytes + n_sc * sizeof(float) + (q->qsum ? (size_t)out * sizeof(int32_t) : 0);
     snprintf(q->what, sizeof q->what, "%s", what);
 
 #pragma omp parallel for num_threads(qf_threads()) schedule(static) if (n_el > (1u << 16))
@@ -208,7 +216,13 @@ qf_status qf_qweight_quantize(int format, int64_t block, const float *w, int64_t
             uint16_t *c = (uint16_t *)codes + o * in;
             for (int64_t i = 0; i < in; i++) c[i] = bf16_rne(wr[i]);
         } else if (format == QF_WEIGHTS_INT8) {
+            const int8_t *c = (int8_t *)codes + o * in;
             quantize_row_int8(wr, in, eff, (int8_t *)codes + o * in, q->scales + o * q->nblocks);
+            if (q->qsum) {
+                int32_t t = 0;
+                for (int64_t i = 0; i < in; i++) t += c[i];
+                q->qsum[o] = t;
+            }
         } else {
             quantize_row_q4(wr, in, eff, (uint8_t *)codes + o * (in / 2), q->scales + o * q->nblocks);
         }
@@ -221,6 +235,7 @@ void qf_qweight_free(qf_qweight *q) {
     if (!q) return;
     free(q->codes);
     free(q->scales);
+    free(q->qsum);
     free(q);
 }
 
@@ -601,6 +616,93 @@ QF_TARGET_AVX2 static void dequant_row_avx2(const qf_qweight *q, int64_t o, floa
     }
 }
 
+/* ---- AVX-512 VNNI path: int8 with one scale per row, N <= 2 ------------------------------
+ * Decoding at batch 1 is bound by the float path's instruction count (widen, convert, FMA per 16
+ * weights), not by memory, on 2-port AVX-512 cores. Here x is split exactly enough that integer
+ * dot products (vpdpbusd: 64 u8 x s8 products per instruction) do the work: each row of x is
+ * quantized to 24 bits, xi = nearbyint(x / sx) with sx = max|x_n| / (2^23 - 1), and u = xi + 2^23
+ * in [1, 2^24) is split into three byte planes u = u0 + 2^8 u1 + 2^16 u2. Then for output o
+ *   sum_i q_oi u_i = S0 + 2^8 S1 + 2^16 S2, each S_k one int32 vpdpbusd accumulation, and
+ *   y_no = scale_o * sx * (S0 + 2^8 S1 + 2^16 S2 - 2^23 * qsum_o)
+ * evaluated in double (every term is an integer below 2^53) and rounded once. The only error
+ * is x's rounding to 24 bits: |y - x.dequant(W)_o| <= 2^-24 max|x_n| sum_i |w_oi| (+ one float
+ * rounding), the same order as float32 accumulation (tested with outlier-heavy x too). Rows
+ * whose max|x| is not finite take the float path. Needs in <= 65536 so the int32 sums cannot
+ * overflow (|S_k| <= in * 127 * 255). */
+#define QF_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")))
+enum { QMM_VNNI_MAX_N = 2, QMM_VNNI_MAX_IN = 65536 };
+
+static int have_vnni(void) {
+    static int v = -1;
+    if (v < 0) v = __builtin_cpu_supports("avx512vnni") ? 1 : 0;
+    return v;
+}
+
+/* planes [N][3][ld] bytes, sx[N]; returns 0 when some row of x has a non-finite maximum. */
+static int vnni_prep(const float *x, int64_t N, int64_t in, int64_t ld, uint8_t *planes, double *sx) {
+    for (int64_t n = 0; n < N; n++) {
+        const float *xr = x + n * in;
+        float m = 0.0f;
+        for (int64_t i = 0; i < in; i++) m = fmaxf(m, fabsf(xr[i]));
+        if (!isfinite(m)) return 0;
+        const double s = (double)m / 8388607.0, inv = s > 0 ? 1.0 / s : 0.0;
+        uint8_t *p0 = planes + (n * 3) * ld, *p1 = p0 + ld, *p2 = p1 + ld;
+        for (int64_t i = 0; i < in; i++) {
+            long v = lrint((double)xr[i] * inv) + 8388608L;
+            v = v < 1 ? 1 : v > 16777215L ? 16777215L : v;
+            p0[i] = (uint8_t)(v & 255);
+            p1[i] = (uint8_t)((v >> 8) & 255);
+            p2[i] = (uint8_t)(v >> 16);
+        }
+        for (int64_t i = in; i < ld; i++) p0[i] = p1[i] = p2[i] = 0;
+        sx[n] = s;
+    }
+    return 1;
+}
+
+static inline __attribute__((always_inline)) QF_TARGET_VNNI void
+row_vnni(const qf_qweight *q, int64_t o, const uint8_t *planes, int64_t ld, const double *sx, const int NR,
+         float *res) {
+    const int64_t in = q->in;
+    const int8_t *w = (const int8_t *)q->codes + o * in;
+    __m512i a[QMM_VNNI_MAX_N][3];
+    _Pragma("GCC unroll 2") for (int n = 0; n < NR; n++) a[n][0] = a[n][1] = a[n][2] = _mm512_setzero_si512();
+    int64_t i = 0;
+    for (; i + 64 <= in; i += 64) {
+        const __m512i wv = _mm512_loadu_si512(w + i);
+        _Pragma("GCC unroll 2") for (int n = 0; n < NR; n++) {
+            const uint8_t *p = planes + n * 3 * ld + i;
+            a[n][0] = _mm512_dpbusd_epi32(a[n][0], _mm512_loadu_si512(p), wv);
+            a[n][1] = _mm512_dpbusd_epi32(a[n][1], _mm512_loadu_si512(p + ld), wv);
+            a[n][2] = _mm512_dpbusd_epi32(a[n][2], _mm512_loadu_si512(p + 2 * ld), wv);
+        }
+    }
+    if (i < in) { /* weights past the row are masked to 0; the planes are padded to ld */
+        const __m512i wv = _mm512_maskz_loadu_epi8(_cvtu64_mask64(~0ull >> (64 - (in - i))), w + i);
+        _Pragma("GCC unroll 2") for (int n = 0; n < NR; n++) {
+            const uint8_t *p = planes + n * 3 * ld + i;
+            a[n][0] = _mm512_dpbusd_epi32(a[n][0], _mm512_loadu_si512(p), wv);
+            a[n][1] = _mm512_dpbusd_epi32(a[n][1], _mm512_loadu_si512(p + ld), wv);
+            a[n][2] = _mm512_dpbusd_epi32(a[n][2], _mm512_loadu_si512(p + 2 * ld), wv);
+        }
+    }
+    _Pragma("GCC unroll 2") for (int n = 0; n < NR; n++) {
+        const double S0 = _mm512_reduce_add_epi32(a[n][0]), S1 = _mm512_reduce_add_epi32(a[n][1]),
+                     S2 = _mm512_reduce_add_epi32(a[n][2]);
+        res[n] = (float)((double)q->scales[o] * sx[n] * (S0 + 256.0 * S1 + 65536.0 * S2 - 8388608.0 * (double)q->qsum[o]));
+    }
+}
+
+QF_TARGET_VNNI static void rows_vnni(const qf_qweight *q, const uint8_t *planes, int64_t ld, const double *sx, int nr,
+                                     float *y, int64_t ldy, int64_t o0, int64_t o1) {
+    float r[QMM_VNNI_MAX_N];
+    for (int64_t o = o0; o < o1; o++) {
+        if (nr == 1) row_vnni(q, o, planes, ld, sx, 1, r);
+        else row_vnni(q, o, planes, ld, sx, 2, r);
+        for (int n = 0; n < nr; n++) y[n * ldy + o] = r[n];
+    }
+}
+
 /* ---- dispatch ------------------------------------------------------------------------------ */
 
 typedef void (*rows_fn)(const qf_qweight *, const float *, int, float *, int64_t, int64_t, int64_t);
@@ -649,6 +751,25 @@ qf_status qf_qweight_matmul(float *y, const float *x, const qf_qweight *q, const
         int64_t chunk = (int64_t)((16384 + rb - 1) / rb);
         if (chunk < 1) chunk = 1;
         const int64_t ntask = (out + chunk - 1) / chunk;
+        if (q->qsum && N <= QMM_VNNI_MAX_N && in <= QMM_VNNI_MAX_IN && qf_get_isa() == QF_ISA_AVX512 && have_vnni()) {
+            const int64_t ld = (in + 63) & ~(int64_t)63;
+            void *mem;
+            QF_TRY(qf_scratch((size_t)(N * 3 * ld) + 64 + (size_t)N * sizeof(double), &mem));
+            double *sx = mem;
+            uint8_t *planes = (uint8_t *)mem + 64;
+            if (vnni_prep(x, N, in, ld, planes, sx)) {
+                const int nr = (int)N;
+#pragma omp parallel for num_threads(qf_threads()) schedule(static) if (out * in > (1 << 15))
+                for (int64_t t = 0; t < ntask; t++) {
+                    const int64_t o0 = t * chunk, o1 = o0 + chunk < out ? o0 + chunk : out;
+                    rows_vnni(q, planes, ld, sx, nr, y, out, o0, o1);
+                    if (bias)
+                        for (int n = 0; n < nr; n++)
+                            for (int64_t o = o0; o < o1; o++) y[n * out + o] += bias[o];
+                }
+                return QF_OK;
+            }
+        }
         for (int64_t n0 = 0; n0 < N; n0 += QMM_NR) {
             const int nr = (int)(N - n0 < QMM_NR ? N - n0 : QMM_NR);
             const float *xn = x + n0 * in;

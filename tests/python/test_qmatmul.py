@@ -42,6 +42,8 @@ _native.declare({
 BF16, INT8, Q4 = 1, 2, 3
 ISAS = [i for i in ("scalar", "avx2", "avx512")]
 MATMUL_RTOL = 1e-5
+with open("/proc/cpuinfo") as _f:
+    HAVE_VNNI = " avx512_vnni" in _f.read()
 
 
 class QW:
@@ -165,7 +167,9 @@ def test_int8_matches_torch_quantize_per_channel(shape, block):
         q = QW(INT8, w, block)
         np.testing.assert_array_equal(q.dequant(), ref, err_msg=isa)
         nb = shape[1] // (block or shape[1])
-        assert lib.qf_qweight_bytes(q.h) == shape[0] * shape[1] + 4 * shape[0] * nb
+        # codes + scales (+ the per-row code sums the VNNI path uses, per-row scales only)
+        assert lib.qf_qweight_bytes(q.h) == shape[0] * shape[1] + 4 * shape[0] * nb + \
+            (4 * shape[0] if not block else 0)
         assert lib.qf_qweight_format(q.h) == INT8
 
 
@@ -250,6 +254,47 @@ def test_matmul_threads_and_panels():
                 x = r.standard_normal((N, inp)).astype(np.float32)
                 err = util.rel_err(q.matmul(x, bias), x.astype(np.float64) @ deq.T + bias)
                 assert err <= MATMUL_RTOL, "fmt %d %s N=%d: rel err %.3g" % (fmt, isa, N, err)
+
+
+def test_int8_vnni_outlier_bound():
+    """int8 per row at N <= 2 on AVX-512 takes the VNNI path (x rounded to 24 bits per row, see
+    qmatmul.c). Its bound, |y - x.dequant(W)^T| <= 2^-24 max|x_n| sum_i |w_oi| + float rounding,
+    is checked per output on rows with outliers 1e4x the typical value (LLM activations have
+    such), where the relative 1e-5 of Gaussian inputs need not hold; and the path must still be
+    exact for an x that is already 24-bit (a power-of-two scale of small integers)."""
+    r = rng(11)
+    out, inp = 67, 200
+    w = gaussian_weight(r, out, inp)
+    q = QW(INT8, w)
+    deq = q.dequant().astype(np.float64)
+    scales, codes = torch_int8(w, inp)
+    np.testing.assert_array_equal(deq, scales[:, None].astype(np.float32) * codes.astype(np.float32))
+    for isa in available_isas():
+        qfuse.set_isa(isa)
+        for N in (1, 2):
+            x = r.standard_normal((N, inp)).astype(np.float32)
+            x[:, 5] = 3e4
+            x[:, 17] = -1e4
+            ref = x.astype(np.float64) @ deq.T
+            y = q.matmul(x).astype(np.float64)
+            bound = (2.0 ** -24 * np.abs(x).max(axis=1, keepdims=True) * np.abs(deq).sum(axis=1)
+                     + 2.0 ** -23 * np.abs(ref) + 1e-30)
+            assert np.all(np.abs(y - ref) <= bound), "%s N=%d: worst excess %.3g" % (
+                isa, N, float(np.max(np.abs(y - ref) / bound)))
+            xi = (r.integers(-2 ** 20, 2 ** 20, (N, inp)) * 2.0 ** -12).astype(np.float32)
+            xi[:, 0] = 2.0 ** 11 - 2.0 ** -12  # max|x| = (2^23 - 1) * 2^-12: sx = 2^-12 exactly
+            ref = xi.astype(np.float64) @ deq.T
+            y = q.matmul(xi).astype(np.float64)
+            if isa == "avx512" and HAVE_VNNI:
+                # integer sums: scale_o * sum_i q_oi x_i exactly, rounded once (with torch's codes)
+                exact = (xi.astype(np.float64) @ codes.T.astype(np.float64)) * scales.astype(np.float64)
+                assert np.all(np.abs(y - exact) <= 2.0 ** -24 * np.abs(exact)), "VNNI not exact"
+            else:
+                assert util.rel_err(y, ref) <= MATMUL_RTOL
+    # non-finite x falls back to the float path (inf/nan propagate as in float arithmetic)
+    x = np.ones((1, inp), np.float32)
+    x[0, 3] = np.inf
+    assert not np.all(np.isfinite(q.matmul(x)))
 
 
 # ---- accuracy of the formats -----------------------------------------------------------------
