@@ -34,6 +34,8 @@
  *   - have_fwd is set only after a forward fully succeeded.
  *   - Load either fully succeeds or frees everything; every failure names a key or a tensor. */
 #include "qformer_internal.h"
+#include "ops/gemm_small.h"
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -656,6 +658,22 @@ qf_sdpa_params qf_qformer_sdpa_params(const qf_qformer *m, int cross) {
     return sp;
 }
 
+/* out = in · wᵀ + b + res (a projection and its residual connection) in one sweep over out
+ * (qf_gemm_nt: the few-rows kernel adds b and res as it stores each tile; the BLAS path writes
+ * b + res in one pass and adds the product onto it). Same sums as qf_linear_forward then
+ * qf_residual_forward, up to float rounding order. */
+static qf_status linear_residual(float *out, const float *in, const float *w, const float *b, const float *res,
+                                 int64_t rows, int64_t Cin, int64_t Cout) {
+    if (rows > INT_MAX || Cin > INT_MAX || Cout > INT_MAX) { /* the BLAS takes int: let linear.c say so */
+        QF_TRY(qf_linear_forward(out, in, w, b, rows, Cin, Cout));
+        return qf_residual_forward(out, out, res, rows * Cout);
+    }
+    qf_gemm_nt_args g = {.x = in, .ldx = Cin, .w = w, .bias = b, .res = res, .ldr = Cout, .out = out, .ldo = Cout,
+                         .M = rows, .N = Cout, .K = Cin};
+    qf_gemm_nt(&g);
+    return QF_OK;
+}
+
 /* One attention block: t->out = LN(x + dense(MHA(x, [prefix ; kv]))). x has Lx tokens per item.
  * Self-attention projects x itself (kv unused); cross-attention reads its keys and values,
  * already projected, from kv: kv_len rows per item of [k | v] with row stride kv_ld floats. */
@@ -700,8 +718,7 @@ static qf_status attention_block(qf_qformer *m, const qformer_attn *w, attn_acts
         }
     }
     qf_qformer_merge_heads(t->merged, H, t->oh, B, nh, Lx, 0, Lx, hd, 0);
-    QF_TRY(qf_linear_forward(t->sum, t->merged, w->wo, w->bo, T, H, H));
-    QF_TRY(qf_residual_forward(t->sum, t->sum, x, T * H));
+    QF_TRY(linear_residual(t->sum, t->merged, w->wo, w->bo, x, T, H, H));
     QF_TRY(qf_layernorm_forward(t->out, t->mean, t->rstd, t->sum, w->ln_w, w->ln_b, T, H,
                                 (float)m->cfg.layer_norm_eps));
     return QF_OK;
@@ -711,8 +728,7 @@ static qf_status ffn_block(qf_qformer *m, const qformer_ffn *w, ffn_acts *f, con
     const int64_t H = m->cfg.hidden_size, I = m->cfg.intermediate_size;
     QF_TRY(qf_linear_forward(f->pre, x, w->w_in, w->b_in, rows, H, I));
     QF_TRY(qf_gelu_forward(f->act, f->pre, rows * I, m->cfg.hidden_act));
-    QF_TRY(qf_linear_forward(f->sum, f->act, w->w_out, w->b_out, rows, I, H));
-    QF_TRY(qf_residual_forward(f->sum, f->sum, x, rows * H));
+    QF_TRY(linear_residual(f->sum, f->act, w->w_out, w->b_out, x, rows, I, H));
     QF_TRY(qf_layernorm_forward(f->out, f->mean, f->rstd, f->sum, w->ln_w, w->ln_b, rows, H,
                                 (float)m->cfg.layer_norm_eps));
     return QF_OK;

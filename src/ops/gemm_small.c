@@ -15,6 +15,7 @@
  * later chunks add theirs, so every output element is finished when its tile is. Rows or columns
  * past M or N in a partial tile reuse the last valid row's pointer and are never stored. */
 #include "gemm_small.h"
+#include <cblas.h>
 #include <immintrin.h>
 #include <string.h>
 #ifdef _OPENMP
@@ -271,4 +272,27 @@ void qf_gemm_nt_small(const qf_gemm_nt_args *a) {
             }
         }
     }
+}
+
+void qf_gemm_nt(const qf_gemm_nt_args *a) {
+    if (qf_gemm_small_wanted(a->M, a->N, a->K)) {
+        qf_gemm_nt_small(a);
+        return;
+    }
+    const int64_t M = a->M, N = a->N;
+    if (a->bias || a->res || !a->accumulate) {
+#pragma omp parallel for num_threads(qf_threads()) if (M * N > 65536)
+        for (int64_t m = 0; m < M; m++) {
+            float *o = a->out + m * a->ldo;
+            const float *r = a->res ? a->res + m * a->ldr : NULL;
+            for (int64_t n = 0; n < N; n++) {
+                float v = a->accumulate ? o[n] : 0.0f;
+                if (a->bias) v += a->bias[n];
+                if (r) v += r[n];
+                o[n] = v;
+            }
+        }
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)N, (int)a->K, 1.0f, a->x, (int)a->ldx, a->w,
+                (int)a->K, 1.0f, a->out, (int)a->ldo);
 }

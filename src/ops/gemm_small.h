@@ -35,6 +35,11 @@ typedef struct {
 /* out = [out +] x·wᵀ + bias + res, threaded over output columns with qf_threads(). */
 void qf_gemm_nt_small(const qf_gemm_nt_args *a);
 
+/* The same product for any M: qf_gemm_nt_small when qf_gemm_small_wanted, else one pass
+ * writing [out +] bias + res and the BLAS's sgemm adding x·wᵀ onto it (beta = 1). M, N, K and
+ * the strides must fit in int. */
+void qf_gemm_nt(const qf_gemm_nt_args *a);
+
 /* 1 when qf_gemm_nt_small is the faster choice for an M x N x K product on this build. */
 static inline int qf_gemm_small_wanted(int64_t M, int64_t N, int64_t K) {
     (void)N;
