@@ -80,25 +80,25 @@ __device__ __forceinline__ void cp_async4(float *dst, const float *src, bool val
 /* Waits for this thread's cp.async copies; a __syncthreads must follow before others read. */
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
-/* Rows [row0, row0+64) x cols [0, DP) of the row-major [nrows, ncols] matrix src into tile (row
+/* Rows [row0, row0+ROWS) x cols [0, DP) of the row-major [nrows, ncols] matrix src into tile (row
  * stride DP+4), asynchronously: issue here, then cp_async_wait + __syncthreads before use. Rows
  * >= nrows and cols >= ncols become 0. vec: ncols % 4 == 0 and src 16-byte aligned (float4
  * copies). NTH: the block's thread count. */
-template <int DP, int NTH = NT>
+template <int DP, int NTH = NT, int ROWS = 64>
 __device__ __forceinline__ void load_tile_async(float *tile, const float *src, int64_t row0, int64_t nrows,
                                                 int64_t ncols, int vec) {
     constexpr int LD = DP + 4;
     if (vec) {
         constexpr int C4 = DP / 4;
 #pragma unroll 4
-        for (int idx = threadIdx.x; idx < 64 * C4; idx += NTH) {
+        for (int idx = threadIdx.x; idx < ROWS * C4; idx += NTH) {
             const int r = idx / C4, c = (idx % C4) * 4;
             const bool ok = row0 + r < nrows && c < ncols;
             cp_async16(tile + r * LD + c, ok ? src + (row0 + r) * ncols + c : src, ok);
         }
     } else {
 #pragma unroll 4
-        for (int idx = threadIdx.x; idx < 64 * DP; idx += NTH) {
+        for (int idx = threadIdx.x; idx < ROWS * DP; idx += NTH) {
             const int r = idx / DP, c = idx % DP;
             const bool ok = row0 + r < nrows && c < ncols;
             cp_async4(tile + r * LD + c, ok ? src + (row0 + r) * ncols + c : src, ok);
@@ -106,8 +106,8 @@ __device__ __forceinline__ void load_tile_async(float *tile, const float *src, i
     }
 }
 
-template <int DP>
-constexpr size_t fwd_smem_bytes() { return sizeof(float) * (size_t)(2 * 64 * (DP + 4) + BN * LDP); }
+template <int DP, int QM>
+constexpr size_t fwd_smem_bytes() { return sizeof(float) * (size_t)((QM + BN) * (DP + 4) + BN * (QM + 4)); }
 template <int DP>
 constexpr size_t bwd_smem_bytes() { return sizeof(float) * (size_t)(4 * 64 * (DP + 4) + 2 * BM * LDP + 2 * BM); }
 
@@ -127,26 +127,26 @@ __device__ __forceinline__ void load_kr(const float *src, float (&x)[KR]) {
     }
 }
 
-/* out[b,h,rows], lse[b,h,rows]. grid (ceil(L/64), Hq, B * nsplit). RR query rows per thread:
- * 64/RR row groups of 8 lanes, 512/RR threads. */
-template <int DP, int RR>
-__global__ void __launch_bounds__(512 / RR, DP >= 128 ? 2 : 3) sdpa_fwd(Args a) {
-    constexpr int LD = DP + 4, NC = DP / 32, NTH = 512 / RR;
+/* out[b,h,rows], lse[b,h,rows]. grid (ceil(L/QM), Hq, B * nsplit). QM query rows per block (64,
+ * or 32 for short queries), RR per thread: QM/RR row groups of 8 lanes, 8*QM/RR threads. */
+template <int DP, int RR, int QM>
+__global__ void __launch_bounds__(QM / RR * 8, QM == 32 ? 4 : DP >= 128 ? 2 : 3) sdpa_fwd(Args a) {
+    constexpr int LD = DP + 4, NC = DP / 32, NTH = QM / RR * 8, LDQ = QM + 4;
     extern __shared__ float4 smem4[];
-    float *Qs = (float *)smem4, *KVs = Qs + BM * LD, *Ps = KVs + BN * LD;
+    float *Qs = (float *)smem4, *KVs = Qs + QM * LD, *Ps = KVs + BN * LD;
     const int tid = threadIdx.x, lane = tid & 31;
     const int rg = (tid >> 5) * 4 + (lane >> 3), cg = lane & 7;
     /* causal: the heaviest query tiles (the last ones) start first */
     const int64_t qb = a.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
     const int64_t h = blockIdx.y, b = blockIdx.z / a.nsplit, split = blockIdx.z % a.nsplit;
-    const int64_t hk = h / a.group, row0 = qb * BM;
+    const int64_t hk = h / a.group, row0 = qb * QM;
     const int64_t bh = b * a.Hq + h, bhk = b * a.Hkv + hk;
     const float *k = a.k + bhk * a.S * a.D, *v = a.v + bhk * a.S * a.Dv;
     const int64_t mbase = b * a.ms_b + h * a.ms_h;
 
     /* Q arrives asynchronously with the first K tile (one wait for both); the scale is applied
      * to the scores, not to Q, so nothing has to pass through registers here. */
-    load_tile_async<DP, NTH>(Qs, a.q + bh * a.L * a.D, row0, a.L, a.D, a.vec_d);
+    load_tile_async<DP, NTH, QM>(Qs, a.q + bh * a.L * a.D, row0, a.L, a.D, a.vec_d);
 
     float o[RR][4 * NC], m[RR], l[RR];
 #pragma unroll
@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(512 / RR, DP >= 128 ? 2 : 3) sdpa_fwd(Args a) 
     }
     int64_t nkb = (a.S + BN - 1) / BN;
     if (a.causal) {
-        int64_t last_row = (row0 + BM < a.L ? row0 + BM : a.L) - 1;
+        int64_t last_row = (row0 + QM < a.L ? row0 + QM : a.L) - 1;
         if (last_row / BN + 1 < nkb) nkb = last_row / BN + 1;
     }
     int64_t kb_begin = 0;
@@ -195,7 +195,7 @@ __global__ void __launch_bounds__(512 / RR, DP >= 128 ? 2 : 3) sdpa_fwd(Args a) 
         for (int i = 0; i < RR; i++)
 #pragma unroll
             for (int c = 0; c < 8; c++) s[i][c] *= a.scale_log2;
-        const bool edge = col0 + BN > a.S || row0 + BM > a.L || (a.causal && col0 + BN - 1 > row0) || a.mask_kind;
+        const bool edge = col0 + BN > a.S || row0 + QM > a.L || (a.causal && col0 + BN - 1 > row0) || a.mask_kind;
         if (edge) {
 #pragma unroll
             for (int i = 0; i < RR; i++) {
@@ -236,7 +236,7 @@ __global__ void __launch_bounds__(512 / RR, DP >= 128 ? 2 : 3) sdpa_fwd(Args a) 
             float pc[RR];
 #pragma unroll
             for (int i = 0; i < RR; i++) pc[i] = s[i][c];
-            store_kr<RR>(Ps + (cg + 8 * c) * LDP + rg * RR, pc);
+            store_kr<RR>(Ps + (cg + 8 * c) * LDQ + rg * RR, pc);
         }
         __syncthreads(); /* all lanes are done reading K */
         load_tile_async<DP, NTH>(KVs, v, col0, a.S, a.Dv, a.vec_dv);
@@ -245,7 +245,7 @@ __global__ void __launch_bounds__(512 / RR, DP >= 128 ? 2 : 3) sdpa_fwd(Args a) 
 #pragma unroll 4
         for (int j = 0; j < BN; j++) {
             float p[RR];
-            load_kr<RR>(Ps + j * LDP + rg * RR, p);
+            load_kr<RR>(Ps + j * LDQ + rg * RR, p);
 #pragma unroll
             for (int t = 0; t < NC; t++) {
                 const float4 x = *(const float4 *)(KVs + j * LD + (cg + 8 * t) * 4);
@@ -549,18 +549,17 @@ qf_status make_args(const char *fn, const qf_sdpa_problem *pr, Args *a, int *dp)
     return QF_OK;
 }
 
-template <int DP>
+template <int DP, int RR, int QM>
 qf_status launch_fwd(const Args &a) {
-    constexpr int RR = QF_SDPA_FWD_RR;
     static bool attr_set = false; /* idempotent, so a race between threads is harmless */
-    const size_t smem = fwd_smem_bytes<DP>();
+    const size_t smem = fwd_smem_bytes<DP, QM>();
     if (!attr_set) {
-        QF_TRY(qf_cuda_check(cudaFuncSetAttribute(sdpa_fwd<DP, RR>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+        QF_TRY(qf_cuda_check(cudaFuncSetAttribute(sdpa_fwd<DP, RR, QM>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
                              "sdpa forward: cudaFuncSetAttribute"));
         attr_set = true;
     }
-    dim3 grid((unsigned)((a.L + BM - 1) / BM), (unsigned)a.Hq, (unsigned)(a.B * a.nsplit));
-    sdpa_fwd<DP, RR><<<grid, 512 / RR, smem>>>(a);
+    dim3 grid((unsigned)((a.L + QM - 1) / QM), (unsigned)a.Hq, (unsigned)(a.B * a.nsplit));
+    sdpa_fwd<DP, RR, QM><<<grid, QM / RR * 8, smem>>>(a);
     QF_TRY(qf_cuda_launched("sdpa_fwd"));
     if (a.nsplit > 1) {
         const int64_t rows = a.B * a.Hq * a.L;
@@ -607,7 +606,9 @@ qf_status qf_cuda_sdpa_forward(const qf_sdpa_problem *pr, const float *q, const 
         (void)cudaGetLastError();
         sms = 1;
     }
-    const int64_t blocks = (pr->L + BM - 1) / BM * pr->Hq * pr->B, nkb = (pr->S + BN - 1) / BN;
+    /* Short queries (L <= 32, the Q-Former's): 32-row query tiles, half the padded work. */
+    const int64_t qm = pr->L <= 32 ? 32 : BM;
+    const int64_t blocks = (pr->L + qm - 1) / qm * pr->Hq * pr->B, nkb = (pr->S + BN - 1) / BN;
     a.nsplit = 1;
     if (blocks < 2 * sms && nkb > 1) {
         int64_t want = (4 * sms + blocks - 1) / blocks;
@@ -623,7 +624,11 @@ qf_status qf_cuda_sdpa_forward(const qf_sdpa_problem *pr, const float *q, const 
         a.part_o = (float *)po;
         a.part_ml = (float *)pm;
     }
-    QF_TRY(dp == 32 ? launch_fwd<32>(a) : dp == 64 ? launch_fwd<64>(a) : launch_fwd<128>(a));
+    constexpr int RR = QF_SDPA_FWD_RR;
+    qf_status st;
+    if (qm == 32) st = dp == 32 ? launch_fwd<32, 2, 32>(a) : dp == 64 ? launch_fwd<64, 2, 32>(a) : launch_fwd<128, 2, 32>(a);
+    else st = dp == 32 ? launch_fwd<32, RR, 64>(a) : dp == 64 ? launch_fwd<64, RR, 64>(a) : launch_fwd<128, RR, 64>(a);
+    QF_TRY(st);
     if (weights) {
         const int64_t n = pr->B * pr->Hq * pr->L * pr->S;
         int64_t blocks = (n + 255) / 256;
