@@ -24,8 +24,8 @@
  *   Weights must be finite (QF_ERR_NONFINITE naming the element).
  *
  * Matmul, y[N,out] = x[N,in] W^T (+ bias):
- *   N <= 8 (decoding): memory-bound. Each thread takes a contiguous range of output rows; a row
- *     is read once, dequantized in registers (w = q * scale) and FMA'd into N float32
+ *   N <= 8 (decoding): memory- or instruction-bound. Each thread takes a contiguous range of
+ *     output rows; a row is read once, dequantized in registers (w = q * scale) and FMA'd into N float32
  *     accumulator vectors (two sets, to hide FMA latency), reduced at the row's end. N is a
  *     compile-time constant in each instantiation so the accumulators live in registers.
  *     9 <= N < 16: the same in chunks of 8 rows of x (W is read ceil(N/8) times).
@@ -34,8 +34,12 @@
  *   Paths: scalar, AVX2+FMA (8 lanes, scalar tails), AVX-512 (16 lanes, masked tails), picked by
  *   qf_get_isa() per call. They differ only in summation order: the bound against float64
  *   x @ dequant(W)^T is float32 accumulation error, max|y - ref| / max|ref| <= 1e-5 tested on
- *   every path. VNNI / AVX512-BF16 dot products are not used: they would round activations to
- *   int8 / bf16 (error 2^-9 and worse), while the kernel is limited by reading W anyway.
+ *   every path. int8 with one scale per row at N <= 2 on AVX-512 VNNI cores uses integer dot
+ *   products on an exact 3-byte split of x rounded to 24 bits (the "VNNI path" section states
+ *   and the tests check its bound, 2^-24 max|x_n| sum|w_o|): on the device's Xeon the float path
+ *   widened, converted and multiplied every weight and was instruction-bound at batch 1.
+ *   Activations are never rounded to int8 or bf16 (error 2^-9 and worse), so AVX512-BF16 and
+ *   8-bit-activation VNNI schemes are not used.
  *
  * Invariants: a qf_qweight is immutable after quantize (so matmuls may run concurrently);
  * nothing is allocated after quantize except through qf_scratch; every error names `what`.
