@@ -6,8 +6,8 @@ each other and, for fixtures, with the reference.
 
 Tolerances (the issue's): forward max|gpu-cpu|/max|cpu| <= 1e-4; gradients max|gpu-cpu| over
 the largest CPU gradient magnitude of the case <= 1e-4; fixtures the same against the reference.
-The whole file skips, with the library's reason, when libqfuse has no CUDA backend
-(make CUDA=1) or no GPU is usable: CI machines have none."""
+Every GPU test skips, with the library's reason, when libqfuse has no CUDA backend (make CUDA=1)
+or no GPU is usable (CI machines have none); test_device_argument_* run everywhere."""
 import ctypes
 
 import numpy as np
@@ -19,7 +19,14 @@ import util
 from util import rel_err
 
 REASON = qfuse.cuda.unavailable_reason()
-pytestmark = pytest.mark.skipif(REASON is not None, reason="CUDA backend not usable: %s" % REASON)
+
+
+@pytest.fixture(autouse=True)
+def _needs_gpu(request):
+    """Every test needs the GPU except test_device_argument_*, which check the device argument
+    and the clean refusal and therefore also run (and can fail) on CI machines without one."""
+    if REASON is not None and not request.function.__name__.startswith("test_device_argument_"):
+        pytest.skip("CUDA backend not usable: %s" % REASON)
 
 TOL = 1e-4
 
@@ -61,6 +68,30 @@ def case(seed, B, Hq, Hkv, L, S, D, Dv=None, mask=None, backward=True, **kw):
     m = mask(rng, B, Hq, L, S) if mask else None
     g = randn(rng, B, Hq, L, Dv) if backward else None
     return compare(q, k, v, g, attn_mask=m, enable_gqa=Hq != Hkv, **kw)
+
+
+# ---- the device argument (runs without a GPU too) ---------------------------------------------------
+
+def test_device_argument_is_checked():
+    q = np.ones((1, 1, 2, 4), np.float32)
+    for fn in (lambda: qfuse.sdpa(q, q, q, device="gpu"),
+               lambda: qfuse.sdpa_backward(q, q, q, q, device="GPU")):
+        with pytest.raises(qfuse.QfuseError, match="device = .*expected 'cpu' or 'cuda'"):
+            fn()
+
+
+def test_device_argument_cuda_without_backend_is_refused_cleanly():
+    rng = np.random.default_rng(30)
+    q = randn(rng, 1, 2, 5, 8)
+    if REASON is None:  # a usable GPU: the call works and matches the CPU
+        assert rel_err(qfuse.sdpa(q, q, q, device="cuda"), qfuse.sdpa(q, q, q)) <= TOL
+        return
+    for fn in (lambda: qfuse.sdpa(q, q, q, device="cuda"),
+               lambda: qfuse.sdpa_backward(q, q, q, q, device="cuda")):
+        with pytest.raises(qfuse.QfuseError) as e:
+            fn()
+        assert e.value.status == "QF_ERR_UNSUPPORTED" and e.value.message == REASON
+    assert "make CUDA=1" in REASON or "no usable GPU" in REASON or "not usable" in REASON, REASON
 
 
 # ---- fixtures: GPU vs the PyTorch reference and vs the CPU ---------------------------------------
@@ -187,6 +218,12 @@ def test_return_weights():
     kw = dict(attn_mask=m, is_causal=True, enable_gqa=True, return_weights=True)
     out_c, w_c = qfuse.sdpa(q, k, v, **kw)
     out_g, w_g = qfuse.sdpa(q, k, v, device="cuda", **kw)
+    assert rel_err(out_g, out_c) <= TOL and rel_err(w_g, w_c) <= TOL
+    # short queries, long keys: the forward splits the keys and merges (lse from sdpa_combine)
+    q, k, v = randn(rng, 1, 2, 20, 32), randn(rng, 1, 2, 150, 32), randn(rng, 1, 2, 150, 32)
+    m = rng.random((20, 150)) < 0.7
+    out_c, w_c = qfuse.sdpa(q, k, v, attn_mask=m, return_weights=True)
+    out_g, w_g = qfuse.sdpa(q, k, v, attn_mask=m, return_weights=True, device="cuda")
     assert rel_err(out_g, out_c) <= TOL and rel_err(w_g, w_c) <= TOL
 
 
