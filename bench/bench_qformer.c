@@ -5,6 +5,7 @@
  *
  *   bench_qformer [--threads N] [--quick] [--rounds R] [--model DIR] [--prefusion-model DIR]
  *                 [--no-peer] [--python PY] [--peer bench/qformer_peer.py] [--keep] [--only SUBSTR]
+ *   bench_qformer [--threads N] --gemm-shapes     (few-rows products: qfuse's kernel vs the BLAS)
  *
  * Checkpoints: unless --model / --prefusion-model name folders, random-weight ones are written to a
  * temporary folder (config.json + model.safetensors through qf_st_write; removed at exit unless
@@ -361,6 +362,55 @@ static double gemm_ceiling(int *best_n) {
     return best;
 }
 
+/* ---- --gemm-shapes: few-rows products, qfuse's kernel against the BLAS ------------------- */
+
+/* The Q-Former's projection shapes (and the pre-fusion's 1024 x 1024) at few rows: qf_linear_forward,
+ * which sends 2..64 rows to qfuse's own kernel (src/ops/gemm_small.c), against cblas_sgemm(NoTrans,
+ * Trans), which it called before. Weights are cold, as in a forward over a 400 MB model: each call
+ * takes the next of several copies (>= 128 MB in all). Median per call of 5 sweeps over the copies. */
+static int gemm_shapes(int threads) {
+    static const int Ms[] = {16, 32, 64, 128, 256};
+    static const int NK[][2] = {{2304, 768}, {768, 768}, {3072, 768}, {768, 3072}, {1024, 1024}};
+    printf("# gemm shapes, %d threads: qfuse = qf_linear_forward (rows 2..64: gemm_small.c), blas = cblas_sgemm\n",
+           threads);
+    printf("%-22s %10s %8s %10s %8s %8s\n", "M x N x K", "qfuse ms", "GFLOP/s", "blas ms", "GFLOP/s", "blas/qf");
+    for (size_t i = 0; i < sizeof Ms / sizeof Ms[0]; i++)
+        for (size_t j = 0; j < sizeof NK / sizeof NK[0]; j++) {
+            const int M = Ms[i], N = NK[j][0], K = NK[j][1];
+            const size_t wn = (size_t)N * K;
+            int copies = (int)((128u << 20) / (wn * 4)) + 1;
+            if (copies > 64) copies = 64;
+            float *w = random_floats(wn * (size_t)copies, 0.05f), *x = random_floats((size_t)M * K, 1.0f);
+            float *o = malloc((size_t)M * N * sizeof *o);
+            double *t = malloc(sizeof *t * 5 * (size_t)copies);
+            if (!w || !x || !o || !t) { free(w); free(x); free(o); free(t); return 1; }
+            double med[2];
+            for (int v = 0; v < 2; v++) {
+                int n = 0;
+                for (int r = -1; r < 5; r++) /* r = -1: warm-up sweep */
+                    for (int c = 0; c < copies; c++) {
+                        const float *wc = w + wn * (size_t)c;
+                        double a = now_s();
+                        if (v == 0) {
+                            if (qf_linear_forward(o, x, wc, NULL, M, K, N) != QF_OK) return 1;
+                        } else {
+                            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, x, K, wc, K, 0.0f, o, N);
+                        }
+                        if (r >= 0) t[n++] = now_s() - a;
+                    }
+                med[v] = median(t, n);
+            }
+            const double gf = 2.0 * M * N * K * 1e-9;
+            char name[64];
+            snprintf(name, sizeof name, "%d x %d x %d", M, N, K);
+            printf("%-22s %10.3f %8.1f %10.3f %8.1f %7.2fx\n", name, med[0] * 1e3, gf / med[0], med[1] * 1e3,
+                   gf / med[1], med[1] / med[0]);
+            fflush(stdout);
+            free(w); free(x); free(o); free(t);
+        }
+    return 0;
+}
+
 /* ---- the peer process ----------------------------------------------------------------------- */
 
 typedef struct {
@@ -459,6 +509,7 @@ static void remove_folder(const char *dir) {
 static void usage(void) {
     fprintf(stderr, "usage: bench_qformer [--threads N] [--quick] [--rounds R] [--model DIR] [--prefusion-model DIR]\n"
                     "                     [--no-peer] [--python PY] [--peer bench/qformer_peer.py] [--keep] [--only SUBSTR]\n"
+                    "       bench_qformer [--threads N] --gemm-shapes\n"
                     "  times the BLIP-2 Q-Former and the AffectGPT pre-fusion in qfuse and in PyTorch; see the\n"
                     "  opening comment of bench/bench_qformer.c and bench/README.md\n");
 }
@@ -466,6 +517,7 @@ static void usage(void) {
 int main(int argc, char **argv) {
     int threads = 0, rounds = 3, use_peer = 1, keep = 0;
     const char *only = NULL; /* --only SUBSTR: time only the cases whose name contains SUBSTR */
+    int shapes_only = 0;     /* --gemm-shapes: only the few-rows GEMM table (gemm_shapes)       */
     const char *qdir = NULL, *pdir = NULL, *python = getenv("PYTHON"), *script = "bench/qformer_peer.py";
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -480,6 +532,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--no-peer")) use_peer = 0;
         else if (!strcmp(a, "--keep")) keep = 1;
         else if (!strcmp(a, "--only") && more) only = argv[++i];
+        else if (!strcmp(a, "--gemm-shapes")) shapes_only = 1;
         else { usage(); return 2; }
     }
     if (rounds < 1 || rounds > 20) { fprintf(stderr, "bench_qformer: --rounds must be 1..20\n"); return 2; }
@@ -490,6 +543,7 @@ int main(int argc, char **argv) {
     }
     if (threads >= 1 && qf_set_num_threads(threads) != QF_OK) { fprintf(stderr, "bench_qformer: %s\n", qf_last_error()); return 2; }
     threads = qf_get_num_threads();
+    if (shapes_only) return gemm_shapes(threads);
     signal(SIGPIPE, SIG_IGN);
 
     bench_ctx c;
