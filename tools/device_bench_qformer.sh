@@ -10,7 +10,8 @@
 # unpacked with dpkg -x into $DEPS (never into /) and qfuse links them by absolute path with an
 # RPATH. OPENBLAS_CORETYPE=SkylakeX: OpenBLAS 0.3.21 mistakes the VM's Xeon for Prescott
 # (docs/blas.md). The peer is the machine's python3 (PyTorch + transformers from pip).
-# Writes $OUT/h100-cpu-qformer-2t.txt, $OUT/h100-cpu-qformer-16t.txt and $OUT/log.txt.
+# Writes $OUT/h100-cpu-qformer-2t.txt, $OUT/h100-cpu-qformer-16t.txt, $OUT/h100-cpu-gemm-small.txt
+# and $OUT/log.txt.
 set -u
 rounds=${1:-3}
 OUT=${OUT:-/tmp/qfuse-out}
@@ -47,6 +48,17 @@ for t in ${QF_THREADS:-2 16}; do
     OMP_NUM_THREADS=$t build-dev/bench_qformer --threads $t --rounds "$rounds" ${QF_QUICK:+--quick} --python python3 >> "$f"
     cat "$f"
 done
+# Few-rows GEMMs (bench_qformer --gemm-shapes): qf_linear_forward, which takes 2..64 rows to qfuse's
+# own kernel (src/ops/gemm_small.c), against cblas_sgemm on the Q-Former's shapes, cold weights:
+# the measurement behind the 64-row cut. Skipped with QF_NO_SHAPES=1.
+if [ -z "${QF_NO_SHAPES:-}" ]; then
+    f="$OUT/h100-cpu-gemm-small.txt"
+    echo "# device: nvidia-h100-x1 host CPU, commit ${QF_COMMIT:-unknown}, $(date -u '+%Y-%m-%d %H:%M UTC'), OpenBLAS $variant build, OPENBLAS_CORETYPE=$OPENBLAS_CORETYPE" > "$f"
+    for t in ${QF_THREADS:-2 16}; do
+        echo "== gemm shapes, $t threads"
+        OMP_NUM_THREADS=$t build-dev/bench_qformer --threads $t --gemm-shapes | tee -a "$f"
+    done
+fi
 # Diagnostic (not a recorded table): qfuse alone with OpenMP's idle threads sleeping instead of
 # spinning. The Q-Former alternates OpenMP ops with OpenBLAS (pthreads) GEMMs; spinning OpenMP
 # workers compete with OpenBLAS's threads for the same cores (6x slower at 2 threads on a busy VM).
