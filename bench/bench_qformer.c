@@ -5,6 +5,7 @@
  *
  *   bench_qformer [--threads N] [--quick] [--rounds R] [--model DIR] [--prefusion-model DIR]
  *                 [--no-peer] [--python PY] [--peer bench/qformer_peer.py] [--keep] [--only SUBSTR]
+ *                 [--profile]     (then qfuse's time per op kind of each Q-Former case)
  *   bench_qformer [--threads N] --gemm-shapes     (few-rows products: qfuse's kernel vs the BLAS)
  *
  * Checkpoints: unless --model / --prefusion-model name folders, random-weight ones are written to a
@@ -41,6 +42,9 @@
 
 extern char *openblas_get_config(void) __attribute__((weak));
 extern char *openblas_get_corename(void) __attribute__((weak));
+/* qfuse's internal op profile (src/models/qformer_internal.h), for --profile */
+extern void qf_qformer_profile_enable(int on) __attribute__((weak));
+extern int qf_qformer_profile_read(double *seconds, const char **names, int cap) __attribute__((weak));
 
 static double quick_factor = 1.0;
 
@@ -411,6 +415,43 @@ static int gemm_shapes(int threads) {
     return 0;
 }
 
+/* ---- --profile: where the Q-Former's time goes -------------------------------------------- */
+
+/* Runs each Q-Former case `reps` times with qfuse's op profile on and prints, per op kind, ms per
+ * call and its share of the wall time of those calls (the rest: loop overhead, unprofiled ops). */
+static int print_profile(bench_ctx *c, const bench_case *cases, int nc, int reps) {
+    if (!qf_qformer_profile_enable || !qf_qformer_profile_read) {
+        printf("# profile: not available in this build\n");
+        return 0;
+    }
+    enum { MAXK = 32 };
+    for (int k = 0; k < nc; k++) {
+        if (cases[k].kind == PF_FWD) continue;
+        c->B = cases[k].B;
+        bench_fn fn = cases[k].kind == QF_FWD ? run_qf_fwd : run_qf_fwdbwd;
+        if (fn(c)) return 1; /* warm */
+        qf_qformer_profile_enable(1);
+        double t0 = now_s();
+        for (int r = 0; r < reps; r++)
+            if (fn(c)) return 1;
+        double wall = (now_s() - t0) / reps;
+        double sec[MAXK];
+        const char *names[MAXK];
+        int n = qf_qformer_profile_read(sec, names, MAXK);
+        qf_qformer_profile_enable(0);
+        printf("# profile %s, %d threads: %.3f ms per call\n", cases[k].name, qf_get_num_threads(), wall * 1e3);
+        double sum = 0;
+        for (int i = 0; i < n && i < MAXK; i++) {
+            if (sec[i] <= 0) continue;
+            sum += sec[i] / reps;
+            printf("#   %-40s %9.3f ms %5.1f%%\n", names[i], sec[i] / reps * 1e3, 100 * sec[i] / reps / wall);
+        }
+        printf("#   %-40s %9.3f ms %5.1f%%\n", "(not in an op above)", (wall - sum) * 1e3, 100 * (wall - sum) / wall);
+    }
+    fflush(stdout);
+    return 0;
+}
+
 /* ---- the peer process ----------------------------------------------------------------------- */
 
 typedef struct {
@@ -509,6 +550,7 @@ static void remove_folder(const char *dir) {
 static void usage(void) {
     fprintf(stderr, "usage: bench_qformer [--threads N] [--quick] [--rounds R] [--model DIR] [--prefusion-model DIR]\n"
                     "                     [--no-peer] [--python PY] [--peer bench/qformer_peer.py] [--keep] [--only SUBSTR]\n"
+                    "                     [--profile]\n"
                     "       bench_qformer [--threads N] --gemm-shapes\n"
                     "  times the BLIP-2 Q-Former and the AffectGPT pre-fusion in qfuse and in PyTorch; see the\n"
                     "  opening comment of bench/bench_qformer.c and bench/README.md\n");
@@ -518,6 +560,7 @@ int main(int argc, char **argv) {
     int threads = 0, rounds = 3, use_peer = 1, keep = 0;
     const char *only = NULL; /* --only SUBSTR: time only the cases whose name contains SUBSTR */
     int shapes_only = 0;     /* --gemm-shapes: only the few-rows GEMM table (gemm_shapes)       */
+    int profile = 0;         /* --profile: after the table, qfuse's time per op (print_profile)  */
     const char *qdir = NULL, *pdir = NULL, *python = getenv("PYTHON"), *script = "bench/qformer_peer.py";
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -533,6 +576,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--keep")) keep = 1;
         else if (!strcmp(a, "--only") && more) only = argv[++i];
         else if (!strcmp(a, "--gemm-shapes")) shapes_only = 1;
+        else if (!strcmp(a, "--profile")) profile = 1;
         else { usage(); return 2; }
     }
     if (rounds < 1 || rounds > 20) { fprintf(stderr, "bench_qformer: --rounds must be 1..20\n"); return 2; }
@@ -647,6 +691,10 @@ int main(int argc, char **argv) {
         else printf(" %8s %13s\n", "-", "-");
     }
     fflush(stdout);
+    if (profile && print_profile(&c, cases, NC, quick_factor < 1 ? 2 : 5)) {
+        fprintf(stderr, "bench_qformer: profile: %s\n", qf_last_error());
+        rc = 1;
+    }
 
 cleanup:
     qf_qformer_free(c.qf);

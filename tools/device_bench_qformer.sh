@@ -10,6 +10,7 @@
 # unpacked with dpkg -x into $DEPS (never into /) and qfuse links them by absolute path with an
 # RPATH. OPENBLAS_CORETYPE=SkylakeX: OpenBLAS 0.3.21 mistakes the VM's Xeon for Prescott
 # (docs/blas.md). The peer is the machine's python3 (PyTorch + transformers from pip).
+# Each table is followed by qfuse's time per op kind (bench_qformer --profile).
 # Writes $OUT/h100-cpu-qformer-2t.txt, $OUT/h100-cpu-qformer-16t.txt, $OUT/h100-cpu-gemm-small.txt
 # and $OUT/log.txt.
 set -u
@@ -45,7 +46,7 @@ for t in ${QF_THREADS:-2 16}; do
         echo "# commit ${QF_COMMIT:-unknown}, run $(date -u '+%Y-%m-%d %H:%M UTC'), OpenBLAS $variant build, OPENBLAS_CORETYPE=$OPENBLAS_CORETYPE"
     } > "$f"
     echo "== $t threads"
-    OMP_NUM_THREADS=$t build-dev/bench_qformer --threads $t --rounds "$rounds" ${QF_QUICK:+--quick} --python python3 >> "$f"
+    OMP_NUM_THREADS=$t build-dev/bench_qformer --threads $t --rounds "$rounds" ${QF_QUICK:+--quick} --python python3 --profile >> "$f"
     cat "$f"
 done
 # Few-rows GEMMs (bench_qformer --gemm-shapes): qf_linear_forward, which takes 2..64 rows to qfuse's

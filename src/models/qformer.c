@@ -40,6 +40,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 /* ---- parameters ---- */
 
@@ -684,22 +685,27 @@ static qf_status attention_block(qf_qformer *m, const qformer_attn *w, attn_acts
     const int64_t P = cross ? m->P : 0, tot = P + kv_len, T = B * Lx;
     if (!cross) {
         /* one GEMM with the packed [3H, H] weight: rows of tmp are [q | k | v] */
-        QF_TRY(qf_linear_forward(m->tmp, x, w->wq, w->bq, T, H, 3 * H));
-        qf_qformer_split_heads(t->qh, m->tmp, 3 * H, B, nh, Lx, 0, Lx, hd);
-        qf_qformer_split_heads(t->kh, m->tmp + H, 3 * H, B, nh, tot, 0, kv_len, hd);
-        qf_qformer_split_heads(t->vh, m->tmp + 2 * H, 3 * H, B, nh, tot, 0, kv_len, hd);
+        QF_PROF(QFP_QKV, QF_TRY(qf_linear_forward(m->tmp, x, w->wq, w->bq, T, H, 3 * H)));
+        QF_PROF(QFP_HEADS, {
+            qf_qformer_split_heads(t->qh, m->tmp, 3 * H, B, nh, Lx, 0, Lx, hd);
+            qf_qformer_split_heads(t->kh, m->tmp + H, 3 * H, B, nh, tot, 0, kv_len, hd);
+            qf_qformer_split_heads(t->vh, m->tmp + 2 * H, 3 * H, B, nh, tot, 0, kv_len, hd);
+        });
     } else {
-        QF_TRY(qf_linear_forward(m->tmp, x, w->wq, w->bq, T, H, H));
-        qf_qformer_split_heads(t->qh, m->tmp, H, B, nh, Lx, 0, Lx, hd);
-        qf_qformer_split_heads(t->kh, kv, kv_ld, B, nh, tot, P, kv_len, hd);
-        qf_qformer_split_heads(t->vh, kv + H, kv_ld, B, nh, tot, P, kv_len, hd);
+        QF_PROF(QFP_QKV, QF_TRY(qf_linear_forward(m->tmp, x, w->wq, w->bq, T, H, H)));
+        QF_PROF(QFP_HEADS, {
+            qf_qformer_split_heads(t->qh, m->tmp, H, B, nh, Lx, 0, Lx, hd);
+            qf_qformer_split_heads(t->kh, kv, kv_ld, B, nh, tot, P, kv_len, hd);
+            qf_qformer_split_heads(t->vh, kv + H, kv_ld, B, nh, tot, P, kv_len, hd);
+        });
         if (P) {
             qf_qformer_split_heads(t->kh, m->pk, H, B, nh, tot, 0, P, hd);
             qf_qformer_split_heads(t->vh, m->pv, H, B, nh, tot, 0, P, hd);
         }
     }
     qf_sdpa_params sp = qf_qformer_sdpa_params(m, cross);
-    qf_status s = qf_sdpa_forward(&sp, t->qh, t->kh, t->vh, t->oh, t->lse, NULL);
+    qf_status s;
+    QF_PROF(QFP_SDPA, s = qf_sdpa_forward(&sp, t->qh, t->kh, t->vh, t->oh, t->lse, NULL));
     if (s != QF_OK) return qf_fail_prefix(s, "%s (%s-attention)", fn, cross ? "cross" : "self");
     if (cross && m->any_dead) {
         /* all-padding items: uniform weights over all keys, as transformers' finfo.min gives */
@@ -717,20 +723,20 @@ static qf_status attention_block(qf_qformer *m, const qformer_attn *w, attn_acts
             }
         }
     }
-    qf_qformer_merge_heads(t->merged, H, t->oh, B, nh, Lx, 0, Lx, hd, 0);
-    QF_TRY(linear_residual(t->sum, t->merged, w->wo, w->bo, x, T, H, H));
-    QF_TRY(qf_layernorm_forward(t->out, t->mean, t->rstd, t->sum, w->ln_w, w->ln_b, T, H,
-                                (float)m->cfg.layer_norm_eps));
+    QF_PROF(QFP_HEADS, qf_qformer_merge_heads(t->merged, H, t->oh, B, nh, Lx, 0, Lx, hd, 0));
+    QF_PROF(QFP_OUT_RES, QF_TRY(linear_residual(t->sum, t->merged, w->wo, w->bo, x, T, H, H)));
+    QF_PROF(QFP_LN, QF_TRY(qf_layernorm_forward(t->out, t->mean, t->rstd, t->sum, w->ln_w, w->ln_b, T, H,
+                                                (float)m->cfg.layer_norm_eps)));
     return QF_OK;
 }
 
 static qf_status ffn_block(qf_qformer *m, const qformer_ffn *w, ffn_acts *f, const float *x, int64_t rows) {
     const int64_t H = m->cfg.hidden_size, I = m->cfg.intermediate_size;
-    QF_TRY(qf_linear_forward(f->pre, x, w->w_in, w->b_in, rows, H, I));
-    QF_TRY(qf_gelu_forward(f->act, f->pre, rows * I, m->cfg.hidden_act));
-    QF_TRY(linear_residual(f->sum, f->act, w->w_out, w->b_out, x, rows, I, H));
-    QF_TRY(qf_layernorm_forward(f->out, f->mean, f->rstd, f->sum, w->ln_w, w->ln_b, rows, H,
-                                (float)m->cfg.layer_norm_eps));
+    QF_PROF(QFP_FFN_UP, QF_TRY(qf_linear_forward(f->pre, x, w->w_in, w->b_in, rows, H, I)));
+    QF_PROF(QFP_GELU, QF_TRY(qf_gelu_forward(f->act, f->pre, rows * I, m->cfg.hidden_act)));
+    QF_PROF(QFP_FFN_DOWN_RES, QF_TRY(linear_residual(f->sum, f->act, w->w_out, w->b_out, x, rows, I, H)));
+    QF_PROF(QFP_LN, QF_TRY(qf_layernorm_forward(f->out, f->mean, f->rstd, f->sum, w->ln_w, w->ln_b, rows, H,
+                                                (float)m->cfg.layer_norm_eps)));
     return QF_OK;
 }
 
@@ -782,6 +788,7 @@ qf_status qf_qformer_forward(qf_qformer *m, const qf_qformer_args *a, const floa
                        a->prefix_k ? "v" : "k");
     const int64_t H = m->cfg.hidden_size, E = m->cfg.encoder_hidden_size, N = Lq + Lt;
     const int64_t T = B * N, Tq = B * Lq, Tt = B * Lt;
+    const double t_in = qf_qformer_prof_on ? qf_qformer_prof_now() : 0.0;
     QF_TRY(check_finite(fn, "query_embeds", query_embeds, (size_t)(Tq * H)));
     QF_TRY(check_finite(fn, "encoder_hidden_states", encoder_hidden_states, (size_t)(B * S * E)));
     if (P) {
@@ -836,10 +843,13 @@ qf_status qf_qformer_forward(qf_qformer *m, const qf_qformer_args *a, const floa
             }
     }
 
+    if (qf_qformer_prof_on) qf_qformer_prof_s[QFP_INPUT] += qf_qformer_prof_now() - t_in;
     /* keys and values of every cross layer: one GEMM over the encoder rows (plan_params) */
-    QF_TRY(qf_linear_forward(m->enc_kv, m->enc, m->enc_kv_w, m->enc_kv_b, B * S, E, 2 * H * m->ncross));
+    QF_PROF(QFP_ENC_KV,
+            QF_TRY(qf_linear_forward(m->enc_kv, m->enc, m->enc_kv_w, m->enc_kv_b, B * S, E, 2 * H * m->ncross)));
     const float eps = (float)m->cfg.layer_norm_eps;
-    QF_TRY(qf_layernorm_forward(m->emb, m->emb_mean, m->emb_rstd, m->x_in, m->ln_w, m->ln_b, T, H, eps));
+    QF_PROF(QFP_LN,
+            QF_TRY(qf_layernorm_forward(m->emb, m->emb_mean, m->emb_rstd, m->x_in, m->ln_w, m->ln_b, T, H, eps)));
     const float *h = m->emb;
     for (int64_t i = 0; i < m->cfg.num_hidden_layers; i++) {
         const qformer_layer *l = &m->layers[i];
@@ -866,6 +876,35 @@ qf_status qf_qformer_forward(qf_qformer *m, const qf_qformer_args *a, const floa
     memcpy(out, h, (size_t)(T * H) * sizeof(float));
     m->have_fwd = 1;
     return QF_OK;
+}
+
+/* ---- op profile (qformer_internal.h) ---- */
+
+int qf_qformer_prof_on;
+double qf_qformer_prof_s[QFP_N];
+
+double qf_qformer_prof_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+void qf_qformer_profile_enable(int on) {
+    qf_qformer_prof_on = on != 0;
+    memset(qf_qformer_prof_s, 0, sizeof qf_qformer_prof_s);
+}
+
+int qf_qformer_profile_read(double *seconds, const char **names, int cap) {
+    static const char *const kind[QFP_N] = {
+        "fwd enc k|v GEMM (all cross layers)", "fwd q(|k|v) GEMM", "fwd split/merge heads", "fwd sdpa",
+        "fwd out proj + residual", "fwd layernorm", "fwd FFN up GEMM", "fwd GELU", "fwd FFN down + residual",
+        "fwd input checks and copies", "bwd linear (GEMMs, bias sums)", "bwd sdpa", "bwd layernorm", "bwd GELU",
+        "bwd split/merge heads", "bwd residual adds"};
+    for (int i = 0; i < cap && i < QFP_N; i++) {
+        if (seconds) seconds[i] = qf_qformer_prof_s[i];
+        if (names) names[i] = kind[i];
+    }
+    return QFP_N;
 }
 
 /* ---- cross-attention maps ---- */

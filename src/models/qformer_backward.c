@@ -100,13 +100,15 @@ static qf_status attn_backward(qf_qformer *m, bwd_bufs *w, const qformer_attn *p
     const char *fn = "qf_qformer_backward";
     const int64_t B = m->B, H = m->cfg.hidden_size, nh = m->cfg.num_attention_heads, hd = m->hd;
     const int64_t P = cross ? m->P : 0, tot = P + kv_len, T = B * Lx;
-    QF_TRY(qf_layernorm_backward(w->dsum, qformer_grad(m, p->ln_w), qformer_grad(m, p->ln_b), d_out, t->sum, p->ln_w,
-                                 t->mean, t->rstd, T, H));
-    QF_TRY(qf_linear_backward(w->dmerged, qformer_grad(m, p->wo), qformer_grad(m, p->bo), w->dsum, t->merged, p->wo,
-                              T, H, H));
-    qf_qformer_split_heads(w->doh, w->dmerged, H, B, nh, Lx, 0, Lx, hd);
+    QF_PROF(QFP_BWD_LN, QF_TRY(qf_layernorm_backward(w->dsum, qformer_grad(m, p->ln_w), qformer_grad(m, p->ln_b),
+                                                     d_out, t->sum, p->ln_w, t->mean, t->rstd, T, H)));
+    QF_PROF(QFP_BWD_LINEAR, QF_TRY(qf_linear_backward(w->dmerged, qformer_grad(m, p->wo), qformer_grad(m, p->bo),
+                                                      w->dsum, t->merged, p->wo, T, H, H)));
+    QF_PROF(QFP_BWD_HEADS, qf_qformer_split_heads(w->doh, w->dmerged, H, B, nh, Lx, 0, Lx, hd));
     qf_sdpa_params sp = qf_qformer_sdpa_params(m, cross);
-    qf_status s = qf_sdpa_backward(&sp, t->qh, t->kh, t->vh, t->oh, t->lse, w->doh, w->dqh, w->dkh, w->dvh);
+    qf_status s;
+    QF_PROF(QFP_BWD_SDPA,
+            s = qf_sdpa_backward(&sp, t->qh, t->kh, t->vh, t->oh, t->lse, w->doh, w->dqh, w->dkh, w->dvh));
     if (s != QF_OK) return qf_fail_prefix(s, "%s (%s-attention)", fn, cross ? "cross" : "self");
     if (cross && m->any_dead) {
         const float scale = 1.0f / sqrtf((float)hd);
@@ -122,24 +124,25 @@ static qf_status attn_backward(qf_qformer *m, bwd_bufs *w, const qformer_attn *p
     if (!cross) {
         /* [q | k | v] = x Wqkv^T + bqkv with the packed [3H, H] weight: one GEMM for the weight
          * gradient and one for d_x, which sums the three paths itself */
-        qf_qformer_merge_heads(w->dtok, 3 * H, w->dqh, B, nh, Lx, 0, Lx, hd, 0);
-        qf_qformer_merge_heads(w->dtok + H, 3 * H, w->dkh, B, nh, tot, 0, kv_len, hd, 0);
-        qf_qformer_merge_heads(w->dtok + 2 * H, 3 * H, w->dvh, B, nh, tot, 0, kv_len, hd, 0);
-        QF_TRY(qf_linear_backward(d_x, qformer_grad(m, p->wq), qformer_grad(m, p->bq), w->dtok, x, p->wq, T, H,
-                                  3 * H));
-        add_to(d_x, w->dsum, (size_t)(T * H)); /* residual */
+        QF_PROF(QFP_BWD_HEADS, qf_qformer_merge_heads(w->dtok, 3 * H, w->dqh, B, nh, Lx, 0, Lx, hd, 0));
+        QF_PROF(QFP_BWD_HEADS, qf_qformer_merge_heads(w->dtok + H, 3 * H, w->dkh, B, nh, tot, 0, kv_len, hd, 0));
+        QF_PROF(QFP_BWD_HEADS, qf_qformer_merge_heads(w->dtok + 2 * H, 3 * H, w->dvh, B, nh, tot, 0, kv_len, hd, 0));
+        QF_PROF(QFP_BWD_LINEAR, QF_TRY(qf_linear_backward(d_x, qformer_grad(m, p->wq), qformer_grad(m, p->bq),
+                                                          w->dtok, x, p->wq, T, H, 3 * H)));
+        QF_PROF(QFP_BWD_ADD, add_to(d_x, w->dsum, (size_t)(T * H))); /* residual */
         return QF_OK;
     }
     /* q = x Wq^T + bq */
-    qf_qformer_merge_heads(w->dtok, H, w->dqh, B, nh, Lx, 0, Lx, hd, 0);
-    QF_TRY(qf_linear_backward(d_x, qformer_grad(m, p->wq), qformer_grad(m, p->bq), w->dtok, x, p->wq, T, H, H));
-    add_to(d_x, w->dsum, (size_t)(T * H)); /* residual */
+    QF_PROF(QFP_BWD_HEADS, qf_qformer_merge_heads(w->dtok, H, w->dqh, B, nh, Lx, 0, Lx, hd, 0));
+    QF_PROF(QFP_BWD_LINEAR, QF_TRY(qf_linear_backward(d_x, qformer_grad(m, p->wq), qformer_grad(m, p->bq), w->dtok, x,
+                                                      p->wq, T, H, H)));
+    QF_PROF(QFP_BWD_ADD, add_to(d_x, w->dsum, (size_t)(T * H))); /* residual */
     /* the layer's own keys are rows P.. of the heads; the prefix gradients are rows 0..P */
-    if (P && gpk) qf_qformer_merge_heads(gpk, H, w->dkh, B, nh, tot, 0, P, hd, 1);
-    if (P && gpv) qf_qformer_merge_heads(gpv, H, w->dvh, B, nh, tot, 0, P, hd, 1);
+    if (P && gpk) QF_PROF(QFP_BWD_HEADS, qf_qformer_merge_heads(gpk, H, w->dkh, B, nh, tot, 0, P, hd, 1));
+    if (P && gpv) QF_PROF(QFP_BWD_HEADS, qf_qformer_merge_heads(gpv, H, w->dvh, B, nh, tot, 0, P, hd, 1));
     if (dkv) {
-        qf_qformer_merge_heads(dkv, dkv_ld, w->dkh, B, nh, tot, P, kv_len, hd, 0);
-        qf_qformer_merge_heads(dkv + H, dkv_ld, w->dvh, B, nh, tot, P, kv_len, hd, 0);
+        QF_PROF(QFP_BWD_HEADS, qf_qformer_merge_heads(dkv, dkv_ld, w->dkh, B, nh, tot, P, kv_len, hd, 0));
+        QF_PROF(QFP_BWD_HEADS, qf_qformer_merge_heads(dkv + H, dkv_ld, w->dvh, B, nh, tot, P, kv_len, hd, 0));
     }
     return QF_OK;
 }
@@ -148,13 +151,14 @@ static qf_status attn_backward(qf_qformer *m, bwd_bufs *w, const qformer_attn *p
 static qf_status ffn_backward(qf_qformer *m, bwd_bufs *w, const qformer_ffn *p, const ffn_acts *f, const float *x,
                               int64_t rows, const float *d_out, float *d_x) {
     const int64_t H = m->cfg.hidden_size, I = m->cfg.intermediate_size;
-    QF_TRY(qf_layernorm_backward(w->dsum, qformer_grad(m, p->ln_w), qformer_grad(m, p->ln_b), d_out, f->sum, p->ln_w,
-                                 f->mean, f->rstd, rows, H));
-    QF_TRY(qf_linear_backward(w->dI, qformer_grad(m, p->w_out), qformer_grad(m, p->b_out), w->dsum, f->act, p->w_out,
-                              rows, I, H));
-    QF_TRY(qf_gelu_backward(w->dI, w->dI, f->pre, rows * I, m->cfg.hidden_act));
-    QF_TRY(qf_linear_backward(d_x, qformer_grad(m, p->w_in), qformer_grad(m, p->b_in), w->dI, x, p->w_in, rows, H, I));
-    add_to(d_x, w->dsum, (size_t)(rows * H));
+    QF_PROF(QFP_BWD_LN, QF_TRY(qf_layernorm_backward(w->dsum, qformer_grad(m, p->ln_w), qformer_grad(m, p->ln_b),
+                                                     d_out, f->sum, p->ln_w, f->mean, f->rstd, rows, H)));
+    QF_PROF(QFP_BWD_LINEAR, QF_TRY(qf_linear_backward(w->dI, qformer_grad(m, p->w_out), qformer_grad(m, p->b_out),
+                                                      w->dsum, f->act, p->w_out, rows, I, H)));
+    QF_PROF(QFP_BWD_GELU, QF_TRY(qf_gelu_backward(w->dI, w->dI, f->pre, rows * I, m->cfg.hidden_act)));
+    QF_PROF(QFP_BWD_LINEAR, QF_TRY(qf_linear_backward(d_x, qformer_grad(m, p->w_in), qformer_grad(m, p->b_in), w->dI,
+                                                      x, p->w_in, rows, H, I)));
+    QF_PROF(QFP_BWD_ADD, add_to(d_x, w->dsum, (size_t)(rows * H)));
     return QF_OK;
 }
 
@@ -210,12 +214,13 @@ qf_status qf_qformer_backward(qf_qformer *m, const float *grad_out, float *grad_
     /* every cross layer's [k | v] = enc W^T + b (one packed weight, plan_params): one GEMM for
      * the weight gradients and one for the encoder gradient, which sums the layers itself */
     if (want_kv)
-        QF_TRY(qf_linear_backward(grad_encoder, qformer_grad(m, m->enc_kv_w), qformer_grad(m, m->enc_kv_b), w.dkv,
-                                  m->enc, m->enc_kv_w, B * S, E, 2 * H * m->ncross));
+        QF_PROF(QFP_BWD_LINEAR,
+                QF_TRY(qf_linear_backward(grad_encoder, qformer_grad(m, m->enc_kv_w), qformer_grad(m, m->enc_kv_b),
+                                          w.dkv, m->enc, m->enc_kv_w, B * S, E, 2 * H * m->ncross)));
     /* embeddings: emb = LN(x_in), x_in = [query_embeds ; word(ids) + pos] */
     float *dx = w.da; /* [T, H], free now */
-    QF_TRY(qf_layernorm_backward(dx, qformer_grad(m, m->ln_w), qformer_grad(m, m->ln_b), w.dh, m->x_in, m->ln_w,
-                                 m->emb_mean, m->emb_rstd, T, H));
+    QF_PROF(QFP_BWD_LN, QF_TRY(qf_layernorm_backward(dx, qformer_grad(m, m->ln_w), qformer_grad(m, m->ln_b), w.dh,
+                                                     m->x_in, m->ln_w, m->emb_mean, m->emb_rstd, T, H)));
     if (grad_query_embeds) qf_qformer_gather_rows(grad_query_embeds, dx, B, N, 0, Lq, H);
     if (Lt && !m->frozen) {
         float *dt = w.dto; /* [Tt, H] */

@@ -99,4 +99,26 @@ void qf_qformer_scatter_rows(float *dst, const float *src, int64_t B, int64_t to
                              int64_t C);
 qf_sdpa_params qf_qformer_sdpa_params(const qf_qformer *m, int cross);
 
+/* ---- optional op profile (bench_qformer --profile) ----
+ * Wall-clock seconds per op kind, summed over qf_qformer_forward / qf_qformer_backward calls
+ * while enabled. Process-global and not thread-safe: a measuring aid for one model driven from
+ * one thread; off by default, where it costs one predictable branch per op. */
+enum {
+    QFP_ENC_KV, QFP_QKV, QFP_HEADS, QFP_SDPA, QFP_OUT_RES, QFP_LN, QFP_FFN_UP, QFP_GELU, QFP_FFN_DOWN_RES,
+    QFP_INPUT, QFP_BWD_LINEAR, QFP_BWD_SDPA, QFP_BWD_LN, QFP_BWD_GELU, QFP_BWD_HEADS, QFP_BWD_ADD, QFP_N
+};
+extern int qf_qformer_prof_on;
+extern double qf_qformer_prof_s[QFP_N];
+double qf_qformer_prof_now(void);
+#define QF_PROF(kind, stmt)                                                                         \
+    do {                                                                                            \
+        const double qfp_t0_ = qf_qformer_prof_on ? qf_qformer_prof_now() : 0.0;                    \
+        stmt;                                                                                       \
+        if (qf_qformer_prof_on) qf_qformer_prof_s[kind] += qf_qformer_prof_now() - qfp_t0_;         \
+    } while (0)
+/* Turns the profile on (1) or off (0); either resets the sums. */
+void qf_qformer_profile_enable(int on);
+/* Copies up to cap sums (seconds) and their names; returns QFP_N. */
+int qf_qformer_profile_read(double *seconds, const char **names, int cap);
+
 #endif
