@@ -40,6 +40,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "ops/gemm_small.h" /* internal (src/): --gemm-shapes times the kernel itself */
+
 extern char *openblas_get_config(void) __attribute__((weak));
 extern char *openblas_get_corename(void) __attribute__((weak));
 /* qfuse's internal op profile (src/models/qformer_internal.h), for --profile */
@@ -368,15 +370,16 @@ static double gemm_ceiling(int *best_n) {
 
 /* ---- --gemm-shapes: few-rows products, qfuse's kernel against the BLAS ------------------- */
 
-/* The Q-Former's projection shapes (and the pre-fusion's 1024 x 1024) at few rows: qf_linear_forward,
- * which sends 2..64 rows to qfuse's own kernel (src/ops/gemm_small.c), against cblas_sgemm(NoTrans,
- * Trans), which it called before. Weights are cold, as in a forward over a 400 MB model: each call
- * takes the next of several copies (>= 128 MB in all). Median per call of 5 sweeps over the copies. */
+/* The Q-Former's projection shapes (and the pre-fusion's 1024 x 1024) at few rows: qfuse's own
+ * kernel (qf_gemm_nt_small, src/ops/gemm_small.c, called directly at every M; qf_linear_forward
+ * uses it up to QF_GEMM_SMALL_MAX_M rows) against cblas_sgemm(NoTrans, Trans), what the linear
+ * layers call otherwise. Weights are cold, as in a forward over a 400 MB model: each call takes the
+ * next of several copies (>= 128 MB in all). Median per call of 5 sweeps over the copies. */
 static int gemm_shapes(int threads) {
     static const int Ms[] = {16, 32, 64, 128, 256};
     static const int NK[][2] = {{2304, 768}, {768, 768}, {3072, 768}, {768, 3072}, {1024, 1024}};
-    printf("# gemm shapes, %d threads: qfuse = qf_linear_forward (rows 2..64: gemm_small.c), blas = cblas_sgemm\n",
-           threads);
+    printf("# gemm shapes, %d threads: qfuse = qf_gemm_nt_small (gemm_small.c; qf_linear_forward uses it for 2..%d rows), "
+           "blas = cblas_sgemm\n", threads, QF_GEMM_SMALL_MAX_M);
     printf("%-22s %10s %8s %10s %8s %8s\n", "M x N x K", "qfuse ms", "GFLOP/s", "blas ms", "GFLOP/s", "blas/qf");
     for (size_t i = 0; i < sizeof Ms / sizeof Ms[0]; i++)
         for (size_t j = 0; j < sizeof NK / sizeof NK[0]; j++) {
@@ -396,7 +399,8 @@ static int gemm_shapes(int threads) {
                         const float *wc = w + wn * (size_t)c;
                         double a = now_s();
                         if (v == 0) {
-                            if (qf_linear_forward(o, x, wc, NULL, M, K, N) != QF_OK) return 1;
+                            qf_gemm_nt_args g = {.x = x, .ldx = K, .w = wc, .out = o, .ldo = N, .M = M, .N = N, .K = K};
+                            qf_gemm_nt_small(&g);
                         } else {
                             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, x, K, wc, K, 0.0f, o, N);
                         }

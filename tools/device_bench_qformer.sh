@@ -49,9 +49,9 @@ for t in ${QF_THREADS:-2 16}; do
     OMP_NUM_THREADS=$t build-dev/bench_qformer --threads $t --rounds "$rounds" ${QF_QUICK:+--quick} --python python3 --profile >> "$f"
     cat "$f"
 done
-# Few-rows GEMMs (bench_qformer --gemm-shapes): qf_linear_forward, which takes 2..64 rows to qfuse's
-# own kernel (src/ops/gemm_small.c), against cblas_sgemm on the Q-Former's shapes, cold weights:
-# the measurement behind the 64-row cut. Skipped with QF_NO_SHAPES=1.
+# Few-rows GEMMs (bench_qformer --gemm-shapes): qfuse's own kernel (src/ops/gemm_small.c) against
+# cblas_sgemm on the Q-Former's shapes at 16..256 rows, cold weights: the measurement behind the
+# row cut (QF_GEMM_SMALL_MAX_M) of qf_linear_forward. Skipped with QF_NO_SHAPES=1.
 if [ -z "${QF_NO_SHAPES:-}" ]; then
     f="$OUT/h100-cpu-gemm-small.txt"
     echo "# device: nvidia-h100-x1 host CPU, commit ${QF_COMMIT:-unknown}, $(date -u '+%Y-%m-%d %H:%M UTC'), OpenBLAS $variant build, OPENBLAS_CORETYPE=$OPENBLAS_CORETYPE" > "$f"

@@ -1,9 +1,12 @@
 /* gemm_small.h - out = x · wᵀ (+ bias, + residual) for products with few rows, the shape of a
  * linear layer applied to a handful of tokens (the Q-Former's 32 queries at batch 1).
  *
- * Why not the BLAS: OpenBLAS packs the whole weight for every call; with M <= 64 rows the packing
- * costs about as much as the arithmetic, and its thread split leaves threads idle on such shapes
- * (measured in bench/results/gemm-small-*.txt). This kernel reads the weight in place ([N, K]
+ * Why not the BLAS: OpenBLAS packs the whole weight for every call; with few rows the packing
+ * costs about as much as the arithmetic, and its thread split leaves threads idle on such shapes.
+ * Measured (bench_qformer --gemm-shapes, cold weights, bench/results/h100-cpu-gemm-small.txt): at
+ * M = 16 and 32 this kernel is 1.1-3.8x faster than OpenBLAS 0.3.21 on the device's Xeon at 16
+ * threads and 1.2-1.8x at 2 (one shape 0.90x), 1.3-2.4x on the Zen 5 VM at 2; at M = 64 it was
+ * 0.35-1.7x on the Xeon, at M >= 128 even or behind: hence the cut at 32 rows. This kernel reads the weight in place ([N, K]
  * rows, as torch stores it), takes dot products along K, and splits the output columns over the
  * OpenMP threads, so every weight element is read from memory once per call.
  *
@@ -30,7 +33,7 @@ typedef struct {
 } qf_gemm_nt_args;
 
 /* Rows up to which qf_gemm_nt_small is used in place of the BLAS (see gemm_small.c). */
-#define QF_GEMM_SMALL_MAX_M 64
+#define QF_GEMM_SMALL_MAX_M 32
 
 /* out = [out +] x·wᵀ + bias + res, threaded over output columns with qf_threads(). */
 void qf_gemm_nt_small(const qf_gemm_nt_args *a);

@@ -1,7 +1,7 @@
 /* linear.c - torch.nn.functional.linear forward and backward on the linked BLAS.
  * Layouts are torch's: in [N,Cin], weight [Cout,Cin], bias [Cout], out [N,Cout]. Every product is one SGEMM;
  * the BLAS threads itself with the count qf_set_num_threads gave it. Exceptions in the forward: one
- * row goes to SGEMV, and 2..QF_GEMM_SMALL_MAX_M rows to qf_gemm_nt_small (gemm_small.h).
+ * row goes to SGEMV, and 2..QF_GEMM_SMALL_MAX_M (32) rows to qf_gemm_nt_small (gemm_small.h).
  * Invariants: d_in is overwritten, d_weight and d_bias are accumulated (see qfuse_ops.h);
  * nothing is written before all arguments have been checked. */
 #include "internal.h"
