@@ -3,12 +3,13 @@
  * Blocking: the output columns are cut into tiles of 4 (weight rows); each OpenMP thread owns a
  * contiguous run of tiles, so the weight is streamed once, in order, over all threads. K is cut
  * into chunks of at most kc floats so that a tile's 4 weight rows and 4 rows of x stay in L1
- * (2 x 4 x kc x 4 B <= 2/3 of L1d: kc = 1024 with a 48 KB L1d, 640 with 32 KB); within a chunk
+ * (2 x 4 x kc x 4 B <= 3/4 of L1d: kc = 1024 with a 48 KB L1d, 768 with 32 KB); within a chunk
  * every row tile of x (4 rows; AVX2: 2) is taken against the weight tile, which stays in L1 while
  * x (M x kc) cycles through L2. (kc 256..4096 measured on the Q-Former shapes on a 48 KB-L1d
  * Zen 5: 1024 best; the lane sums cost ~10% at 512. On the device's Xeon kc = 1024 lost to the
- * BLAS exactly on K >= 1024 shapes, as a tile working set of 32 KB would on a 32 KB L1d.) While
- * the first row tile runs, the thread's next weight chunk is prefetched to L2.
+ * BLAS exactly on the K >= 1024 shapes (32 KB tile working set) and won on K = 768 (24 KB), as a
+ * 32 KB L1d would make it; this rule is not yet measured there.) While the first row tile runs,
+ * the thread's next weight chunk is prefetched to L2.
  * Micro-kernel (AVX-512): a 4 x 4 block of dot products, 16 accumulators of 16 lanes, each step
  * 4 loads of x, 4 of w, 16 FMAs; K tails by masked loads. The 16 accumulators are then summed
  * across lanes in one tree (45 shuffles/adds) that leaves out[r][c] in lane 4r + c. AVX2: a 2 x 4
@@ -25,14 +26,14 @@
 #include <omp.h>
 #endif
 
-/* K chunk length in floats: L1d / 48 (a tile's 32*kc bytes in 2/3 of L1d), multiple of 64, in
- * [256, 1024]; 512 where the size is unknown. Computed once (sysconf may run CPUID, slow in a VM). */
+/* K chunk length in floats: a tile's 32*kc bytes in 3/4 of L1d, multiple of 64, in [256, 1024];
+ * 512 where the size is unknown. Computed once (sysconf may run CPUID, slow in a VM). */
 static int64_t chunk_floats(void) {
     static int kc_cached;
     int kc = __atomic_load_n(&kc_cached, __ATOMIC_RELAXED);
     if (kc) return kc;
     long l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);
-    kc = l1 > 0 ? (int)(l1 / 48) & ~63 : 512;
+    kc = l1 > 0 ? (int)(l1 * 3 / 4 / 32) & ~63 : 512;
     if (kc < 256) kc = 256;
     if (kc > 1024) kc = 1024;
     __atomic_store_n(&kc_cached, kc, __ATOMIC_RELAXED);
