@@ -608,6 +608,20 @@ void qf_qformer_split_heads(float *heads, const float *tok, int64_t ld, int64_t 
                        (size_t)hd * sizeof(float));
 }
 
+/* qf_qformer_split_heads adding bias[h*hd + c] on the way (the cross layers' k|v biases: the
+ * encoder GEMM leaves them out, so its output is written once, not filled with bias first) */
+static void split_heads_bias(float *heads, const float *tok, int64_t ld, const float *bias, int64_t B, int64_t nh,
+                             int64_t tot, int64_t off, int64_t len, int64_t hd) {
+#pragma omp parallel for collapse(2) num_threads(qf_threads()) if (B * len * nh * hd > 65536)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i < len; i++)
+            for (int64_t h = 0; h < nh; h++) {
+                float *d = heads + ((b * nh + h) * tot + off + i) * hd;
+                const float *src = tok + (b * len + i) * ld + h * hd, *bh = bias + h * hd;
+                for (int64_t c = 0; c < hd; c++) d[c] = src[c] + bh[c];
+            }
+}
+
 /* rows [off, off+len) of heads [B, nh, tot, hd] -> tokens [B*len, H] with row stride ld
  * (written, or added if acc) */
 void qf_qformer_merge_heads(float *tok, int64_t ld, const float *heads, int64_t B, int64_t nh, int64_t tot,
@@ -677,7 +691,8 @@ static qf_status linear_residual(float *out, const float *in, const float *w, co
 
 /* One attention block: t->out = LN(x + dense(MHA(x, [prefix ; kv]))). x has Lx tokens per item.
  * Self-attention projects x itself (kv unused); cross-attention reads its keys and values,
- * already projected, from kv: kv_len rows per item of [k | v] with row stride kv_ld floats. */
+ * already projected but without their biases (added here), from kv: kv_len rows per item of
+ * [k | v] with row stride kv_ld floats. */
 static qf_status attention_block(qf_qformer *m, const qformer_attn *w, attn_acts *t, const float *x, int64_t Lx,
                                  const float *kv, int64_t kv_len, int64_t kv_ld, int cross) {
     const char *fn = "qf_qformer_forward";
@@ -695,8 +710,8 @@ static qf_status attention_block(qf_qformer *m, const qformer_attn *w, attn_acts
         QF_PROF(QFP_QKV, QF_TRY(qf_linear_forward(m->tmp, x, w->wq, w->bq, T, H, H)));
         QF_PROF(QFP_HEADS, {
             qf_qformer_split_heads(t->qh, m->tmp, H, B, nh, Lx, 0, Lx, hd);
-            qf_qformer_split_heads(t->kh, kv, kv_ld, B, nh, tot, P, kv_len, hd);
-            qf_qformer_split_heads(t->vh, kv + H, kv_ld, B, nh, tot, P, kv_len, hd);
+            split_heads_bias(t->kh, kv, kv_ld, w->bk, B, nh, tot, P, kv_len, hd);
+            split_heads_bias(t->vh, kv + H, kv_ld, w->bv, B, nh, tot, P, kv_len, hd);
         });
         if (P) {
             qf_qformer_split_heads(t->kh, m->pk, H, B, nh, tot, 0, P, hd);
@@ -750,6 +765,23 @@ static qf_status check_finite(const char *fn, const char *what, const float *x, 
     return QF_OK;
 }
 
+/* dst = src, in parallel blocks, failing like check_finite on the first non-finite value (one
+ * pass over the encoder states instead of a check and a copy) */
+static qf_status copy_finite(const char *fn, const char *what, float *dst, const float *src, size_t n) {
+    const size_t blk = 16384, nblk = (n + blk - 1) / blk;
+    size_t bad = n;
+#pragma omp parallel for reduction(min : bad) num_threads(qf_threads()) if (n > 262144)
+    for (size_t k = 0; k < nblk; k++) {
+        const size_t i0 = k * blk, i1 = i0 + blk < n ? i0 + blk : n;
+        memcpy(dst + i0, src + i0, (i1 - i0) * sizeof(float));
+        for (size_t i = i0; i < i1; i++)
+            if (!isfinite(dst[i]) && i < bad) bad = i;
+    }
+    if (bad < n)
+        return qf_fail(QF_ERR_NONFINITE, "%s: %s[%zu] = %g is not finite", fn, what, bad, (double)src[bad]);
+    return QF_OK;
+}
+
 qf_status qf_qformer_forward(qf_qformer *m, const qf_qformer_args *a, const float *query_embeds,
                              const float *encoder_hidden_states, float *out) {
     const char *fn = "qf_qformer_forward";
@@ -790,7 +822,6 @@ qf_status qf_qformer_forward(qf_qformer *m, const qf_qformer_args *a, const floa
     const int64_t T = B * N, Tq = B * Lq, Tt = B * Lt;
     const double t_in = qf_qformer_prof_on ? qf_qformer_prof_now() : 0.0;
     QF_TRY(check_finite(fn, "query_embeds", query_embeds, (size_t)(Tq * H)));
-    QF_TRY(check_finite(fn, "encoder_hidden_states", encoder_hidden_states, (size_t)(B * S * E)));
     if (P) {
         QF_TRY(check_finite(fn, "prefix_k", a->prefix_k, (size_t)(B * P * H)));
         QF_TRY(check_finite(fn, "prefix_v", a->prefix_v, (size_t)(B * P * H)));
@@ -808,7 +839,7 @@ qf_status qf_qformer_forward(qf_qformer *m, const qf_qformer_args *a, const floa
     plan_forward(m, m->fwd);
 
     qf_qformer_scatter_rows(m->x_in, query_embeds, B, N, 0, Lq, H);
-    memcpy(m->enc, encoder_hidden_states, (size_t)(B * S * E) * sizeof(float));
+    QF_TRY(copy_finite(fn, "encoder_hidden_states", m->enc, encoder_hidden_states, (size_t)(B * S * E)));
     if (P) {
         memcpy(m->pk, a->prefix_k, (size_t)(B * P * H) * sizeof(float));
         memcpy(m->pv, a->prefix_v, (size_t)(B * P * H) * sizeof(float));
@@ -844,9 +875,9 @@ qf_status qf_qformer_forward(qf_qformer *m, const qf_qformer_args *a, const floa
     }
 
     if (qf_qformer_prof_on) qf_qformer_prof_s[QFP_INPUT] += qf_qformer_prof_now() - t_in;
-    /* keys and values of every cross layer: one GEMM over the encoder rows (plan_params) */
-    QF_PROF(QFP_ENC_KV,
-            QF_TRY(qf_linear_forward(m->enc_kv, m->enc, m->enc_kv_w, m->enc_kv_b, B * S, E, 2 * H * m->ncross)));
+    /* keys and values of every cross layer: one GEMM over the encoder rows (plan_params); the
+     * biases are added as the heads are split (attention_block), so the GEMM writes once */
+    QF_PROF(QFP_ENC_KV, QF_TRY(qf_linear_forward(m->enc_kv, m->enc, m->enc_kv_w, NULL, B * S, E, 2 * H * m->ncross)));
     const float eps = (float)m->cfg.layer_norm_eps;
     QF_PROF(QFP_LN,
             QF_TRY(qf_layernorm_forward(m->emb, m->emb_mean, m->emb_rstd, m->x_in, m->ln_w, m->ln_b, T, H, eps)));

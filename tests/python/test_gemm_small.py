@@ -7,7 +7,9 @@ AVX-512, 2 on AVX2), output columns not a multiple of 4, K below one vector, K w
 K over one chunk (256..1024 floats by the L1 size: several chunks, the later ones adding into
 the output), with and without bias; and the 1-row (GEMV) and 33..65-row (BLAS) neighbours. Error: max|a-b| /
 max|ref| < 2e-6 (float32 accumulation over K <= 1500 of values in [-1, 1)); the seed is in every
-failure message (QFUSE_TEST_SEED=<seed> replays it)."""
+failure message (QFUSE_TEST_SEED=<seed> replays it).
+Also the Q-Former paths built on it (qformer.c): projections with the residual fused on both sides
+of the row cut, and the one-pass copy and screen of the encoder states."""
 import os
 
 import numpy as np
@@ -90,3 +92,23 @@ def test_qformer_rows_both_sides_of_the_cut(tmp_path, B, Lq, Lt):
     assert _grad_err(g, rg, list(sd))[0] < QTOL, seed
     for k in ("query_embeds", "encoder_hidden_states"):
         assert util.rel_err(g[k], rg[k]) < QTOL, (seed, k)
+
+
+def test_qformer_encoder_nonfinite_named(tmp_path):
+    """qformer.c copies and screens the encoder states in one pass (copy_finite): a NaN or Inf is
+    still refused with its flat index, and a later good call works."""
+    import numpy as np
+    from qfuse.qformer import QFormer
+    from test_qformer import _qf_forward, _random_case, _rng, _write_model
+    rng, seed = _rng()
+    cfg, sd, inp, _ = _random_case(rng, False, 0, 0, 2, "gelu", None, B=2, Lq=4, S=6000)  # 288000 floats: the parallel branch
+    qf = QFormer.load(_write_model(str(tmp_path / "m"), cfg, sd))
+    good = _qf_forward(qf, inp)
+    S, E = inp["encoder_hidden_states"].shape[1:]
+    for bad, (b, s, e) in ((np.nan, (1, 5000, 3)), (np.inf, (0, 0, 0))):
+        enc = inp["encoder_hidden_states"].copy()
+        enc[b, s, e] = bad
+        with pytest.raises(QfuseError) as ei:
+            _qf_forward(qf, dict(inp, encoder_hidden_states=enc))
+        assert "encoder_hidden_states[%d]" % ((b * S + s) * E + e) in str(ei.value), (seed, str(ei.value))
+    assert np.array_equal(_qf_forward(qf, inp), good)
