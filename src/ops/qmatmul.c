@@ -707,6 +707,111 @@ QF_TARGET_VNNI static void rows_vnni(const qf_qweight *q, const uint8_t *planes,
     }
 }
 
+/* ---- AVX-512 VNNI path: q4 with block 32, N <= 8 (decoding) ------------------------------
+ * The float q4 kernel is instruction-bound (table lookups and FMAs per 16 weights; ~8
+ * Gweights/s per core on the device's Xeon, below its share of the memory bandwidth). Here the
+ * activations are quantized like llama.cpp's q8_0: per block of 32 inputs, sx = max|x_blk| / 127
+ * and xi = nearbyint(x * (1/sx)) in [-127, 127] (float32, round half to even), so one vpdpbusd
+ * multiplies 64 code nibbles (as unsigned 0..15 = q + 8) by 64 int8 activations. Per group of
+ * 128 inputs (4 blocks, 64 code bytes) the low and the high nibbles give two vpdpbusd into one
+ * int32 vector whose lane l holds block l/4; it starts at -8 * (the lane's sum of xi), which
+ * turns q + 8 back into q. Its integer sum is exact (|S| < 2^15), converted to float and FMA'd
+ * with scale_w * sx per lane: y = sum_blocks scale_w * sx * sum_i q_i xi.
+ * Error (stated; tests/python/test_qmatmul.py checks it with outlier rows): x's rounding, at
+ * most sx/2 per input, so |y - x.dequant(W)_o| <= sum_blocks (max|x_blk| / 254) sum_blk |w_oi|
+ * <= max|x| sum_i |w_oi| / 254, plus float32 rounding of the block terms (~2^-23 relative).
+ * This is about 2^-8 of the row's weight mass, ~30x smaller than q4's own weight error
+ * (relative 9% per weight, test_format_error_vs_float32). Used when block == 32 and in % 128
+ * == 0 (every q4 weight of the supported LLMs); a row of x whose max|x| is not finite takes
+ * the float path. Prepared x, per row (stride 2 * in bytes): xi [in] int8 (in each group of 128:
+ * the 4 blocks' first 16 values, then their last 16: the order of the code nibbles), then the
+ * lane offsets int32 [in/128][16], then sx per lane float [in/128][16]. */
+enum { QMM_Q8_MAX_N = 8 };
+
+static int q4_vnni_ok(const qf_qweight *q, int64_t N) {
+    return q->format == QF_WEIGHTS_Q4 && q->block == 32 && q->in % 128 == 0 && N <= QMM_Q8_MAX_N &&
+           qf_get_isa() == QF_ISA_AVX512 && have_vnni();
+}
+
+/* Returns 0 when some block of x has a non-finite maximum (then the float path is used). */
+QF_TARGET_VNNI static int q8_prep(const float *x, int64_t N, int64_t in, uint8_t *prep) {
+    const int64_t G = in / 128, stride = 2 * in;
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int64_t n = 0; n < N; n++) {
+        const float *xr = x + n * in;
+        int8_t *xq = (int8_t *)(prep + n * stride);
+        int32_t *off = (int32_t *)(prep + n * stride + in);
+        float *sxp = (float *)(prep + n * stride + in + G * 64);
+        for (int64_t g = 0; g < G; g++) {
+            for (int b = 0; b < 4; b++) {
+                const float *xb = xr + g * 128 + b * 32;
+                const __m512 a = _mm512_loadu_ps(xb), c = _mm512_loadu_ps(xb + 16);
+                const float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(c)));
+                if (!isfinite(m) || (m > 0.0f && m < 1e-30f)) return 0; /* 1/sx would overflow */
+                const float s = m / 127.0f, inv = s > 0.0f ? 1.0f / s : 0.0f;
+                const __m512 vi = _mm512_set1_ps(inv);
+                const __m512i lim = _mm512_set1_epi32(127), nlim = _mm512_set1_epi32(-127);
+                /* cvtps_epi32 rounds to nearest even (MXCSR default), as nearbyintf */
+                __m512i ia = _mm512_cvtps_epi32(_mm512_mul_ps(a, vi)), ic = _mm512_cvtps_epi32(_mm512_mul_ps(c, vi));
+                ia = _mm512_max_epi32(_mm512_min_epi32(ia, lim), nlim);
+                ic = _mm512_max_epi32(_mm512_min_epi32(ic, lim), nlim);
+                _mm_storeu_si128((__m128i *)(xq + g * 128 + b * 16), _mm512_cvtepi32_epi8(ia));
+                _mm_storeu_si128((__m128i *)(xq + g * 128 + 64 + b * 16), _mm512_cvtepi32_epi8(ic));
+                for (int l = 0; l < 4; l++) sxp[g * 16 + b * 4 + l] = s;
+            }
+            /* lane sums of xi over its 4 low-half and 4 high-half bytes, times -8 */
+            const __m512i lo = _mm512_loadu_si512(xq + g * 128), hi = _mm512_loadu_si512(xq + g * 128 + 64);
+            __m512i t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, lo);
+            t = _mm512_dpbusd_epi32(t, ones, hi);
+            _mm512_storeu_si512(off + g * 16, _mm512_mullo_epi32(t, _mm512_set1_epi32(-8)));
+        }
+    }
+    return 1;
+}
+
+static inline __attribute__((always_inline)) QF_TARGET_VNNI void
+row_q4_vnni(const qf_qweight *q, int64_t o, const uint8_t *prep, const int NR, float *res) {
+    const int64_t in = q->in, G = in / 128, stride = 2 * in;
+    const uint8_t *c = (const uint8_t *)q->codes + o * (in / 2);
+    const float *sc = q->scales + o * q->nblocks;
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i sidx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    __m512 F[QMM_Q8_MAX_N];
+    _Pragma("GCC unroll 8") for (int n = 0; n < NR; n++) F[n] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        const __m512i v = _mm512_loadu_si512(c + g * 64);
+        const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+        const __m512 sw = _mm512_permutexvar_ps(sidx, _mm512_castps128_ps512(_mm_loadu_ps(sc + 4 * g)));
+        _Pragma("GCC unroll 8") for (int n = 0; n < NR; n++) {
+            const uint8_t *xp = prep + n * stride;
+            const int32_t *off = (const int32_t *)(xp + in) + g * 16;
+            const float *sxp = (const float *)(xp + in + G * 64) + g * 16;
+            __m512i S = _mm512_dpbusd_epi32(_mm512_loadu_si512(off), lo, _mm512_loadu_si512(xp + g * 128));
+            S = _mm512_dpbusd_epi32(S, hi, _mm512_loadu_si512(xp + g * 128 + 64));
+            F[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(S), _mm512_mul_ps(sw, _mm512_loadu_ps(sxp)), F[n]);
+        }
+    }
+    _Pragma("GCC unroll 8") for (int n = 0; n < NR; n++) res[n] = _mm512_reduce_add_ps(F[n]);
+}
+
+QF_TARGET_VNNI static void rows_q4_vnni(const qf_qweight *q, const uint8_t *prep, int nr, float *y, int64_t ldy,
+                                        int64_t o0, int64_t o1) {
+    float r[QMM_Q8_MAX_N];
+    for (int64_t o = o0; o < o1; o++) {
+        switch (nr) {
+        case 1: row_q4_vnni(q, o, prep, 1, r); break;
+        case 2: row_q4_vnni(q, o, prep, 2, r); break;
+        case 3: row_q4_vnni(q, o, prep, 3, r); break;
+        case 4: row_q4_vnni(q, o, prep, 4, r); break;
+        case 5: row_q4_vnni(q, o, prep, 5, r); break;
+        case 6: row_q4_vnni(q, o, prep, 6, r); break;
+        case 7: row_q4_vnni(q, o, prep, 7, r); break;
+        default: row_q4_vnni(q, o, prep, 8, r); break;
+        }
+        for (int n = 0; n < nr; n++) y[n * ldy + o] = r[n];
+    }
+}
+
 /* ---- dispatch ------------------------------------------------------------------------------ */
 
 typedef void (*rows_fn)(const qf_qweight *, const float *, int, float *, int64_t, int64_t, int64_t);
@@ -737,6 +842,76 @@ qf_status qf_qweight_dequantize(const qf_qweight *q, float *w) {
     return QF_OK;
 }
 
+/* Decoding (N < QMM_GEMM_MIN_N) of nm weights sharing x and `in`, in ONE parallel region: the
+ * tasks are row ranges of every matrix (4-16 KiB of codes each, ~8 per thread over all of them,
+ * taken dynamically), so small matrices (a 128-row k_proj) neither get a region of their own
+ * nor leave threads idle. x is prepared once for the integer paths. */
+enum { QMM_MULTI_MAX = 8 };
+
+static qf_status decode_multi(int nm, float *const *ys, const float *x, const qf_qweight *const *qs,
+                              const float *const *biases, int64_t N) {
+    const int64_t in = qs[0]->in;
+    rows_fn rows;
+    dequant_fn deq;
+    pick(&rows, &deq);
+    int kind[QMM_MULTI_MAX]; /* 0 float rows, 1 int8 VNNI (24-bit x), 2 q4 VNNI (q8 x) */
+    int any1 = 0, any2 = 0;
+    for (int m = 0; m < nm; m++) {
+        const qf_qweight *q = qs[m];
+        kind[m] = q4_vnni_ok(q, N) ? 2
+                  : (q->qsum && N <= QMM_VNNI_MAX_N && in <= QMM_VNNI_MAX_IN && qf_get_isa() == QF_ISA_AVX512 &&
+                     have_vnni()) ? 1 : 0;
+        any1 |= kind[m] == 1;
+        any2 |= kind[m] == 2;
+    }
+    const int64_t ld = (in + 63) & ~(int64_t)63;
+    const size_t b1 = any1 ? qf_align_up((size_t)(N * 3 * ld) + 64 + (size_t)N * sizeof(double), 64) : 0,
+                 b2 = any2 ? (size_t)(N * 2 * in) : 0;
+    uint8_t *planes = NULL, *prep = NULL;
+    double *sx = NULL;
+    if (any1 || any2) {
+        void *mem;
+        QF_TRY(qf_scratch(b1 + b2 + 64, &mem));
+        sx = mem;
+        planes = (uint8_t *)mem + 64;
+        prep = (uint8_t *)mem + b1;
+        if (any1 && !vnni_prep(x, N, in, ld, planes, sx)) any1 = 0;
+        if (any2 && !q8_prep(x, N, in, prep)) any2 = 0;
+        for (int m = 0; m < nm; m++)
+            if ((kind[m] == 1 && !any1) || (kind[m] == 2 && !any2)) kind[m] = 0;
+    }
+    size_t total = 0;
+    for (int m = 0; m < nm; m++) total += (size_t)qs[m]->out * row_code_bytes(qs[m]);
+    size_t cb = total / (8 * (size_t)qf_threads());
+    cb = cb < 4096 ? 4096 : cb > 16384 ? 16384 : cb;
+    int64_t chunk[QMM_MULTI_MAX], tstart[QMM_MULTI_MAX + 1];
+    tstart[0] = 0;
+    for (int m = 0; m < nm; m++) {
+        const size_t rb = row_code_bytes(qs[m]);
+        chunk[m] = (int64_t)((cb + rb - 1) / rb);
+        tstart[m + 1] = tstart[m] + (qs[m]->out + chunk[m] - 1) / chunk[m];
+    }
+    const int64_t ntask = tstart[nm];
+#pragma omp parallel for num_threads(qf_threads()) schedule(dynamic, 1) if (total * (size_t)N > (1u << 15))
+    for (int64_t t = 0; t < ntask; t++) {
+        int m = 0;
+        while (t >= tstart[m + 1]) m++;
+        const qf_qweight *q = qs[m];
+        const int64_t out = q->out, o0 = (t - tstart[m]) * chunk[m], o1 = o0 + chunk[m] < out ? o0 + chunk[m] : out;
+        float *y = ys[m];
+        if (kind[m] == 2) rows_q4_vnni(q, prep, (int)N, y, out, o0, o1);
+        else if (kind[m] == 1) rows_vnni(q, planes, ld, sx, (int)N, y, out, o0, o1);
+        else
+            for (int64_t n0 = 0; n0 < N; n0 += QMM_NR)
+                rows(q, x + n0 * in, (int)(N - n0 < QMM_NR ? N - n0 : QMM_NR), y + n0 * out, out, o0, o1);
+        const float *bias = biases ? biases[m] : NULL;
+        if (bias)
+            for (int64_t n = 0; n < N; n++)
+                for (int64_t o = o0; o < o1; o++) y[n * out + o] += bias[o];
+    }
+    return QF_OK;
+}
+
 qf_status qf_qweight_matmul(float *y, const float *x, const qf_qweight *q, const float *bias, int64_t N) {
     const char *fn = "qf_qweight_matmul";
     if (!q) return qf_fail(QF_ERR_ARG, "%s: q (the weight) is NULL", fn);
@@ -749,46 +924,7 @@ qf_status qf_qweight_matmul(float *y, const float *x, const qf_qweight *q, const
     dequant_fn deq;
     pick(&rows, &deq);
 
-    if (N < QMM_GEMM_MIN_N) {
-        /* Row ranges of ~16 KiB of codes per task keep each thread streaming contiguous memory. */
-        const size_t rb = row_code_bytes(q);
-        int64_t chunk = (int64_t)((16384 + rb - 1) / rb);
-        if (chunk < 1) chunk = 1;
-        const int64_t ntask = (out + chunk - 1) / chunk;
-        if (q->qsum && N <= QMM_VNNI_MAX_N && in <= QMM_VNNI_MAX_IN && qf_get_isa() == QF_ISA_AVX512 && have_vnni()) {
-            const int64_t ld = (in + 63) & ~(int64_t)63;
-            void *mem;
-            QF_TRY(qf_scratch((size_t)(N * 3 * ld) + 64 + (size_t)N * sizeof(double), &mem));
-            double *sx = mem;
-            uint8_t *planes = (uint8_t *)mem + 64;
-            if (vnni_prep(x, N, in, ld, planes, sx)) {
-                const int nr = (int)N;
-#pragma omp parallel for num_threads(qf_threads()) schedule(static) if (out * in > (1 << 15))
-                for (int64_t t = 0; t < ntask; t++) {
-                    const int64_t o0 = t * chunk, o1 = o0 + chunk < out ? o0 + chunk : out;
-                    rows_vnni(q, planes, ld, sx, nr, y, out, o0, o1);
-                    if (bias)
-                        for (int n = 0; n < nr; n++)
-                            for (int64_t o = o0; o < o1; o++) y[n * out + o] += bias[o];
-                }
-                return QF_OK;
-            }
-        }
-        for (int64_t n0 = 0; n0 < N; n0 += QMM_NR) {
-            const int nr = (int)(N - n0 < QMM_NR ? N - n0 : QMM_NR);
-            const float *xn = x + n0 * in;
-            float *yn = y + n0 * out;
-#pragma omp parallel for num_threads(qf_threads()) schedule(static) if (out * in > (1 << 15))
-            for (int64_t t = 0; t < ntask; t++) {
-                const int64_t o0 = t * chunk, o1 = o0 + chunk < out ? o0 + chunk : out;
-                rows(q, xn, nr, yn, out, o0, o1);
-                if (bias)
-                    for (int n = 0; n < nr; n++)
-                        for (int64_t o = o0; o < o1; o++) yn[n * out + o] += bias[o];
-            }
-        }
-        return QF_OK;
-    }
+    if (N < QMM_GEMM_MIN_N) return decode_multi(1, &y, x, &q, &bias, N);
 
     /* Prefill: dequantized panels of W rows through SGEMM. */
     int64_t R = (int64_t)(QMM_PANEL_BYTES / ((size_t)in * sizeof(float)));
@@ -812,5 +948,24 @@ qf_status qf_qweight_matmul(float *y, const float *x, const qf_qweight *q, const
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)N, (int)r, (int)in, 1.0f, x, (int)in, panel,
                     (int)in, beta, y + o0, (int)out);
     }
+    return QF_OK;
+}
+
+qf_status qf_qweight_matmul_multi(int n, float *const *y, const float *x, const qf_qweight *const *q,
+                                  const float *const *bias, int64_t N) {
+    const char *fn = "qf_qweight_matmul_multi";
+    if (n < 1 || n > QMM_MULTI_MAX) return qf_fail(QF_ERR_ARG, "%s: n = %d weights: must be in [1, %d]", fn, n, QMM_MULTI_MAX);
+    if (!y || !q) return qf_fail(QF_ERR_ARG, "%s: the y or q array is NULL", fn);
+    if (!x) return qf_fail(QF_ERR_ARG, "%s: x is NULL", fn);
+    if (N <= 0 || N > INT_MAX) return qf_fail(QF_ERR_ARG, "%s: N = %lld rows of x: must be in [1, INT_MAX]", fn, (long long)N);
+    for (int i = 0; i < n; i++) {
+        if (!q[i]) return qf_fail(QF_ERR_ARG, "%s: q[%d] (a weight) is NULL", fn, i);
+        if (!y[i]) return qf_fail(QF_ERR_ARG, "%s: %s: y[%d] is NULL", fn, q[i]->what, i);
+        if (q[i]->in != q[0]->in)
+            return qf_fail(QF_ERR_ARG, "%s: %s has in = %lld but %s in = %lld: the weights must share x", fn,
+                           q[i]->what, (long long)q[i]->in, q[0]->what, (long long)q[0]->in);
+    }
+    if (N < QMM_GEMM_MIN_N) return decode_multi(n, y, x, q, bias, N);
+    for (int i = 0; i < n; i++) QF_TRY(qf_qweight_matmul(y[i], x, q[i], bias ? bias[i] : NULL, N));
     return QF_OK;
 }

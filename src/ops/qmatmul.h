@@ -31,4 +31,11 @@ qf_status qf_qweight_dequantize(const qf_qweight *q, float *w);
 /* y[N,out] = x[N,in] W^T (+ bias[out] when bias != NULL). */
 qf_status qf_qweight_matmul(float *y, const float *x, const qf_qweight *q, const float *bias, int64_t N);
 
+/* y[i][N,out_i] = x[N,in] W_i^T (+ bias[i]) for the n (1..8) weights q[0..n-1], which must share
+ * `in` (formats may differ). bias may be NULL (no biases) or hold NULLs. The same results as n
+ * calls of qf_qweight_matmul; at N < 16 (decoding) all rows of all weights are one parallel
+ * region and x is prepared once (q/k/v or gate/up of a layer). */
+qf_status qf_qweight_matmul_multi(int n, float *const *y, const float *x, const qf_qweight *const *q,
+                                  const float *const *bias, int64_t N);
+
 #endif

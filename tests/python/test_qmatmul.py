@@ -12,7 +12,9 @@
   the largest-|w| element / -8, q = clip(rint(w * (1/scale)), -8, 7)).
 - matmul: y = x W^T (+ bias) against float64 numpy x @ dequant(W)^T, max|y - ref| / max|ref|
   <= 1e-5, on every ISA path, N in {1, 3, 8, 12, 37}, sizes that are not multiples of the
-  vector widths, per-row and per-block scales, and on several panels / threads.
+  vector widths, per-row and per-block scales, and on several panels / threads; the q4 VNNI
+  path with int8 activations (N <= 8) against its own stated bound (q8_bound); the multi-weight
+  entry equal to single calls.
 - accuracy of each format vs the float32 weight (relative Frobenius error, Gaussian 256 x 1024):
   bounds bf16 <= 2^-8, int8 per row <= 1%, int8 block 32 <= 0.6%, q4 block 32 <= 10%.
 - errors: block rules, NULLs, sizes, non-finite weights, unknown formats; each message names the
@@ -37,6 +39,7 @@ _native.declare({
     "qf_qweight_bytes": (c_size_t, [c_void_p]),
     "qf_qweight_dequantize": (c_int, [c_void_p, c_void_p]),
     "qf_qweight_matmul": (c_int, [c_void_p, c_void_p, c_void_p, c_void_p, c_int64]),
+    "qf_qweight_matmul_multi": (c_int, [c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_int64]),
 })
 
 BF16, INT8, Q4 = 1, 2, 3
@@ -252,8 +255,94 @@ def test_matmul_threads_and_panels():
             qfuse.set_isa(isa)
             for N in (1, 8, 17):
                 x = r.standard_normal((N, inp)).astype(np.float32)
-                err = util.rel_err(q.matmul(x, bias), x.astype(np.float64) @ deq.T + bias)
+                y = q.matmul(x, bias)
+                ref = x.astype(np.float64) @ deq.T + bias
+                if q4_act8(fmt, block, inp, isa, N):  # q8 activations: their stated bound
+                    assert np.all(np.abs(y - ref) <= q8_bound(x, deq, ref)), "q4 %s N=%d" % (isa, N)
+                    continue
+                err = util.rel_err(y, ref)
                 assert err <= MATMUL_RTOL, "fmt %d %s N=%d: rel err %.3g" % (fmt, isa, N, err)
+
+
+def q4_act8(fmt, block, inp, isa, N):
+    """Whether qmatmul.c takes the q4 VNNI path with int8 (q8_0-like) activations."""
+    return fmt == Q4 and block in (0, 32) and inp % 128 == 0 and isa == "avx512" and HAVE_VNNI and N <= 8
+
+
+def q8_bound(x, deq, ref):
+    """The q4 VNNI path's stated bound (qmatmul.c): x rounded per block of 32 to sx * int8 with
+    sx = max|x_blk| / 127, so |y - x.dequant(W)^T| <= sum_blocks max|x_blk| / 254 * sum_blk |w|,
+    plus float32 rounding of the block terms."""
+    N, inp = x.shape
+    xb = np.abs(x.astype(np.float64)).reshape(N, inp // 32, 32).max(axis=2)
+    wb = np.abs(deq).reshape(deq.shape[0], inp // 32, 32).sum(axis=2)
+    return xb / 254.0 @ wb.T + 2.0 ** -21 * (np.abs(x.astype(np.float64)) @ np.abs(deq).T) + 1e-30
+
+
+def test_q4_vnni_act8_bound():
+    """q4 (block 32, in % 128 == 0) at N <= 8 on AVX-512 VNNI: activations as int8 per block of 32
+    (see qmatmul.c). Checked per output against float64 x @ dequant(W)^T with the stated bound on
+    rows with outliers 1e3x the typical value and a zero block; the error must also be a real
+    rounding error (above 1e-5 relative on Gaussian x, or the path is not taken), and exactly
+    representable x (sx * int8 per block, sx a power of two) must give float32-accurate sums."""
+    r = rng(12)
+    out, inp = 70, 384
+    w = gaussian_weight(r, out, inp)
+    q = QW(Q4, w)
+    deq = q.dequant().astype(np.float64)
+    for isa in available_isas():
+        qfuse.set_isa(isa)
+        for N in (1, 2, 5, 8, 9):
+            x = r.standard_normal((N, inp)).astype(np.float32)
+            x[:, 7] = 3e3
+            x[:, 200] = -1e3
+            x[:, 32:64] = 0
+            ref = x.astype(np.float64) @ deq.T
+            y = q.matmul(x).astype(np.float64)
+            if q4_act8(Q4, 32, inp, isa, N):
+                assert np.all(np.abs(y - ref) <= q8_bound(x, deq, ref)), "%s N=%d: worst excess %.3g" % (
+                    isa, N, float(np.max(np.abs(y - ref) / q8_bound(x, deq, ref))))
+                xg = r.standard_normal((N, inp)).astype(np.float32)
+                assert util.rel_err(q.matmul(xg), xg.astype(np.float64) @ deq.T) > 1e-5, "q8 path not taken?"
+                xi = r.integers(-127, 128, (N, inp)).astype(np.float64)
+                xi[:, ::32] = 127  # every block's max is 127: sx = 2^-5 exactly
+                xi = (xi * 2.0 ** -5).astype(np.float32)
+                refi = xi.astype(np.float64) @ deq.T
+                assert util.rel_err(q.matmul(xi), refi) <= MATMUL_RTOL
+            else:
+                assert util.rel_err(y, ref) <= MATMUL_RTOL, "%s N=%d" % (isa, N)
+    x = np.ones((1, inp), np.float32)  # non-finite x: the float path (inf/nan propagate)
+    x[0, 3] = np.inf
+    assert not np.all(np.isfinite(q.matmul(x)))
+
+
+def test_matmul_multi_equals_single():
+    """qf_qweight_matmul_multi (one parallel region over several weights sharing x) gives the
+    same values as one qf_qweight_matmul per weight, bit for bit, for mixed formats and biases."""
+    r = rng(13)
+    inp = 256
+    ws = [(Q4, 0, 96), (INT8, 0, 40), (BF16, 0, 33), (Q4, 64, 17), (INT8, 32, 8)]
+    qs = [QW(f, gaussian_weight(r, o, inp), b) for f, b, o in ws]
+    biases = [r.standard_normal(o).astype(np.float32) if i % 2 == 0 else None for i, (f, b, o) in enumerate(ws)]
+    n = len(qs)
+    for isa in available_isas():
+        qfuse.set_isa(isa)
+        for N in (1, 2, 5, 12, 20):
+            x = r.standard_normal((N, inp)).astype(np.float32)
+            ys = [np.full((N, q.out), np.nan, np.float32) for q in qs]
+            arr_y = (c_void_p * n)(*[y.ctypes.data for y in ys])
+            arr_q = (c_void_p * n)(*[q.h.value for q in qs])
+            arr_b = (c_void_p * n)(*[None if b is None else b.ctypes.data for b in biases])
+            check(lib.qf_qweight_matmul_multi(n, arr_y, x.ctypes.data, arr_q, arr_b, N))
+            for q, y, b in zip(qs, ys, biases):
+                np.testing.assert_array_equal(y, q.matmul(x, b), err_msg="%s N=%d" % (isa, N))
+    x = np.ones((1, inp), np.float32)
+    other = QW(Q4, gaussian_weight(r, 8, 128))
+    arr_q = (c_void_p * 2)(qs[0].h.value, other.h.value)
+    ys = [np.zeros((1, 96), np.float32), np.zeros((1, 8), np.float32)]
+    arr_y = (c_void_p * 2)(*[y.ctypes.data for y in ys])
+    st = lib.qf_qweight_matmul_multi(2, arr_y, x.ctypes.data, arr_q, None, 1)
+    assert _native.status_name(st) == "QF_ERR_ARG" and "must share x" in _native.last_error()
 
 
 def test_int8_vnni_outlier_bound():
