@@ -12,6 +12,26 @@
  *       return 1;
  *   }
  *
+ * THE REST OF THE API, BY HEADER (each opens with its own example)
+ *
+ *   qfuse_ops.h     linear, layer norm, GELU, softmax, dropout, embedding, residual: fwd + bwd;
+ *                   the CUDA device-buffer calls (qf_cuda_*) when built with make CUDA=1
+ *   qfuse_models.h  Q-Former, BLIP-2 vision tower, BLIP-2 / InstructBLIP (qf_blip2_*, and qf_vlm_*:
+ *                   image + prompt -> logits / generation), AffectGPT pre-fusion, KV-prefix,
+ *                   attention heatmaps
+ *   qfuse_text.h    tokenizer.json byte-level BPE; streaming detokenizer with stop strings
+ *   qfuse_llm.h     decoder LLMs (LLaMA, Qwen2, OPT): KV cache, sampling, generation, LoRA,
+ *                   bf16 / int8 / 4-bit weights
+ *
+ *   // an LLM continuing a prompt (tokenizer and model from one Hugging Face folder)
+ *   qf_llm *m; qf_tokenizer *tok;
+ *   qf_llm_load("Qwen2.5-0.5B", &m); qf_tokenizer_load("Qwen2.5-0.5B/tokenizer.json", &tok);
+ *   qf_tokenizer_encode(tok, text, strlen(text), 1, ids, cap, &T);
+ *   qf_llm_embed(m, ids, 1, T, embeds);                  // splice fused tokens here
+ *   qf_generate_options o = qf_llm_generate_defaults(m);  // eos / pad from the folder
+ *   o.max_new_tokens = 32;
+ *   qf_llm_generate(m, embeds, NULL, 1, T, ids, &o, out_ids, &n_steps);
+ *
  * CONVENTIONS
  *
  *   - Every function that can fail returns a qf_status. On failure the library stores a message
@@ -25,7 +45,7 @@
  *   - SIMD: the best of AVX-512 / AVX2 / scalar is picked at run time; QFUSE_ISA=scalar|avx2|avx512
  *     or qf_set_isa() forces one (tests use this to check every path).
  *
- * WHAT IT DOES NOT DO (yet): reduced-precision attention, devices other than the CPU.
+ * WHAT IT DOES NOT DO (yet): reduced-precision attention; on the GPU, anything but attention.
  */
 #ifndef QFUSE_H
 #define QFUSE_H
