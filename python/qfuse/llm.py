@@ -19,7 +19,6 @@ Invariants of this module:
 - The C handle is freed exactly once (close() or garbage collection).
 """
 import ctypes
-import json
 import os
 from ctypes import c_char, c_char_p, c_double, c_int, c_int64, c_void_p
 
@@ -72,29 +71,11 @@ _native.declare({
     "qf_llm_weight_bytes": (ctypes.c_size_t, [c_void_p]),
     "qf_llm_embed": (c_int, [c_void_p, c_void_p, c_int64, c_int64, c_void_p]),
     "qf_llm_forward": (c_int, [c_void_p, c_void_p, c_int64, c_int64, c_void_p, c_void_p]),
+    "qf_llm_generate_defaults": (qf_generate_options, [c_void_p]),
     "qf_llm_generate": (c_int, [c_void_p, c_void_p, c_void_p, c_int64, c_int64, c_void_p,
                                 ctypes.POINTER(qf_generate_options), c_void_p,
                                 ctypes.POINTER(c_int64)]),
 })
-
-
-def _generation_defaults(folder, config):
-    """eos ids and pad id as transformers' generate takes them: generation_config.json first,
-    then config.json; pad falls back to the first eos (transformers does the same)."""
-    eos, pad = None, None
-    path = os.path.join(os.fspath(folder), "generation_config.json") if folder else None
-    if path and os.path.exists(path):
-        with open(path) as f:
-            g = json.load(f)
-        eos, pad = g.get("eos_token_id"), g.get("pad_token_id")
-    if eos is None and config["eos_token_id"] >= 0:
-        eos = config["eos_token_id"]
-    if pad is None and config["pad_token_id"] >= 0:
-        pad = config["pad_token_id"]
-    eos = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
-    if pad is None:
-        pad = eos[0] if eos else 0
-    return eos, int(pad)
 
 
 class CausalLM(AdapterMixin):
@@ -110,7 +91,12 @@ class CausalLM(AdapterMixin):
         self.vocab_size = c.vocab_size
         self.hidden_size = c.hidden_size
         self.embed_dim = c.word_embed_proj_dim
-        self.eos_token_ids, self.pad_token_id = _generation_defaults(folder, self.config)
+        # eos ids and pad as transformers' generate takes them (generation_config.json, then
+        # config.json; pad falls back to the first eos), resolved by the C loader
+        d = lib.qf_llm_generate_defaults(self._h)
+        eos = ctypes.cast(d.eos_ids, ctypes.POINTER(ctypes.c_int32)) if d.eos_ids else None
+        self.eos_token_ids = [int(eos[i]) for i in range(d.n_eos)] if eos else []
+        self.pad_token_id = int(d.pad_id)
 
     @classmethod
     def load(cls, folder, weights="f32", block=0):
