@@ -26,9 +26,7 @@
  *   - Every check on the inputs (counts, id ranges, context length) runs before any model work,
  *     so a rejected call leaves nothing half done.
  */
-#include "internal.h"
-#include "io/io_internal.h"
-#include <cjson/cJSON.h>
+#include "models/llm_internal.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,49 +44,6 @@ struct qf_vlm {
 /* ---- loading ------------------------------------------------------------------------------ */
 
 static int want_language_model(const char *name) { return !strncmp(name, "language_model.", 15); }
-
-/* eos ids from a JSON value: an integer or a list of integers. */
-static qf_status eos_from_json(const cJSON *x, const char *where, qf_vlm_info *info) {
-    info->n_eos = 0;
-    if (cJSON_IsNumber(x)) {
-        info->eos_ids[info->n_eos++] = (int32_t)x->valuedouble;
-        return QF_OK;
-    }
-    if (!cJSON_IsArray(x)) return qf_fail(QF_ERR_FORMAT, "%s: eos_token_id must be an integer or a list of integers", where);
-    const cJSON *e;
-    cJSON_ArrayForEach(e, x) {
-        if (!cJSON_IsNumber(e)) return qf_fail(QF_ERR_FORMAT, "%s: eos_token_id holds a non-integer", where);
-        if (info->n_eos == QF_VLM_MAX_EOS)
-            return qf_fail(QF_ERR_UNSUPPORTED, "%s: eos_token_id lists more than %d ids", where, QF_VLM_MAX_EOS);
-        info->eos_ids[info->n_eos++] = (int32_t)e->valuedouble;
-    }
-    return QF_OK;
-}
-
-/* generation_config.json: eos_token_id and pad_token_id override the text config's. Absent file: no change. */
-static qf_status read_generation_config(const char *folder, qf_vlm_info *info) {
-    char path[4096];
-    snprintf(path, sizeof path, "%s/generation_config.json", folder);
-    FILE *f = fopen(path, "rb");
-    if (!f) return QF_OK;
-    fclose(f);
-    unsigned char *buf = NULL;
-    size_t len = 0;
-    QF_TRY(qf_io_read_file(path, (size_t)1 << 20, "generation_config", &buf, &len));
-    cJSON *root = NULL;
-    qf_status s = qf_io_parse_json_object((const char *)buf, len, path, "generation config", &root);
-    free(buf);
-    if (s != QF_OK) return s;
-    const cJSON *eos = cJSON_GetObjectItemCaseSensitive(root, "eos_token_id");
-    if (eos && !cJSON_IsNull(eos)) s = eos_from_json(eos, path, info);
-    const cJSON *pad = cJSON_GetObjectItemCaseSensitive(root, "pad_token_id");
-    if (s == QF_OK && pad && !cJSON_IsNull(pad)) {
-        if (cJSON_IsNumber(pad)) info->pad_token_id = (int32_t)pad->valuedouble;
-        else s = qf_fail(QF_ERR_FORMAT, "%s: pad_token_id must be an integer", path);
-    }
-    cJSON_Delete(root);
-    return s;
-}
 
 static qf_status read_info(qf_vlm *m, const qf_config *cfg, const qf_safetensors *st, const char *folder,
                            const char *cfg_path) {
@@ -135,17 +90,16 @@ static qf_status read_info(qf_vlm *m, const qf_config *cfg, const qf_safetensors
     in->image_token_id = (int32_t)v;
     QF_TRY(qf_config_int_or(cfg, "text_config.bos_token_id", -1, &v));
     in->bos_token_id = (int32_t)v;
-    in->n_eos = 0;
-    if (qf_config_has(cfg, "text_config.eos_token_id")) {
-        if (qf_config_int(cfg, "text_config.eos_token_id", &v) == QF_OK) {
-            in->eos_ids[0] = (int32_t)v;
-            in->n_eos = 1;
-        }
-        qf_clear_error(); /* a list here is read from generation_config.json, or not at all */
-    }
-    QF_TRY(qf_config_int_or(cfg, "text_config.pad_token_id", in->n_eos ? in->eos_ids[0] : 0, &v));
-    in->pad_token_id = (int32_t)v;
-    return read_generation_config(folder, in);
+    /* eos / pad: generation_config.json, else text_config, pad falling back to the first eos
+     * (the decoder resolves them as for a plain LLM folder) */
+    QF_TRY(llm_read_generation_config(m->llm, folder));
+    qf_generate_options d = qf_llm_generate_defaults(m->llm);
+    if (d.n_eos > QF_VLM_MAX_EOS)
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: %s lists %d eos ids, more than %d", fn, folder, d.n_eos, QF_VLM_MAX_EOS);
+    in->n_eos = d.n_eos;
+    for (int i = 0; i < d.n_eos; i++) in->eos_ids[i] = d.eos_ids[i];
+    in->pad_token_id = d.pad_id;
+    return QF_OK;
 }
 
 void qf_vlm_free(qf_vlm *m) {

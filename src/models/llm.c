@@ -411,7 +411,7 @@ fail:
 
 /* FOLDER/generation_config.json (optional): eos_token_id (an integer or a list) and
  * pad_token_id, which transformers' generate prefers over config.json's. */
-static qf_status read_generation_config(qf_llm *m, const char *folder) {
+qf_status llm_read_generation_config(qf_llm *m, const char *folder) {
     char path[4096];
     snprintf(path, sizeof path, "%s/generation_config.json", folder);
     FILE *f = fopen(path, "rb");
@@ -483,7 +483,7 @@ qf_status qf_llm_load_ex(const char *folder, const qf_llm_options *opt, qf_llm *
     if (s == QF_OK) s = qf_llm_load_parts(cfg, "", st, "", opt, out);
     qf_st_close(st);
     qf_config_free(cfg);
-    if (s == QF_OK && (s = read_generation_config(*out, folder)) != QF_OK) {
+    if (s == QF_OK && (s = llm_read_generation_config(*out, folder)) != QF_OK) {
         qf_llm_free(*out);
         *out = NULL;
     }

@@ -82,6 +82,10 @@ struct qf_llm {
     qf_llm_cache *tmp_cache;   /* qf_llm_forward's own cache (grow-only) */
 };
 
+/* Reads FOLDER/generation_config.json (if present) into gen_eos / gen_pad: what
+ * qf_llm_generate_defaults returns. qf_llm_load_ex calls it; composite loaders call it too. */
+qf_status llm_read_generation_config(qf_llm *m, const char *folder);
+
 /* Finds the linear whose name is `module` (exact match), or NULL. */
 llm_linear *llm_find_linear(qf_llm *m, const char *module);
 /* Frees every loaded adapter and clears the linears' lora pointers (llm_adapter.c; for qf_llm_free). */
