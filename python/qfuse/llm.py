@@ -78,6 +78,34 @@ _native.declare({
 })
 
 
+def generation_options(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed, eos,
+                       pad, on_token):
+    """(qf_generate_options, objects to keep alive during the call, list that collects an exception
+    raised by on_token). eos: an id or a list of ids; on_token(row, id) -> True stops the row
+    (an exception stops it too and is re-raised by the caller from the list)."""
+    eos = [int(eos)] if np.isscalar(eos) else [int(e) for e in eos]
+    eos_arr = np.ascontiguousarray(eos, np.int32)
+    o = qf_generate_options()
+    o.max_new_tokens = int(max_new_tokens)
+    o.sampling = qf_sampling(int(bool(do_sample)), float(temperature), int(top_k), float(top_p),
+                             float(repetition_penalty), int(seed) & (2**64 - 1))
+    o.eos_ids = eos_arr.ctypes.data if len(eos) else None
+    o.n_eos = len(eos)
+    o.pad_id = int(pad)
+    errors = []
+    cb = None
+    if on_token is not None:
+        def call(_user, row, tok):
+            try:
+                return 1 if on_token(int(row), int(tok)) else 0
+            except BaseException as e:  # stops generation; the caller re-raises it
+                errors.append(e)
+                return 1
+        cb = ON_TOKEN(call)
+        o.on_token = cb
+    return o, (eos_arr, cb), errors
+
+
 class CausalLM(AdapterMixin):
     """A loaded LlamaForCausalLM / Qwen2ForCausalLM / OPTForCausalLM. `config` is a dict of the resolved
     configuration (model_type, vocab_size, hidden_size, head_dim, rope_theta, ...)."""
@@ -199,26 +227,10 @@ class CausalLM(AdapterMixin):
             raise QfuseError("CausalLM.generate: max_new_tokens = %d must be >= 1" % M)
         mask = self._mask(attention_mask, B, T)
         ids = None if input_ids is None else self._ids(input_ids)
-        eos = self.eos_token_ids if eos_token_id is None else (
-            [int(eos_token_id)] if np.isscalar(eos_token_id) else [int(e) for e in eos_token_id])
-        eos_arr = np.ascontiguousarray(eos, np.int32)
-        pad = self.pad_token_id if pad_token_id is None else int(pad_token_id)
-        o = qf_generate_options()
-        o.max_new_tokens = M
-        o.sampling = qf_sampling(int(bool(do_sample)), float(temperature), int(top_k), float(top_p),
-                                 float(repetition_penalty), int(seed))
-        o.eos_ids = eos_arr.ctypes.data if len(eos) else None
-        o.n_eos = len(eos)
-        o.pad_id = pad
-        errors = []
-        if on_token is not None:
-            def cb(_user, row, tok):
-                try:
-                    return 1 if on_token(int(row), int(tok)) else 0
-                except BaseException as e:  # an exception stops generation and is re-raised
-                    errors.append(e)
-                    return 1
-            o.on_token = ON_TOKEN(cb)
+        o, _alive, errors = generation_options(M, do_sample, temperature, top_k, top_p, repetition_penalty, seed,
+                                             self.eos_token_ids if eos_token_id is None else eos_token_id,
+                                             self.pad_token_id if pad_token_id is None else pad_token_id,
+                                             on_token)
         out = np.empty((B, M), np.int32)
         steps = c_int64(0)
         check(lib.qf_llm_generate(self._handle(), x.ctypes.data,

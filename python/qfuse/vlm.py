@@ -29,7 +29,7 @@ import numpy as np
 
 from . import _native
 from ._native import QfuseError, check, lib
-from .llm import ON_TOKEN, WEIGHT_FORMATS, qf_generate_options, qf_llm_options, qf_sampling
+from .llm import WEIGHT_FORMATS, generation_options, qf_generate_options, qf_llm_options
 
 __all__ = ["VisionLM"]
 
@@ -272,25 +272,10 @@ class VisionLM:
         M = int(max_new_tokens)
         if M < 1:
             raise QfuseError("VisionLM.generate: max_new_tokens = %d must be >= 1" % M)
-        eos = self.eos_token_ids if eos_token_id is None else (
-            [int(eos_token_id)] if np.isscalar(eos_token_id) else [int(e) for e in eos_token_id])
-        eos_arr = np.ascontiguousarray(eos, np.int32)
-        o = qf_generate_options()
-        o.max_new_tokens = M
-        o.sampling = qf_sampling(int(bool(do_sample)), float(temperature), int(top_k), float(top_p),
-                                 float(repetition_penalty), int(seed) & (2**64 - 1))
-        o.eos_ids = eos_arr.ctypes.data if len(eos) else None
-        o.n_eos = len(eos)
-        o.pad_id = self.pad_token_id if pad_token_id is None else int(pad_token_id)
-        errors = []
-        if on_token is not None:
-            def cb(_user, row, tok):
-                try:
-                    return 1 if on_token(int(row), int(tok)) else 0
-                except BaseException as e:  # an exception stops generation and is re-raised
-                    errors.append(e)
-                    return 1
-            o.on_token = ON_TOKEN(cb)
+        o, _alive, errors = generation_options(
+            M, do_sample, temperature, top_k, top_p, repetition_penalty, seed,
+            self.eos_token_ids if eos_token_id is None else eos_token_id,
+            self.pad_token_id if pad_token_id is None else pad_token_id, on_token)
         out = np.empty((a.B, M), np.int32)
         steps = c_int64(0)
         check(lib.qf_vlm_generate(self._handle("generate"), ctypes.byref(a), ctypes.byref(o), out.ctypes.data,
