@@ -642,23 +642,40 @@ static int have_vnni(void) {
     return v;
 }
 
-/* planes [N][3][ld] bytes, sx[N]; returns 0 when some row of x has a non-finite maximum. */
-static int vnni_prep(const float *x, int64_t N, int64_t in, int64_t ld, uint8_t *planes, double *sx) {
+/* planes [N][3][ld] bytes, sx[N]; returns 0 when some row of x has a non-finite maximum.
+ * Vectorized (the scalar form cost ~10 ns per input, serial before every int8 matmul: about a
+ * millisecond per Qwen2-0.5B step); the same values as lrint((double)x * inv) + 2^23 clamped:
+ * vcvtpd2dq rounds to nearest even under the default MXCSR, as lrint does. */
+QF_TARGET_VNNI static int vnni_prep(const float *x, int64_t N, int64_t in, int64_t ld, uint8_t *planes, double *sx) {
     for (int64_t n = 0; n < N; n++) {
         const float *xr = x + n * in;
-        float m = 0.0f;
-        for (int64_t i = 0; i < in; i++) m = fmaxf(m, fabsf(xr[i]));
+        __m512 mv = _mm512_setzero_ps();
+        int64_t i = 0;
+        for (; i + 16 <= in; i += 16) mv = _mm512_max_ps(mv, _mm512_abs_ps(_mm512_loadu_ps(xr + i)));
+        float m = _mm512_reduce_max_ps(mv);
+        for (; i < in; i++) m = fmaxf(m, fabsf(xr[i]));
         if (!isfinite(m)) return 0;
         const double s = (double)m / 8388607.0, inv = s > 0 ? 1.0 / s : 0.0;
         uint8_t *p0 = planes + (n * 3) * ld, *p1 = p0 + ld, *p2 = p1 + ld;
-        for (int64_t i = 0; i < in; i++) {
+        const __m512d vinv = _mm512_set1_pd(inv);
+        const __m512i off = _mm512_set1_epi32(8388608), lo = _mm512_set1_epi32(1), hi = _mm512_set1_epi32(16777215);
+        for (i = 0; i + 16 <= in; i += 16) {
+            const __m256i a = _mm512_cvtpd_epi32(_mm512_mul_pd(_mm512_cvtps_pd(_mm256_loadu_ps(xr + i)), vinv));
+            const __m256i b = _mm512_cvtpd_epi32(_mm512_mul_pd(_mm512_cvtps_pd(_mm256_loadu_ps(xr + i + 8)), vinv));
+            __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+            v = _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(v, off), lo), hi);
+            _mm_storeu_si128((__m128i *)(p0 + i), _mm512_cvtepi32_epi8(v));
+            _mm_storeu_si128((__m128i *)(p1 + i), _mm512_cvtepi32_epi8(_mm512_srli_epi32(v, 8)));
+            _mm_storeu_si128((__m128i *)(p2 + i), _mm512_cvtepi32_epi8(_mm512_srli_epi32(v, 16)));
+        }
+        for (; i < in; i++) {
             long v = lrint((double)xr[i] * inv) + 8388608L;
             v = v < 1 ? 1 : v > 16777215L ? 16777215L : v;
             p0[i] = (uint8_t)(v & 255);
             p1[i] = (uint8_t)((v >> 8) & 255);
             p2[i] = (uint8_t)(v >> 16);
         }
-        for (int64_t i = in; i < ld; i++) p0[i] = p1[i] = p2[i] = 0;
+        for (i = in; i < ld; i++) p0[i] = p1[i] = p2[i] = 0;
         sx[n] = s;
     }
     return 1;
