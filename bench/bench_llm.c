@@ -26,8 +26,9 @@
  *               sequential reads (64-bit adds of AVX-512 loads, AVX2 without it) of a `bw-mib` buffer (>> last-level cache),
  *               same threads, measured first.
  *   mm_B1/B8    (bench_llm only) the time of one pass over every linear layer's matmul alone
- *               (qf_qweight_matmul / qf_linear_forward on zeros, N = 1 / 8 rows, best of 3) over
- *               the measured step: the share of a decode step spent in matmuls.
+ *               (qf_qweight_matmul(_multi) / qf_linear_forward on zeros, N = 1 / 8 rows, grouped
+ *               as the decoder groups them, best of 3) over the measured step: the share of a
+ *               decode step spent in matmuls.
  * --kernels adds a table of qf_qweight_matmul alone (GB/s of weights at N = 1 and 8) on a
  * [4864, 896] weight (Qwen2-0.5B's up_proj) and a [151936, 896] one (its lm_head).
  * Token ids are a fixed pseudo-random sequence (no tokenizer needed). */
@@ -195,8 +196,37 @@ static double decode_steps(qf_llm *m, qf_llm_cache *c, int64_t B, int steps, flo
     return now_s() - t0;
 }
 
-/* Seconds of one pass over every linear layer's matmul alone (x zero, N rows, checkpoint order:
- * the weights stream as in a decode step), best of 3: the matmul part of a step. */
+/* One linear group's matmuls as qf_llm_decode runs them: quantized q/k/v and gate/up share one
+ * qf_qweight_matmul_multi call at decoding sizes, everything else one call per linear. */
+static void replay_group(const llm_linear *const *Ls, int n, float *y, const float *x, int64_t N, int64_t maxd) {
+    const qf_qweight *qs[4];
+    const float *bs[4];
+    float *ys[4];
+    int k = 0, fuse = N < 16;
+    for (int i = 0; i < n; i++) {
+        if (!Ls[i]->q && !Ls[i]->w) continue; /* absent (OPT has no gate) */
+        fuse &= Ls[i]->q != NULL;
+        qs[k] = Ls[i]->q;
+        bs[k] = Ls[i]->bias;
+        ys[k] = y + k * N * maxd;
+        k++;
+    }
+    if (fuse && k > 0) {
+        if (qf_qweight_matmul_multi(k, ys, x, qs, bs, N) != QF_OK) die("replay");
+        return;
+    }
+    for (int i = 0; i < n; i++) {
+        const llm_linear *L = Ls[i];
+        if (!L->q && !L->w) continue;
+        qf_status st = L->q ? qf_qweight_matmul(y, x, L->q, L->bias, N)
+                            : qf_linear_forward(y, x, L->w, L->bias, N, L->in, L->out);
+        if (st != QF_OK) die("replay");
+    }
+}
+
+/* Seconds of one pass over every linear layer's matmul alone (x zero, N rows, layer order: the
+ * weights stream as in a decode step, grouped as qf_llm_decode groups them), best of 3: the
+ * matmul part of a step. */
 static double matmul_replay(const qf_llm *m, int64_t N) {
     int64_t maxd = 0;
     for (int i = 0; i < m->n_linears; i++) {
@@ -204,7 +234,7 @@ static double matmul_replay(const qf_llm *m, int64_t N) {
         if (L->in > maxd) maxd = L->in;
         if (L->out > maxd) maxd = L->out;
     }
-    float *x = calloc((size_t)(N * maxd), sizeof *x), *y = malloc((size_t)(N * maxd) * sizeof *y);
+    float *x = calloc((size_t)(N * maxd), sizeof *x), *y = malloc((size_t)(3 * N * maxd) * sizeof *y);
     if (!x || !y) {
         fprintf(stderr, "bench_llm: out of memory (replay)\n");
         exit(1);
@@ -212,12 +242,17 @@ static double matmul_replay(const qf_llm *m, int64_t N) {
     double best = 1e30;
     for (int rep = 0; rep < 3; rep++) {
         double t0 = now_s();
-        for (int i = 0; i < m->n_linears; i++) {
-            const llm_linear *L = m->linears[i];
-            qf_status st = L->q ? qf_qweight_matmul(y, x, L->q, L->bias, N)
-                                : qf_linear_forward(y, x, L->w, L->bias, N, L->in, L->out);
-            if (st != QF_OK) die("replay");
+        for (int64_t l = 0; l < m->cfg.num_hidden_layers; l++) {
+            const llm_layer *L = &m->layers[l];
+            const llm_linear *qkv[3] = {&L->q, &L->k, &L->v}, *o[1] = {&L->o}, *gu[2] = {&L->gate, &L->up},
+                             *down[1] = {&L->down};
+            replay_group(qkv, 3, y, x, N, maxd);
+            replay_group(o, 1, y, x, N, maxd);
+            replay_group(gu, 2, y, x, N, maxd);
+            replay_group(down, 1, y, x, N, maxd);
         }
+        const llm_linear *head[1] = {&m->lm_head};
+        replay_group(head, 1, y, x, N, maxd);
         double dt = now_s() - t0;
         if (dt < best) best = dt;
     }
