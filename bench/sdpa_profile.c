@@ -56,21 +56,29 @@ int main(int argc, char **argv) {
         for (size_t i = 0; i < nq; i++) q[i] = (float)((i * 2654435761u) % 1000) * 1e-3f - 0.5f;
         for (size_t i = 0; i < nk; i++) { k[i] = (float)((i * 40503u) % 997) * 1e-3f - 0.5f; v[i] = (float)(i % 13) * 0.1f; }
         if (qf_sdpa_forward(&p, q, k, v, o, lse, NULL) != QF_OK) { printf("error: %s\n", qf_last_error()); return 1; }
+        const int bwd = getenv("BWD") != NULL;
+        float *go = NULL, *dq = NULL, *dk = NULL, *dv = NULL;
+        if (bwd) {
+            go = malloc(nq * 4); dq = malloc(nq * 4); dk = malloc(nk * 4); dv = malloc(nk * 4);
+            for (size_t i = 0; i < nq; i++) go[i] = (float)((i * 7919u) % 101) * 1e-2f - 0.5f;
+        }
         double best = 1e30, total = 0;
         int reps = 0;
-        while (reps < 3 || (total < 1.0 && reps < 50)) {
+        const double budget = getenv("SECS") ? atof(getenv("SECS")) : 1.0;
+        while (reps < 3 || (total < budget && reps < 50)) {
             double t = now();
-            qf_sdpa_forward(&p, q, k, v, o, lse, NULL);
+            if (bwd) qf_sdpa_backward(&p, q, k, v, o, lse, go, dq, dk, dv);
+            else qf_sdpa_forward(&p, q, k, v, o, lse, NULL);
             t = now() - t;
             total += t;
             reps++;
             if (t < best) best = t;
         }
         double pairs = p.is_causal && p.L == p.S ? p.L * (p.L + 1) / 2.0 : (double)p.L * p.S;
-        double fl = 4.0 * p.B * p.Hq * pairs * p.D;
+        double fl = 4.0 * p.B * p.Hq * pairs * p.D * (bwd ? 2.5 : 1.0);
         printf("%-28s %9.3f ms  %7.1f GFLOP/s  %5.1f%% of sgemm\n", shapes[s].name, best * 1e3, fl / best * 1e-9,
                100.0 * fl / best * 1e-9 / peak);
-        free(q); free(k); free(v); free(o); free(lse);
+        free(q); free(k); free(v); free(o); free(lse); free(go); free(dq); free(dk); free(dv);
     }
     return 0;
 }

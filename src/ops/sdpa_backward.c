@@ -124,6 +124,8 @@ static qf_status backward_scalar(const qf_sdpa_problem *pr, const float *q, cons
 #define QF_SDPA_BWD_PARTIAL_BYTES ((size_t)256 << 20)
 #define NO_TRIM (INT64_MIN / 2) /* causal_off of a tile without causal trimming */
 #define QF_SDPA_BWD_SUPER_BYTES ((size_t)512 << 10)
+#define QF_SDPA_BWD_ITEMS_PER_THREAD 4
+#define QF_SDPA_BWD_BALANCE_BYTES ((size_t)64 << 20)
 
 /* One register tile of O[j][c] += sum_{i<ni} P[i*ldp + j] X[i*ldx + c]: R rows j (<= 6) x NV*16
  * columns c (the last vector masked by tail). P is read transposed, one broadcast per (i, j). */
@@ -488,6 +490,12 @@ static qf_status backward_tiled(const qf_sdpa_problem *pr, const bwd_isa *isa, c
     while (pl.nsplit < nsb && fill(npairs * pl.nsplit, nt) < 0.85 &&
            (size_t)pl.nsplit * dq_bytes <= QF_SDPA_BWD_PARTIAL_BYTES)
         pl.nsplit++;
+    /* Few, long items (1 x 16 heads of 2048 keys on 16 threads: one item a thread) leave every
+     * thread's slowest moment on the critical path; a few items per thread let dynamic
+     * scheduling absorb it, while the extra dq partials stay small. */
+    while (pl.nsplit < nsb && npairs * pl.nsplit < QF_SDPA_BWD_ITEMS_PER_THREAD * (int64_t)nt &&
+           (size_t)pl.nsplit * dq_bytes <= QF_SDPA_BWD_BALANCE_BYTES)
+        pl.nsplit++;
     const size_t vec_bytes = qf_align_up((size_t)rows * sizeof(float), 64);
     const size_t part_bytes = qf_align_up((size_t)(pl.nsplit - 1) * dq_bytes, 64);
     const size_t kt_f = (size_t)(BWD_BC * D), vt_f = (size_t)(BWD_BC * Dv), tile_f = (size_t)(BWD_BR * BWD_BC);
@@ -522,7 +530,8 @@ static qf_status backward_tiled(const qf_sdpa_problem *pr, const bwd_isa *isa, c
     for (int64_t it = 0; it < items; it++) {
         float *kt = (float *)(slices + slice_bytes * (size_t)omp_get_thread_num());
         float *vt = kt + kt_f * (size_t)KB, *sp = vt + vt_f * (size_t)KB, *dp = sp + tile_f, *pd = dp + tile_f;
-        const int64_t pair = it / pl.nsplit, split = it % pl.nsplit, b = pair / Hkv, g = pair % Hkv;
+        /* split-major: split 0 holds the first super-block, the largest under causal */
+        const int64_t pair = it % npairs, split = it / npairs, b = pair / Hkv, g = pair % Hkv;
         float *dqt = split == 0 ? dq : pl.dq_part + (split - 1) * rows * D;
         for (int64_t sb = split; sb < nsb; sb += pl.nsplit) {
             const int64_t jb_begin = sb * KB, jb_end = jb_begin + KB < pl.nkb ? jb_begin + KB : pl.nkb;
