@@ -618,6 +618,7 @@ static void split_heads_bias(float *heads, const float *tok, int64_t ld, const f
             for (int64_t h = 0; h < nh; h++) {
                 float *d = heads + ((b * nh + h) * tot + off + i) * hd;
                 const float *src = tok + (b * len + i) * ld + h * hd, *bh = bias + h * hd;
+#pragma omp simd
                 for (int64_t c = 0; c < hd; c++) d[c] = src[c] + bh[c];
             }
 }
