@@ -39,6 +39,8 @@ int main(int argc, char **argv) {
     printf("threads %d, isa %s, sgemm 2048^3: %.1f GFLOP/s\n", threads, qf_isa_name(qf_get_isa()), peak);
     static const struct { const char *name; int64_t B, H, L, S, D; int causal; } shapes[] = {
         {"cross 8x12x32x257x64", 8, 12, 32, 257, 64, 0},
+        {"cross-b1 1x12x32x257x64", 1, 12, 32, 257, 64, 0},
+        {"cross-b64 64x12x32x257x64", 64, 12, 32, 257, 64, 0},
         {"self 8x12x512x512x64", 8, 12, 512, 512, 64, 0},
         {"causal 8x12x512x512x64", 8, 12, 512, 512, 64, 1},
         {"causal 1x16x2048x2048x128", 1, 16, 2048, 2048, 128, 1},

@@ -305,8 +305,11 @@ static qf_status forward_tiled(const qf_sdpa_problem *pr, const fwd_isa *isa, co
 
     /* Enough (batch, kv head) pairs to keep every thread busy with whole pairs: a task packs
      * its pair's K into the thread's own buffer (still in cache when the query blocks read it)
-     * and runs every query block of every head of the group; pairs cost the same, so dynamic
-     * scheduling balances them. Otherwise (few pairs, or a packed pair too big to stay in
+     * and runs every query block of every head of the group. Pairs cost the same, so each
+     * thread takes a contiguous range of them; knowing its next pair, it streams that pair's K,
+     * V and Q into L2 with software prefetches spread over the current pair's tile kernels
+     * (sdpa_simd.h), which hides the memory reads that dominated small pairs (Q-Former cross
+     * attention: 32 queries over 257 keys). Otherwise (few pairs, or a packed pair too big to stay in
      * cache) K is packed in chunks by all threads, then the (pair, head, query block, key
      * split) units run. */
     const size_t pair_bytes = qf_align_up((size_t)pl.pair_floats * sizeof(float), 64);
@@ -334,9 +337,22 @@ static qf_status forward_tiled(const qf_sdpa_problem *pr, const fwd_isa *isa, co
          * inputs (their only other read) goes to memory. */
         const int fuse = pr->screen && !pl.nopack && isa->pack_screen;
         int bad = 0;
-        #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-        for (int64_t pair = 0; pair < npairs; pair++) {
-            const int tid = omp_get_thread_num();
+        const int prefetch = isa == &isa512 && !pl.nopack;
+        #pragma omp parallel num_threads(nt)
+        {
+        const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        const int64_t pair_begin = npairs * tid / nth, pair_end = npairs * (tid + 1) / nth;
+        for (int64_t pair = pair_begin; pair < pair_end; pair++) {
+            if (prefetch && pair + 1 < pair_end) {
+                /* the next pair's K, V and Q rows stream into L2 during this pair's tiles */
+                const int64_t nx = pair + 1, bx = nx / Hkv;
+                const void *at[3] = {k + nx * S * D, v + nx * S * Dv, q + (bx * Hq + (nx % Hkv) * group) * L * D};
+                const size_t len[3] = {(size_t)(S * D) * sizeof(float), (size_t)(S * Dv) * sizeof(float),
+                                       (size_t)(group * L * D) * sizeof(float)};
+                qf_sdpa_pf_set(at, len, 3);
+            } else if (prefetch) {
+                qf_sdpa_pf_clear();
+            }
             float *ktp = (float *)((char *)kt + pair_bytes * (size_t)tid);
             float *tile = (float *)(slices + slice_bytes * (size_t)tid);
             float *o = tile + tile_f, *m = o + o_f, *l = m + vec_f, *alpha = l + vec_f;
@@ -365,6 +381,7 @@ static qf_status forward_tiled(const qf_sdpa_problem *pr, const fwd_isa *isa, co
                         weight_rows(&pl, ktp, b, h, i0, nr, lse_out, tile, weights);
                     }
             }
+        }
         }
         if (fuse) *pr->screen = bad ? QF_SDPA_NONFINITE : QF_SDPA_FINITE;
         return QF_OK;

@@ -60,6 +60,45 @@ static inline void qf_sdpa_pack_kt(float *kt, const float *k, int64_t ldk, int64
     }
 }
 
+/* ---- software prefetch stream (per thread) ----
+ * The AVX-512 score and P.V tile kernels issue one prefetch (to L2) of the stream's next
+ * 64-byte line per inner iteration while it has lines left, so memory reads that the caller
+ * knows it will need next overlap this tile's arithmetic instead of stalling a later packing
+ * pass. Up to QF_SDPA_PF_RANGES byte ranges are walked in order. The stream is per thread and
+ * per translation unit (static _Thread_local): empty unless that file's driver fills it (the
+ * forward's whole-pair mode: the next pair's K, V and Q rows). A prefetch never faults and
+ * changes no value, so a stale stream costs bandwidth, never correctness. */
+#define QF_SDPA_PF_RANGES 4
+typedef struct {
+    const char *cur, *end;                 /* the range being walked */
+    const char *rb[QF_SDPA_PF_RANGES], *re[QF_SDPA_PF_RANGES];
+    int next, n;                           /* ranges rb/re[next..n) still to come */
+} qf_sdpa_pf_stream;
+static _Thread_local qf_sdpa_pf_stream qf_sdpa_pf;
+
+/* Replaces the stream by ranges [b[i], b[i] + bytes[i]) (bytes 0: skipped). */
+static inline void qf_sdpa_pf_set(const void *const *b, const size_t *bytes, int n) {
+    qf_sdpa_pf.n = 0;
+    for (int i = 0; i < n && qf_sdpa_pf.n < QF_SDPA_PF_RANGES; i++) {
+        if (!bytes[i]) continue;
+        qf_sdpa_pf.rb[qf_sdpa_pf.n] = (const char *)b[i];
+        qf_sdpa_pf.re[qf_sdpa_pf.n++] = (const char *)b[i] + bytes[i];
+    }
+    qf_sdpa_pf.next = 0;
+    qf_sdpa_pf.cur = qf_sdpa_pf.end = NULL;
+}
+
+static inline void qf_sdpa_pf_clear(void) { qf_sdpa_pf_set(NULL, NULL, 0); }
+
+/* A kernel hands back its cursor; an exhausted range gives way to the next one. */
+static QF_SDPA_ALWAYS_INLINE void qf_sdpa_pf_put(const char *cur) {
+    qf_sdpa_pf.cur = cur;
+    if (cur >= qf_sdpa_pf.end && qf_sdpa_pf.next < qf_sdpa_pf.n) {
+        qf_sdpa_pf.cur = qf_sdpa_pf.rb[qf_sdpa_pf.next];
+        qf_sdpa_pf.end = qf_sdpa_pf.re[qf_sdpa_pf.next++];
+    }
+}
+
 /* ====================================== AVX-512 ====================================== */
 
 QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE __m512 qf_sdpa_exp512(__m512 x) {
@@ -185,7 +224,9 @@ QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE void qf_sdpa_scores_tile512(
 #pragma GCC unroll 4
         for (int v = 0; v < 4; v++) acc[r][v] = _mm512_setzero_ps();
     const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda, *a5 = a + 5 * lda;
+    const char *pf = qf_sdpa_pf.cur, *const pfe = qf_sdpa_pf.end;
     for (int64_t d = 0; d < D; d++) {
+        if (pf < pfe) { _mm_prefetch(pf, _MM_HINT_T1); pf += 64; }
         __m512 b[4];
 #pragma GCC unroll 4
         for (int v = 0; v < 4; v++)
@@ -200,6 +241,7 @@ QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE void qf_sdpa_scores_tile512(
                 if (v < NV) acc[r][v] = _mm512_fmadd_ps(x, b[v], acc[r][v]);
         }
     }
+    qf_sdpa_pf_put(pf);
     const __m512 s = _mm512_set1_ps(scale);
 #pragma GCC unroll 6
     for (int r = 0; r < 6; r++) {
@@ -309,7 +351,9 @@ QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE void qf_sdpa_pv_tile512(
                                                                     o + r * ldo + 16 * c));
     }
     const float *p0 = p, *p1 = p + ldp, *p2 = p + 2 * ldp, *p3 = p + 3 * ldp, *p4 = p + 4 * ldp, *p5 = p + 5 * ldp;
+    const char *pf = qf_sdpa_pf.cur, *const pfe = qf_sdpa_pf.end;
     for (int64_t j = 0; j < nk; j++) {
+        if (pf < pfe) { _mm_prefetch(pf, _MM_HINT_T1); pf += 64; }
         __m512 b[4];
         const float *vj = v + j * ldv;
 #pragma GCC unroll 4
@@ -325,6 +369,7 @@ QF_TARGET_AVX512 static QF_SDPA_ALWAYS_INLINE void qf_sdpa_pv_tile512(
                 if (c < NV) acc[r][c] = _mm512_fmadd_ps(x, b[c], acc[r][c]);
         }
     }
+    qf_sdpa_pf_put(pf);
 #pragma GCC unroll 6
     for (int r = 0; r < 6; r++) {
         if (r >= R) break;
