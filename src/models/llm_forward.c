@@ -344,12 +344,17 @@ qf_status qf_llm_decode(qf_llm *m, qf_llm_cache *c, const float *embeds, int64_t
 #pragma omp parallel for num_threads(qf_threads()) schedule(static) if (N * I > 65536)
             for (int64_t i = 0; i < N * I; i++) g[i] = g[i] > 0 ? g[i] : 0;
         } else {
-            const llm_linear *gu[2] = {&L->gate, &L->up};
-            float *const gu_y[2] = {g, u};
-            QF_TRY(linear_group(gu, gu_y, 2, fin_, N));
-            /* silu(g) * u: scalar expf is ~30 us per 4864-wide row, serial at one row (decoding) */
+            if (L->gate.q && L->up.q && !L->gate.lora && !L->up.lora && L->gate.out == L->up.out) {
+                /* quantized, no adapter: matmuls and silu * up in one region (qmatmul.h) */
+                QF_TRY(qf_qweight_matmul_glu(g, u, fin_, L->gate.q, L->up.q, L->gate.bias, L->up.bias, N));
+            } else {
+                const llm_linear *gu[2] = {&L->gate, &L->up};
+                float *const gu_y[2] = {g, u};
+                QF_TRY(linear_group(gu, gu_y, 2, fin_, N));
+                /* silu(g) * u: scalar expf is ~30 us per 4864-wide row, serial at one row (decoding) */
 #pragma omp parallel for num_threads(qf_threads()) schedule(static) if (N * I > 2048)
-            for (int64_t i = 0; i < N * I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+                for (int64_t i = 0; i < N * I; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+            }
         }
         QF_TRY(llm_linear_forward(&L->down, h, g, N));
         QF_TRY(qf_residual_forward(x, x, h, N * H));

@@ -865,8 +865,23 @@ qf_status qf_qweight_dequantize(const qf_qweight *q, float *w) {
  * nor leave threads idle. x is prepared once for the integer paths. */
 enum { QMM_MULTI_MAX = 8 };
 
+/* silu(g) * u in the decoder's float32 form (llm_forward.c's loop computes the same). */
+static inline float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+/* QFUSE_QMM_PREFETCH: bytes of software prefetch ahead of the decode kernels' rows (0 = off,
+ * the default; a tuning knob for machines whose prefetchers lose streams at page ends). */
+static int64_t qmm_prefetch(void) {
+    static int64_t v = -1;
+    if (v < 0) {
+        const char *e = getenv("QFUSE_QMM_PREFETCH");
+        long long p = e ? atoll(e) : 0;
+        v = p > 0 && p < (1 << 20) ? ((int64_t)p + 63) & ~(int64_t)63 : 0;
+    }
+    return v;
+}
+
 static qf_status decode_multi(int nm, float *const *ys, const float *x, const qf_qweight *const *qs,
-                              const float *const *biases, int64_t N) {
+                              const float *const *biases, int64_t N, int glu) {
     const int64_t in = qs[0]->in;
     rows_fn rows;
     dequant_fn deq;
@@ -904,12 +919,14 @@ static qf_status decode_multi(int nm, float *const *ys, const float *x, const qf
     cb = cb < 2048 ? 2048 : cb > 16384 ? 16384 : cb;
     int64_t chunk[QMM_MULTI_MAX], tstart[QMM_MULTI_MAX + 1];
     tstart[0] = 0;
-    for (int m = 0; m < nm; m++) {
+    const int ntm = glu ? 1 : nm; /* glu: a task is the same rows of gate (0) and up (1) */
+    for (int m = 0; m < ntm; m++) {
         const size_t rb = row_code_bytes(qs[m]);
         chunk[m] = (int64_t)((cb + rb - 1) / rb);
         tstart[m + 1] = tstart[m] + (qs[m]->out + chunk[m] - 1) / chunk[m];
     }
-    const int64_t ntask = tstart[nm];
+    const int64_t ntask = tstart[ntm];
+    const int64_t pf = qmm_prefetch();
     /* guided: each thread first takes a long contiguous run of tasks (one sequential stream, as
      * the hardware prefetchers like), then ever smaller ones, so a slow or late thread does not
      * hold the region's end (schedule(static) lost 10x on one device run with a busy core;
@@ -918,18 +935,37 @@ static qf_status decode_multi(int nm, float *const *ys, const float *x, const qf
     for (int64_t t = 0; t < ntask; t++) {
         int m = 0;
         while (t >= tstart[m + 1]) m++;
-        const qf_qweight *q = qs[m];
-        const int64_t out = q->out, o0 = (t - tstart[m]) * chunk[m], o1 = o0 + chunk[m] < out ? o0 + chunk[m] : out;
-        float *y = ys[m];
-        if (kind[m] == 2) rows_q4_vnni(q, prep, (int)N, y, out, o0, o1);
-        else if (kind[m] == 1) rows_vnni(q, planes, ld, sx, (int)N, y, out, o0, o1);
-        else
-            for (int64_t n0 = 0; n0 < N; n0 += QMM_NR)
-                rows(q, x + n0 * in, (int)(N - n0 < QMM_NR ? N - n0 : QMM_NR), y + n0 * out, out, o0, o1);
-        const float *bias = biases ? biases[m] : NULL;
-        if (bias)
+        const int64_t out = qs[m]->out, o0 = (t - tstart[m]) * chunk[m], o1 = o0 + chunk[m] < out ? o0 + chunk[m] : out;
+        for (int mm = m; mm < (glu ? 2 : m + 1); mm++) {
+            const qf_qweight *q = qs[mm];
+            float *y = ys[mm];
+            const size_t rb = row_code_bytes(q);
+            /* optional software prefetch pf bytes ahead, a few rows at a time (QFUSE_QMM_PREFETCH) */
+            const int64_t sub = pf ? (rb >= 1024 ? 1 : (int64_t)(1024 / rb)) : o1 - o0;
+            const char *codes = (const char *)q->codes, *end = codes + (size_t)out * rb;
+            for (int64_t a = o0; a < o1; a += sub) {
+                const int64_t b = a + sub < o1 ? a + sub : o1;
+                if (pf)
+                    for (const char *p = codes + (size_t)a * rb + pf, *pe = codes + (size_t)b * rb + pf; p < pe && p < end;
+                         p += 64)
+                        __builtin_prefetch(p, 0, 2);
+                if (kind[mm] == 2) rows_q4_vnni(q, prep, (int)N, y, out, a, b);
+                else if (kind[mm] == 1) rows_vnni(q, planes, ld, sx, (int)N, y, out, a, b);
+                else
+                    for (int64_t n0 = 0; n0 < N; n0 += QMM_NR)
+                        rows(q, x + n0 * in, (int)(N - n0 < QMM_NR ? N - n0 : QMM_NR), y + n0 * out, out, a, b);
+            }
+            const float *bias = biases ? biases[mm] : NULL;
+            if (bias)
+                for (int64_t n = 0; n < N; n++)
+                    for (int64_t o = o0; o < o1; o++) y[n * out + o] += bias[o];
+        }
+        if (glu)
             for (int64_t n = 0; n < N; n++)
-                for (int64_t o = o0; o < o1; o++) y[n * out + o] += bias[o];
+                for (int64_t o = o0; o < o1; o++) {
+                    float *g = ys[0] + n * out + o;
+                    *g = silu_mul(*g, ys[1][n * out + o]);
+                }
     }
     return QF_OK;
 }
@@ -946,7 +982,7 @@ qf_status qf_qweight_matmul(float *y, const float *x, const qf_qweight *q, const
     dequant_fn deq;
     pick(&rows, &deq);
 
-    if (N < QMM_GEMM_MIN_N) return decode_multi(1, &y, x, &q, &bias, N);
+    if (N < QMM_GEMM_MIN_N) return decode_multi(1, &y, x, &q, &bias, N, 0);
 
     /* Prefill: dequantized panels of W rows through SGEMM. */
     int64_t R = (int64_t)(QMM_PANEL_BYTES / ((size_t)in * sizeof(float)));
@@ -987,7 +1023,29 @@ qf_status qf_qweight_matmul_multi(int n, float *const *y, const float *x, const 
             return qf_fail(QF_ERR_ARG, "%s: %s has in = %lld but %s in = %lld: the weights must share x", fn,
                            q[i]->what, (long long)q[i]->in, q[0]->what, (long long)q[0]->in);
     }
-    if (N < QMM_GEMM_MIN_N) return decode_multi(n, y, x, q, bias, N);
+    if (N < QMM_GEMM_MIN_N) return decode_multi(n, y, x, q, bias, N, 0);
     for (int i = 0; i < n; i++) QF_TRY(qf_qweight_matmul(y[i], x, q[i], bias ? bias[i] : NULL, N));
+    return QF_OK;
+}
+
+qf_status qf_qweight_matmul_glu(float *g, float *u, const float *x, const qf_qweight *gate, const qf_qweight *up,
+                                const float *gate_bias, const float *up_bias, int64_t N) {
+    const char *fn = "qf_qweight_matmul_glu";
+    if (!gate || !up) return qf_fail(QF_ERR_ARG, "%s: gate or up (a weight) is NULL", fn);
+    if (!g || !u || !x) return qf_fail(QF_ERR_ARG, "%s: %s: g, u or x is NULL", fn, gate->what);
+    if (gate->in != up->in || gate->out != up->out)
+        return qf_fail(QF_ERR_ARG, "%s: %s is [%lld,%lld] but %s [%lld,%lld]: gate and up must have one shape", fn,
+                       gate->what, (long long)gate->out, (long long)gate->in, up->what, (long long)up->out,
+                       (long long)up->in);
+    if (N <= 0 || N > INT_MAX) return qf_fail(QF_ERR_ARG, "%s: N = %lld rows of x: must be in [1, INT_MAX]", fn, (long long)N);
+    float *const ys[2] = {g, u};
+    const qf_qweight *const qs[2] = {gate, up};
+    const float *const bs[2] = {gate_bias, up_bias};
+    if (N < QMM_GEMM_MIN_N) return decode_multi(2, ys, x, qs, bs, N, 1);
+    QF_TRY(qf_qweight_matmul(g, x, gate, gate_bias, N));
+    QF_TRY(qf_qweight_matmul(u, x, up, up_bias, N));
+    const int64_t n = N * gate->out;
+#pragma omp parallel for num_threads(qf_threads()) schedule(static) if (n > 2048)
+    for (int64_t i = 0; i < n; i++) g[i] = silu_mul(g[i], u[i]);
     return QF_OK;
 }

@@ -37,5 +37,11 @@ qf_status qf_qweight_matmul(float *y, const float *x, const qf_qweight *q, const
  * region and x is prepared once (q/k/v or gate/up of a layer). */
 qf_status qf_qweight_matmul_multi(int n, float *const *y, const float *x, const qf_qweight *const *q,
                                   const float *const *bias, int64_t N);
+/* g[N,out] = silu(x Wgate^T + gate_bias) * (x Wup^T + up_bias) (LLaMA/Qwen2's MLP input), silu(a)
+ * = a / (1 + expf(-a)) in float32; u[N,out] is overwritten with the up projection. gate and up
+ * have one shape; biases may be NULL. At N < 16 one parallel region: each task computes the
+ * same rows of both and multiplies them. */
+qf_status qf_qweight_matmul_glu(float *g, float *u, const float *x, const qf_qweight *gate, const qf_qweight *up,
+                                const float *gate_bias, const float *up_bias, int64_t N);
 
 #endif

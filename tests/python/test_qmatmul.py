@@ -40,6 +40,8 @@ _native.declare({
     "qf_qweight_dequantize": (c_int, [c_void_p, c_void_p]),
     "qf_qweight_matmul": (c_int, [c_void_p, c_void_p, c_void_p, c_void_p, c_int64]),
     "qf_qweight_matmul_multi": (c_int, [c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_int64]),
+    "qf_qweight_matmul_glu": (c_int, [c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p,
+                                      c_int64]),
 })
 
 BF16, INT8, Q4 = 1, 2, 3
@@ -343,6 +345,33 @@ def test_matmul_multi_equals_single():
     arr_y = (c_void_p * 2)(*[y.ctypes.data for y in ys])
     st = lib.qf_qweight_matmul_multi(2, arr_y, x.ctypes.data, arr_q, None, 1)
     assert _native.status_name(st) == "QF_ERR_ARG" and "must share x" in _native.last_error()
+
+
+def test_matmul_glu():
+    """qf_qweight_matmul_glu: g = silu(x Wg^T + bg) * (x Wu^T + bu), u = the up projection; against
+    single qf_qweight_matmul calls (u bit for bit) and float64 silu on them (g), at decoding and
+    prefill sizes, mixed formats; shape mismatch refused by name."""
+    r = rng(14)
+    inp, out = 256, 72
+    for fg, fu in ((Q4, Q4), (INT8, BF16)):
+        gate, up = QW(fg, gaussian_weight(r, out, inp)), QW(fu, gaussian_weight(r, out, inp))
+        bg, bu = r.standard_normal(out).astype(np.float32), None
+        for isa in available_isas():
+            qfuse.set_isa(isa)
+            for N in (1, 3, 8, 20):
+                x = r.standard_normal((N, inp)).astype(np.float32)
+                g = np.full((N, out), np.nan, np.float32)
+                u = np.full((N, out), np.nan, np.float32)
+                check(lib.qf_qweight_matmul_glu(g.ctypes.data, u.ctypes.data, x.ctypes.data, gate.h, up.h,
+                                                bg.ctypes.data, None, N))
+                yg, yu = gate.matmul(x, bg).astype(np.float64), up.matmul(x)
+                np.testing.assert_array_equal(u, yu, err_msg="%s N=%d" % (isa, N))
+                with np.errstate(over="ignore"):  # exp(-g) = inf for very negative g: silu -> -0
+                    ref = yg / (1.0 + np.exp(-yg)) * yu
+                assert np.all(np.abs(g - ref) <= 1e-6 * np.abs(ref) + 1e-30), "%s N=%d" % (isa, N)
+    other = QW(Q4, gaussian_weight(r, out + 1, inp))
+    st = lib.qf_qweight_matmul_glu(g.ctypes.data, u.ctypes.data, x.ctypes.data, gate.h, other.h, None, None, 1)
+    assert _native.status_name(st) == "QF_ERR_ARG" and "must have one shape" in _native.last_error()
 
 
 def test_int8_vnni_outlier_bound():
