@@ -15,6 +15,10 @@
 #          (run.sh's default: bench/compare.py, interleaved, 3 rounds)
 #   interleaved: the judged tables: bench/compare.py (via run.sh) at each thread count T, RUNS times
 #          (default 1), ROUNDS (default 5) rounds of at least MIN_REPS (default 2) timed runs
+#   sdpa T...: the attention cases only (compare.py --only sdpa; the GEMM ceiling still runs every
+#          round), for a short device budget: ROUNDS (default 3), SCALE (default 0.12), MIN_REPS
+#          (default 1), GAP (default 0.2 s); OPENBLAS_CORETYPE=SkylakeX as run.sh sets it where
+#          OpenBLAS misdetects the CPU; writes table-Tt-sdpa.txt and raw-sdpa.tar.gz
 # Writes into $OUT (at most 8 files come back): log.txt, blas.txt, table-2t.txt, table-16t.txt,
 # raw.tar.gz; interleaved: table-Tt-interleaved-I.txt, raw-interleaved-T....tar.gz.
 set -u
@@ -133,6 +137,24 @@ interleaved)
         done
     done
     ;;
+sdpa)
+    shift
+    build_qfuse
+    if grep -q avx512f /proc/cpuinfo && [ -z "${OPENBLAS_CORETYPE:-}" ]; then
+        case "$(build-dev/bench_attention --blas-info 2>/dev/null)" in
+        OpenBLAS*SkylakeX*|OpenBLAS*Cooperlake*|OpenBLAS*SapphireRapids*) note="" ;;
+        *) export OPENBLAS_CORETYPE=SkylakeX; note="OPENBLAS_CORETYPE=SkylakeX set by device_bench.sh sdpa" ;;
+        esac
+    fi
+    rm -rf /tmp/sraw; mkdir -p /tmp/sraw
+    for t in "$@"; do
+        echo "== sdpa only, $t threads, $(date -u '+%F %H:%M UTC')"
+        python3 bench/compare.py --bench build-dev/bench_attention --python python3 --threads "$t" --only sdpa \
+            --rounds "${ROUNDS:-3}" --scale "${SCALE:-0.12}" --min-reps "${MIN_REPS:-1}" --gap "${GAP:-0.2}" \
+            --note "${note:-}" --raw "/tmp/sraw/raw-${t}t.tsv" | tee "$OUT/table-${t}t-sdpa.txt"
+        tar -C /tmp/sraw -czf "$OUT/raw-sdpa.tar.gz" .
+    done
+    ;;
 build) build_gemm_benches; build_qfuse ;;
-*) echo "device_bench.sh: mode '$mode' is not probe, blas, full, two, interleaved or build"; exit 2 ;;
+*) echo "device_bench.sh: mode '$mode' is not probe, blas, full, two, interleaved, sdpa or build"; exit 2 ;;
 esac

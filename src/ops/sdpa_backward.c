@@ -33,7 +33,11 @@
  *     of 6 rows computes only keys up to its last row, and the dK/dV sums start at the diagonal.
  *     dQ of split 0 goes straight to dq; split s > 0 accumulates into its own full-size partial
  *     buffer, added into dq in pass 3. nsplit > 1 only when there are too few pairs to keep
- *     every thread busy (and the partials stay under QF_SDPA_BWD_PARTIAL_BYTES).
+ *     every thread busy (and the partials stay under QF_SDPA_BWD_PARTIAL_BYTES), or fewer
+ *     than QF_SDPA_BWD_ITEMS_PER_THREAD items per thread (partials under
+ *     QF_SDPA_BWD_BALANCE_BYTES): 1 x 16 heads on 16 threads as one item a thread put every
+ *     thread's slowest spell on the critical path. Items run split-major (split 0, which
+ *     holds the largest causal super-block, first) under dynamic scheduling.
  *   - Lanes of a score tile that a kernel did not write (tails, trimmed diagonal groups) may
  *     hold anything; prob_row and ds_row zero every key at or past the row's limit, and the
  *     GEMMs read only rows < nr and keys < nk.

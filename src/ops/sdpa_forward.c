@@ -305,11 +305,12 @@ static qf_status forward_tiled(const qf_sdpa_problem *pr, const fwd_isa *isa, co
 
     /* Enough (batch, kv head) pairs to keep every thread busy with whole pairs: a task packs
      * its pair's K into the thread's own buffer (still in cache when the query blocks read it)
-     * and runs every query block of every head of the group. Pairs cost the same, so each
-     * thread takes a contiguous range of them; knowing its next pair, it streams that pair's K,
-     * V and Q into L2 with software prefetches spread over the current pair's tile kernels
-     * (sdpa_simd.h), which hides the memory reads that dominated small pairs (Q-Former cross
-     * attention: 32 queries over 257 keys). Otherwise (few pairs, or a packed pair too big to stay in
+     * and runs every query block of every head of the group. Pairs are handed out one at a
+     * time (a shared counter: dynamic balance), each thread claiming its next pair before it
+     * runs the current one; it streams that next pair's K, V and Q into L2 with software
+     * prefetches spread over the current pair's tile kernels (sdpa_simd.h), which hides the
+     * memory reads that dominated small pairs (Q-Former cross attention: 32 queries over 257
+     * keys). Otherwise (few pairs, or a packed pair too big to stay in
      * cache) K is packed in chunks by all threads, then the (pair, head, query block, key
      * split) units run. */
     const size_t pair_bytes = qf_align_up((size_t)pl.pair_floats * sizeof(float), 64);
@@ -338,14 +339,20 @@ static qf_status forward_tiled(const qf_sdpa_problem *pr, const fwd_isa *isa, co
         const int fuse = pr->screen && !pl.nopack && isa->pack_screen;
         int bad = 0;
         const int prefetch = isa == &isa512 && !pl.nopack;
+        int64_t claimed = 0; /* pairs handed out so far */
         #pragma omp parallel num_threads(nt)
         {
-        const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        const int64_t pair_begin = npairs * tid / nth, pair_end = npairs * (tid + 1) / nth;
-        for (int64_t pair = pair_begin; pair < pair_end; pair++) {
-            if (prefetch && pair + 1 < pair_end) {
+        const int tid = omp_get_thread_num();
+        int64_t pair, next;
+        #pragma omp atomic capture
+        pair = claimed++;
+        for (; pair < npairs; pair = next) {
+            /* claim the next pair before this one runs, so that its inputs can be streamed in */
+            #pragma omp atomic capture
+            next = claimed++;
+            if (prefetch && next < npairs) {
                 /* the next pair's K, V and Q rows stream into L2 during this pair's tiles */
-                const int64_t nx = pair + 1, bx = nx / Hkv;
+                const int64_t nx = next, bx = nx / Hkv;
                 const void *at[3] = {k + nx * S * D, v + nx * S * Dv, q + (bx * Hq + (nx % Hkv) * group) * L * D};
                 const size_t len[3] = {(size_t)(S * D) * sizeof(float), (size_t)(S * Dv) * sizeof(float),
                                        (size_t)(group * L * D) * sizeof(float)};
