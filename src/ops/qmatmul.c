@@ -24,11 +24,12 @@
  *   Weights must be finite (QF_ERR_NONFINITE naming the element).
  *
  * Matmul, y[N,out] = x[N,in] W^T (+ bias):
- *   N <= 8 (decoding): memory- or instruction-bound. Each thread takes a contiguous range of
- *     output rows; a row is read once, dequantized in registers (w = q * scale) and FMA'd into N float32
- *     accumulator vectors (two sets, to hide FMA latency), reduced at the row's end. N is a
- *     compile-time constant in each instantiation so the accumulators live in registers.
- *     9 <= N < 16: the same in chunks of 8 rows of x (W is read ceil(N/8) times).
+ *   N < 16 (decoding): memory- or instruction-bound. Tasks are row ranges of 2-16 KiB of codes,
+ *     scheduled guided over one parallel region (qf_qweight_matmul_multi / _glu put several
+ *     weights sharing x in that one region); a row is read once, dequantized in registers
+ *     (w = q * scale) and FMA'd into up to 8 float32 accumulator vectors (two sets, to hide FMA
+ *     latency), reduced at the row's end. N is a compile-time constant in each instantiation
+ *     so the accumulators live in registers; 9 <= N < 16 in chunks of 8 rows of x per task.
  *   N >= 16 (prefill): panels of W rows are dequantized into a float32 scratch panel (OpenMP)
  *     and multiplied with cblas_sgemm (threaded by the BLAS), about 4 MiB per panel.
  *   Paths: scalar, AVX2+FMA (8 lanes, scalar tails), AVX-512 (16 lanes, masked tails), picked by
@@ -38,8 +39,10 @@
  *   products on an exact 3-byte split of x rounded to 24 bits (the "VNNI path" section states
  *   and the tests check its bound, 2^-24 max|x_n| sum|w_o|): on the device's Xeon the float path
  *   widened, converted and multiplied every weight and was instruction-bound at batch 1.
- *   Activations are never rounded to int8 or bf16 (error 2^-9 and worse), so AVX512-BF16 and
- *   8-bit-activation VNNI schemes are not used.
+ *   q4 with block 32 at N <= 8 on AVX-512 VNNI cores rounds the activations to int8 per block
+ *   of 32 (as llama.cpp's q8_0; the "q4 VNNI" section states the bound, max|x_blk|/254 times
+ *   the block's sum|w|, ~30x below q4's own weight error) and uses vpdpbusd: 4x the float q4
+ *   kernel per core. bf16 and int8 activations stay float32 / 24-bit (AVX512-BF16 is not used).
  *
  * Invariants: a qf_qweight is immutable after quantize (so matmuls may run concurrently);
  * nothing is allocated after quantize except through qf_scratch; every error names `what`.
