@@ -42,6 +42,7 @@
 
 #define KT_CHUNK_BYTES ((size_t)128 << 20)
 #define QF_SDPA_BR 48 /* query rows per block */
+#define QF_SDPA_PREFETCH_BYTES ((size_t)1 << 20) /* largest next pair streamed in by prefetch */
 
 typedef struct {
     int W; /* key panel width of the packed K */
@@ -338,7 +339,10 @@ static qf_status forward_tiled(const qf_sdpa_problem *pr, const fwd_isa *isa, co
          * inputs (their only other read) goes to memory. */
         const int fuse = pr->screen && !pl.nopack && isa->pack_screen;
         int bad = 0;
-        const int prefetch = isa == &isa512 && !pl.nopack;
+        /* Only pairs small enough that the next one's inputs sit in L2 beside the current one's
+         * packed K (1 MB); bigger pairs stream long enough for the hardware prefetchers. */
+        const size_t next_bytes = (size_t)(S * (D + Dv) + group * L * D) * sizeof(float);
+        const int prefetch = isa == &isa512 && !pl.nopack && next_bytes <= QF_SDPA_PREFETCH_BYTES;
         int64_t claimed = 0; /* pairs handed out so far */
         #pragma omp parallel num_threads(nt)
         {
