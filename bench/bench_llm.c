@@ -196,8 +196,9 @@ static double decode_steps(qf_llm *m, qf_llm_cache *c, int64_t B, int steps, flo
     return now_s() - t0;
 }
 
-/* One linear group's matmuls as qf_llm_decode runs them: quantized q/k/v and gate/up share one
- * qf_qweight_matmul_multi call at decoding sizes, everything else one call per linear. */
+/* One linear group's matmuls as qf_llm_decode runs them: quantized q/k/v share one
+ * qf_qweight_matmul_multi call at decoding sizes (gate/up: qf_qweight_matmul_glu, silu*up
+ * included), everything else one call per linear. */
 static void replay_group(const llm_linear *const *Ls, int n, float *y, const float *x, int64_t N, int64_t maxd) {
     const qf_qweight *qs[4];
     const float *bs[4];
@@ -248,7 +249,12 @@ static double matmul_replay(const qf_llm *m, int64_t N) {
                              *down[1] = {&L->down};
             replay_group(qkv, 3, y, x, N, maxd);
             replay_group(o, 1, y, x, N, maxd);
-            replay_group(gu, 2, y, x, N, maxd);
+            if (L->gate.q && L->up.q && L->gate.out == L->up.out) { /* as qf_llm_decode (no adapter) */
+                if (qf_qweight_matmul_glu(y, y + N * maxd, x, L->gate.q, L->up.q, L->gate.bias, L->up.bias, N) != QF_OK)
+                    die("replay");
+            } else {
+                replay_group(gu, 2, y, x, N, maxd);
+            }
             replay_group(down, 1, y, x, N, maxd);
         }
         const llm_linear *head[1] = {&m->lm_head};
