@@ -38,7 +38,7 @@ endif
 override CFLAGS += $(BLAS_CFLAGS)
 LDLIBS  := -lcjson -lpcre2-8 -lutf8proc -lstb $(BLAS_LIBS) -lm -fopenmp
 
-LIB_SRC := $(sort $(wildcard src/core/*.c src/io/*.c src/ops/*.c src/models/*.c src/backend/*.c))
+LIB_SRC := $(sort $(wildcard src/core/*.c src/io/*.c src/ops/*.c src/models/*.c src/backend/*.c src/train/*.c))
 LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/%.o)
 CLI_SRC := $(sort $(wildcard src/cli/*.c))
 CLI_OBJ := $(CLI_SRC:%.c=$(BUILD)/%.o)

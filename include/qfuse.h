@@ -304,6 +304,7 @@ void qf_mha_zero_grad(qf_mha *m);
 #include "qfuse_models.h"
 #include "qfuse_text.h"
 #include "qfuse_llm.h"
+#include "qfuse_train.h"
 
 #ifdef __cplusplus
 }
