@@ -17,8 +17,8 @@
  *   amsgrad: vmax = max(vmax, v), used for v below
  *   p = p - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
  * Scalars are computed in double and rounded to float32 once, as torch does with Python floats;
- * the element arithmetic is float32 in torch's order (m's update is one fused multiply-add, as
- * torch's vectorized add_ is). Every ISA path gives the same bits.
+ * the element arithmetic is float32 in torch's order (the m and v updates are fused multiply-adds,
+ * as torch's vectorized add_ / addcmul_ are). Every ISA path gives the same bits.
  *
  * STATE is kept per parameter NAME (qf_param.name), so the caller may pass any list of views each
  * step. A parameter whose grad is NULL (a frozen group) is skipped: its value and its state are left

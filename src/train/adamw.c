@@ -11,7 +11,7 @@
  *     kept even when a later allocation of the same step fails; it has step 0 and is not saved.
  *   - Once every parameter has state, a step allocates nothing (slot[] is grow-only).
  *   - The element update is the same float32 expression on every ISA path (no contraction other
- *     than the explicit fused multiply-add of m's update), so scalar, AVX2 and AVX-512 agree bit
+ *     than the explicit fused multiply-adds of the m and v updates), so scalar, AVX2 and AVX-512 agree bit
  *     for bit, and a resumed run equals an uninterrupted one bit for bit (the file holds the
  *     moments exactly and the hyperparameters as %.17g, which round-trips a double).
  */
@@ -204,14 +204,15 @@ typedef struct {
 } adamw_consts;
 
 /* torch: param.mul_(decay); exp_avg.mul_(b1).add_(grad, alpha=a1) (vectorized add_ is
- * fmadd(grad, alpha, self)); exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=a2) (self + value*g*g);
+ * fmadd(grad, alpha, self)); exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=a2) (self + value*g*g,
+ * which torch's build contracts to fma(value*g, g, self): matched bit for bit on the 1.13 wheel);
  * denom = (sqrt(v) / bc2_sqrt).add_(eps); param.addcdiv_(m, denom, value=neg_step) (self + value*m/d). */
 static inline void adamw_one(float *p, const float *g, float *m, float *v, float *vmax, size_t i,
                              const adamw_consts *k) {
     float gi = g[i];
     float pi = p[i] * k->decay;
     float mi = fmaf(gi, k->a1, m[i] * k->b1);
-    float vi = v[i] * k->b2 + k->a2 * gi * gi;
+    float vi = fmaf(k->a2 * gi, gi, v[i] * k->b2);
     m[i] = mi;
     v[i] = vi;
     if (vmax) {
@@ -239,8 +240,7 @@ QF_TARGET_AVX2 static void adamw_avx2(float *p, const float *g, float *m, float 
         __m256 gi = _mm256_loadu_ps(g + i);
         __m256 pi = _mm256_mul_ps(_mm256_loadu_ps(p + i), decay);
         __m256 mi = _mm256_fmadd_ps(gi, a1, _mm256_mul_ps(_mm256_loadu_ps(m + i), b1));
-        __m256 vi = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(v + i), b2),
-                                  _mm256_mul_ps(_mm256_mul_ps(a2, gi), gi));
+        __m256 vi = _mm256_fmadd_ps(_mm256_mul_ps(a2, gi), gi, _mm256_mul_ps(_mm256_loadu_ps(v + i), b2));
         _mm256_storeu_ps(m + i, mi);
         _mm256_storeu_ps(v + i, vi);
         if (vmax) {
@@ -264,8 +264,7 @@ QF_TARGET_AVX512 static void adamw_avx512(float *p, const float *g, float *m, fl
         __m512 gi = _mm512_loadu_ps(g + i);
         __m512 pi = _mm512_mul_ps(_mm512_loadu_ps(p + i), decay);
         __m512 mi = _mm512_fmadd_ps(gi, a1, _mm512_mul_ps(_mm512_loadu_ps(m + i), b1));
-        __m512 vi = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(v + i), b2),
-                                  _mm512_mul_ps(_mm512_mul_ps(a2, gi), gi));
+        __m512 vi = _mm512_fmadd_ps(_mm512_mul_ps(a2, gi), gi, _mm512_mul_ps(_mm512_loadu_ps(v + i), b2));
         _mm512_storeu_ps(m + i, mi);
         _mm512_storeu_ps(v + i, vi);
         if (vmax) {
