@@ -66,7 +66,7 @@ int qf_adamw_num_states(const qf_adamw *opt);
 
 /* Writes the whole optimizer state atomically (qf_st_write) as safetensors: per parameter
  * "<name>.exp_avg", "<name>.exp_avg_sq" (and "<name>.max_exp_avg_sq" with amsgrad) F32 of the
- * parameter's shape, "<name>.step" I64 scalar; the hyperparameters in __metadata__
+ * parameter's shape, "<name>.step" I64 scalar (shape [], [1] also read); the hyperparameters in __metadata__
  * ("format" = "qfuse.adamw", "version" = "1", lr, beta1, beta2, eps, weight_decay as %.17g,
  * amsgrad "0"/"1"). Resuming from it reproduces an uninterrupted run bit for bit. */
 qf_status qf_adamw_save(const qf_adamw *opt, const char *path);

@@ -538,9 +538,10 @@ static qf_status load_states(qf_adamw *o, const qf_safetensors *f, const char *p
         char pname[1000];
         memcpy(pname, t.name, len - 5);
         pname[len - 5] = 0;
-        if (t.dtype != QF_I64 || t.ndim != 0)
-            return qf_fail(QF_ERR_FORMAT, "%s: %s: tensor '%s' must be an I64 scalar (shape []), got %s with %d dims",
-                           fn, path, t.name, qf_dtype_name(t.dtype), t.ndim);
+        /* shape [1] is accepted too: writers built on numpy's ascontiguousarray give 0-d arrays 1 dim */
+        if (t.dtype != QF_I64 || !(t.ndim == 0 || (t.ndim == 1 && t.shape[0] == 1)))
+            return qf_fail(QF_ERR_FORMAT, "%s: %s: tensor '%s' must be an I64 scalar (shape [] or [1]), got %s "
+                           "with %d dims", fn, path, t.name, qf_dtype_name(t.dtype), t.ndim);
         int64_t step;
         memcpy(&step, t.data, 8);
         if (step < 1)
