@@ -448,3 +448,28 @@ def test_save_is_atomic_and_lr_schedule(tmp_path):
     assert e.value.status == "QF_ERR_IO"
     with pytest.raises(QfuseError, match="lr"):
         opt.lr = -1
+
+
+def test_fusion_model_source(tmp_path):
+    """FusionModel (through its .impl) is accepted; the same step on the same
+    gradients gives the same weights as on the bare QFormer."""
+    rng = np.random.default_rng(13)
+    cfg = dict(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=20,
+               cross_attention_frequency=1, encoder_hidden_size=8, layer_norm_eps=1e-12,
+               hidden_act="gelu", pad_token_id=0)
+    folder = _write_qformer(str(tmp_path / "m"), cfg, R.random_state_dict(cfg, rng))
+    q = rng.standard_normal((1, 3, 16)).astype(np.float32)
+    enc = rng.standard_normal((1, 4, 8)).astype(np.float32)
+    results = []
+    for make in (qfuse.QFormer.load, qfuse.FusionModel):
+        m = make(folder)
+        qf = m if isinstance(m, qfuse.QFormer) else m.impl
+        out = qf.forward(q, enc)
+        qf.backward(np.ones_like(out))
+        opt = AdamW(m, lr=1e-2)
+        opt.step()
+        assert opt.num_states() == len(qf.params())
+        results.append(qf.params())
+    assert all(np.array_equal(results[0][k], results[1][k]) for k in results[0])
+    with pytest.raises(QfuseError, match="not a qfuse model"):
+        AdamW(object())
