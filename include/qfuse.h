@@ -22,6 +22,8 @@
  *   qfuse_text.h    tokenizer.json byte-level BPE; streaming detokenizer with stop strings
  *   qfuse_llm.h     decoder LLMs (LLaMA, Qwen2, OPT): KV cache, sampling, generation, LoRA,
  *                   bf16 / int8 / 4-bit weights
+ *   qfuse_train.h   AdamW (torch.optim.AdamW semantics) over any model's qf_param list, with
+ *                   optimizer state saved and loaded so training resumes exactly
  *
  *   // an LLM continuing a prompt (tokenizer and model from one Hugging Face folder)
  *   qf_llm *m; qf_tokenizer *tok;

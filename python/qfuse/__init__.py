@@ -447,9 +447,10 @@ from .heatmap import save_heatmap  # noqa: E402
 from .llm import CausalLM  # noqa: E402
 from .vlm import VisionLM  # noqa: E402
 from .sampling import sample_token, TextStream  # noqa: E402
+from .train import AdamW  # noqa: E402
 from .models import FusionModel, load, model_kind  # noqa: E402
 from .tokenizer import Tokenizer  # noqa: E402
 
 __all__ += ["QFormer", "Blip2", "Prefusion", "KVPrefix", "ModalityQFormer", "AttentionFusion",
             "FusionModel", "load", "model_kind", "save_heatmap", "Tokenizer", "CausalLM",
-           "VisionLM", "sample_token", "TextStream"]
+           "VisionLM", "sample_token", "TextStream", "AdamW"]
