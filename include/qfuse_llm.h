@@ -124,7 +124,8 @@ void qf_llm_cache_reset(qf_llm_cache *c);                   /* length 0, memory 
 int64_t qf_llm_cache_length(const qf_llm_cache *c);
 /* Appends T positions to every row: embeds [B,T,embed_dim], mask [B,T] for these positions
  * (NULL = all real). logits [B,T,vocab], or [B,vocab] of the last position when last_only.
- * QF_ERR_ARG naming capacity when length + T exceeds it. No allocation once warm. */
+ * QF_ERR_ARG naming capacity when length + T exceeds it; QF_ERR_NONFINITE naming embeds[b,t,i]
+ * for a NaN/Inf input (checked before the cache changes). No allocation once warm. */
 qf_status qf_llm_decode(qf_llm *m, qf_llm_cache *c, const float *embeds, int64_t T,
                         const uint8_t *mask, float *logits, int last_only);
 

@@ -277,6 +277,12 @@ qf_status qf_llm_decode(qf_llm *m, qf_llm_cache *c, const float *embeds, int64_t
           *cs = carve(&p, fl[8]), *fin = carve(&p, fl[9]), *fin2 = carve(&p, fl[10]);
     int64_t *pos = (int64_t *)p;
 
+    /* NaN/Inf would poison the cache and every later step silently: refuse them, naming the first
+     * (checked before the cache changes; a serial pass, cheap next to the layers). */
+    for (int64_t i = 0; i < N * E; i++)
+        if (!isfinite(embeds[i]))
+            return qf_fail(QF_ERR_NONFINITE, "%s: embeds[%lld,%lld,%lld] = %g: inputs must be finite", fn,
+                           (long long)(i / (T * E)), (long long)(i / E % T), (long long)(i % E), (double)embeds[i]);
     /* positions and validity of the new cache slots */
     for (int64_t b = 0; b < B; b++)
         for (int64_t t = 0; t < T; t++) {

@@ -275,3 +275,17 @@ def test_context_limit(name):
     assert e.value.status == "QF_ERR_ARG" and "max_position_embeddings" in e.value.message
     with pytest.raises(QfuseError, match="max_position_embeddings"):
         m.generate(io["input_ids"], max_new_tokens=n)
+
+
+def test_nonfinite_embeds_refused(case):
+    name, meta, io, m = case
+    emb = m.embed(io["input_ids"])
+    emb[1, 3, 5] = np.nan
+    with pytest.raises(QfuseError) as e:
+        m.logits(inputs_embeds=emb)
+    assert e.value.status == "QF_ERR_NONFINITE" and "embeds[1,3,5] = nan" in e.value.message
+    emb[1, 3, 5] = np.inf
+    with pytest.raises(QfuseError, match=r"embeds\[1,3,5\] = inf"):
+        m.generate(inputs_embeds=emb, max_new_tokens=2)
+    # the model still works afterwards
+    assert rel_err(m.logits(input_ids=io["input_ids"]), io["logits"]) <= meta["rtol_fp32"]
