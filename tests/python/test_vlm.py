@@ -368,3 +368,13 @@ def test_run_without_tokenizer():
     case, io, folder = fixture("blip2_opt_0")
     rc, out, err = run(folder, "--image", PHOTO)
     assert rc == 1 and "tokenizer.json is missing" in err
+
+
+def test_nonfinite_pixels_named():
+    meta, io, folder = util.load_fixture("blip2_opt_0")
+    m = VisionLM.load(folder)
+    px = io["pixel_values"].copy()
+    px[1, 2, 3, 4] = np.nan
+    with pytest.raises(QfuseError) as e:
+        m.logits(io["input_ids"], px)
+    assert e.value.status == "QF_ERR_NONFINITE" and "pixel_values[1,2,3,4] = nan" in e.value.message
