@@ -58,6 +58,9 @@ static inline size_t qf_align_up(size_t n, size_t a) { return (n + a - 1) & ~(a 
 /* n elements of size `size`, or QF_ERR_ARG naming `what` on size_t overflow. */
 qf_status qf_mul_size(size_t a, size_t b, const char *what, size_t *out);
 
+/* Index of the first NaN/Inf in x[0..n), or n (src/core/finite.c; parallel for large n). */
+size_t qf_first_nonfinite(const float *x, size_t n);
+
 /* ---- checkpoints and configs (src/io/checkpoint.c, src/io/config.c) ----
  * FOLDER/model.safetensors, or the shards of FOLDER/model.safetensors.index.json gathered into
  * one in-memory image holding the tensors `want` accepts (NULL: all). */

@@ -278,11 +278,11 @@ qf_status qf_llm_decode(qf_llm *m, qf_llm_cache *c, const float *embeds, int64_t
     int64_t *pos = (int64_t *)p;
 
     /* NaN/Inf would poison the cache and every later step silently: refuse them, naming the first
-     * (checked before the cache changes; a serial pass, cheap next to the layers). */
-    for (int64_t i = 0; i < N * E; i++)
-        if (!isfinite(embeds[i]))
-            return qf_fail(QF_ERR_NONFINITE, "%s: embeds[%lld,%lld,%lld] = %g: inputs must be finite", fn,
-                           (long long)(i / (T * E)), (long long)(i / E % T), (long long)(i % E), (double)embeds[i]);
+     * (checked before the cache changes). */
+    const int64_t bad = (int64_t)qf_first_nonfinite(embeds, (size_t)(N * E));
+    if (bad < N * E)
+        return qf_fail(QF_ERR_NONFINITE, "%s: embeds[%lld,%lld,%lld] = %g: inputs must be finite", fn,
+                       (long long)(bad / (T * E)), (long long)(bad / E % T), (long long)(bad % E), (double)embeds[bad]);
     /* positions and validity of the new cache slots */
     for (int64_t b = 0; b < B; b++)
         for (int64_t t = 0; t < T; t++) {
@@ -389,15 +389,31 @@ qf_status qf_llm_decode(qf_llm *m, qf_llm_cache *c, const float *embeds, int64_t
     return llm_linear_forward(&m->lm_head, logits, head_in, NL);
 }
 
+/* ---- argument checks shared by the entry points ----------------------------------------- */
+
+static qf_status check_bt(const char *fn, int64_t B, int64_t T) {
+    if (B < 1 || T < 1 || B > (1 << 20) || T > (1 << 24))
+        return qf_fail(QF_ERR_ARG, "%s: B = %lld and T = %lld must be in [1, 2^20] and [1, 2^24]", fn, (long long)B,
+                       (long long)T);
+    return QF_OK;
+}
+
+/* Every ids[b,t] in [0, V); the message names `what`[b,t]. */
+static qf_status check_ids(const char *fn, const char *what, const int32_t *ids, int64_t B, int64_t T, int64_t V) {
+    for (int64_t i = 0; i < B * T; i++)
+        if (ids[i] < 0 || ids[i] >= V)
+            return qf_fail(QF_ERR_ARG, "%s: %s[%lld,%lld] = %d is outside [0, vocab_size = %lld)", fn, what,
+                           (long long)(i / T), (long long)(i % T), (int)ids[i], (long long)V);
+    return QF_OK;
+}
+
 /* ---- forward without a caller's cache ----------------------------------------------------- */
 
 qf_status qf_llm_forward(qf_llm *m, const float *inputs_embeds, int64_t B, int64_t T,
                          const uint8_t *attention_mask, float *logits) {
     if (!m || !inputs_embeds || !logits)
         return qf_fail(QF_ERR_ARG, "qf_llm_forward: NULL model, inputs_embeds or logits");
-    if (B < 1 || T < 1 || B > (1 << 20) || T > (1 << 24))
-        return qf_fail(QF_ERR_ARG, "qf_llm_forward: B = %lld and T = %lld must be in [1, 2^20] and [1, 2^24]",
-                       (long long)B, (long long)T);
+    QF_TRY(check_bt("qf_llm_forward", B, T));
     if (!m->tmp_cache || m->tmp_cache->B != B || m->tmp_cache->cap < T) {
         qf_llm_cache_free(m->tmp_cache);
         m->tmp_cache = NULL;
@@ -411,14 +427,9 @@ qf_status qf_llm_forward(qf_llm *m, const float *inputs_embeds, int64_t B, int64
 
 qf_status qf_llm_embed(qf_llm *m, const int32_t *ids, int64_t B, int64_t T, float *out) {
     if (!m || !ids || !out) return qf_fail(QF_ERR_ARG, "qf_llm_embed: NULL model, input_ids or out");
-    if (B < 1 || T < 1 || B > (1 << 20) || T > (1 << 24))
-        return qf_fail(QF_ERR_ARG, "qf_llm_embed: B = %lld and T = %lld must be in [1, 2^20] and [1, 2^24]",
-                       (long long)B, (long long)T);
+    QF_TRY(check_bt("qf_llm_embed", B, T));
     const int64_t V = m->cfg.vocab_size;
-    for (int64_t i = 0; i < B * T; i++)
-        if (ids[i] < 0 || ids[i] >= V)
-            return qf_fail(QF_ERR_ARG, "llm embed: input_ids[%lld,%lld] = %d is outside [0, vocab_size = %lld)",
-                           (long long)(i / T), (long long)(i % T), (int)ids[i], (long long)V);
+    QF_TRY(check_ids("llm embed", "input_ids", ids, B, T, V));
     return qf_embedding_forward(out, ids, m->embed, B * T, V, m->cfg.word_embed_proj_dim);
 }
 
@@ -439,17 +450,12 @@ qf_status qf_llm_generate(qf_llm *m, const float *embeds, const uint8_t *mask, i
     if (!m || !embeds || !o || !out_ids) return qf_fail(QF_ERR_ARG, "%s: NULL model, embeds, options or out_ids", fn);
     if (n_steps) *n_steps = 0;
     const int64_t V = m->cfg.vocab_size, E = m->cfg.word_embed_proj_dim, M = o->max_new_tokens;
-    if (B < 1 || T < 1 || B > (1 << 20) || T > (1 << 24))
-        return qf_fail(QF_ERR_ARG, "%s: B = %lld and T = %lld must be >= 1", fn, (long long)B, (long long)T);
+    QF_TRY(check_bt(fn, B, T));
     if (M < 1 || M > (1 << 24)) return qf_fail(QF_ERR_ARG, "%s: max_new_tokens = %lld must be >= 1", fn, (long long)M);
     if (o->n_eos < 0 || (o->n_eos && !o->eos_ids)) return qf_fail(QF_ERR_ARG, "%s: n_eos = %d without eos_ids", fn, o->n_eos);
     if (o->pad_id < 0 || o->pad_id >= V)
         return qf_fail(QF_ERR_ARG, "%s: pad_id = %d is outside [0, vocab_size = %lld)", fn, (int)o->pad_id, (long long)V);
-    if (prompt_ids)
-        for (int64_t i = 0; i < B * T; i++)
-            if (prompt_ids[i] < 0 || prompt_ids[i] >= V)
-                return qf_fail(QF_ERR_ARG, "%s: prompt_ids[%lld,%lld] = %d is outside [0, vocab_size = %lld)", fn,
-                               (long long)(i / T), (long long)(i % T), (int)prompt_ids[i], (long long)V);
+    if (prompt_ids) QF_TRY(check_ids(fn, "prompt_ids", prompt_ids, B, T, V));
     { /* the prompt plus every new token must fit the context */
         for (int64_t b = 0; b < B; b++) {
             int64_t n = 0;

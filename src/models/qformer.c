@@ -757,10 +757,7 @@ static qf_status ffn_block(qf_qformer *m, const qformer_ffn *w, ffn_acts *f, con
 }
 
 static qf_status check_finite(const char *fn, const char *what, const float *x, size_t n) {
-    size_t bad = n;
-#pragma omp parallel for reduction(min : bad) num_threads(qf_threads()) if (n > 262144)
-    for (size_t i = 0; i < n; i++)
-        if (!isfinite(x[i]) && i < bad) bad = i;
+    size_t bad = qf_first_nonfinite(x, n);
     if (bad < n)
         return qf_fail(QF_ERR_NONFINITE, "%s: %s[%zu] = %g is not finite", fn, what, bad, (double)x[bad]);
     return QF_OK;

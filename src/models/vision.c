@@ -494,11 +494,11 @@ qf_status qf_vision_forward(qf_vision *m, int64_t B, const float *pixel_values, 
     const qf_vision_config *c = &m->cfg;
     {   /* a NaN/Inf pixel is named here, not as "q contains NaN" deep inside layer 0 */
         const int64_t S = c->image_size, C = c->num_channels, n = B * C * S * S;
-        for (int64_t i = 0; i < n; i++)
-            if (!isfinite(pixel_values[i]))
-                return qf_fail(QF_ERR_NONFINITE, "%s: pixel_values[%lld,%lld,%lld,%lld] = %g: pixels must be finite", fn,
-                               (long long)(i / (C * S * S)), (long long)(i / (S * S) % C), (long long)(i / S % S),
-                               (long long)(i % S), (double)pixel_values[i]);
+        const int64_t i = (int64_t)qf_first_nonfinite(pixel_values, (size_t)n);
+        if (i < n)
+            return qf_fail(QF_ERR_NONFINITE, "%s: pixel_values[%lld,%lld,%lld,%lld] = %g: pixels must be finite", fn,
+                           (long long)(i / (C * S * S)), (long long)(i / (S * S) % C), (long long)(i / S % S),
+                           (long long)(i % S), (double)pixel_values[i]);
     }
     const int64_t H = c->hidden_size, I = c->intermediate_size, nh = c->num_attention_heads, hd = m->hd;
     const int64_t N = m->N, P = m->P, T = B * N;

@@ -292,24 +292,6 @@ static void update_param(adamw_fn fn, float *p, const float *g, adamw_state *s, 
     }
 }
 
-/* Index of the first non-finite element of x[0..n), or n. Integer test so it vectorizes. */
-static size_t first_nonfinite(const float *x, size_t n) {
-    const size_t blk = 4096;
-    for (size_t lo = 0; lo < n; lo += blk) {
-        size_t hi = lo + blk < n ? lo + blk : n;
-        uint32_t any = 0;
-        for (size_t i = lo; i < hi; i++) {
-            uint32_t u;
-            memcpy(&u, &x[i], 4);
-            any |= (uint32_t)((u & 0x7f800000u) == 0x7f800000u);
-        }
-        if (any)
-            for (size_t i = lo; i < hi; i++)
-                if (!isfinite(x[i])) return i;
-    }
-    return n;
-}
-
 /* ---- step ---------------------------------------------------------------------------------- */
 
 qf_status qf_adamw_step(qf_adamw *o, const qf_param *params, int n) {
@@ -365,7 +347,7 @@ qf_status qf_adamw_step(qf_adamw *o, const qf_param *params, int n) {
             o->slot[i] = -1;
             n_new++;
         }
-        size_t bad = first_nonfinite(p->grad, numel);
+        size_t bad = qf_first_nonfinite(p->grad, numel);
         if (bad < numel)
             return qf_fail(QF_ERR_NONFINITE, "%s: the gradient of parameter '%s' is %g at element %zu; "
                            "nothing was updated", fn, p->name, (double)p->grad[bad], bad);
