@@ -8,7 +8,9 @@
 #ifndef QF_BACKEND_H
 #define QF_BACKEND_H
 
+#include "ops/gemm_small.h"
 #include "ops/sdpa_internal.h"
+#include "qfuse_ops.h"
 
 typedef struct {
     const char *name;
@@ -23,6 +25,65 @@ typedef struct {
      * backend, whose tensors sdpa.c scans directly. */
     qf_status (*find_nonfinite)(const float *x, size_t n, int nan_or_posinf_only, size_t *index,
                                 float *value);
+
+    /* ---- the ops of a model whose parameters and planned buffers live on this backend
+     * (qformer.c runs the same code on either: it calls these through m->be). Arguments are
+     * validated by the caller; every pointer is this backend's memory unless a comment says
+     * otherwise; they return QF_OK or a status with a message and never print. A GPU backend
+     * only queues work on its stream (no host synchronisation), so a sequence of these calls
+     * can be captured as one CUDA graph; a backend that needs temporaries takes them from its
+     * grow-only scratch. Semantics are those of the public ops in qfuse_ops.h. */
+
+    /* out = [out +] x·wᵀ + bias + res (qf_gemm_nt_args, gemm_small.h). When g->w_bf16 is set,
+     * the weight is that bfloat16 [N, K] matrix instead of g->w (float32 accumulation);
+     * backends without bf16 weights return QF_ERR_UNSUPPORTED then. */
+    qf_status (*gemm_nt)(const qf_gemm_nt_args *g);
+    /* qf_layernorm_forward (mean, rstd may be NULL) */
+    qf_status (*layernorm_forward)(float *out, float *mean, float *rstd, const float *x, const float *w,
+                                   const float *b, int64_t rows, int64_t C, float eps);
+    /* qf_gelu_forward; out may equal x */
+    qf_status (*gelu_forward)(float *out, const float *x, int64_t n, qf_gelu_kind kind);
+    /* out = a + b over n floats; out may equal a or b */
+    qf_status (*add)(float *out, const float *a, const float *b, int64_t n);
+    /* out[i, :] = table[ids[i], :] + (pos ? pos[i % pos_rows, :] : 0) for i < N, C columns;
+     * ids already range-checked by the caller */
+    qf_status (*embedding_forward)(float *out, const int32_t *ids, const float *table, const float *pos,
+                                   int64_t pos_rows, int64_t N, int64_t C);
+    /* rows [off, off+len) of heads [B, nh, tot, hd] = tok rows [B*len, nh*hd] (row stride ld)
+     * + bias[h*hd + c] (bias NULL: none) */
+    qf_status (*split_heads)(float *heads, const float *tok, int64_t ld, const float *bias, int64_t B,
+                             int64_t nh, int64_t tot, int64_t off, int64_t len, int64_t hd);
+    /* tok rows [B*len, nh*hd] (row stride ld) = (acc: +=) rows [off, off+len) of heads [B, nh, tot, hd] */
+    qf_status (*merge_heads)(float *tok, int64_t ld, const float *heads, int64_t B, int64_t nh, int64_t tot,
+                             int64_t off, int64_t len, int64_t hd, int acc);
+    /* rows x width_bytes: dst + r*dpitch <- src + r*spitch. Either side may also be host memory
+     * (an upload or download, ordered with the backend's queued work). */
+    qf_status (*copy2d)(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width_bytes,
+                        size_t rows);
+    /* For each b with dead[b] != 0 (a cross-attention item whose every key is padding), every
+     * query row i < L of out [B, nh, L, hd] = the mean over the S keys of v [B, nh, S, hd]
+     * (transformers' uniform weights after adding finfo.min to every score); other items untouched. */
+    qf_status (*dead_rows_mean)(float *out, const float *v, const uint8_t *dead, int64_t B, int64_t nh,
+                                int64_t L, int64_t S, int64_t hd);
+    /* *first = the smallest i < n with x[i] NaN or ±Inf, folded into *first (min with its old
+     * value; the caller sets it to n or more beforehand). `first` is this backend's memory too, so
+     * the check queues like a kernel; the caller reads *first after the work has finished. */
+    qf_status (*screen_nonfinite)(const float *x, int64_t n, int64_t *first);
+
+    /* ---- memory and graphs of a model placed on this backend (NULL in the CPU table, whose
+     * models use host memory and run every call directly) */
+    qf_status (*alloc)(void **out, size_t bytes);     /* *out = NULL on failure                  */
+    void (*free)(void *p);                            /* NULL allowed                            */
+    /* Waits for the queued work; reports the first asynchronous error. */
+    qf_status (*synchronize)(void);
+    /* The calls made between capture_begin and capture_end (on this host thread) are recorded,
+     * not run, into *graph (opaque). graph_launch queues a replay; it sets *stale = 1 and
+     * queues nothing when a scratch buffer the graph uses has been reallocated since it was
+     * captured (the caller then captures again). A failed capture leaves no capture open. */
+    qf_status (*capture_begin)(void);
+    qf_status (*capture_end)(void **graph);
+    qf_status (*graph_launch)(void *graph, int *stale);
+    void (*graph_free)(void *graph);
 } qf_backend;
 
 /* The backend for host pointers. */

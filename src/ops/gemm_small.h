@@ -30,6 +30,8 @@ typedef struct {
     int64_t ldo;
     int64_t M, N, K;
     int accumulate;     /* 1: out += x·wᵀ + ..., 0: out = x·wᵀ + ...                           */
+    const uint16_t *w_bf16; /* NULL, or the weight as bfloat16 [N, K] in place of w: only the
+                             * backend table's gemm_nt reads it (CUDA); qf_gemm_nt ignores it */
 } qf_gemm_nt_args;
 
 /* Rows up to which qf_gemm_nt_small is used in place of the BLAS (see gemm_small.c). */
