@@ -22,6 +22,10 @@ extern "C" {
  * for non-sticky failures so the next call does not report it again. */
 qf_status qf_cuda_check(cudaError_t e, const char *what);
 
+/* The stream every kernel, cuBLAS call and copy of the backend is queued on (created by
+ * qf_cuda_init; a non-default stream, so a model's calls can be captured as a CUDA graph). */
+cudaStream_t qf_cuda_stream(void);
+
 /* The launch error of the kernel just queued (cudaGetLastError), as qf_cuda_check. */
 qf_status qf_cuda_launched(const char *kernel);
 

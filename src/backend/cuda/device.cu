@@ -14,6 +14,9 @@
 #include <stdint.h>
 
 static int g_active; /* set once qf_cuda_init succeeded; read by dispatch.c */
+static cudaStream_t g_stream; /* the backend's stream (qf_cuda_stream) */
+
+cudaStream_t qf_cuda_stream(void) { return g_stream; }
 
 qf_status qf_cuda_check(cudaError_t e, const char *what) {
     if (e == cudaSuccess) return QF_OK;
@@ -47,6 +50,11 @@ extern "C" qf_status qf_cuda_init(void) {
         (void)cudaGetLastError();
         return qf_fail(QF_ERR_UNSUPPORTED, "qf_cuda_init: GPU 0 is not usable: %s (%s)", cudaGetErrorString(e),
                        cudaGetErrorName(e));
+    }
+    e = cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        return qf_fail(QF_ERR_UNSUPPORTED, "qf_cuda_init: cudaStreamCreate failed: %s", cudaGetErrorString(e));
     }
     g_active = 1;
     return QF_OK;
