@@ -7,8 +7,8 @@
  *   - Device memory is owned by whoever allocated it: callers' tensors by the caller
  *     (qf_cuda_malloc/qf_cuda_free), temporaries by the per-thread grow-only scratch below,
  *     which the backend reuses across calls (no allocation once it is large enough).
- *   - Kernels run on the default stream, in order; host code synchronises only where it must
- *     read a result back (the NaN/Inf screen, downloads). */
+ *   - Kernels, copies and cuBLAS calls run on qf_cuda_stream(), in order; host code synchronises
+ *     only where it must read a result back (the NaN/Inf screen, downloads). */
 #ifndef QF_CUDA_INTERNAL_H
 #define QF_CUDA_INTERNAL_H
 

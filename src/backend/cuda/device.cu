@@ -5,8 +5,10 @@
  *   - qf_cuda_init is the only way the backend becomes active (qf_cuda_active); qf_cuda_malloc
  *     calls it too. Before that, dispatch.c looks up no pointer, so the CUDA runtime is never
  *     started by CPU-only callers of a CUDA build.
- *   - Uploads and downloads are synchronous plain cudaMemcpy (pageable host memory): a download
- *     therefore also waits for the kernels queued before it and reports their errors.
+ *   - Every copy, memset, kernel and cuBLAS call is queued on the backend's stream (g_stream,
+ *     non-blocking, so it never waits on the legacy default stream). Uploads and downloads queue
+ *     their copy there and wait for the stream: a download therefore also waits for the calls
+ *     queued before it and reports their errors.
  *   - Scratch buffers are per host thread and grow-only; they are never freed while the thread
  *     lives (like qf_scratch on the CPU side), so a steady state allocates nothing. */
 #include "cuda_internal.h"
@@ -94,19 +96,25 @@ extern "C" qf_status qf_cuda_upload(void *dst, const void *src, size_t bytes) {
     if (bytes && (!dst || !src))
         return qf_fail(QF_ERR_ARG, "qf_cuda_upload: %s is NULL", !dst ? "dst_device" : "src_host");
     if (!bytes) return QF_OK;
-    return qf_cuda_check(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice), "qf_cuda_upload: cudaMemcpy");
+    QF_TRY(qf_cuda_init());
+    QF_TRY(qf_cuda_check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, g_stream), "qf_cuda_upload: cudaMemcpyAsync"));
+    /* pageable memory: src may be reused as soon as we return, so wait for the copy */
+    return qf_cuda_check(cudaStreamSynchronize(g_stream), "qf_cuda_upload: cudaStreamSynchronize");
 }
 
 extern "C" qf_status qf_cuda_download(void *dst, const void *src, size_t bytes) {
     if (bytes && (!dst || !src))
         return qf_fail(QF_ERR_ARG, "qf_cuda_download: %s is NULL", !dst ? "dst_host" : "src_device");
     if (!bytes) return QF_OK;
-    return qf_cuda_check(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost), "qf_cuda_download: cudaMemcpy");
+    QF_TRY(qf_cuda_init());
+    QF_TRY(qf_cuda_check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, g_stream), "qf_cuda_download: cudaMemcpyAsync"));
+    /* waits for the copy and for every call queued before it (their errors are reported here) */
+    return qf_cuda_check(cudaStreamSynchronize(g_stream), "qf_cuda_download: a queued GPU call or the copy");
 }
 
 extern "C" qf_status qf_cuda_synchronize(void) {
     if (!g_active) return QF_OK;
-    return qf_cuda_check(cudaDeviceSynchronize(), "qf_cuda_synchronize: a queued GPU call");
+    return qf_cuda_check(cudaStreamSynchronize(g_stream), "qf_cuda_synchronize: a queued GPU call");
 }
 
 /* ---- scratch ----------------------------------------------------------------------------------- */
@@ -158,15 +166,17 @@ static qf_status cuda_find_nonfinite(const float *x, size_t n, int nan_or_posinf
     void *buf;
     QF_TRY(qf_cuda_scratch(QF_CUDA_SCRATCH_SCREEN, sizeof(unsigned long long), &buf));
     unsigned long long *first = (unsigned long long *)buf, host = ~0ull;
-    QF_TRY(qf_cuda_check(cudaMemcpy(first, &host, sizeof host, cudaMemcpyHostToDevice), "nan screen: cudaMemcpy"));
+    QF_TRY(qf_cuda_check(cudaMemsetAsync(first, 0xff, sizeof host, g_stream), "nan screen: cudaMemsetAsync"));
     size_t blocks = (n + 255) / 256;
     if (blocks > 4096) blocks = 4096;
-    find_nonfinite_kernel<<<(unsigned)blocks, 256>>>((const uint32_t *)x, n, nan_or_posinf_only ? 1 : 0, first);
+    find_nonfinite_kernel<<<(unsigned)blocks, 256, 0, g_stream>>>((const uint32_t *)x, n, nan_or_posinf_only ? 1 : 0, first);
     QF_TRY(qf_cuda_launched("find_nonfinite_kernel"));
-    QF_TRY(qf_cuda_check(cudaMemcpy(&host, first, sizeof host, cudaMemcpyDeviceToHost), "nan screen: cudaMemcpy"));
+    QF_TRY(qf_cuda_check(cudaMemcpyAsync(&host, first, sizeof host, cudaMemcpyDeviceToHost, g_stream), "nan screen: cudaMemcpyAsync"));
+    QF_TRY(qf_cuda_check(cudaStreamSynchronize(g_stream), "nan screen: cudaStreamSynchronize"));
     if (host < n) {
         *index = (size_t)host;
-        QF_TRY(qf_cuda_check(cudaMemcpy(value, x + host, sizeof *value, cudaMemcpyDeviceToHost), "nan screen: cudaMemcpy"));
+        QF_TRY(qf_cuda_check(cudaMemcpyAsync(value, x + host, sizeof *value, cudaMemcpyDeviceToHost, g_stream), "nan screen: cudaMemcpyAsync"));
+        QF_TRY(qf_cuda_check(cudaStreamSynchronize(g_stream), "nan screen: cudaStreamSynchronize"));
     }
     return QF_OK;
 }

@@ -559,11 +559,11 @@ qf_status launch_fwd(const Args &a) {
         attr_set = true;
     }
     dim3 grid((unsigned)((a.L + QM - 1) / QM), (unsigned)a.Hq, (unsigned)(a.B * a.nsplit));
-    sdpa_fwd<DP, RR, QM><<<grid, QM / RR * 8, smem>>>(a);
+    sdpa_fwd<DP, RR, QM><<<grid, QM / RR * 8, smem, qf_cuda_stream()>>>(a);
     QF_TRY(qf_cuda_launched("sdpa_fwd"));
     if (a.nsplit > 1) {
         const int64_t rows = a.B * a.Hq * a.L;
-        sdpa_combine<<<(unsigned)((rows * 32 + 255) / 256), 256>>>(a);
+        sdpa_combine<<<(unsigned)((rows * 32 + 255) / 256), 256, 0, qf_cuda_stream()>>>(a);
         QF_TRY(qf_cuda_launched("sdpa_combine"));
     }
     return QF_OK;
@@ -580,7 +580,7 @@ qf_status launch_bwd(const Args &a) {
         attr_set = true;
     }
     dim3 grid((unsigned)((a.S + BN - 1) / BN), (unsigned)a.Hkv, (unsigned)a.B);
-    sdpa_bwd<DP, KR><<<grid, 512 / KR, smem>>>(a);
+    sdpa_bwd<DP, KR><<<grid, 512 / KR, smem, qf_cuda_stream()>>>(a);
     return qf_cuda_launched("sdpa_bwd");
 }
 
@@ -633,7 +633,7 @@ qf_status qf_cuda_sdpa_forward(const qf_sdpa_problem *pr, const float *q, const 
         const int64_t n = pr->B * pr->Hq * pr->L * pr->S;
         int64_t blocks = (n + 255) / 256;
         if (blocks > 65536) blocks = 65536;
-        sdpa_weights<<<(unsigned)blocks, 256>>>(a);
+        sdpa_weights<<<(unsigned)blocks, 256, 0, qf_cuda_stream()>>>(a);
         QF_TRY(qf_cuda_launched("sdpa_weights"));
     }
     return QF_OK;
@@ -654,8 +654,8 @@ qf_status qf_cuda_sdpa_backward(const qf_sdpa_problem *pr, const float *q, const
     void *buf;
     QF_TRY(qf_cuda_scratch(QF_CUDA_SCRATCH_DELTA, sizeof(float) * (size_t)rows, &buf));
     a.delta = (const float *)buf;
-    sdpa_delta<<<(unsigned)((rows * 32 + 255) / 256), 256>>>(grad_out, out, (float *)buf, rows, pr->Dv);
+    sdpa_delta<<<(unsigned)((rows * 32 + 255) / 256), 256, 0, qf_cuda_stream()>>>(grad_out, out, (float *)buf, rows, pr->Dv);
     QF_TRY(qf_cuda_launched("sdpa_delta"));
-    QF_TRY(qf_cuda_check(cudaMemsetAsync(dq, 0, sizeof(float) * (size_t)(rows * pr->D)), "sdpa backward: zeroing dq"));
+    QF_TRY(qf_cuda_check(cudaMemsetAsync(dq, 0, sizeof(float) * (size_t)(rows * pr->D), qf_cuda_stream()), "sdpa backward: zeroing dq"));
     return dp == 32 ? launch_bwd<32>(a) : dp == 64 ? launch_bwd<64>(a) : launch_bwd<128>(a);
 }
