@@ -90,6 +90,17 @@ typedef struct {
 qf_status qf_qformer_forward(qf_qformer *m, const qf_qformer_args *a, const float *query_embeds,
                              const float *encoder_hidden_states, float *out);
 
+/* Places m for its forward on a device: "cpu" (where it loads) or "cuda" (the parameters are
+ * uploaded once; needs a libqfuse built with CUDA=1 and a GPU). weights: QF_F32, or QF_BF16 on
+ * "cuda": the GEMMs read a bfloat16 copy of the weight matrices and accumulate in float32
+ * (activations, LayerNorm, softmax stay float32). On the GPU qf_qformer_forward takes host or
+ * GPU pointers for its float inputs and out (text ids and masks: host), runs on the backend's
+ * stream and replays everything after its input copies as one CUDA graph, captured for the last
+ * input shape (QFUSE_CUDA_GRAPHS=0: no graphs); it waits for the GPU once, at the end. Backward,
+ * the attention maps and gradients need the CPU: QF_ERR_UNSUPPORTED on a GPU model. "cpu"
+ * moves it back. Parameter edits through qf_qformer_param after placing are not uploaded. */
+qf_status qf_qformer_to_device(qf_qformer *m, const char *device, qf_dtype weights);
+
 /* Backward of the last forward for loss = sum(out * grad_out), grad_out [B,Lq+Lt,hidden].
  * Input gradients are WRITTEN (each may be NULL to skip): grad_query_embeds [B,Lq,hidden],
  * grad_encoder [B,S,encoder_hidden_size], grad_prefix_k / grad_prefix_v [B,P,hidden] (summed

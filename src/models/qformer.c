@@ -163,7 +163,7 @@ static qf_status plan_params(qf_qformer *m, size_t *total) {
 
 static void view_params(qf_qformer *m) {
     int k = 0;
-#define NEXT (m->params + m->ptab[k++].off)
+#define NEXT (m->run_params + m->ptab[k++].off)
     m->ln_w = NEXT;
     m->ln_b = NEXT;
     if (m->cfg.has_text) {
@@ -386,6 +386,8 @@ qf_status qf_qformer_load_parts(const qf_config *cfg, const char *cfg_prefix, co
         return s;
     }
     m->params_total = total;
+    m->be = qf_backend_cpu();
+    m->run_params = m->params;
     view_params(m);
     *out = m;
     return QF_OK;
@@ -435,6 +437,8 @@ qf_status qf_qformer_load(const char *folder, qf_qformer **out) {
     return s;
 }
 
+static void release_forward(qf_qformer *m);
+
 void qf_qformer_free(qf_qformer *m) {
     if (!m) return;
     for (int i = 0; i < m->np; i++) {
@@ -446,9 +450,91 @@ void qf_qformer_free(qf_qformer *m) {
     free(m->grads);
     free(m->layers);
     free(m->acts);
-    free(m->fwd);
+    release_forward(m);
     free(m->bwd);
     free(m);
+}
+
+/* ---- placement ---- */
+
+/* Frees the planned forward blocks and everything the model holds on a device; the model is
+ * then a CPU model again (views rebased onto params). */
+static void release_forward(qf_qformer *m) {
+    if (m->on_device) {
+        const qf_backend *be = m->be;
+        if (m->graph) be->graph_free(m->graph);
+        be->free(m->fwd);
+        be->free(m->mir);
+        free(m->hmir);
+        be->free(m->run_params);
+        be->free(m->params_bf16);
+    } else {
+        free(m->fwd);
+        free(m->mir);
+    }
+    m->graph = NULL;
+    m->fwd = NULL;
+    m->mir = m->hmir = NULL;
+    m->params_bf16 = NULL;
+    m->fwd_cap = m->mir_cap = 0;
+    m->on_device = 0;
+    m->have_fwd = 0;
+    m->be = qf_backend_cpu();
+    m->run_params = m->params;
+}
+
+qf_status qf_qformer_to_device(qf_qformer *m, const char *device, qf_dtype weights) {
+    const char *fn = "qf_qformer_to_device";
+    if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
+    if (!device) return qf_fail(QF_ERR_ARG, "%s: device is NULL (\"cpu\" or \"cuda\")", fn);
+    const int cuda = !strcmp(device, "cuda");
+    if (!cuda && strcmp(device, "cpu"))
+        return qf_fail(QF_ERR_ARG, "%s: device \"%s\" is unknown (\"cpu\" or \"cuda\")", fn, device);
+    if (weights != QF_F32 && weights != QF_BF16)
+        return qf_fail(QF_ERR_ARG, "%s: weights dtype %s is not supported (F32, or BF16 on cuda)", fn,
+                       qf_dtype_name(weights));
+    if (weights == QF_BF16 && !cuda)
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: bf16 weights run on the cuda device only (the CPU Q-Former is float32)",
+                       fn);
+#ifdef QF_HAVE_CUDA
+    if (cuda) QF_TRY(qf_cuda_init()); /* before anything is released: a failure leaves m as it was */
+#endif
+    release_forward(m);
+    view_params(m);
+    if (!cuda) return QF_OK;
+#ifdef QF_HAVE_CUDA
+    const qf_backend *be = qf_backend_cuda();
+    const size_t n = m->params_total;
+    float *dp = NULL;
+    uint16_t *db = NULL;
+    qf_status s = be->alloc((void **)&dp, n * sizeof(float));
+    if (s == QF_OK) s = be->copy2d(dp, n * sizeof(float), m->params, n * sizeof(float), n * sizeof(float), 1);
+    if (s == QF_OK && weights == QF_BF16) {
+        uint16_t *hb = malloc(n * sizeof(uint16_t));
+        if (!hb) s = qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes for the bf16 weights", fn, n * 2);
+        if (s == QF_OK) s = qf_from_f32(QF_BF16, m->params, hb, n);
+        if (s == QF_OK) s = be->alloc((void **)&db, n * sizeof(uint16_t));
+        if (s == QF_OK) s = be->copy2d(db, n * 2, hb, n * 2, n * 2, 1);
+        if (s == QF_OK) s = be->synchronize();
+        free(hb);
+    }
+    if (s != QF_OK) {
+        be->free(dp);
+        be->free(db);
+        return qf_fail_prefix(s, "%s (uploading %zu parameters)", fn, n);
+    }
+    const char *g = getenv("QFUSE_CUDA_GRAPHS");
+    m->be = be;
+    m->on_device = 1;
+    m->graphs_off = g && !strcmp(g, "0");
+    m->run_params = dp;
+    m->params_bf16 = db;
+    view_params(m);
+    return QF_OK;
+#else
+    return qf_fail(QF_ERR_UNSUPPORTED, "%s: this libqfuse was built without the CUDA backend (build it with make CUDA=1)",
+                   fn);
+#endif
 }
 
 qf_status qf_qformer_get_config(const qf_qformer *m, qf_qformer_config *out) {
@@ -560,18 +646,16 @@ static size_t plan_forward(qf_qformer *m, float *base) {
     const size_t Tkv = B * (P + (size_t)m->S);
     size_t off = 0;
     m->x_in = carve(base, &off, T * H);
+    m->qin = m->Lt ? carve(base, &off, Tq * H) : m->x_in;
+    m->txt = m->Lt ? carve(base, &off, Tt * H) : NULL;
     m->enc = carve(base, &off, Te * E);
     m->pk = carve(base, &off, B * P * H);
     m->pv = carve(base, &off, B * P * H);
-    m->ids = (int32_t *)carve(base, &off, Tt);
     m->emb_mean = carve(base, &off, T);
     m->emb_rstd = carve(base, &off, T);
     m->emb = carve(base, &off, T * H);
     m->tmp = carve(base, &off, 3 * T * H);                    /* packed q|k|v rows */
     m->enc_kv = carve(base, &off, Te * 2 * H * (size_t)m->ncross); /* every cross layer's k|v rows */
-    m->self_mask = (uint8_t *)carve(base, &off, (T + 3) / 4);
-    m->cross_mask = (uint8_t *)carve(base, &off, (Tkv + 3) / 4);
-    m->dead = (uint8_t *)carve(base, &off, (B + 3) / 4);
     for (int64_t i = 0; i < m->cfg.num_hidden_layers; i++) {
         layer_acts *a = &m->acts[i];
         memset(a, 0, sizeof *a);
@@ -596,63 +680,109 @@ static size_t plan_forward(qf_qformer *m, float *base) {
     return off;
 }
 
-/* tokens [B*len, H] (row stride ld floats: a column slice of packed q|k|v rows) -> rows
- * [off, off+len) of heads [B, nh, tot, hd] */
+/* The small-integer block mir: [screen int64 x4][ids int32 Tt][self_mask T][cross_mask B(P+S)]
+ * [dead B]; base NULL only counts (bytes). */
+static size_t plan_mirror(qf_qformer *m, char *base) {
+    const size_t B = (size_t)m->B, T = B * (size_t)(m->Lq + m->Lt), Tt = B * (size_t)m->Lt;
+    const size_t Tkv = B * (size_t)(m->P + m->S);
+    size_t off = 0;
+#define MCARVE(type, field, n)                                                                      \
+    do {                                                                                            \
+        if (base) m->field = (type *)(base + off);                                                  \
+        off += qf_align_up((n) * sizeof(type), 64);                                                 \
+    } while (0)
+    MCARVE(int64_t, screen, 4);
+    MCARVE(int32_t, ids, Tt ? Tt : 1);
+    MCARVE(uint8_t, self_mask, T);
+    MCARVE(uint8_t, cross_mask, Tkv);
+    MCARVE(uint8_t, dead, B);
+#undef MCARVE
+    return off;
+}
+
+/* Grows m's planned blocks for the shapes in m, on its backend, and points the activations into
+ * them. A reallocation on the GPU drops the captured graph (it holds the old addresses). */
+static qf_status plan(qf_qformer *m, const char *fn) {
+    const size_t need = plan_forward(m, NULL), mir = plan_mirror(m, NULL);
+    if (!m->on_device) {
+        QF_TRY(qf_qformer_grow(&m->fwd, &m->fwd_cap, need, fn));
+        if (mir > m->mir_cap) {
+            void *p = NULL;
+            if (posix_memalign(&p, 64, mir)) return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes of masks", fn, mir);
+            free(m->mir);
+            m->mir = m->hmir = p;
+            m->mir_cap = mir;
+        }
+    } else {
+        const qf_backend *be = m->be;
+        if (need > m->fwd_cap || mir > m->mir_cap) {
+            if (m->graph) be->graph_free(m->graph);
+            m->graph = NULL;
+        }
+        if (need > m->fwd_cap) {
+            be->free(m->fwd);
+            m->fwd = NULL;
+            m->fwd_cap = 0;
+            QF_TRY(be->alloc((void **)&m->fwd, need * sizeof(float)));
+            m->fwd_cap = need;
+        }
+        if (mir > m->mir_cap) {
+            be->free(m->mir);
+            free(m->hmir);
+            m->mir = m->hmir = NULL;
+            m->mir_cap = 0;
+            if (posix_memalign(&m->hmir, 64, mir))
+                return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes of masks", fn, mir);
+            QF_TRY(be->alloc(&m->mir, mir));
+            m->mir_cap = mir;
+        }
+    }
+    plan_forward(m, m->fwd);
+    plan_mirror(m, m->mir);
+    m->mir_bytes = mir;
+    return QF_OK;
+}
+
+/* The CPU forms of four data movements, for qformer_backward.c (which runs on the CPU only). */
 void qf_qformer_split_heads(float *heads, const float *tok, int64_t ld, int64_t B, int64_t nh, int64_t tot,
                             int64_t off, int64_t len, int64_t hd) {
-#pragma omp parallel for collapse(2) num_threads(qf_threads()) if (B * len * nh * hd > 65536)
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t i = 0; i < len; i++)
-            for (int64_t h = 0; h < nh; h++)
-                memcpy(heads + ((b * nh + h) * tot + off + i) * hd, tok + (b * len + i) * ld + h * hd,
-                       (size_t)hd * sizeof(float));
+    (void)qf_backend_cpu()->split_heads(heads, tok, ld, NULL, B, nh, tot, off, len, hd);
 }
 
-/* qf_qformer_split_heads adding bias[h*hd + c] on the way (the cross layers' k|v biases: the
- * encoder GEMM leaves them out, so its output is written once, not filled with bias first) */
-static void split_heads_bias(float *heads, const float *tok, int64_t ld, const float *bias, int64_t B, int64_t nh,
-                             int64_t tot, int64_t off, int64_t len, int64_t hd) {
-#pragma omp parallel for collapse(2) num_threads(qf_threads()) if (B * len * nh * hd > 65536)
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t i = 0; i < len; i++)
-            for (int64_t h = 0; h < nh; h++) {
-                float *d = heads + ((b * nh + h) * tot + off + i) * hd;
-                const float *src = tok + (b * len + i) * ld + h * hd, *bh = bias + h * hd;
-#pragma omp simd
-                for (int64_t c = 0; c < hd; c++) d[c] = src[c] + bh[c];
-            }
-}
-
-/* rows [off, off+len) of heads [B, nh, tot, hd] -> tokens [B*len, H] with row stride ld
- * (written, or added if acc) */
 void qf_qformer_merge_heads(float *tok, int64_t ld, const float *heads, int64_t B, int64_t nh, int64_t tot,
                             int64_t off, int64_t len, int64_t hd, int acc) {
-#pragma omp parallel for collapse(2) num_threads(qf_threads()) if (B * len * nh * hd > 65536)
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t i = 0; i < len; i++)
-            for (int64_t h = 0; h < nh; h++) {
-                float *d = tok + (b * len + i) * ld + h * hd;
-                const float *s = heads + ((b * nh + h) * tot + off + i) * hd;
-                if (acc)
-                    for (int64_t c = 0; c < hd; c++) d[c] += s[c];
-                else
-                    memcpy(d, s, (size_t)hd * sizeof(float));
-            }
+    (void)qf_backend_cpu()->merge_heads(tok, ld, heads, B, nh, tot, off, len, hd, acc);
 }
 
 /* rows [r0, r0+len) of each item of src [B, tot, C] <-> dst [B, len, C] */
 void qf_qformer_gather_rows(float *dst, const float *src, int64_t B, int64_t tot, int64_t r0, int64_t len,
                             int64_t C) {
-#pragma omp parallel for num_threads(qf_threads()) if (B * len * C > 65536)
-    for (int64_t b = 0; b < B; b++)
-        memcpy(dst + b * len * C, src + (b * tot + r0) * C, (size_t)(len * C) * sizeof(float));
+    const size_t w = (size_t)(len * C) * sizeof(float);
+    (void)qf_backend_cpu()->copy2d(dst, w, src + r0 * C, (size_t)(tot * C) * sizeof(float), w, (size_t)B);
 }
 
 void qf_qformer_scatter_rows(float *dst, const float *src, int64_t B, int64_t tot, int64_t r0, int64_t len,
                              int64_t C) {
-#pragma omp parallel for num_threads(qf_threads()) if (B * len * C > 65536)
-    for (int64_t b = 0; b < B; b++)
-        memcpy(dst + (b * tot + r0) * C, src + b * len * C, (size_t)(len * C) * sizeof(float));
+    const size_t w = (size_t)(len * C) * sizeof(float);
+    (void)qf_backend_cpu()->copy2d(dst + r0 * C, (size_t)(tot * C) * sizeof(float), src, w, w, (size_t)B);
+}
+
+/* bytes from src to dst on the model's backend (either may be host memory on the GPU) */
+static qf_status copy_bytes(const qf_qformer *m, void *dst, const void *src, size_t bytes) {
+    return m->be->copy2d(dst, bytes, src, bytes, bytes, 1);
+}
+
+/* The same two row moves on the model's backend (forward). */
+static qf_status rows_gather(const qf_qformer *m, float *dst, const float *src, int64_t tot, int64_t r0,
+                             int64_t len, int64_t C) {
+    const size_t w = (size_t)(len * C) * sizeof(float);
+    return m->be->copy2d(dst, w, src + r0 * C, (size_t)(tot * C) * sizeof(float), w, (size_t)m->B);
+}
+
+static qf_status rows_scatter(const qf_qformer *m, float *dst, const float *src, int64_t tot, int64_t r0,
+                              int64_t len, int64_t C) {
+    const size_t w = (size_t)(len * C) * sizeof(float);
+    return m->be->copy2d(dst + r0 * C, (size_t)(tot * C) * sizeof(float), src, w, w, (size_t)m->B);
 }
 
 /* The SDPA call of a block: self-attention over N tokens (text mask when given) or
@@ -674,20 +804,14 @@ qf_sdpa_params qf_qformer_sdpa_params(const qf_qformer *m, int cross) {
     return sp;
 }
 
-/* out = in · wᵀ + b + res (a projection and its residual connection) in one sweep over out
- * (qf_gemm_nt: the few-rows kernel adds b and res as it stores each tile; the BLAS path writes
- * b + res in one pass and adds the product onto it). Same sums as qf_linear_forward then
- * qf_residual_forward, up to float rounding order. */
-static qf_status linear_residual(float *out, const float *in, const float *w, const float *b, const float *res,
-                                 int64_t rows, int64_t Cin, int64_t Cout) {
-    if (rows > INT_MAX || Cin > INT_MAX || Cout > INT_MAX) { /* the BLAS takes int: let linear.c say so */
-        QF_TRY(qf_linear_forward(out, in, w, b, rows, Cin, Cout));
-        return qf_residual_forward(out, out, res, rows * Cout);
-    }
+/* out = in · wᵀ + b (+ res: a projection and its residual connection in one sweep over out) on
+ * the model's backend; with bf16 weights the GEMM reads w's bfloat16 copy. */
+static qf_status linear(const qf_qformer *m, float *out, const float *in, const float *w, const float *b,
+                        const float *res, int64_t rows, int64_t Cin, int64_t Cout) {
     qf_gemm_nt_args g = {.x = in, .ldx = Cin, .w = w, .bias = b, .res = res, .ldr = Cout, .out = out, .ldo = Cout,
                          .M = rows, .N = Cout, .K = Cin};
-    qf_gemm_nt(&g);
-    return QF_OK;
+    if (m->params_bf16) g.w_bf16 = m->params_bf16 + (w - m->run_params);
+    return m->be->gemm_nt(&g);
 }
 
 /* One attention block: t->out = LN(x + dense(MHA(x, [prefix ; kv]))). x has Lx tokens per item.
@@ -697,86 +821,143 @@ static qf_status linear_residual(float *out, const float *in, const float *w, co
 static qf_status attention_block(qf_qformer *m, const qformer_attn *w, attn_acts *t, const float *x, int64_t Lx,
                                  const float *kv, int64_t kv_len, int64_t kv_ld, int cross) {
     const char *fn = "qf_qformer_forward";
+    const qf_backend *be = m->be;
     const int64_t B = m->B, H = m->cfg.hidden_size, nh = m->cfg.num_attention_heads, hd = m->hd;
     const int64_t P = cross ? m->P : 0, tot = P + kv_len, T = B * Lx;
     if (!cross) {
         /* one GEMM with the packed [3H, H] weight: rows of tmp are [q | k | v] */
-        QF_PROF(QFP_QKV, QF_TRY(qf_linear_forward(m->tmp, x, w->wq, w->bq, T, H, 3 * H)));
+        QF_PROF(QFP_QKV, QF_TRY(linear(m, m->tmp, x, w->wq, w->bq, NULL, T, H, 3 * H)));
         QF_PROF(QFP_HEADS, {
-            qf_qformer_split_heads(t->qh, m->tmp, 3 * H, B, nh, Lx, 0, Lx, hd);
-            qf_qformer_split_heads(t->kh, m->tmp + H, 3 * H, B, nh, tot, 0, kv_len, hd);
-            qf_qformer_split_heads(t->vh, m->tmp + 2 * H, 3 * H, B, nh, tot, 0, kv_len, hd);
+            QF_TRY(be->split_heads(t->qh, m->tmp, 3 * H, NULL, B, nh, Lx, 0, Lx, hd));
+            QF_TRY(be->split_heads(t->kh, m->tmp + H, 3 * H, NULL, B, nh, tot, 0, kv_len, hd));
+            QF_TRY(be->split_heads(t->vh, m->tmp + 2 * H, 3 * H, NULL, B, nh, tot, 0, kv_len, hd));
         });
     } else {
-        QF_PROF(QFP_QKV, QF_TRY(qf_linear_forward(m->tmp, x, w->wq, w->bq, T, H, H)));
+        QF_PROF(QFP_QKV, QF_TRY(linear(m, m->tmp, x, w->wq, w->bq, NULL, T, H, H)));
         QF_PROF(QFP_HEADS, {
-            qf_qformer_split_heads(t->qh, m->tmp, H, B, nh, Lx, 0, Lx, hd);
-            split_heads_bias(t->kh, kv, kv_ld, w->bk, B, nh, tot, P, kv_len, hd);
-            split_heads_bias(t->vh, kv + H, kv_ld, w->bv, B, nh, tot, P, kv_len, hd);
+            QF_TRY(be->split_heads(t->qh, m->tmp, H, NULL, B, nh, Lx, 0, Lx, hd));
+            QF_TRY(be->split_heads(t->kh, kv, kv_ld, w->bk, B, nh, tot, P, kv_len, hd));
+            QF_TRY(be->split_heads(t->vh, kv + H, kv_ld, w->bv, B, nh, tot, P, kv_len, hd));
         });
         if (P) {
-            qf_qformer_split_heads(t->kh, m->pk, H, B, nh, tot, 0, P, hd);
-            qf_qformer_split_heads(t->vh, m->pv, H, B, nh, tot, 0, P, hd);
+            QF_TRY(be->split_heads(t->kh, m->pk, H, NULL, B, nh, tot, 0, P, hd));
+            QF_TRY(be->split_heads(t->vh, m->pv, H, NULL, B, nh, tot, 0, P, hd));
         }
     }
+    /* the inputs were screened on entry; the kernels do not screen again */
     qf_sdpa_params sp = qf_qformer_sdpa_params(m, cross);
-    qf_status s;
-    QF_PROF(QFP_SDPA, s = qf_sdpa_forward(&sp, t->qh, t->kh, t->vh, t->oh, t->lse, NULL));
+    sp.check_finite = 0;
+    qf_sdpa_problem pr;
+    qf_status s = qf_sdpa_resolve(&sp, &pr);
+    if (s == QF_OK) QF_PROF(QFP_SDPA, s = be->sdpa_forward(&pr, t->qh, t->kh, t->vh, t->oh, t->lse, NULL));
     if (s != QF_OK) return qf_fail_prefix(s, "%s (%s-attention)", fn, cross ? "cross" : "self");
-    if (cross && m->any_dead) {
-        /* all-padding items: uniform weights over all keys, as transformers' finfo.min gives */
-        for (int64_t b = 0; b < B; b++) {
-            if (!m->dead[b]) continue;
-            for (int64_t h = 0; h < nh; h++) {
-                const float *v = t->vh + (b * nh + h) * tot * hd;
-                float *o = t->oh + (b * nh + h) * Lx * hd;
-                for (int64_t d = 0; d < hd; d++) {
-                    double acc = 0.0;
-                    for (int64_t j = 0; j < tot; j++) acc += v[j * hd + d];
-                    o[d] = (float)(acc / (double)tot);
-                }
-                for (int64_t i = 1; i < Lx; i++) memcpy(o + i * hd, o, (size_t)hd * sizeof(float));
-            }
-        }
-    }
-    QF_PROF(QFP_HEADS, qf_qformer_merge_heads(t->merged, H, t->oh, B, nh, Lx, 0, Lx, hd, 0));
-    QF_PROF(QFP_OUT_RES, QF_TRY(linear_residual(t->sum, t->merged, w->wo, w->bo, x, T, H, H)));
-    QF_PROF(QFP_LN, QF_TRY(qf_layernorm_forward(t->out, t->mean, t->rstd, t->sum, w->ln_w, w->ln_b, T, H,
-                                                (float)m->cfg.layer_norm_eps)));
+    /* all-padding items: uniform weights over all keys, as transformers' finfo.min gives */
+    if (cross && m->any_dead) QF_TRY(be->dead_rows_mean(t->oh, t->vh, m->dead, B, nh, Lx, tot, hd));
+    QF_PROF(QFP_HEADS, QF_TRY(be->merge_heads(t->merged, H, t->oh, B, nh, Lx, 0, Lx, hd, 0)));
+    QF_PROF(QFP_OUT_RES, QF_TRY(linear(m, t->sum, t->merged, w->wo, w->bo, x, T, H, H)));
+    QF_PROF(QFP_LN, QF_TRY(be->layernorm_forward(t->out, t->mean, t->rstd, t->sum, w->ln_w, w->ln_b, T, H,
+                                                 (float)m->cfg.layer_norm_eps)));
     return QF_OK;
 }
 
 static qf_status ffn_block(qf_qformer *m, const qformer_ffn *w, ffn_acts *f, const float *x, int64_t rows) {
+    const qf_backend *be = m->be;
     const int64_t H = m->cfg.hidden_size, I = m->cfg.intermediate_size;
-    QF_PROF(QFP_FFN_UP, QF_TRY(qf_linear_forward(f->pre, x, w->w_in, w->b_in, rows, H, I)));
-    QF_PROF(QFP_GELU, QF_TRY(qf_gelu_forward(f->act, f->pre, rows * I, m->cfg.hidden_act)));
-    QF_PROF(QFP_FFN_DOWN_RES, QF_TRY(linear_residual(f->sum, f->act, w->w_out, w->b_out, x, rows, I, H)));
-    QF_PROF(QFP_LN, QF_TRY(qf_layernorm_forward(f->out, f->mean, f->rstd, f->sum, w->ln_w, w->ln_b, rows, H,
-                                                (float)m->cfg.layer_norm_eps)));
+    QF_PROF(QFP_FFN_UP, QF_TRY(linear(m, f->pre, x, w->w_in, w->b_in, NULL, rows, H, I)));
+    QF_PROF(QFP_GELU, QF_TRY(be->gelu_forward(f->act, f->pre, rows * I, m->cfg.hidden_act)));
+    QF_PROF(QFP_FFN_DOWN_RES, QF_TRY(linear(m, f->sum, f->act, w->w_out, w->b_out, x, rows, I, H)));
+    QF_PROF(QFP_LN, QF_TRY(be->layernorm_forward(f->out, f->mean, f->rstd, f->sum, w->ln_w, w->ln_b, rows, H,
+                                                 (float)m->cfg.layer_norm_eps)));
     return QF_OK;
 }
 
-static qf_status check_finite(const char *fn, const char *what, const float *x, size_t n) {
-    size_t bad = qf_first_nonfinite(x, n);
-    if (bad < n)
-        return qf_fail(QF_ERR_NONFINITE, "%s: %s[%zu] = %g is not finite", fn, what, bad, (double)x[bad]);
-    return QF_OK;
-}
-
-/* dst = src, in parallel blocks, failing like check_finite on the first non-finite value (one
- * pass over the encoder states instead of a check and a copy) */
-static qf_status copy_finite(const char *fn, const char *what, float *dst, const float *src, size_t n) {
-    const size_t blk = 16384, nblk = (n + blk - 1) / blk;
-    size_t bad = n;
-#pragma omp parallel for reduction(min : bad) num_threads(qf_threads()) if (n > 262144)
-    for (size_t k = 0; k < nblk; k++) {
-        const size_t i0 = k * blk, i1 = i0 + blk < n ? i0 + blk : n;
-        memcpy(dst + i0, src + i0, (i1 - i0) * sizeof(float));
-        for (size_t i = i0; i < i1; i++)
-            if (!isfinite(dst[i]) && i < bad) bad = i;
+/* The forward after its inputs are in place (qin, enc, pk, pv, mir): every call on m->be and
+ * nothing else, so that on the GPU the whole of it can be captured as one graph. Leaves the
+ * output in the last layer's out. */
+static qf_status run_layers(qf_qformer *m) {
+    const qf_backend *be = m->be;
+    const int64_t B = m->B, Lq = m->Lq, Lt = m->Lt, S = m->S, N = Lq + Lt;
+    const int64_t H = m->cfg.hidden_size, E = m->cfg.encoder_hidden_size, T = B * N, Tq = B * Lq, Tt = B * Lt;
+    if (Lt) { /* x_in = [queries ; word(ids) + pos(0..Lt-1)] per item */
+        QF_TRY(be->embedding_forward(m->txt, m->ids, m->word_emb, m->pos_emb, Lt, Tt, H));
+        QF_TRY(rows_scatter(m, m->x_in, m->qin, N, 0, Lq, H));
+        QF_TRY(rows_scatter(m, m->x_in, m->txt, N, Lq, Lt, H));
     }
-    if (bad < n)
-        return qf_fail(QF_ERR_NONFINITE, "%s: %s[%zu] = %g is not finite", fn, what, bad, (double)src[bad]);
+    /* keys and values of every cross layer: one GEMM over the encoder rows (plan_params); the
+     * biases are added as the heads are split (attention_block), so the GEMM writes once */
+    QF_PROF(QFP_ENC_KV, QF_TRY(linear(m, m->enc_kv, m->enc, m->enc_kv_w, NULL, NULL, B * S, E, 2 * H * m->ncross)));
+    const float eps = (float)m->cfg.layer_norm_eps;
+    QF_PROF(QFP_LN, QF_TRY(be->layernorm_forward(m->emb, m->emb_mean, m->emb_rstd, m->x_in, m->ln_w, m->ln_b, T, H,
+                                                 eps)));
+    const float *h = m->emb;
+    for (int64_t i = 0; i < m->cfg.num_hidden_layers; i++) {
+        const qformer_layer *l = &m->layers[i];
+        layer_acts *t = &m->acts[i];
+        QF_TRY(attention_block(m, &l->self, &t->self, h, N, NULL, N, 0, 0));
+        if (Lt) {
+            QF_TRY(rows_gather(m, t->aq, t->self.out, N, 0, Lq, H));
+            QF_TRY(rows_gather(m, t->at, t->self.out, N, Lq, Lt, H));
+        }
+        const float *q = t->aq;
+        if (l->has_cross) {
+            const int64_t c = i / m->cfg.cross_attention_frequency, kv_ld = 2 * H * m->ncross;
+            QF_TRY(attention_block(m, &l->cross, &t->cross, q, Lq, m->enc_kv + c * 2 * H, S, kv_ld, 1));
+            q = t->cross.out;
+        }
+        QF_TRY(ffn_block(m, &l->fq, &t->fq, q, Tq));
+        if (Lt) {
+            QF_TRY(ffn_block(m, &l->ft, &t->ft, t->at, Tt));
+            QF_TRY(rows_scatter(m, t->out, t->fq.out, N, 0, Lq, H));
+            QF_TRY(rows_scatter(m, t->out, t->ft.out, N, Lq, Lt, H));
+        }
+        h = t->out;
+    }
+    return QF_OK;
+}
+
+/* run_layers on the GPU: replays the graph captured for this shape key, or runs eagerly and
+ * captures (the eager run first, so every scratch buffer has its final size before capture).
+ * A backend that cannot capture (or QFUSE_CUDA_GRAPHS=0) simply runs eagerly each time. */
+static qf_status run_layers_graph(qf_qformer *m) {
+    const qf_backend *be = m->be;
+    const int64_t key[8] = {m->B, m->Lq, m->Lt, m->S, m->P, m->has_enc_mask, m->has_text_mask, m->any_dead};
+    if (m->graph && !memcmp(key, m->graph_key, sizeof key)) {
+        int stale = 0;
+        QF_TRY(be->graph_launch(m->graph, &stale));
+        if (!stale) return QF_OK;
+    }
+    if (m->graph) be->graph_free(m->graph);
+    m->graph = NULL;
+    QF_TRY(run_layers(m));
+    if (m->graphs_off || !be->capture_begin) return QF_OK;
+    if (be->capture_begin() != QF_OK) {
+        m->graphs_off = 1; /* this backend cannot capture here: eager from now on */
+        return QF_OK;
+    }
+    qf_status s = run_layers(m);
+    void *g = NULL;
+    qf_status e = be->capture_end(&g);
+    if (s != QF_OK || e != QF_OK) {
+        if (g) be->graph_free(g);
+        m->graphs_off = 1;
+        return QF_OK; /* the eager run above already produced this call's result */
+    }
+    m->graph = g;
+    memcpy(m->graph_key, key, sizeof key);
+    return QF_OK;
+}
+
+/* The NaN/Inf screen's verdict on the inputs (screen[] read on the host): which one, where, what. */
+static qf_status report_screen(qf_qformer *m, const char *fn, const int64_t *screen) {
+    static const char *const names[4] = {"query_embeds", "encoder_hidden_states", "prefix_k", "prefix_v"};
+    const float *bufs[4] = {m->qin, m->enc, m->pk, m->pv};
+    for (int i = 0; i < 4; i++) {
+        if (screen[i] == INT64_MAX) continue;
+        float v = NAN;
+        (void)copy_bytes(m, &v, bufs[i] + screen[i], sizeof v);
+        return qf_fail(QF_ERR_NONFINITE, "%s: %s[%lld] = %g is not finite", fn, names[i], (long long)screen[i],
+                       (double)v);
+    }
     return QF_OK;
 }
 
@@ -819,11 +1000,6 @@ qf_status qf_qformer_forward(qf_qformer *m, const qf_qformer_args *a, const floa
     const int64_t H = m->cfg.hidden_size, E = m->cfg.encoder_hidden_size, N = Lq + Lt;
     const int64_t T = B * N, Tq = B * Lq, Tt = B * Lt;
     const double t_in = qf_qformer_prof_on ? qf_qformer_prof_now() : 0.0;
-    QF_TRY(check_finite(fn, "query_embeds", query_embeds, (size_t)(Tq * H)));
-    if (P) {
-        QF_TRY(check_finite(fn, "prefix_k", a->prefix_k, (size_t)(B * P * H)));
-        QF_TRY(check_finite(fn, "prefix_v", a->prefix_v, (size_t)(B * P * H)));
-    }
 
     m->B = B;
     m->Lq = Lq;
@@ -832,77 +1008,70 @@ qf_status qf_qformer_forward(qf_qformer *m, const qf_qformer_args *a, const floa
     m->P = P;
     m->has_enc_mask = a->encoder_attention_mask != NULL;
     m->has_text_mask = Lt && a->text_attention_mask != NULL;
-    size_t need = plan_forward(m, NULL);
-    QF_TRY(qf_qformer_grow(&m->fwd, &m->fwd_cap, need, fn));
-    plan_forward(m, m->fwd);
+    QF_TRY(plan(m, fn));
 
-    qf_qformer_scatter_rows(m->x_in, query_embeds, B, N, 0, Lq, H);
-    QF_TRY(copy_finite(fn, "encoder_hidden_states", m->enc, encoder_hidden_states, (size_t)(B * S * E)));
-    if (P) {
-        memcpy(m->pk, a->prefix_k, (size_t)(B * P * H) * sizeof(float));
-        memcpy(m->pv, a->prefix_v, (size_t)(B * P * H) * sizeof(float));
-    }
-    memset(m->dead, 0, (size_t)B);
+    /* the small integer inputs, built on the host (in place on the CPU) */
+    uint8_t *hm = m->hmir;
+    int64_t *hscreen = (int64_t *)(hm + ((uint8_t *)m->screen - (uint8_t *)m->mir));
+    int32_t *hids = (int32_t *)(hm + ((uint8_t *)m->ids - (uint8_t *)m->mir));
+    uint8_t *hself = hm + (m->self_mask - (uint8_t *)m->mir), *hcross = hm + (m->cross_mask - (uint8_t *)m->mir);
+    uint8_t *hdead = hm + (m->dead - (uint8_t *)m->mir);
+    for (int i = 0; i < 4; i++) hscreen[i] = INT64_MAX;
+    memset(hdead, 0, (size_t)B);
     m->any_dead = 0;
     if (m->has_enc_mask) {
         for (int64_t b = 0; b < B; b++) {
             int any = 0;
-            uint8_t *row = m->cross_mask + b * (P + S);
+            uint8_t *row = hcross + b * (P + S);
             memset(row, 1, (size_t)P);
             for (int64_t j = 0; j < S; j++) {
                 uint8_t v = a->encoder_attention_mask[b * S + j] ? 1 : 0;
                 row[P + j] = v;
                 any |= v;
             }
-            m->dead[b] = !any && !P;
-            m->any_dead |= m->dead[b];
+            hdead[b] = !any && !P;
+            m->any_dead |= hdead[b];
         }
     }
     if (Lt) {
-        memcpy(m->ids, a->text_ids, (size_t)Tt * sizeof(int32_t));
-        for (int64_t b = 0; b < B; b++) {
-            float *dst = m->x_in + (b * N + Lq) * H;
-            QF_TRY(qf_embedding_forward(dst, m->ids + b * Lt, m->word_emb, Lt, m->cfg.vocab_size, H));
-            QF_TRY(qf_residual_forward(dst, dst, m->pos_emb, Lt * H));
-        }
+        memcpy(hids, a->text_ids, (size_t)Tt * sizeof(int32_t));
         if (m->has_text_mask)
             for (int64_t b = 0; b < B; b++) {
-                memset(m->self_mask + b * N, 1, (size_t)Lq);
-                for (int64_t j = 0; j < Lt; j++) m->self_mask[b * N + Lq + j] = a->text_attention_mask[b * Lt + j] ? 1 : 0;
+                memset(hself + b * N, 1, (size_t)Lq);
+                for (int64_t j = 0; j < Lt; j++) hself[b * N + Lq + j] = a->text_attention_mask[b * Lt + j] ? 1 : 0;
             }
     }
 
-    if (qf_qformer_prof_on) qf_qformer_prof_s[QFP_INPUT] += qf_qformer_prof_now() - t_in;
-    /* keys and values of every cross layer: one GEMM over the encoder rows (plan_params); the
-     * biases are added as the heads are split (attention_block), so the GEMM writes once */
-    QF_PROF(QFP_ENC_KV, QF_TRY(qf_linear_forward(m->enc_kv, m->enc, m->enc_kv_w, NULL, B * S, E, 2 * H * m->ncross)));
-    const float eps = (float)m->cfg.layer_norm_eps;
-    QF_PROF(QFP_LN,
-            QF_TRY(qf_layernorm_forward(m->emb, m->emb_mean, m->emb_rstd, m->x_in, m->ln_w, m->ln_b, T, H, eps)));
-    const float *h = m->emb;
-    for (int64_t i = 0; i < m->cfg.num_hidden_layers; i++) {
-        const qformer_layer *l = &m->layers[i];
-        layer_acts *t = &m->acts[i];
-        QF_TRY(attention_block(m, &l->self, &t->self, h, N, NULL, N, 0, 0));
-        if (Lt) {
-            qf_qformer_gather_rows(t->aq, t->self.out, B, N, 0, Lq, H);
-            qf_qformer_gather_rows(t->at, t->self.out, B, N, Lq, Lt, H);
-        }
-        const float *q = t->aq;
-        if (l->has_cross) {
-            const int64_t c = i / m->cfg.cross_attention_frequency, kv_ld = 2 * H * m->ncross;
-            QF_TRY(attention_block(m, &l->cross, &t->cross, q, Lq, m->enc_kv + c * 2 * H, S, kv_ld, 1));
-            q = t->cross.out;
-        }
-        QF_TRY(ffn_block(m, &l->fq, &t->fq, q, Tq));
-        if (Lt) {
-            QF_TRY(ffn_block(m, &l->ft, &t->ft, t->at, Tt));
-            qf_qformer_scatter_rows(t->out, t->fq.out, B, N, 0, Lq, H);
-            qf_qformer_scatter_rows(t->out, t->ft.out, B, N, Lq, Lt, H);
-        }
-        h = t->out;
+    /* the inputs into the planned buffers (host or device pointers on the GPU), then screened */
+    const qf_backend *be = m->be;
+    if (m->on_device) QF_TRY(copy_bytes(m, m->mir, m->hmir, m->mir_bytes));
+    QF_TRY(copy_bytes(m, m->qin, query_embeds, (size_t)(Tq * H) * sizeof(float)));
+    QF_TRY(copy_bytes(m, m->enc, encoder_hidden_states, (size_t)(B * S * E) * sizeof(float)));
+    if (P) {
+        QF_TRY(copy_bytes(m, m->pk, a->prefix_k, (size_t)(B * P * H) * sizeof(float)));
+        QF_TRY(copy_bytes(m, m->pv, a->prefix_v, (size_t)(B * P * H) * sizeof(float)));
     }
-    memcpy(out, h, (size_t)(T * H) * sizeof(float));
+    QF_TRY(be->screen_nonfinite(m->qin, Tq * H, m->screen + 0));
+    QF_TRY(be->screen_nonfinite(m->enc, B * S * E, m->screen + 1));
+    if (P) {
+        QF_TRY(be->screen_nonfinite(m->pk, B * P * H, m->screen + 2));
+        QF_TRY(be->screen_nonfinite(m->pv, B * P * H, m->screen + 3));
+    }
+    if (!m->on_device) QF_TRY(report_screen(m, fn, m->screen)); /* synchronous: fail before the work */
+    if (qf_qformer_prof_on) qf_qformer_prof_s[QFP_INPUT] += qf_qformer_prof_now() - t_in;
+
+    if (m->on_device)
+        QF_TRY(run_layers_graph(m));
+    else
+        QF_TRY(run_layers(m));
+    const float *h = m->cfg.num_hidden_layers ? m->acts[m->cfg.num_hidden_layers - 1].out : m->emb;
+    QF_TRY(copy_bytes(m, out, h, (size_t)(T * H) * sizeof(float)));
+    if (m->on_device) {
+        /* the one wait of a GPU forward: the output is final, then the screen's verdict */
+        QF_TRY(be->synchronize());
+        QF_TRY(copy_bytes(m, hscreen, m->screen, 4 * sizeof(int64_t)));
+        QF_TRY(report_screen(m, fn, hscreen));
+    }
     m->have_fwd = 1;
     return QF_OK;
 }
@@ -942,6 +1111,9 @@ qf_status qf_qformer_cross_attention(qf_qformer *m, int layer, int average, floa
     const char *fn = "qf_qformer_cross_attention";
     if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
     if (!weights) return qf_fail(QF_ERR_ARG, "%s: weights is NULL", fn);
+    if (m->on_device)
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: the attention maps are read on the CPU: this model runs on %s "
+                                           "(qf_qformer_to_device(m, \"cpu\", QF_F32) first)", fn, m->be->name);
     if (!m->have_fwd) return qf_fail(QF_ERR_ARG, "%s: no successful qf_qformer_forward to read the maps of", fn);
     const int nc = qf_qformer_num_cross_layers(m);
     if (layer < 0 || layer >= nc)

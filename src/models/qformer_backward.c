@@ -167,6 +167,9 @@ qf_status qf_qformer_backward(qf_qformer *m, const float *grad_out, float *grad_
     const char *fn = "qf_qformer_backward";
     if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
     if (!grad_out) return qf_fail(QF_ERR_ARG, "%s: grad_out is NULL", fn);
+    if (m->on_device)
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: backward runs on the CPU only: this model runs on %s "
+                                           "(qf_qformer_to_device(m, \"cpu\", QF_F32) first)", fn, m->be->name);
     if (!m->have_fwd)
         return qf_fail(QF_ERR_ARG, "%s: no successful qf_qformer_forward on this model to differentiate", fn);
     const int64_t B = m->B, Lq = m->Lq, Lt = m->Lt, N = Lq + Lt, S = m->S, P = m->P;

@@ -8,6 +8,7 @@
 #define QF_QFORMER_INTERNAL_H
 
 #include "internal.h"
+#include "backend/backend.h"
 
 typedef struct {
     char *name;              /* transformers name (owned)                                     */
@@ -64,9 +65,28 @@ struct qf_qformer {
     int64_t ncross;                 /* cross-attention layers                                */
     const float *enc_kv_w, *enc_kv_b; /* [ncross*2H, E], [ncross*2H]: every cross layer's k|v  */
 
-    /* forward planned block */
+    /* Where the forward runs (qf_qformer_to_device). be is the backend whose memory holds
+     * run_params (the float32 block every view above points into: params itself on the CPU, a
+     * device copy on the GPU), fwd and mir. params_bf16: a bfloat16 device copy of the whole
+     * block, read for the GEMM weights when the model was placed with bf16 weights (w_bf16 =
+     * params_bf16 + (w - run_params)). On the GPU the forward after its input copies is replayed
+     * as one graph, captured for the shape key of the last forward (graph_key). */
+    const qf_backend *be;
+    int on_device, graphs_off;
+    float *run_params;
+    uint16_t *params_bf16;
+    void *graph;
+    int64_t graph_key[8];
+
+    /* forward planned block (fwd: floats, mir: the small integer inputs and the NaN screen's
+     * verdicts, built on the host in hmir and uploaded in one copy when on the GPU) */
     float *fwd;
     size_t fwd_cap;
+    void *mir, *hmir;
+    size_t mir_cap, mir_bytes;
+    int64_t *screen;                /* [4] first non-finite index of qin, enc, pk, pv         */
+    float *qin;                     /* [B, Lq, H] query_embeds as given (x_in when Lt == 0)   */
+    float *txt;                     /* [B*Lt, H] word + position embeddings of the text       */
     float *x_in, *enc, *pk, *pv, *emb_mean, *emb_rstd, *emb, *tmp;
     float *enc_kv;                  /* [B*S, ncross*2H]: enc projected by enc_kv_w            */
     int32_t *ids;

@@ -297,7 +297,10 @@ void qf_gemm_nt(const qf_gemm_nt_args *a) {
         return;
     }
     const int64_t M = a->M, N = a->N;
-    if (a->bias || a->res || !a->accumulate) {
+    float beta = 1.0f;
+    if (!a->bias && !a->res && !a->accumulate) {
+        beta = 0.0f; /* a plain product: nothing to start from */
+    } else if (a->bias || a->res || !a->accumulate) {
 #pragma omp parallel for num_threads(qf_threads()) if (M * N > 65536)
         for (int64_t m = 0; m < M; m++) {
             float *o = a->out + m * a->ldo;
@@ -311,5 +314,5 @@ void qf_gemm_nt(const qf_gemm_nt_args *a) {
         }
     }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)N, (int)a->K, 1.0f, a->x, (int)a->ldx, a->w,
-                (int)a->K, 1.0f, a->out, (int)a->ldo);
+                (int)a->K, beta, a->out, (int)a->ldo);
 }
