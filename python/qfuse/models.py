@@ -95,17 +95,23 @@ def _has_language_model(folder):
     return any(k.startswith("language_model.") for k in names)
 
 
-def load(folder, weights="f32", block=0, part=None):
+def load(folder, weights="f32", block=0, part=None, device="cpu", dtype="float32"):
     """Loads a Hugging Face (or qfuse-layout) folder:
     - a decoder LLM (llama, qwen2, opt) as a qfuse.CausalLM;
     - a BLIP-2 / InstructBLIP folder whose weights hold the language model as a qfuse.VisionLM
       (image + prompt -> logits / generated ids), unless part="fusion";
     - every Q-Former family member (and BLIP-2 with part="fusion") as a FusionModel.
     weights ("f32", "bf16", "int8", "q4"; block: the scale block) is the storage of the
-    language model's linear layers."""
+    language model's linear layers.
+    device="cuda" runs the Q-Former of a fusion model on the GPU (dtype "float32" or "bfloat16"
+    for its weights); the other parts of the model stay on the CPU, and language models run on
+    the CPU only."""
     kind = model_kind(folder)
     if part not in (None, "fusion"):
         raise QfuseError("load: part = %r; expected None or \"fusion\"" % (part,))
+    if device != "cpu" and (kind == "llm" or (kind == "blip2" and part is None and _has_language_model(folder))):
+        raise QfuseError("load: device = %r: language models run on the CPU only (the GPU runs the Q-Former "
+                         "family: load with part=\"fusion\")" % (device,), "QF_ERR_UNSUPPORTED")
     if kind == "llm":
         return CausalLM.load(folder, weights=weights, block=block)
     if kind == "blip2" and part is None and _has_language_model(folder):
@@ -114,7 +120,7 @@ def load(folder, weights="f32", block=0, part=None):
     if weights != "f32":
         raise QfuseError("load: weights = %r applies to language models; %s loads as a fusion model"
                          % (weights, folder))
-    return FusionModel(folder)
+    return FusionModel(folder, device=device, dtype=dtype)
 
 
 class _QFormerView(QFormer):
@@ -132,7 +138,7 @@ class FusionModel:
     """See the module docstring. .kind is "qformer", "blip2", "prefusion" or "kv_prefix";
     .impl is the per-family object (for everything beyond this common API)."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, device="cpu", dtype="float32"):
         folder = os.fspath(folder)
         self.kind = model_kind(folder)
         self.folder = folder
@@ -160,6 +166,17 @@ class FusionModel:
             self._qf = _QFormerView(self.impl._qh, self.impl)
             self._qprefix, self._query_name = "qformer.", "query_tokens"
         self._maps_from = self._qf
+        if device != "cpu" or dtype != "float32":
+            if self._qf is None:
+                self.impl.close()
+                raise QfuseError("FusionModel: a %s model has no Q-Former to place on %s" % (self.kind, device),
+                                 "QF_ERR_UNSUPPORTED")
+            try:
+                self._qf.to(device, dtype)
+            except Exception:
+                self.impl.close()
+                raise
+        self.device, self.dtype = device, dtype
 
     def close(self):
         self.impl.close()

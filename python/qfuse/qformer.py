@@ -9,6 +9,12 @@ InstructBlipQFormerModel and LAVIS Q-Former checkpoints, forward, backward, cros
     grads = qf.backward(grad_out)                # {param name: grad, "query_embeds": ..., ...}
     maps = qf.cross_attention_maps(average=True) # per cross layer [B, Lq, P+S]
     qf.set_frozen(True); qf.params(); qf.close()
+    qf = QFormer.load(folder, device="cuda", dtype="bfloat16")   # forward on the GPU (numpy in/out)
+
+On device="cuda" the parameters are uploaded once and each forward replays a CUDA graph for its
+shape (include/qfuse_models.h, qf_qformer_to_device); backward and the attention maps need the
+CPU (qf.to("cpu")). dtype="bfloat16" (cuda only) runs the GEMMs on bf16 weights with float32
+accumulation.
 
 Conventions (invariants of this module):
 - Float inputs are converted to C-contiguous float32; masks may be bool, integer or float
@@ -66,7 +72,19 @@ _native.declare({
     "qf_qformer_set_frozen": (None, [c_void_p, c_int]),
     "qf_qformer_num_cross_layers": (c_int, [c_void_p]),
     "qf_qformer_cross_attention": (c_int, [c_void_p, c_int, c_int, c_void_p]),
+    "qf_qformer_to_device": (c_int, [c_void_p, c_char_p, c_int]),
 })
+
+_DTYPES = {"float32": 0, "f32": 0, "bfloat16": 3, "bf16": 3}   # qf_dtype: QF_F32, QF_BF16
+
+
+def _to_device(handle, device, dtype, fn):
+    """qf_qformer_to_device on a Q-Former handle; device "cpu"/"cuda", dtype "float32"/"bfloat16"."""
+    if device not in ("cpu", "cuda"):
+        raise QfuseError('%s: device = %r; expected "cpu" or "cuda"' % (fn, device), "QF_ERR_ARG")
+    if dtype not in _DTYPES:
+        raise QfuseError('%s: dtype = %r; expected "float32" or "bfloat16"' % (fn, dtype), "QF_ERR_ARG")
+    check(lib.qf_qformer_to_device(handle, device.encode(), _DTYPES[dtype]))
 
 
 def _shape(a):
@@ -109,17 +127,32 @@ class QFormer:
         self.encoder_hidden_size = cfg.encoder_hidden_size
         self.num_heads = cfg.num_attention_heads
         self.has_text = bool(cfg.has_text)
+        self.device, self.dtype = "cpu", "float32"
         self._last = None
 
     @classmethod
-    def load(cls, folder):
+    def load(cls, folder, device="cpu", dtype="float32"):
         """Loads FOLDER/config.json + FOLDER/model.safetensors (a Q-Former config, or a whole
-        BLIP-2 / InstructBLIP one whose Q-Former is taken)."""
+        BLIP-2 / InstructBLIP one whose Q-Former is taken), then places it (see to())."""
         if not isinstance(folder, str):
             raise QfuseError("QFormer.load: folder must be a str, got %r" % (folder,))
         h = c_void_p()
         check(lib.qf_qformer_load(folder.encode(), ctypes.byref(h)))
-        return cls(h)
+        m = cls(h)
+        if device != "cpu" or dtype != "float32":
+            try:
+                m.to(device, dtype)
+            except Exception:
+                m.close()
+                raise
+        return m
+
+    def to(self, device="cpu", dtype="float32"):
+        """Runs the forward on device "cpu" or "cuda" from now on; dtype "bfloat16" (cuda only)
+        keeps the GEMM weights in bf16. Returns self."""
+        _to_device(self._handle("to"), device, dtype, "QFormer.to")
+        self.device, self.dtype = device, dtype
+        return self
 
     def close(self):
         if getattr(self, "_h", None):
