@@ -462,7 +462,7 @@ void qf_qformer_free(qf_qformer *m) {
 static void release_forward(qf_qformer *m) {
     if (m->on_device) {
         const qf_backend *be = m->be;
-        if (m->graph) be->graph_free(m->graph);
+        qf_model_graph_drop(be, &m->graph);
         be->free(m->fwd);
         be->free(m->mir);
         free(m->hmir);
@@ -472,7 +472,6 @@ static void release_forward(qf_qformer *m) {
         free(m->fwd);
         free(m->mir);
     }
-    m->graph = NULL;
     m->fwd = NULL;
     m->mir = m->hmir = NULL;
     m->params_bf16 = NULL;
@@ -526,7 +525,7 @@ qf_status qf_qformer_to_device(qf_qformer *m, const char *device, qf_dtype weigh
     const char *g = getenv("QFUSE_CUDA_GRAPHS");
     m->be = be;
     m->on_device = 1;
-    m->graphs_off = g && !strcmp(g, "0");
+    m->graph.off = g && !strcmp(g, "0");
     m->run_params = dp;
     m->params_bf16 = db;
     view_params(m);
@@ -715,10 +714,7 @@ static qf_status plan(qf_qformer *m, const char *fn) {
         }
     } else {
         const qf_backend *be = m->be;
-        if (need > m->fwd_cap || mir > m->mir_cap) {
-            if (m->graph) be->graph_free(m->graph);
-            m->graph = NULL;
-        }
+        if (need > m->fwd_cap || mir > m->mir_cap) qf_model_graph_drop(be, &m->graph);
         if (need > m->fwd_cap) {
             be->free(m->fwd);
             m->fwd = NULL;
@@ -915,36 +911,21 @@ static qf_status run_layers(qf_qformer *m) {
     return QF_OK;
 }
 
-/* run_layers on the GPU: replays the graph captured for this shape key, or runs eagerly and
- * captures (the eager run first, so every scratch buffer has its final size before capture).
- * A backend that cannot capture (or QFUSE_CUDA_GRAPHS=0) simply runs eagerly each time. */
-static qf_status run_layers_graph(qf_qformer *m) {
-    const qf_backend *be = m->be;
-    const int64_t key[8] = {m->B, m->Lq, m->Lt, m->S, m->P, m->has_enc_mask, m->has_text_mask, m->any_dead};
-    if (m->graph && !memcmp(key, m->graph_key, sizeof key)) {
-        int stale = 0;
-        QF_TRY(be->graph_launch(m->graph, &stale));
-        if (!stale) return QF_OK;
-    }
-    if (m->graph) be->graph_free(m->graph);
-    m->graph = NULL;
-    QF_TRY(run_layers(m));
-    if (m->graphs_off || !be->capture_begin) return QF_OK;
-    if (be->capture_begin() != QF_OK) {
-        m->graphs_off = 1; /* this backend cannot capture here: eager from now on */
-        return QF_OK;
-    }
-    qf_status s = run_layers(m);
-    void *g = NULL;
-    qf_status e = be->capture_end(&g);
-    if (s != QF_OK || e != QF_OK) {
-        if (g) be->graph_free(g);
-        m->graphs_off = 1;
-        return QF_OK; /* the eager run above already produced this call's result */
-    }
-    m->graph = g;
-    memcpy(m->graph_key, key, sizeof key);
-    return QF_OK;
+static qf_status run_layers_body(void *m) { return run_layers(m); }
+
+qf_status qf_qformer_run(qf_qformer *m) { return run_layers(m); }
+
+const float *qf_qformer_result(const qf_qformer *m) {
+    return m->cfg.num_hidden_layers ? m->acts[m->cfg.num_hidden_layers - 1].out : m->emb;
+}
+
+void qf_qformer_key(const qf_qformer *m, int64_t key[6]) {
+    key[0] = m->Lq;
+    key[1] = m->Lt;
+    key[2] = m->P;
+    key[3] = m->has_enc_mask;
+    key[4] = m->has_text_mask;
+    key[5] = m->any_dead;
 }
 
 /* The NaN/Inf screen's verdict on the inputs (screen[] read on the host): which one, where, what. */
@@ -961,14 +942,7 @@ static qf_status report_screen(qf_qformer *m, const char *fn, const int64_t *scr
     return QF_OK;
 }
 
-qf_status qf_qformer_forward(qf_qformer *m, const qf_qformer_args *a, const float *query_embeds,
-                             const float *encoder_hidden_states, float *out) {
-    const char *fn = "qf_qformer_forward";
-    if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
-    if (!a) return qf_fail(QF_ERR_ARG, "%s: args is NULL", fn);
-    if (!query_embeds) return qf_fail(QF_ERR_ARG, "%s: query_embeds is NULL", fn);
-    if (!encoder_hidden_states) return qf_fail(QF_ERR_ARG, "%s: encoder_hidden_states is NULL", fn);
-    if (!out) return qf_fail(QF_ERR_ARG, "%s: out is NULL", fn);
+qf_status qf_qformer_stage(qf_qformer *m, const qf_qformer_args *a, const char *fn) {
     m->have_fwd = 0;
     const int64_t B = a->B, Lq = a->num_queries, S = a->encoder_len, Lt = a->text_len, P = a->prefix_len;
     if (B < 1 || Lq < 1 || S < 1)
@@ -997,9 +971,7 @@ qf_status qf_qformer_forward(qf_qformer *m, const qf_qformer_args *a, const floa
     if (P && (!a->prefix_k || !a->prefix_v))
         return qf_fail(QF_ERR_ARG, "%s: prefix_len = %lld but prefix_%s is NULL", fn, (long long)P,
                        a->prefix_k ? "v" : "k");
-    const int64_t H = m->cfg.hidden_size, E = m->cfg.encoder_hidden_size, N = Lq + Lt;
-    const int64_t T = B * N, Tq = B * Lq, Tt = B * Lt;
-    const double t_in = qf_qformer_prof_on ? qf_qformer_prof_now() : 0.0;
+    const int64_t N = Lq + Lt, Tt = B * Lt;
 
     m->B = B;
     m->Lq = Lq;
@@ -1042,9 +1014,27 @@ qf_status qf_qformer_forward(qf_qformer *m, const qf_qformer_args *a, const floa
             }
     }
 
+    if (m->on_device) QF_TRY(copy_bytes(m, m->mir, m->hmir, m->mir_bytes));
+    return QF_OK;
+}
+
+qf_status qf_qformer_forward(qf_qformer *m, const qf_qformer_args *a, const float *query_embeds,
+                             const float *encoder_hidden_states, float *out) {
+    const char *fn = "qf_qformer_forward";
+    if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
+    if (!a) return qf_fail(QF_ERR_ARG, "%s: args is NULL", fn);
+    if (!query_embeds) return qf_fail(QF_ERR_ARG, "%s: query_embeds is NULL", fn);
+    if (!encoder_hidden_states) return qf_fail(QF_ERR_ARG, "%s: encoder_hidden_states is NULL", fn);
+    if (!out) return qf_fail(QF_ERR_ARG, "%s: out is NULL", fn);
+    const double t_in = qf_qformer_prof_on ? qf_qformer_prof_now() : 0.0;
+    QF_TRY(qf_qformer_stage(m, a, fn));
+    const int64_t B = m->B, Lq = m->Lq, S = m->S, P = m->P, H = m->cfg.hidden_size;
+    const int64_t E = m->cfg.encoder_hidden_size, T = B * (Lq + m->Lt), Tq = B * Lq;
+    uint8_t *hm = m->hmir;
+    int64_t *hscreen = (int64_t *)(hm + ((uint8_t *)m->screen - (uint8_t *)m->mir));
+
     /* the inputs into the planned buffers (host or device pointers on the GPU), then screened */
     const qf_backend *be = m->be;
-    if (m->on_device) QF_TRY(copy_bytes(m, m->mir, m->hmir, m->mir_bytes));
     QF_TRY(copy_bytes(m, m->qin, query_embeds, (size_t)(Tq * H) * sizeof(float)));
     QF_TRY(copy_bytes(m, m->enc, encoder_hidden_states, (size_t)(B * S * E) * sizeof(float)));
     if (P) {
@@ -1060,11 +1050,14 @@ qf_status qf_qformer_forward(qf_qformer *m, const qf_qformer_args *a, const floa
     if (!m->on_device) QF_TRY(report_screen(m, fn, m->screen)); /* synchronous: fail before the work */
     if (qf_qformer_prof_on) qf_qformer_prof_s[QFP_INPUT] += qf_qformer_prof_now() - t_in;
 
-    if (m->on_device)
-        QF_TRY(run_layers_graph(m));
-    else
+    if (m->on_device) {
+        int64_t key[8] = {B, S};
+        qf_qformer_key(m, key + 2);
+        QF_TRY(qf_model_graph_run(be, &m->graph, key, 8, run_layers_body, m));
+    } else {
         QF_TRY(run_layers(m));
-    const float *h = m->cfg.num_hidden_layers ? m->acts[m->cfg.num_hidden_layers - 1].out : m->emb;
+    }
+    const float *h = qf_qformer_result(m);
     QF_TRY(copy_bytes(m, out, h, (size_t)(T * H) * sizeof(float)));
     if (m->on_device) {
         /* the one wait of a GPU forward: the output is final, then the screen's verdict */

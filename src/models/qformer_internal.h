@@ -9,6 +9,7 @@
 
 #include "internal.h"
 #include "backend/backend.h"
+#include "models_internal.h"
 
 typedef struct {
     char *name;              /* transformers name (owned)                                     */
@@ -72,11 +73,10 @@ struct qf_qformer {
      * params_bf16 + (w - run_params)). On the GPU the forward after its input copies is replayed
      * as one graph, captured for the shape key of the last forward (graph_key). */
     const qf_backend *be;
-    int on_device, graphs_off;
+    int on_device;
     float *run_params;
     uint16_t *params_bf16;
-    void *graph;
-    int64_t graph_key[8];
+    qf_model_graph graph;
 
     /* forward planned block (fwd: floats, mir: the small integer inputs and the NaN screen's
      * verdicts, built on the host in hmir and uploaded in one copy when on the GPU) */
@@ -101,6 +101,18 @@ struct qf_qformer {
     float *bwd;
     size_t bwd_cap;
 };
+
+/* The forward in steps, for a model that feeds the Q-Former from its own work on the same
+ * backend (prefusion.c on the GPU): qf_qformer_stage checks a (whose float pointers are
+ * ignored), plans for its shapes and places the masks and text ids (host arrays); the caller
+ * then writes m->qin [B,Lq,H] and m->enc [B,S,E] (m->pk, m->pv [B,P,H] when P) on m->be and
+ * calls qf_qformer_run, which only queues backend calls (capturable in the caller's graph) and
+ * leaves the output [B, Lq+Lt, H] at qf_qformer_result(m). The key of the calls run_layers
+ * makes is qf_qformer_key (6 values). */
+qf_status qf_qformer_stage(qf_qformer *m, const qf_qformer_args *a, const char *fn);
+qf_status qf_qformer_run(qf_qformer *m);
+const float *qf_qformer_result(const qf_qformer *m);
+void qf_qformer_key(const qf_qformer *m, int64_t key[6]);
 
 /* gradient view of a parameter view p (NULL when frozen) */
 static inline float *qformer_grad(const qf_qformer *m, const float *p) {
