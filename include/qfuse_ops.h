@@ -117,6 +117,28 @@ qf_status qf_cuda_upload(void *dst_device, const void *src_host, size_t bytes);
 qf_status qf_cuda_download(void *dst_host, const void *src_device, size_t bytes);
 /* Waits for every queued GPU call; reports an error a kernel hit while running. */
 qf_status qf_cuda_synchronize(void);
+/* float32 products (linear layers) on the GPU: on = 1 lets cuBLAS use TF32 tensor cores (inputs
+ * rounded to 10-bit mantissas: ~1e-3 relative error, several times faster); 0 (the default)
+ * keeps full float32. Applies to the calls made after it (a captured graph keeps its mode). */
+qf_status qf_cuda_set_tf32(int on);
+
+/* ---- bfloat16 scaled dot-product attention (CUDA backend only) -----------------------------
+ * qf_sdpa_forward / qf_sdpa_backward (qfuse.h) with q, k, v, out, grad_out, dq, dk, dv in
+ * bfloat16 (uint16_t bit patterns, row-major as there) and lse in float32, all in GPU memory;
+ * float32 accumulation on tensor cores. Same params and semantics: scale, is_causal (top-left),
+ * GQA, bool (uint8) or float32 masks in GPU memory broadcast to [B,Hq,L,S], fully masked rows give
+ * out = 0, lse = -inf and zero gradients; check_finite screens q, k, v (grad_out) and a float mask
+ * (one extra read each, then a wait for the verdict). Head dims D, Dv <= 128 (64 and 128 fastest);
+ * any L, S. Not supported (QF_ERR_UNSUPPORTED): dropout_p > 0, D or Dv > 128, host pointers (bf16
+ * SDPA runs on the CUDA backend only), and any call in a build without CUDA (make CUDA=1).
+ * Accuracy, measured against float64 on the same bf16 inputs: out and gradients within about 1e-2
+ * of the largest magnitude (tests/python/test_cuda_bf16.py states and checks the bounds).
+ * Forward: lse [B,Hq,L] optional (NULL skips); backward needs the forward's out and lse. */
+qf_status qf_sdpa_forward_bf16(const qf_sdpa_params *p, const uint16_t *q, const uint16_t *k,
+                               const uint16_t *v, uint16_t *out, float *lse);
+qf_status qf_sdpa_backward_bf16(const qf_sdpa_params *p, const uint16_t *q, const uint16_t *k,
+                                const uint16_t *v, const uint16_t *out, const float *lse,
+                                const uint16_t *grad_out, uint16_t *dq, uint16_t *dk, uint16_t *dv);
 
 #ifdef __cplusplus
 }

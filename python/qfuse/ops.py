@@ -6,6 +6,8 @@
     y, mean, rstd = ops.layer_norm(x, w, b, eps=1e-5)
     y = ops.gelu(x, approximate="tanh");  y = ops.softmax(x)
     y = ops.dropout(x, p, seed, offset);  y = ops.embedding(ids, table)
+    out = ops.sdpa(q, k, v, is_causal=True, device="cuda", dtype="bfloat16")   # bf16 on the GPU
+    dq, dk, dv = ops.sdpa_backward(q, k, v, g, device="cuda", dtype="bfloat16")
 
 Conventions (invariants of this module):
 - Arrays are converted to C-contiguous float32 (ids to int32) before they reach C; outputs are
@@ -14,7 +16,12 @@ Conventions (invariants of this module):
   functions accumulate into whatever they are given; see qfuse_ops.h), input gradients are
   overwritten by C anyway.
 - Every library failure raises qfuse.QfuseError carrying qf_last_error()'s message.
+- bfloat16 attention (sdpa / sdpa_backward with dtype="bfloat16", CUDA backend only): q, k, v,
+  grad_out are either float arrays, rounded to bf16 to nearest even on the way in (to_bf16), or
+  uint16 arrays taken as bf16 bit patterns; results come back as float32 holding the bf16 values
+  exactly (from_bf16), lse as float32. Masks stay bool / float32 as for float32 attention.
 """
+import ctypes
 from ctypes import c_float, c_int, c_int64, c_uint64, c_void_p
 
 import numpy as np
@@ -24,7 +31,8 @@ from ._native import QfuseError, check, lib
 
 __all__ = ["linear", "linear_backward", "layer_norm", "layer_norm_backward", "gelu",
            "gelu_backward", "softmax", "softmax_backward", "dropout", "dropout_backward",
-           "embedding", "embedding_backward", "residual", "residual_backward"]
+           "embedding", "embedding_backward", "residual", "residual_backward",
+           "sdpa", "sdpa_backward", "sdpa_bf16", "sdpa_backward_bf16", "to_bf16", "from_bf16"]
 
 _P = c_void_p
 _SIGNATURES = {
@@ -276,6 +284,145 @@ def residual_backward(d_out):
     da, db = np.empty(d.shape, np.float32), np.empty(d.shape, np.float32)
     _call("qf_residual_backward", _ptr(da), _ptr(db), _ptr(d), d.size)
     return da, db
+
+
+# ---- bfloat16 scaled dot-product attention (CUDA backend) -----------------------------------------
+
+_native.declare({
+    "qf_sdpa_forward_bf16": (c_int, [ctypes.POINTER(_native.qf_sdpa_params), _P, _P, _P, _P, _P]),
+    "qf_sdpa_backward_bf16": (c_int, [ctypes.POINTER(_native.qf_sdpa_params)] + [_P] * 9),
+})
+
+
+def to_bf16(x):
+    """float array -> uint16 bfloat16 bit patterns, rounded to nearest even (torch's
+    .to(torch.bfloat16)); NaN stays a quiet NaN, overflow rounds to +-inf."""
+    a = np.ascontiguousarray(x, np.float32)
+    u = a.view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(a)
+    if nan.any():
+        r[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
+    return r
+
+
+def from_bf16(bits):
+    """uint16 bfloat16 bit patterns -> float32 (exact)."""
+    b = np.ascontiguousarray(bits, np.uint16)
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+def _bf16_in(x, what):
+    a = np.asarray(x)
+    if a.dtype == np.uint16:
+        return np.ascontiguousarray(a)
+    if not np.issubdtype(a.dtype, np.floating):
+        raise QfuseError("%s has dtype %s; expected a floating dtype or uint16 bf16 bits" % (what, a.dtype),
+                         "QF_ERR_DTYPE")
+    return to_bf16(a)
+
+
+def _bf16_call(fn, q, k, v, attn_mask, is_causal, scale, enable_gqa, dropout_p, check_finite):
+    """(bf16 q, k, v with a batch axis, qfuse's _SdpaCall holding the validated params)."""
+    from . import _SdpaCall  # at call time: qfuse/__init__ has finished loading by then
+    qb, kb, vb = _bf16_in(q, fn + ": q"), _bf16_in(k, fn + ": k"), _bf16_in(v, fn + ": v")
+    c = _SdpaCall(fn, from_bf16(qb), from_bf16(kb), from_bf16(vb), attn_mask, is_causal, scale,
+                  enable_gqa, dropout_p, 0, check_finite, "cuda")
+    if c.unbatched:
+        qb, kb, vb = qb[None], kb[None], vb[None]
+    return qb, kb, vb, c
+
+
+def _download_bf16(ptr, shape):
+    out = np.empty(shape, np.uint16)
+    check(lib.qf_cuda_download(out.ctypes.data, ptr, out.nbytes))
+    return from_bf16(out)
+
+
+def sdpa_bf16(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
+              dropout_p=0.0, check_finite=True, return_lse=False):
+    """qfuse.sdpa in bfloat16 on the GPU (qf_sdpa_forward_bf16): out float32 (bf16 values), and
+    lse float32 [B,Hq,L] with return_lse. See the module notes for the dtypes; dropout_p must be 0."""
+    from . import cuda
+    qb, kb, vb, c = _bf16_call("sdpa_bf16", q, k, v, attn_mask, is_causal, scale, enable_gqa,
+                               dropout_p, check_finite)
+    B, Hq, L, S, D, Dv = c.shape
+    cuda.init()
+    with cuda.DeviceBuffers() as bufs:
+        p = cuda._device_params(c, bufs)
+        pq, pk, pv = bufs.upload(qb), bufs.upload(kb), bufs.upload(vb)
+        out = bufs.alloc(2 * B * Hq * L * Dv)
+        lse = bufs.empty((B, Hq, L))
+        check(lib.qf_sdpa_forward_bf16(ctypes.byref(p), pq, pk, pv, out, lse))
+        o = c.back(_download_bf16(out, (B, Hq, L, Dv)))
+        if return_lse:
+            return o, c.back(bufs.download(lse, (B, Hq, L)))
+        return o
+
+
+def sdpa_backward_bf16(q, k, v, grad_out, attn_mask=None, is_causal=False, scale=None,
+                       enable_gqa=False, dropout_p=0.0, check_finite=True):
+    """(dq, dk, dv) float32 (bf16 values) of sum(sdpa_bf16(q, k, v, ...) * grad_out): the bf16
+    forward then qf_sdpa_backward_bf16 on the GPU (out and lse stay there)."""
+    from . import cuda
+    qb, kb, vb, c = _bf16_call("sdpa_backward_bf16", q, k, v, attn_mask, is_causal, scale,
+                               enable_gqa, dropout_p, check_finite)
+    B, Hq, L, S, D, Dv = c.shape
+    gb = _bf16_in(grad_out, "sdpa_backward_bf16: grad_out")
+    if c.unbatched and gb.ndim == 3:
+        gb = gb[None]
+    if gb.shape != (B, Hq, L, Dv):
+        raise QfuseError("sdpa_backward_bf16: grad_out has shape %s but the output is [%s]"
+                         % (list(np.shape(grad_out)), ",".join(map(str, (B, Hq, L, Dv)))),
+                         "QF_ERR_SHAPE")
+    cuda.init()
+    with cuda.DeviceBuffers() as bufs:
+        p = cuda._device_params(c, bufs)
+        pq, pk, pv, pg = bufs.upload(qb), bufs.upload(kb), bufs.upload(vb), bufs.upload(gb)
+        out, lse = bufs.alloc(2 * B * Hq * L * Dv), bufs.empty((B, Hq, L))
+        check(lib.qf_sdpa_forward_bf16(ctypes.byref(p), pq, pk, pv, out, lse))
+        gq, gk, gv = bufs.alloc(2 * qb.size), bufs.alloc(2 * kb.size), bufs.alloc(2 * vb.size)
+        check(lib.qf_sdpa_backward_bf16(ctypes.byref(p), pq, pk, pv, out, lse, pg, gq, gk, gv))
+        return tuple(c.back(_download_bf16(ptr, a.shape)) for ptr, a in ((gq, qb), (gk, kb), (gv, vb)))
+
+
+def _dtype_name(dtype, fn):
+    name = getattr(dtype, "__name__", None) or str(dtype)
+    name = {"bf16": "bfloat16", "float": "float32", "f32": "float32"}.get(name, name)
+    if name not in ("float32", "bfloat16"):
+        raise QfuseError("%s: dtype = %r; expected 'float32' or 'bfloat16'" % (fn, dtype), "QF_ERR_DTYPE")
+    return name
+
+
+def sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, dropout_p=0.0,
+         check_finite=True, device="cpu", dtype="float32", **kw):
+    """qfuse.sdpa with a dtype: "float32" is qfuse.sdpa itself (either device); "bfloat16" is
+    sdpa_bf16 and needs device="cuda" (QF_ERR_UNSUPPORTED otherwise: no CPU bf16 attention)."""
+    if _dtype_name(dtype, "sdpa") == "float32":
+        import qfuse
+        return qfuse.sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                          enable_gqa=enable_gqa, dropout_p=dropout_p, check_finite=check_finite,
+                          device=device, **kw)
+    if device != "cuda":
+        raise QfuseError("sdpa: dtype bfloat16 runs on the CUDA backend only (device = %r)" % (device,),
+                         "QF_ERR_UNSUPPORTED")
+    return sdpa_bf16(q, k, v, attn_mask, is_causal, scale, enable_gqa, dropout_p, check_finite, **kw)
+
+
+def sdpa_backward(q, k, v, grad_out, attn_mask=None, is_causal=False, scale=None,
+                  enable_gqa=False, dropout_p=0.0, check_finite=True, device="cpu",
+                  dtype="float32", **kw):
+    """qfuse.sdpa_backward with a dtype, as sdpa above."""
+    if _dtype_name(dtype, "sdpa_backward") == "float32":
+        import qfuse
+        return qfuse.sdpa_backward(q, k, v, grad_out, attn_mask=attn_mask, is_causal=is_causal,
+                                   scale=scale, enable_gqa=enable_gqa, dropout_p=dropout_p,
+                                   check_finite=check_finite, device=device, **kw)
+    if device != "cuda":
+        raise QfuseError("sdpa_backward: dtype bfloat16 runs on the CUDA backend only (device = %r)"
+                         % (device,), "QF_ERR_UNSUPPORTED")
+    return sdpa_backward_bf16(q, k, v, grad_out, attn_mask, is_causal, scale, enable_gqa,
+                              dropout_p, check_finite)
 
 
 def raw(name):

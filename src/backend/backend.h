@@ -88,6 +88,12 @@ typedef struct {
 
 /* The backend for host pointers. */
 const qf_backend *qf_backend_cpu(void);
+/* The CPU bodies of the public forward ops that dispatch on qf_backend_for (layernorm.c, gelu.c,
+ * residual.c): same arguments, checks and results, host memory only; the CPU table calls these. */
+qf_status qf_cpu_layernorm_forward(float *out, float *mean, float *rstd, const float *in, const float *weight,
+                                   const float *bias, int64_t N, int64_t C, float eps);
+qf_status qf_cpu_gelu_forward(float *out, const float *in, int64_t n, qf_gelu_kind kind);
+qf_status qf_cpu_residual_forward(float *out, const float *a, const float *b, int64_t n);
 
 /* The backend whose memory holds the n tensors ptrs[i] (NULL entries are skipped), names[i] for
  * the message: the CPU unless the CUDA backend is built, initialised (qf_cuda_init) and the
@@ -102,6 +108,16 @@ const qf_backend *qf_backend_cuda(void);
 int qf_cuda_active(void);
 /* 1 if p is GPU (device or managed) memory, 0 for host memory or unknown pointers. */
 int qf_cuda_is_device_ptr(const void *p);
+/* bfloat16 SDPA (src/backend/cuda/sdpa_bf16.cu): pr validated by sdpa.c, every pointer device
+ * memory, uint16_t elements are bf16 bit patterns; lse float32 (forward: optional). Dropout,
+ * head dims above 128: QF_ERR_UNSUPPORTED. */
+qf_status qf_cuda_sdpa_forward_bf16(const qf_sdpa_problem *pr, const uint16_t *q, const uint16_t *k,
+                                    const uint16_t *v, uint16_t *out, float *lse);
+qf_status qf_cuda_sdpa_backward_bf16(const qf_sdpa_problem *pr, const uint16_t *q, const uint16_t *k,
+                                     const uint16_t *v, const uint16_t *out, const float *lse,
+                                     const uint16_t *grad_out, uint16_t *dq, uint16_t *dk, uint16_t *dv);
+/* *index = the first i < n with x[i] (bf16, device memory) NaN or +-Inf, or n; *value = x[*index]. */
+qf_status qf_cuda_find_nonfinite_bf16(const uint16_t *x, size_t n, size_t *index, float *value);
 #endif
 
 #endif

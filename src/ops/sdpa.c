@@ -244,3 +244,92 @@ qf_status qf_sdpa_backward(const qf_sdpa_params *p, const float *q, const float 
     }
     return QF_OK;
 }
+
+/* ---- bfloat16 entry points (CUDA backend only) ------------------------------------------------
+ * The same validation as above (qf_sdpa_resolve, NULLs, one side for every tensor), then the
+ * bf16 kernels of src/backend/cuda/sdpa_bf16.cu. Host tensors, or a build without CUDA, get
+ * QF_ERR_UNSUPPORTED: there is no CPU bf16 attention. */
+
+static qf_status bf16_on_gpu(const char *fn, const void *const *ptrs, const char *const *names, int n) {
+#ifdef QF_HAVE_CUDA
+    const qf_backend *be;
+    QF_TRY(qf_backend_for(fn, ptrs, names, n, &be));
+    if (be == qf_backend_cpu())
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: q is host memory (or qf_cuda_init has not run): bfloat16 SDPA "
+                       "runs on the CUDA backend only; pass GPU pointers", fn);
+    return QF_OK;
+#else
+    (void)ptrs; (void)names; (void)n;
+    return qf_fail(QF_ERR_UNSUPPORTED, "%s: bfloat16 SDPA runs on the CUDA backend only, and this libqfuse "
+                   "was built without it (make CUDA=1)", fn);
+#endif
+}
+
+#ifdef QF_HAVE_CUDA
+typedef struct { const char *name; const uint16_t *x; int64_t dims[4]; } bf16_arg;
+
+/* check_finite_on for bf16 tensors in GPU memory; the float mask goes through the backend's
+ * float32 screen (NaN or +Inf refused, -inf allowed). */
+static qf_status check_finite_bf16(const bf16_arg *args, int count, const qf_sdpa_params *p,
+                                   const qf_sdpa_problem *pr) {
+    size_t bad;
+    float value;
+    for (int t = 0; t < count; t++) {
+        const int64_t *d = args[t].dims;
+        size_t n = (size_t)(d[0] * d[1] * d[2] * d[3]);
+        QF_TRY(qf_cuda_find_nonfinite_bf16(args[t].x, n, &bad, &value));
+        if (bad < n) {
+            const finite_arg fa = {args[t].name, NULL, {d[0], d[1], d[2], d[3]}};
+            return report_nonfinite(&fa, bad, value);
+        }
+    }
+    if (p->mask.kind != QF_MASK_FLOAT) return QF_OK;
+    size_t n = 1;
+    for (int d = 0; d < p->mask.ndim; d++) n *= (size_t)p->mask.shape[d];
+    QF_TRY(qf_backend_cuda()->find_nonfinite((const float *)pr->mask, n, 1, &bad, &value));
+    return bad < n ? float_mask_error(bad, value) : QF_OK;
+}
+#endif
+
+qf_status qf_sdpa_forward_bf16(const qf_sdpa_params *p, const uint16_t *q, const uint16_t *k,
+                               const uint16_t *v, uint16_t *out, float *lse) {
+    qf_sdpa_problem pr;
+    QF_TRY(qf_sdpa_resolve(p, &pr));
+    if (!q || !k || !v || !out)
+        return qf_fail(QF_ERR_ARG, "sdpa_forward_bf16: %s is NULL", !q ? "q" : !k ? "k" : !v ? "v" : "out");
+    const void *ptrs[6] = {q, k, v, out, lse, pr.mask};
+    static const char *const names[6] = {"q", "k", "v", "out", "lse", "attn_mask"};
+#ifndef QF_HAVE_CUDA
+    return bf16_on_gpu("sdpa_forward_bf16", ptrs, names, 6); /* refuses: no CUDA backend */
+#else
+    QF_TRY(bf16_on_gpu("sdpa_forward_bf16", ptrs, names, 6));
+    QF_TRY(qf_cuda_sdpa_forward_bf16(&pr, q, k, v, out, lse));
+    if (!p->check_finite) return QF_OK;
+    const bf16_arg args[3] = {{"q", q, {pr.B, pr.Hq, pr.L, pr.D}}, {"k", k, {pr.B, pr.Hkv, pr.S, pr.D}},
+                              {"v", v, {pr.B, pr.Hkv, pr.S, pr.Dv}}};
+    return check_finite_bf16(args, 3, p, &pr);
+#endif
+}
+
+qf_status qf_sdpa_backward_bf16(const qf_sdpa_params *p, const uint16_t *q, const uint16_t *k,
+                                const uint16_t *v, const uint16_t *out, const float *lse,
+                                const uint16_t *grad_out, uint16_t *dq, uint16_t *dk, uint16_t *dv) {
+    qf_sdpa_problem pr;
+    QF_TRY(qf_sdpa_resolve(p, &pr));
+    const char *null_name = !q ? "q" : !k ? "k" : !v ? "v" : !out ? "out" : !lse ? "lse"
+                          : !grad_out ? "grad_out" : !dq ? "dq" : !dk ? "dk" : !dv ? "dv" : NULL;
+    if (null_name) return qf_fail(QF_ERR_ARG, "sdpa_backward_bf16: %s is NULL", null_name);
+    const void *ptrs[10] = {q, k, v, out, lse, grad_out, dq, dk, dv, pr.mask};
+    static const char *const names[10] = {"q", "k", "v", "out", "lse", "grad_out", "dq", "dk", "dv", "attn_mask"};
+#ifndef QF_HAVE_CUDA
+    return bf16_on_gpu("sdpa_backward_bf16", ptrs, names, 10); /* refuses: no CUDA backend */
+#else
+    QF_TRY(bf16_on_gpu("sdpa_backward_bf16", ptrs, names, 10));
+    QF_TRY(qf_cuda_sdpa_backward_bf16(&pr, q, k, v, out, lse, grad_out, dq, dk, dv));
+    if (!p->check_finite) return QF_OK;
+    const bf16_arg args[4] = {{"q", q, {pr.B, pr.Hq, pr.L, pr.D}}, {"k", k, {pr.B, pr.Hkv, pr.S, pr.D}},
+                              {"v", v, {pr.B, pr.Hkv, pr.S, pr.Dv}},
+                              {"grad_out", grad_out, {pr.B, pr.Hq, pr.L, pr.Dv}}};
+    return check_finite_bf16(args, 4, p, &pr);
+#endif
+}

@@ -1,0 +1,669 @@
+/* sdpa_bf16.cu - fused scaled dot-product attention on the GPU in bfloat16, forward and backward,
+ * on tensor cores (FlashAttention-2 scheme: mma.sync m16n8k16 bf16 with ldmatrix, float32
+ * accumulation, online softmax; scores never reach device memory).
+ *
+ * Forward (fwd_bf16): one block of 4 warps per 64 query rows of one (batch, head); warp w owns
+ * rows 16w..16w+15 and keeps its Q fragments in registers. Per 64-key tile: S = Q K^T (K by
+ * ldmatrix), scale, mask, online softmax in registers (running max m and sum l in log2 units),
+ * P rounded to bf16 straight from the accumulators into A fragments, O += P V (V by
+ * ldmatrix.trans). K of the next tile streams in (cp.async) during P V, V during Q K^T.
+ * Causal blocks stop at the last key tile their rows can see; the heaviest query tiles run first.
+ * The output goes through shared memory for coalesced 16-byte stores; lse is float32.
+ * Backward (bwd_bf16): one block of 4 warps per 64 keys of one (batch, kv head); warp w owns keys
+ * 16w..16w+15 and accumulates their dK, dV in registers while the block walks the 64-row query
+ * tiles of every query head of its group (GQA), with the next tile's Q and dO (double buffer)
+ * arriving during the current one. Per tile: S^T = K Q^T, P^T = exp2(S^T - lse) from the
+ * forward's lse, dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q; dS^T goes
+ * to shared memory and dQ (fp32, scratch) += dS K by vector atomics, warp w then owning 16 query
+ * rows. delta_i = dO_i . O_i comes from a pre-pass (bf16_delta), dq = bf16(scale * dq_acc) from a
+ * post-pass (bf16_dq_store).
+ *
+ * Fragment layouts (PTX ISA, mma.m16n8k16): lane = 4g + t; A regs a0..a3 hold (row g, cols 2t..),
+ * (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..); B regs b0, b1 hold (k 2t.., col g), (k 2t+8.., col g);
+ * C holds (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1). A C tile pair is therefore an A fragment
+ * (P needs no trip through shared memory). Shared tiles are row-major with a row stride of DP+8
+ * elements (16 bytes more than a row) so the 8 row addresses of one ldmatrix hit 8 different
+ * 16-byte bank groups: no bank conflicts without a swizzle.
+ *
+ * Invariants (shared with the float32 kernels, sdpa_internal.h): key j is attendable for query i
+ * iff j < S, i < L, not (causal and j > i) and the mask allows it (bool nonzero; float added,
+ * -inf blocks); a row without attendable keys gives out = 0, lse = -inf and zero gradients.
+ * DP (64 or 128) >= D, Dv; padding rows and columns are zero in shared memory (0 * garbage could
+ * be NaN) and never stored. Inputs are bf16 bit patterns (uint16_t), everything accumulates in
+ * float32. Not implemented here (QF_ERR_UNSUPPORTED, said by make_args): dropout, head dims above
+ * 128, the optional weights output. Every launch and copy is queued on qf_cuda_stream(). */
+#include "cuda_internal.h"
+
+#include <cuda_bf16.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+namespace {
+
+constexpr int BM = 64;   /* query rows per tile */
+constexpr int BN = 64;   /* keys per tile */
+constexpr int NT = 128;  /* threads per block: 4 warps of 16 rows (forward) / keys (backward) */
+constexpr int LDD = BM + 8; /* row stride of the dS^T tile [key][query] */
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
+
+struct Args {
+    const uint16_t *q, *k, *v, *o, *dout;
+    const float *lse_in, *delta;
+    uint16_t *out, *dq, *dk, *dv;
+    float *lse, *dq_acc;
+    int64_t B, Hq, Hkv, L, S, D, Dv, group;
+    float scale, scale_log2;
+    int causal, mask_kind;
+    int vec_q, vec_k, vec_v, vec_o, vec_do; /* 16-byte copies possible: columns % 8 == 0, aligned */
+    const void *mask;
+    int64_t ms_b, ms_h, ms_i, ms_j;
+};
+
+/* ---- PTX helpers ---------------------------------------------------------------------------- */
+
+__device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+/* 16 bytes global -> shared without registers; valid = false writes zeros and reads nothing */
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+/* waits until at most N of this thread's committed groups are pending */
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+__device__ __forceinline__ void ldsm4(uint32_t &r0, uint32_t &r1, uint32_t &r2, uint32_t &r3, const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm4t(uint32_t &r0, uint32_t &r1, uint32_t &r2, uint32_t &r3, const void *p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(smem_addr(p)));
+}
+/* c += a b (16x16 bf16 times 16x8 bf16, float32 accumulators) */
+__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+/* two floats -> bf16x2, round to nearest even; lo in the low half (the lower column) */
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&h);
+}
+__device__ __forceinline__ float bf16_to_float(uint16_t u) { return __uint_as_float((uint32_t)u << 16); }
+__device__ __forceinline__ uint16_t float_to_bf16(float x) {
+    __nv_bfloat16 h = __float2bfloat16_rn(x);
+    return *reinterpret_cast<uint16_t *>(&h);
+}
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+/* The mask's term for (i, j) in log2 units: 0 / -inf for bool, value*log2(e) for float. */
+__device__ __forceinline__ float mask_log2(const Args &a, int64_t base, int64_t i, int64_t j) {
+    const int64_t at = base + i * a.ms_i + j * a.ms_j;
+    if (a.mask_kind == QF_MASK_BOOL) return ((const uint8_t *)a.mask)[at] ? 0.0f : -INFINITY;
+    return ((const float *)a.mask)[at] * LOG2E;
+}
+
+/* Rows [row0, row0+64) x cols [0, DP) of the row-major [nrows, ncols] bf16 matrix src into tile
+ * (row stride DP+8). vec: ncols % 8 == 0 and src 16-byte aligned: asynchronous 16-byte copies
+ * (cp.async; commit, wait and __syncthreads before use); else plain element copies (visible
+ * after the next __syncthreads). Rows >= nrows and cols >= ncols become 0. */
+template <int DP>
+__device__ __forceinline__ void load_tile(uint16_t *tile, const uint16_t *src, int64_t row0, int64_t nrows,
+                                          int64_t ncols, int vec) {
+    constexpr int LDS = DP + 8;
+    if (vec) {
+        constexpr int C8 = DP / 8;
+#pragma unroll
+        for (int idx = threadIdx.x; idx < 64 * C8; idx += NT) {
+            const int r = idx / C8, c = (idx % C8) * 8;
+            const bool ok = row0 + r < nrows && c < ncols;
+            cp_async16(tile + r * LDS + c, ok ? src + (row0 + r) * ncols + c : src, ok);
+        }
+    } else {
+        for (int idx = threadIdx.x; idx < 64 * DP; idx += NT) {
+            const int r = idx / DP, c = idx % DP;
+            const bool ok = row0 + r < nrows && c < ncols;
+            tile[r * LDS + c] = ok ? src[(row0 + r) * ncols + c] : (uint16_t)0;
+        }
+    }
+}
+
+template <int DP>
+constexpr size_t fwd_smem_bytes() { return sizeof(uint16_t) * (size_t)(3 * 64 * (DP + 8)); }
+template <int DP>
+constexpr size_t bwd_smem_bytes() {
+    return sizeof(uint16_t) * (size_t)(6 * 64 * (DP + 8) + 64 * LDD) + sizeof(float) * 4 * 64;
+}
+
+/* ---- forward -------------------------------------------------------------------------------- */
+
+/* out[b,h,rows] (bf16), lse[b,h,rows] (float, optional). grid (ceil(L/64), Hq, B), 128 threads. */
+template <int DP>
+__global__ void __launch_bounds__(NT, 2) fwd_bf16(Args a) {
+    constexpr int LDS = DP + 8, KT = DP / 16, NO = DP / 8;
+    extern __shared__ uint4 smem_fwd[];
+    uint16_t *Qs = (uint16_t *)smem_fwd, *Ks = Qs + 64 * LDS, *Vs = Ks + 64 * LDS;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int64_t qb = a.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x; /* heaviest first */
+    const int64_t h = blockIdx.y, b = blockIdx.z, hk = h / a.group, row0 = qb * BM;
+    const int64_t bh = b * a.Hq + h, bhk = b * a.Hkv + hk;
+    const uint16_t *q = a.q + bh * a.L * a.D, *k = a.k + bhk * a.S * a.D, *v = a.v + bhk * a.S * a.Dv;
+    const int64_t mbase = b * a.ms_b + h * a.ms_h;
+    const int wrow = warp * 16;                     /* this warp's first row in the tile */
+    const bool active = row0 + wrow < a.L;          /* any of its rows exists */
+
+    int64_t nkb = (a.S + BN - 1) / BN;
+    if (a.causal) {
+        const int64_t last = (row0 + BM < a.L ? row0 + BM : a.L) - 1;
+        if (last / BN + 1 < nkb) nkb = last / BN + 1;
+    }
+    load_tile<DP>(Qs, q, row0, a.L, a.D, a.vec_q);
+    load_tile<DP>(Ks, k, 0, a.S, a.D, a.vec_k);
+    cp_async_commit();
+
+    uint32_t qf[KT][4];
+    float o[NO][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+#pragma unroll
+    for (int n = 0; n < NO; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+
+    for (int64_t kb = 0; kb < nkb; kb++) {
+        const int64_t col0 = kb * BN;
+        cp_async_wait<0>();
+        __syncthreads(); /* K tile kb (and Q) ready; every warp is done with V of kb-1 */
+        if (kb == 0) {
+#pragma unroll
+            for (int kk = 0; kk < KT; kk++)
+                ldsm4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3],
+                      Qs + (wrow + (lane & 7) + 8 * ((lane >> 3) & 1)) * LDS + kk * 16 + 8 * (lane >> 4));
+        }
+        load_tile<DP>(Vs, v, col0, a.S, a.Dv, a.vec_v);
+        cp_async_commit();
+        float s[8][4];
+#pragma unroll
+        for (int n = 0; n < 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+        if (active) {
+#pragma unroll
+            for (int kk = 0; kk < KT; kk++) {
+#pragma unroll
+                for (int np = 0; np < 4; np++) {
+                    uint32_t b0, b1, b2, b3;
+                    ldsm4(b0, b1, b2, b3, Ks + (16 * np + (lane & 7) + 8 * (lane >> 4)) * LDS + kk * 16 + 8 * ((lane >> 3) & 1));
+                    mma(s[2 * np], qf[kk], b0, b1);
+                    mma(s[2 * np + 1], qf[kk], b2, b3);
+                }
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[n][e] *= a.scale_log2;
+        const bool edge = col0 + BN > a.S || row0 + BM > a.L || (a.causal && col0 + BN - 1 > row0) || a.mask_kind;
+        if (edge) {
+#pragma unroll
+            for (int n = 0; n < 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int64_t qi = row0 + wrow + g + 8 * (e >> 1), kj = col0 + 8 * n + 2 * t + (e & 1);
+                    if (kj >= a.S || qi >= a.L || (a.causal && kj > qi)) s[n][e] = -INFINITY;
+                    else if (a.mask_kind) s[n][e] += mask_log2(a, mbase, qi, kj);
+                }
+        }
+        /* online softmax: rows g (e = 0, 1) and g + 8 (e = 2, 3) */
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int n = 0; n < 8; n++) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float mnew = fmaxf(m[r], mx);
+            const float base = mnew == -INFINITY ? 0.f : mnew; /* no key yet: keep exp2 finite */
+            const float alpha = fast_exp2(m[r] - base);
+            m[r] = mnew;
+            float sum = 0.f;
+#pragma unroll
+            for (int n = 0; n < 8; n++) {
+                s[n][2 * r] = fast_exp2(s[n][2 * r] - base);
+                s[n][2 * r + 1] = fast_exp2(s[n][2 * r + 1] - base);
+                sum += s[n][2 * r] + s[n][2 * r + 1];
+            }
+            l[r] = l[r] * alpha + sum; /* this lane's part of the row sum; reduced at the end */
+#pragma unroll
+            for (int n = 0; n < NO; n++) {
+                o[n][2 * r] *= alpha;
+                o[n][2 * r + 1] *= alpha;
+            }
+        }
+        uint32_t pa[4][4];
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            pa[kk][0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+            pa[kk][1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+            pa[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            pa[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        }
+        cp_async_wait<0>();
+        __syncthreads(); /* V tile kb ready; every warp is done with K tile kb */
+        if (kb + 1 < nkb) {
+            load_tile<DP>(Ks, k, col0 + BN, a.S, a.D, a.vec_k);
+            cp_async_commit();
+        }
+        if (active) {
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+#pragma unroll
+                for (int dp = 0; dp < NO / 2; dp++) {
+                    uint32_t b0, b1, b2, b3;
+                    ldsm4t(b0, b1, b2, b3, Vs + (16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1)) * LDS + 16 * dp + 8 * (lane >> 4));
+                    mma(o[2 * dp], pa[kk], b0, b1);
+                    mma(o[2 * dp + 1], pa[kk], b2, b3);
+                }
+            }
+        }
+    }
+    /* epilogue: normalise, round to bf16 into this warp's own rows of Qs (its Q is in registers
+     * since kb = 0, no other warp reads those rows), then coalesced stores */
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float sum = l[r];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        inv[r] = sum > 0.f ? 1.f / sum : 0.f;
+        const int64_t qi = row0 + wrow + g + 8 * r;
+        if (a.lse && t == 0 && qi < a.L) a.lse[bh * a.L + qi] = sum > 0.f ? m[r] * LN2 + logf(sum) : -INFINITY;
+    }
+    if (!active) return;
+    uint16_t *Os = Qs + wrow * LDS;
+#pragma unroll
+    for (int n = 0; n < NO; n++) {
+        *(uint32_t *)(Os + g * LDS + 8 * n + 2 * t) = pack_bf16(o[n][0] * inv[0], o[n][1] * inv[0]);
+        *(uint32_t *)(Os + (g + 8) * LDS + 8 * n + 2 * t) = pack_bf16(o[n][2] * inv[1], o[n][3] * inv[1]);
+    }
+    __syncwarp();
+    uint16_t *out = a.out + (bh * a.L + row0 + wrow) * a.Dv;
+    const int64_t nrows = a.L - (row0 + wrow) < 16 ? a.L - (row0 + wrow) : 16;
+    if (a.vec_o) {
+        const int c8 = (int)(a.Dv / 8);
+        for (int idx = lane; idx < nrows * c8; idx += 32) {
+            const int r = idx / c8, c = (idx % c8) * 8;
+            *(uint4 *)(out + r * a.Dv + c) = *(const uint4 *)(Os + r * LDS + c);
+        }
+    } else {
+        for (int64_t idx = lane; idx < nrows * a.Dv; idx += 32) {
+            const int64_t r = idx / a.Dv, c = idx % a.Dv;
+            out[r * a.Dv + c] = Os[r * LDS + c];
+        }
+    }
+}
+
+/* ---- backward ------------------------------------------------------------------------------- */
+
+/* delta[r] = sum_d float(dout[r,d]) * float(o[r,d]), one warp per row r of B*Hq*L. */
+__global__ void bf16_delta(const uint16_t *dout, const uint16_t *o, float *delta, int64_t rows, int64_t Dv) {
+    const int64_t r = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (r >= rows) return;
+    float acc = 0.f;
+    for (int64_t d = lane; d < Dv; d += 32) acc += bf16_to_float(dout[r * Dv + d]) * bf16_to_float(o[r * Dv + d]);
+#pragma unroll
+    for (int off = 16; off; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) delta[r] = acc;
+}
+
+/* dq[i] = bf16(scale * dq_acc[i]) */
+__global__ void bf16_dq_store(const float *acc, uint16_t *dq, int64_t n, float scale) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        dq[i] = float_to_bf16(acc[i] * scale);
+}
+
+/* dk, dv of keys [64 kb, 64 kb + 64) of (b, kv head hk), dq_acc += this block's share.
+ * grid (ceil(S/64), Hkv, B), 128 threads. */
+template <int DP>
+__global__ void __launch_bounds__(NT, 2) bwd_bf16(Args a) {
+    constexpr int LDS = DP + 8, KT = DP / 16, NO = DP / 8, TILE = 64 * LDS;
+    extern __shared__ uint4 smem_bwd[];
+    uint16_t *Ks = (uint16_t *)smem_bwd, *Vs = Ks + TILE;
+    uint16_t *Qb = Vs + TILE;        /* Q tiles, double buffered: Qb + buf * TILE */
+    uint16_t *Ob = Qb + 2 * TILE;    /* dO tiles, double buffered */
+    uint16_t *dSs = Ob + 2 * TILE;   /* dS^T [key][query], row stride LDD */
+    float *lse2s = (float *)(dSs + 64 * LDD); /* [2][64]: lse * log2(e), +inf for rows without keys */
+    float *dels = lse2s + 2 * 64;             /* [2][64]: delta */
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int64_t hk = blockIdx.y, b = blockIdx.z, col0 = (int64_t)blockIdx.x * BN;
+    const int64_t bhk = b * a.Hkv + hk;
+    const int wk = warp * 16; /* this warp's first key in the tile (and first query row for dQ) */
+
+    load_tile<DP>(Ks, a.k + bhk * a.S * a.D, col0, a.S, a.D, a.vec_k);
+    load_tile<DP>(Vs, a.v + bhk * a.S * a.Dv, col0, a.S, a.Dv, a.vec_v);
+
+    const int64_t nqb = (a.L + BM - 1) / BM;
+    const int64_t qb0 = a.causal ? col0 / BM : 0; /* earlier query tiles cannot see these keys */
+    const int64_t per = nqb > qb0 ? nqb - qb0 : 0, niter = per * a.group;
+
+    /* queue the Q, dO tiles and lse, delta of iteration it into buffer it & 1 */
+    auto issue = [&](int64_t it) {
+        const int64_t h = hk * a.group + it / per, row0 = (qb0 + it % per) * BM, bh = b * a.Hq + h;
+        const int buf = (int)(it & 1);
+        load_tile<DP>(Qb + buf * TILE, a.q + bh * a.L * a.D, row0, a.L, a.D, a.vec_q);
+        load_tile<DP>(Ob + buf * TILE, a.dout + bh * a.L * a.Dv, row0, a.L, a.Dv, a.vec_do);
+        if (tid < BM) {
+            const int64_t qi = row0 + tid;
+            const float ls = qi < a.L ? a.lse_in[bh * a.L + qi] : -INFINITY;
+            lse2s[buf * 64 + tid] = ls == -INFINITY ? INFINITY : ls * LOG2E; /* +inf: P = 0 */
+            dels[buf * 64 + tid] = qi < a.L ? a.delta[bh * a.L + qi] : 0.f;
+        }
+    };
+    if (niter > 0) issue(0);
+    cp_async_commit(); /* group 0: K, V and the first Q, dO */
+
+    float dk[NO][4], dv[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dk[n][e] = dv[n][e] = 0.f;
+
+    for (int64_t it = 0; it < niter; it++) {
+        const int64_t h = hk * a.group + it / per, row0 = (qb0 + it % per) * BM, bh = b * a.Hq + h;
+        const int64_t mbase = b * a.ms_b + h * a.ms_h;
+        const int buf = (int)(it & 1);
+        const uint16_t *Qs = Qb + buf * TILE, *Os = Ob + buf * TILE;
+        const float *lse2 = lse2s + buf * 64, *del = dels + buf * 64;
+        __syncthreads(); /* every warp is done with buffer buf ^ 1 (iteration it - 1) and dSs */
+        if (it + 1 < niter) {
+            issue(it + 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads(); /* iteration it's tiles are visible */
+
+        /* S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x 64 queries */
+        float st[8][4], dpt[8][4];
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) st[n][e] = dpt[n][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KT; kk++) {
+            uint32_t ka[4], va[4];
+            ldsm4(ka[0], ka[1], ka[2], ka[3], Ks + (wk + (lane & 7) + 8 * ((lane >> 3) & 1)) * LDS + kk * 16 + 8 * (lane >> 4));
+            ldsm4(va[0], va[1], va[2], va[3], Vs + (wk + (lane & 7) + 8 * ((lane >> 3) & 1)) * LDS + kk * 16 + 8 * (lane >> 4));
+#pragma unroll
+            for (int np = 0; np < 4; np++) {
+                const int off = (16 * np + (lane & 7) + 8 * (lane >> 4)) * LDS + kk * 16 + 8 * ((lane >> 3) & 1);
+                uint32_t b0, b1, b2, b3;
+                ldsm4(b0, b1, b2, b3, Qs + off);
+                mma(st[2 * np], ka, b0, b1);
+                mma(st[2 * np + 1], ka, b2, b3);
+                ldsm4(b0, b1, b2, b3, Os + off);
+                mma(dpt[2 * np], va, b0, b1);
+                mma(dpt[2 * np + 1], va, b2, b3);
+            }
+        }
+        /* P^T = exp2(scale_log2 s + mask - lse2), dS^T = P^T (dP^T - delta); element (n, e) is key
+         * wk + g + 8 (e >> 1), query 8 n + 2 t + (e & 1) */
+        const bool edge = col0 + BN > a.S || row0 + BM > a.L || (a.causal && col0 + BN - 1 > row0) || a.mask_kind;
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int qc = 8 * n + 2 * t + (e & 1);
+                float x = st[n][e] * a.scale_log2;
+                bool ok = true;
+                if (edge) {
+                    const int64_t kj = col0 + wk + g + 8 * (e >> 1), qi = row0 + qc;
+                    ok = kj < a.S && qi < a.L && !(a.causal && kj > qi);
+                    if (ok && a.mask_kind) x += mask_log2(a, mbase, qi, kj);
+                }
+                const float p = ok ? fast_exp2(x - lse2[qc]) : 0.f;
+                st[n][e] = p;
+                dpt[n][e] = p * (dpt[n][e] - del[qc]);
+            }
+        uint32_t pa[4][4], sa[4][4];
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            pa[kk][0] = pack_bf16(st[2 * kk][0], st[2 * kk][1]);
+            pa[kk][1] = pack_bf16(st[2 * kk][2], st[2 * kk][3]);
+            pa[kk][2] = pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+            pa[kk][3] = pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+            sa[kk][0] = pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]);
+            sa[kk][1] = pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]);
+            sa[kk][2] = pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
+            sa[kk][3] = pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+        }
+        /* dS^T to shared memory for dQ (bf16, the same rounding the dK product uses) */
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            *(uint32_t *)(dSs + (wk + g) * LDD + 16 * kk + 2 * t) = sa[kk][0];
+            *(uint32_t *)(dSs + (wk + g + 8) * LDD + 16 * kk + 2 * t) = sa[kk][1];
+            *(uint32_t *)(dSs + (wk + g) * LDD + 16 * kk + 8 + 2 * t) = sa[kk][2];
+            *(uint32_t *)(dSs + (wk + g + 8) * LDD + 16 * kk + 8 + 2 * t) = sa[kk][3];
+        }
+        /* dV += P^T dO, dK += dS^T Q (B operands [query][d] by ldmatrix.trans) */
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+#pragma unroll
+            for (int dp = 0; dp < NO / 2; dp++) {
+                const int off = (16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1)) * LDS + 16 * dp + 8 * (lane >> 4);
+                uint32_t b0, b1, b2, b3;
+                ldsm4t(b0, b1, b2, b3, Os + off);
+                mma(dv[2 * dp], pa[kk], b0, b1);
+                mma(dv[2 * dp + 1], pa[kk], b2, b3);
+                ldsm4t(b0, b1, b2, b3, Qs + off);
+                mma(dk[2 * dp], sa[kk], b0, b1);
+                mma(dk[2 * dp + 1], sa[kk], b2, b3);
+            }
+        }
+        __syncthreads(); /* dS^T complete */
+        /* dQ rows wk..wk+15 of this tile += dS K, 64 columns of d at a time; A = dS from dS^T by
+         * ldmatrix.trans, B = K [key][d] by ldmatrix.trans */
+        if (row0 + wk < a.L) {
+            float *dqa = a.dq_acc + (bh * a.L + row0 + wk) * a.D;
+#pragma unroll
+            for (int dc = 0; dc < DP / 64; dc++) {
+                float acc[8][4];
+#pragma unroll
+                for (int n = 0; n < 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+#pragma unroll
+                for (int kk = 0; kk < 4; kk++) {
+                    uint32_t da[4];
+                    ldsm4t(da[0], da[1], da[2], da[3], dSs + (16 * kk + (lane & 7) + 8 * (lane >> 4)) * LDD + wk + 8 * ((lane >> 3) & 1));
+#pragma unroll
+                    for (int dp = 0; dp < 4; dp++) {
+                        uint32_t b0, b1, b2, b3;
+                        ldsm4t(b0, b1, b2, b3, Ks + (16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1)) * LDS + 64 * dc + 16 * dp + 8 * (lane >> 4));
+                        mma(acc[2 * dp], da, b0, b1);
+                        mma(acc[2 * dp + 1], da, b2, b3);
+                    }
+                }
+#pragma unroll
+                for (int r = 0; r < 2; r++) {
+                    const int64_t qr = g + 8 * r;
+                    if (row0 + wk + qr >= a.L) continue;
+#pragma unroll
+                    for (int n = 0; n < 8; n++) {
+                        const int64_t d = 64 * dc + 8 * n + 2 * t;
+                        float *dst = dqa + qr * a.D + d;
+                        if (d + 1 < a.D && !(a.D & 1)) {
+                            atomicAdd((float2 *)dst, make_float2(acc[n][2 * r], acc[n][2 * r + 1]));
+                        } else {
+                            if (d < a.D) atomicAdd(dst, acc[n][2 * r]);
+                            if (d + 1 < a.D) atomicAdd(dst + 1, acc[n][2 * r + 1]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    cp_async_wait<0>(); /* K/V copies are still pending when no query tile could see these keys */
+    /* dk = scale dS^T Q, dv = P^T dO for keys wk + g (+8) */
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int64_t kj = col0 + wk + g + 8 * r;
+        if (kj >= a.S) continue;
+        uint16_t *dkr = a.dk + (bhk * a.S + kj) * a.D, *dvr = a.dv + (bhk * a.S + kj) * a.Dv;
+#pragma unroll
+        for (int n = 0; n < NO; n++) {
+            const int64_t d = 8 * n + 2 * t;
+            if (d < a.D) dkr[d] = float_to_bf16(dk[n][2 * r] * a.scale);
+            if (d + 1 < a.D) dkr[d + 1] = float_to_bf16(dk[n][2 * r + 1] * a.scale);
+            if (d < a.Dv) dvr[d] = float_to_bf16(dv[n][2 * r]);
+            if (d + 1 < a.Dv) dvr[d + 1] = float_to_bf16(dv[n][2 * r + 1]);
+        }
+    }
+}
+
+/* ---- NaN/Inf screen of bf16 tensors --------------------------------------------------------- */
+
+__global__ void bf16_find_nonfinite(const uint16_t *x, size_t n, unsigned long long *first) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        if ((x[i] & 0x7f80u) == 0x7f80u) atomicMin(first, (unsigned long long)i);
+}
+
+/* ---- host side ------------------------------------------------------------------------------ */
+
+bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+
+/* Shared setup of both directions; QF_ERR_UNSUPPORTED for what these kernels do not cover. */
+qf_status make_args(const char *fn, const qf_sdpa_problem *pr, Args *a, int *dp) {
+    if (pr->dropout_p > 0.0f)
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: dropout_p = %g is not implemented for bfloat16 (only dropout_p = 0; "
+                       "the float32 CPU path has dropout)", fn, (double)pr->dropout_p);
+    const int64_t dmax = pr->D > pr->Dv ? pr->D : pr->Dv;
+    if (dmax > 128)
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: head dim D = %lld / Dv = %lld: the bfloat16 kernels take at most 128",
+                       fn, (long long)pr->D, (long long)pr->Dv);
+    if (pr->B > 65535 || pr->Hq > 65535 || (pr->L + BM - 1) / BM > 0x7fffffff || (pr->S + BN - 1) / BN > 0x7fffffff)
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: B = %lld or Hq = %lld exceeds the CUDA grid's 65535", fn,
+                       (long long)pr->B, (long long)pr->Hq);
+    *dp = dmax <= 64 ? 64 : 128;
+    *a = Args{};
+    a->B = pr->B; a->Hq = pr->Hq; a->Hkv = pr->Hkv; a->L = pr->L; a->S = pr->S; a->D = pr->D; a->Dv = pr->Dv;
+    a->group = pr->group;
+    a->scale = pr->scale;
+    a->scale_log2 = pr->scale * LOG2E;
+    a->causal = pr->is_causal;
+    a->mask_kind = pr->mask ? (int)pr->mask_kind : (int)QF_MASK_NONE;
+    a->mask = pr->mask;
+    a->ms_b = pr->ms_b; a->ms_h = pr->ms_h; a->ms_i = pr->ms_i; a->ms_j = pr->ms_j;
+    return QF_OK;
+}
+
+template <int DP>
+qf_status launch_fwd(const Args &a) {
+    static bool attr_set = false; /* idempotent, so a race between threads is harmless */
+    const size_t smem = fwd_smem_bytes<DP>();
+    if (!attr_set) {
+        QF_TRY(qf_cuda_check(cudaFuncSetAttribute(fwd_bf16<DP>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                             "sdpa bf16 forward: cudaFuncSetAttribute"));
+        attr_set = true;
+    }
+    dim3 grid((unsigned)((a.L + BM - 1) / BM), (unsigned)a.Hq, (unsigned)a.B);
+    fwd_bf16<DP><<<grid, NT, smem, qf_cuda_stream()>>>(a);
+    return qf_cuda_launched("fwd_bf16");
+}
+
+template <int DP>
+qf_status launch_bwd(const Args &a) {
+    static bool attr_set = false;
+    const size_t smem = bwd_smem_bytes<DP>();
+    if (!attr_set) {
+        QF_TRY(qf_cuda_check(cudaFuncSetAttribute(bwd_bf16<DP>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                             "sdpa bf16 backward: cudaFuncSetAttribute"));
+        attr_set = true;
+    }
+    dim3 grid((unsigned)((a.S + BN - 1) / BN), (unsigned)a.Hkv, (unsigned)a.B);
+    bwd_bf16<DP><<<grid, NT, smem, qf_cuda_stream()>>>(a);
+    return qf_cuda_launched("bwd_bf16");
+}
+
+} // namespace
+
+qf_status qf_cuda_sdpa_forward_bf16(const qf_sdpa_problem *pr, const uint16_t *q, const uint16_t *k,
+                                    const uint16_t *v, uint16_t *out, float *lse) {
+    Args a;
+    int dp;
+    QF_TRY(make_args("sdpa_forward_bf16 (cuda)", pr, &a, &dp));
+    a.q = q; a.k = k; a.v = v; a.out = out; a.lse = lse;
+    a.vec_q = pr->D % 8 == 0 && aligned16(q);
+    a.vec_k = pr->D % 8 == 0 && aligned16(k);
+    a.vec_v = pr->Dv % 8 == 0 && aligned16(v);
+    a.vec_o = pr->Dv % 8 == 0 && aligned16(out);
+    return dp == 64 ? launch_fwd<64>(a) : launch_fwd<128>(a);
+}
+
+qf_status qf_cuda_sdpa_backward_bf16(const qf_sdpa_problem *pr, const uint16_t *q, const uint16_t *k,
+                                     const uint16_t *v, const uint16_t *out, const float *lse,
+                                     const uint16_t *grad_out, uint16_t *dq, uint16_t *dk, uint16_t *dv) {
+    Args a;
+    int dp;
+    QF_TRY(make_args("sdpa_backward_bf16 (cuda)", pr, &a, &dp));
+    a.q = q; a.k = k; a.v = v; a.o = out; a.lse_in = lse; a.dout = grad_out;
+    a.dq = dq; a.dk = dk; a.dv = dv;
+    a.vec_q = pr->D % 8 == 0 && aligned16(q);
+    a.vec_k = pr->D % 8 == 0 && aligned16(k);
+    a.vec_v = pr->Dv % 8 == 0 && aligned16(v);
+    a.vec_do = pr->Dv % 8 == 0 && aligned16(grad_out);
+    const int64_t rows = pr->B * pr->Hq * pr->L;
+    /* one scratch buffer: delta [rows] floats, then the float32 dQ accumulator [rows, D] at a
+     * 256-byte boundary (float2 atomics need 8-byte alignment) */
+    const size_t delta_bytes = ((sizeof(float) * (size_t)rows + 255) / 256) * 256;
+    const size_t acc_bytes = sizeof(float) * (size_t)rows * (size_t)pr->D;
+    void *buf;
+    QF_TRY(qf_cuda_scratch(QF_CUDA_SCRATCH_DELTA, delta_bytes + acc_bytes, &buf));
+    float *delta = (float *)buf, *acc = (float *)((char *)buf + delta_bytes);
+    a.delta = delta;
+    a.dq_acc = acc;
+    cudaStream_t st = qf_cuda_stream();
+    bf16_delta<<<(unsigned)((rows * 32 + 255) / 256), 256, 0, st>>>(grad_out, out, delta, rows, pr->Dv);
+    QF_TRY(qf_cuda_launched("bf16_delta"));
+    QF_TRY(qf_cuda_check(cudaMemsetAsync(acc, 0, acc_bytes, st), "sdpa bf16 backward: zeroing dq"));
+    QF_TRY(dp == 64 ? launch_bwd<64>(a) : launch_bwd<128>(a));
+    const int64_t n = rows * pr->D;
+    int64_t blocks = (n + 255) / 256;
+    if (blocks > 8192) blocks = 8192;
+    bf16_dq_store<<<(unsigned)blocks, 256, 0, st>>>(acc, dq, n, pr->scale);
+    return qf_cuda_launched("bf16_dq_store");
+}
+
+qf_status qf_cuda_find_nonfinite_bf16(const uint16_t *x, size_t n, size_t *index, float *value) {
+    *index = n;
+    *value = 0.0f;
+    if (n == 0) return QF_OK;
+    void *buf;
+    QF_TRY(qf_cuda_scratch(QF_CUDA_SCRATCH_SCREEN, sizeof(unsigned long long), &buf));
+    unsigned long long *first = (unsigned long long *)buf, host = ~0ull;
+    cudaStream_t st = qf_cuda_stream();
+    QF_TRY(qf_cuda_check(cudaMemsetAsync(first, 0xff, sizeof host, st), "bf16 nan screen: cudaMemsetAsync"));
+    size_t blocks = (n + 255) / 256;
+    if (blocks > 4096) blocks = 4096;
+    bf16_find_nonfinite<<<(unsigned)blocks, 256, 0, st>>>(x, n, first);
+    QF_TRY(qf_cuda_launched("bf16_find_nonfinite"));
+    QF_TRY(qf_cuda_check(cudaMemcpyAsync(&host, first, sizeof host, cudaMemcpyDeviceToHost, st),
+                         "bf16 nan screen: cudaMemcpyAsync"));
+    QF_TRY(qf_cuda_check(cudaStreamSynchronize(st), "bf16 nan screen: cudaStreamSynchronize"));
+    if (host < n) {
+        uint16_t u = 0;
+        *index = (size_t)host;
+        QF_TRY(qf_cuda_check(cudaMemcpyAsync(&u, x + host, sizeof u, cudaMemcpyDeviceToHost, st),
+                             "bf16 nan screen: cudaMemcpyAsync"));
+        QF_TRY(qf_cuda_check(cudaStreamSynchronize(st), "bf16 nan screen: cudaStreamSynchronize"));
+        const uint32_t bits = (uint32_t)u << 16;
+        memcpy(value, &bits, sizeof bits);
+    }
+    return QF_OK;
+}
