@@ -1,15 +1,20 @@
-/* tokenizer.c - Hugging Face tokenizer.json byte-level BPE: load, encode, decode (qfuse_text.h).
+/* tokenizer.c - Hugging Face tokenizer.json byte-level BPE and BERT WordPiece: load, encode,
+ * decode (qfuse_text.h). The BERT stages themselves (BertNormalizer, BertPreTokenizer, the
+ * WordPiece model on one word, the WordPiece decoder's rule) are src/io/wordpiece.c; this file
+ * reads their settings and runs them in the pipeline.
  *
  * Encode pipeline, as the `tokenizers` library runs it (each stage works on the pieces the
  * previous one left, in order, and drops empty pieces):
  *   1. added tokens that are not `normalized` are cut out of the raw text (leftmost, longest);
- *   2. each remaining piece is normalized (NFC or nothing), then `normalized` added tokens are
- *      cut out of it;
+ *   2. each remaining piece is normalized (NFC and/or BertNormalizer steps, in order), then
+ *      `normalized` added tokens are cut out of it;
  *   3. the pre-tokenizer steps split each plain piece (Split regexes, ByteLevel's GPT-2 regex,
- *      ByteLevel's optional prefix space), ByteLevel maps every byte to its printable char;
- *   4. BPE: chars -> vocab ids, then pair merges by rank, lowest rank first and leftmost on ties
- *      (a binary heap of candidate merges, checked for staleness when popped, as tokenizers'
- *      Word::merge_all does), O(n log n) per piece;
+ *      ByteLevel's optional prefix space, BertPreTokenizer), ByteLevel maps every byte to its
+ *      printable char;
+ *   4. the model: BPE: chars -> vocab ids, then pair merges by rank, lowest rank first and
+ *      leftmost on ties (a binary heap of candidate merges, checked for staleness when popped,
+ *      as tokenizers' Word::merge_all does), O(n log n) per piece; or WordPiece: greedy longest
+ *      vocab match from the left (wordpiece.c);
  *   5. the post-processor template adds its special ids around the sequence.
  * The pipeline is run depth-first: a piece is taken through every later stage before the next
  * piece, so the ids come out in order and only one piece per stage is alive at a time.
@@ -24,6 +29,7 @@
  *   is why pcre2_match runs with PCRE2_NO_UTF_CHECK.
  */
 #include "io_internal.h"
+#include "wordpiece.h"
 #include <cjson/cJSON.h>
 #include <limits.h>
 #include <math.h>
@@ -37,6 +43,7 @@
 #define TOK_MAX_FILE ((size_t)256 << 20)
 #define TOK_MAX_ID (1 << 24)
 #define TOK_MAX_STEPS 16
+#define TOK_MAX_NORM 8
 #define NO_STR UINT32_MAX
 
 static const char GPT2_PATTERN[] =
@@ -59,7 +66,9 @@ typedef struct {
     int count;
 } added_set;
 
-enum { STEP_SPLIT, STEP_BYTELEVEL };
+enum { STEP_SPLIT, STEP_BYTELEVEL, STEP_BERT };
+enum { NORM_NFC, NORM_BERT };
+enum { DEC_NONE, DEC_BYTELEVEL, DEC_WORDPIECE };
 enum { B_REMOVED, B_ISOLATED, B_PREV, B_NEXT, B_CONTIGUOUS };
 
 typedef struct {
@@ -103,10 +112,18 @@ struct qf_tokenizer {
     int32_t unk_id;      /* -1: none */
     int fuse_unk, byte_fallback, ignore_merges;
     str_ref prefix, suffix; /* continuing_subword_prefix, end_of_word_suffix (len 0 = none) */
-    int nfc;
+    int wordpiece;          /* model: 0 BPE, 1 WordPiece (settings in wp; wp.prefix = prefix) */
+    qf_wordpiece wp;
+    struct {
+        int kind;
+        qf_bert_normalizer bert;
+    } norm[TOK_MAX_NORM];   /* normalizer steps, applied in order */
+    int n_norm;
     pretok_step steps[TOK_MAX_STEPS];
     int n_steps, byte_level;
-    int decoder_bytelevel;
+    int decoder;            /* DEC_*; WordPiece's prefix and cleanup below */
+    str_ref dec_prefix;
+    int dec_cleanup;
     int32_t *tmpl_pre, *tmpl_post;
     size_t n_pre, n_post;
     uint8_t byte_len[256];
@@ -526,6 +543,62 @@ static qf_status load_merges(loader *L, const cJSON *merges) {
     return QF_OK;
 }
 
+/* Refuses any member of obj not named in known[0..n) (a setting qfuse would otherwise ignore). */
+static qf_status only_keys(loader *L, const cJSON *obj, const char *where, const char *const *known, size_t n) {
+    for (const cJSON *x = obj->child; x; x = x->next) {
+        size_t i = 0;
+        while (i < n && strcmp(x->string, known[i])) i++;
+        if (i < n) continue;
+        char list[256];
+        size_t k = 0;
+        list[0] = '\0';
+        for (i = 0; i < n && k < sizeof list; i++)
+            k += (size_t)snprintf(list + k, sizeof list - k, "%s%s", i ? ", " : "", known[i]);
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: %s.%s is not supported (qfuse reads %s)", L->label, where,
+                       x->string, list);
+    }
+    return QF_OK;
+}
+
+/* model.type "WordPiece" (BERT): vocab, unk_token, continuing_subword_prefix and
+ * max_input_chars_per_word, absent ones taking tokenizers' defaults ("[UNK]", "##", 100). The
+ * unk token must be in the vocab (tokenizers fails later, on the first word it cannot split). */
+static qf_status load_wordpiece(loader *L, const cJSON *model) {
+    qf_tokenizer *t = L->t;
+    static const char *const known[] = {"type", "vocab", "unk_token", "continuing_subword_prefix",
+                                        "max_input_chars_per_word"};
+    QF_TRY(only_keys(L, model, "model (WordPiece)", known, sizeof known / sizeof *known));
+    const char *unk, *prefix;
+    QF_TRY(get_str(L, model, "unk_token", "model", &unk));
+    QF_TRY(get_str(L, model, "continuing_subword_prefix", "model", &prefix));
+    if (!unk) unk = "[UNK]";
+    if (!prefix) prefix = "##";
+    const cJSON *mc = cJSON_GetObjectItemCaseSensitive(model, "max_input_chars_per_word");
+    double max_chars = 100;
+    if (mc && !cJSON_IsNull(mc)) {
+        if (!cJSON_IsNumber(mc) || !(mc->valuedouble >= 0 && mc->valuedouble <= 9007199254740992.0) ||
+            floor(mc->valuedouble) != mc->valuedouble)
+            return qf_fail(QF_ERR_FORMAT, "%s: model.max_input_chars_per_word is %s; expected a non-negative integer",
+                           L->label, cJSON_IsNumber(mc) ? "not a non-negative integer" : jtype(mc));
+        max_chars = mc->valuedouble;
+    }
+    QF_TRY(load_vocab(L, cJSON_GetObjectItemCaseSensitive(model, "vocab")));
+    QF_TRY(pool_add(L, prefix, strlen(prefix), &t->prefix));
+    t->unk_id = vocab_id(t, unk, strlen(unk));
+    if (t->unk_id < 0)
+        return qf_fail(QF_ERR_FORMAT, "%s: model.unk_token \"%s\" is not in model.vocab (WordPiece gives it to every "
+                       "word it cannot split)", L->label, unk);
+    size_t longest = 0;
+    for (size_t i = 0; i < t->n_voc; i++)
+        if (t->voc[i].len > longest) longest = t->voc[i].len;
+    t->wordpiece = 1;
+    t->wp.prefix_len = t->prefix.len; /* wp.prefix is set once the pool stops moving (load_root) */
+    t->wp.max_chars = (size_t)max_chars;
+    t->wp.max_token_len = longest;
+    t->wp.unk_id = t->unk_id;
+    return QF_OK;
+}
+
 static qf_status load_model(loader *L, const cJSON *model) {
     qf_tokenizer *t = L->t;
     if (!model)
@@ -536,8 +609,10 @@ static qf_status load_model(loader *L, const cJSON *model) {
     QF_TRY(get_str(L, model, "type", "model", &type));
     if (!type && !cJSON_GetObjectItemCaseSensitive(model, "merges"))
         return qf_fail(QF_ERR_FORMAT, "%s: model has no \"type\" (and no merges to show it is BPE)", L->label);
+    if (type && !strcmp(type, "WordPiece")) return load_wordpiece(L, model);
     if (type && strcmp(type, "BPE"))
-        return qf_fail(QF_ERR_UNSUPPORTED, "%s: model.type \"%s\" is not supported (only \"BPE\")", L->label, type);
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: model.type \"%s\" is not supported (only \"BPE\" and \"WordPiece\")",
+                       L->label, type);
     const cJSON *dropout = cJSON_GetObjectItemCaseSensitive(model, "dropout");
     if (dropout && !cJSON_IsNull(dropout) && !(cJSON_IsNumber(dropout) && dropout->valuedouble == 0))
         return qf_fail(QF_ERR_UNSUPPORTED, "%s: model.dropout is set: BPE dropout is not supported", L->label);
@@ -640,8 +715,23 @@ static qf_status load_normalizer(loader *L, const cJSON *n, int depth) {
     if (!cJSON_IsObject(n)) return qf_fail(QF_ERR_FORMAT, "%s: normalizer is %s, expected an object", L->label, jtype(n));
     QF_TRY(get_str(L, n, "type", "normalizer", &type));
     if (!type) return qf_fail(QF_ERR_FORMAT, "%s: normalizer has no \"type\"", L->label);
-    if (!strcmp(type, "NFC")) {
-        L->t->nfc = 1;
+    qf_tokenizer *t = L->t;
+    if (!strcmp(type, "NFC") || !strcmp(type, "BertNormalizer")) {
+        if (t->n_norm == TOK_MAX_NORM)
+            return qf_fail(QF_ERR_UNSUPPORTED, "%s: more than %d normalizer steps", L->label, TOK_MAX_NORM);
+        int k = t->n_norm++;
+        t->norm[k].kind = NORM_NFC;
+        if (!strcmp(type, "NFC")) return QF_OK;
+        /* BertNormalizer: strip_accents null (or absent) follows lowercase, as tokenizers does */
+        static const char *const known[] = {"type", "clean_text", "handle_chinese_chars", "strip_accents", "lowercase"};
+        QF_TRY(only_keys(L, n, "normalizer BertNormalizer", known, sizeof known / sizeof *known));
+        int clean, chinese, strip, lower;
+        QF_TRY(get_bool(L, n, "clean_text", "normalizer BertNormalizer", 1, &clean));
+        QF_TRY(get_bool(L, n, "handle_chinese_chars", "normalizer BertNormalizer", 1, &chinese));
+        QF_TRY(get_bool(L, n, "lowercase", "normalizer BertNormalizer", 1, &lower));
+        QF_TRY(get_bool(L, n, "strip_accents", "normalizer BertNormalizer", lower, &strip));
+        t->norm[k].kind = NORM_BERT;
+        t->norm[k].bert = (qf_bert_normalizer){(uint8_t)clean, (uint8_t)chinese, (uint8_t)strip, (uint8_t)lower};
         return QF_OK;
     }
     if (!strcmp(type, "Sequence") && depth < 8) {
@@ -651,7 +741,8 @@ static qf_status load_normalizer(loader *L, const cJSON *n, int depth) {
         for (const cJSON *x = list->child; x; x = x->next) QF_TRY(load_normalizer(L, x, depth + 1));
         return QF_OK;
     }
-    return qf_fail(QF_ERR_UNSUPPORTED, "%s: normalizer \"%s\" is not supported (only NFC, or null)", L->label, type);
+    return qf_fail(QF_ERR_UNSUPPORTED, "%s: normalizer \"%s\" is not supported (NFC, BertNormalizer, a Sequence of "
+                   "those, or null)", L->label, type);
 }
 
 static qf_status load_pretok(loader *L, const cJSON *p, int depth) {
@@ -687,6 +778,13 @@ static qf_status load_pretok(loader *L, const cJSON *p, int depth) {
         t->n_steps++;
         return QF_OK;
     }
+    if (!strcmp(type, "BertPreTokenizer")) {
+        static const char *const known[] = {"type"};
+        QF_TRY(only_keys(L, p, "pre_tokenizer BertPreTokenizer", known, 1));
+        st->kind = STEP_BERT;
+        t->n_steps++;
+        return QF_OK;
+    }
     if (!strcmp(type, "Split")) {
         const cJSON *pat = cJSON_GetObjectItemCaseSensitive(p, "pattern");
         const char *re_src = NULL, *lit = NULL, *beh;
@@ -714,7 +812,8 @@ static qf_status load_pretok(loader *L, const cJSON *p, int depth) {
         t->n_steps++;
         return QF_OK;
     }
-    return qf_fail(QF_ERR_UNSUPPORTED, "%s: pre_tokenizer \"%s\" is not supported (ByteLevel, Split, Sequence)",
+    return qf_fail(QF_ERR_UNSUPPORTED, "%s: pre_tokenizer \"%s\" is not supported (ByteLevel, Split, BertPreTokenizer, "
+                   "Sequence)",
                    L->label, type);
 }
 
@@ -786,7 +885,30 @@ static qf_status load_post(loader *L, const cJSON *p, int depth) {
             return qf_fail(QF_ERR_FORMAT, "%s: post_processor template \"single\" lacks sequence A", L->label);
         return QF_OK;
     }
-    return qf_fail(QF_ERR_UNSUPPORTED, "%s: post_processor \"%s\" is not supported (ByteLevel, TemplateProcessing)",
+    if (!strcmp(type, "BertProcessing")) { /* [CLS] $A [SEP] */
+        if (t->tmpl_pre || t->tmpl_post)
+            return qf_fail(QF_ERR_UNSUPPORTED, "%s: more than one template post_processor", L->label);
+        static const char *const known[] = {"type", "sep", "cls"};
+        QF_TRY(only_keys(L, p, "post_processor BertProcessing", known, 3));
+        int32_t ids[2];
+        for (int i = 0; i < 2; i++) {
+            const char *key = i ? "sep" : "cls";
+            const cJSON *x = cJSON_GetObjectItemCaseSensitive(p, key);
+            if (!cJSON_IsArray(x) || cJSON_GetArraySize(x) != 2 || !cJSON_IsString(x->child))
+                return qf_fail(QF_ERR_FORMAT, "%s: post_processor BertProcessing.%s is %s; expected [token, id]",
+                               L->label, key, jtype(x));
+            QF_TRY(get_id(L, x->child->next, "post_processor BertProcessing id", x->child->valuestring, &ids[i]));
+        }
+        t->tmpl_pre = malloc(sizeof(int32_t));
+        t->tmpl_post = malloc(sizeof(int32_t));
+        if (!t->tmpl_pre || !t->tmpl_post) return qf_fail(QF_ERR_NOMEM, "%s: no memory for the template", L->label);
+        t->tmpl_pre[0] = ids[0];
+        t->tmpl_post[0] = ids[1];
+        t->n_pre = t->n_post = 1;
+        return QF_OK;
+    }
+    return qf_fail(QF_ERR_UNSUPPORTED, "%s: post_processor \"%s\" is not supported (ByteLevel, TemplateProcessing, "
+                   "BertProcessing)",
                    L->label, type);
 }
 
@@ -796,10 +918,21 @@ static qf_status load_decoder(loader *L, const cJSON *d) {
     if (!cJSON_IsObject(d)) return qf_fail(QF_ERR_FORMAT, "%s: decoder is %s, expected an object", L->label, jtype(d));
     QF_TRY(get_str(L, d, "type", "decoder", &type));
     if (type && !strcmp(type, "ByteLevel")) {
-        L->t->decoder_bytelevel = 1;
+        L->t->decoder = DEC_BYTELEVEL;
         return QF_OK;
     }
-    return qf_fail(QF_ERR_UNSUPPORTED, "%s: decoder \"%s\" is not supported (only ByteLevel, or null)", L->label,
+    if (type && !strcmp(type, "WordPiece")) {
+        static const char *const known[] = {"type", "prefix", "cleanup"};
+        QF_TRY(only_keys(L, d, "decoder WordPiece", known, 3));
+        const char *prefix;
+        QF_TRY(get_str(L, d, "prefix", "decoder WordPiece", &prefix));
+        QF_TRY(get_bool(L, d, "cleanup", "decoder WordPiece", 1, &L->t->dec_cleanup));
+        if (!prefix) prefix = "##";
+        QF_TRY(pool_add(L, prefix, strlen(prefix), &L->t->dec_prefix));
+        L->t->decoder = DEC_WORDPIECE;
+        return QF_OK;
+    }
+    return qf_fail(QF_ERR_UNSUPPORTED, "%s: decoder \"%s\" is not supported (ByteLevel, WordPiece, or null)", L->label,
                    type ? type : "(no type)");
 }
 
@@ -878,6 +1011,66 @@ void qf_tokenizer_free(qf_tokenizer *t) {
     free(t);
 }
 
+/* Runs the normalizer steps on s[0..n) into a malloc'd, NUL-terminated *out (the caller frees
+ * it). `what` names the text in messages. */
+static qf_status normalize_text(const qf_tokenizer *t, const char *s, size_t n, const char *what, char **out,
+                                size_t *out_len) {
+    char *cur = malloc(n + 1);
+    if (!cur) return qf_fail(QF_ERR_NOMEM, "%s: no memory to normalize %s (%zu bytes)", t->label, what, n);
+    memcpy(cur, s, n);
+    cur[n] = '\0';
+    size_t len = n;
+    for (int i = 0; i < t->n_norm; i++) {
+        char *next = NULL;
+        size_t next_len = 0;
+        if (t->norm[i].kind == NORM_BERT) {
+            qf_status st = qf_bert_normalize(&t->norm[i].bert, cur, len, &next, &next_len);
+            free(cur);
+            if (st != QF_OK) return st;
+        } else {
+            utf8proc_uint8_t *nf = NULL;
+            utf8proc_ssize_t r = utf8proc_map((const utf8proc_uint8_t *)cur, (utf8proc_ssize_t)len, &nf,
+                                              UTF8PROC_STABLE | UTF8PROC_COMPOSE);
+            free(cur);
+            if (r < 0) {
+                free(nf);
+                return qf_fail(QF_ERR_ARG, "%s: NFC normalization of %s failed: %s", t->label, what, utf8proc_errmsg(r));
+            }
+            next = (char *)nf;
+            next_len = (size_t)r;
+        }
+        cur = next;
+        len = next_len;
+    }
+    *out = cur;
+    *out_len = len;
+    return QF_OK;
+}
+
+/* tokenizers (0.23) holds a `normalized` added token in its normalized form: it is matched in
+ * that form, and decode and id_to_token give that form (measured: "New York" under a lowercasing
+ * BertNormalizer decodes as "new york"). */
+static qf_status load_normalized_added(loader *L) {
+    qf_tokenizer *t = L->t;
+    if (!t->n_norm) return QF_OK;
+    for (int i = 0; i < t->n_added; i++) {
+        added_token *a = &t->added[i];
+        if (!a->normalized) continue;
+        char *nf;
+        size_t nl;
+        QF_TRY(normalize_text(t, t->pool + a->s.off, a->s.len, "an added token", &nf, &nl));
+        qf_status s = QF_OK;
+        if (nl != a->s.len || memcmp(nf, t->pool + a->s.off, nl)) {
+            s = pool_add(L, nf, nl, &a->s);
+            t->by_id[a->id].off = a->s.off;
+            t->by_id[a->id].len = a->s.len;
+        }
+        free(nf);
+        QF_TRY(s);
+    }
+    return QF_OK;
+}
+
 static qf_status load_root(loader *L, const cJSON *root) {
     qf_tokenizer *t = L->t;
     QF_TRY(load_model(L, cJSON_GetObjectItemCaseSensitive(root, "model")));
@@ -885,30 +1078,13 @@ static qf_status load_root(loader *L, const cJSON *root) {
     QF_TRY(build_ids(L));
     QF_TRY(build_set(L, 0, &t->set_raw));
     QF_TRY(load_normalizer(L, cJSON_GetObjectItemCaseSensitive(root, "normalizer"), 0));
-    if (t->nfc)
-        for (int i = 0; i < t->n_added; i++) {
-            /* tokenizers matches normalized added tokens in their normalized form */
-            added_token *a = &t->added[i];
-            if (!a->normalized) continue;
-            utf8proc_uint8_t *nf = NULL;
-            utf8proc_ssize_t r = utf8proc_map((const utf8proc_uint8_t *)t->pool + a->s.off, a->s.len, &nf,
-                                              UTF8PROC_STABLE | UTF8PROC_COMPOSE);
-            if (r < 0) {
-                free(nf);
-                return qf_fail(QF_ERR_FORMAT, "%s: NFC of added token \"%s\" failed: %s", L->label,
-                               t->pool + a->s.off, utf8proc_errmsg(r));
-            }
-            qf_status s = QF_OK;
-            if ((size_t)r != a->s.len || memcmp(nf, t->pool + a->s.off, (size_t)r))
-                s = pool_add(L, (const char *)nf, (size_t)r, &a->s); /* by_id keeps the original */
-            free(nf);
-            QF_TRY(s);
-        }
+    QF_TRY(load_normalized_added(L));
     QF_TRY(build_set(L, 1, &t->set_norm));
     QF_TRY(load_pretok(L, cJSON_GetObjectItemCaseSensitive(root, "pre_tokenizer"), 0));
     QF_TRY(load_post(L, cJSON_GetObjectItemCaseSensitive(root, "post_processor"), 0));
     QF_TRY(load_decoder(L, cJSON_GetObjectItemCaseSensitive(root, "decoder")));
     build_bytes(t);
+    t->wp.prefix = t->pool + t->prefix.off; /* the pool no longer moves */
     return QF_OK;
 }
 
@@ -983,6 +1159,8 @@ typedef struct {
     size_t heap_cap;
     char *tmp;
     size_t tmp_cap;
+    int32_t *wids;       /* WordPiece ids of one word */
+    size_t wids_cap;
     pcre2_match_data *md;
 } enc_ctx;
 
@@ -1139,10 +1317,28 @@ static qf_status bpe_word(enc_ctx *c, const char *w, size_t n) {
     return QF_OK;
 }
 
-/* Maps the bytes of a piece to byte-level chars (if the pipeline has ByteLevel), then BPE. */
+static int32_t vocab_lookup(const void *t, const char *s, size_t n) { return vocab_id(t, s, n); }
+
+/* The WordPiece model on one word (wordpiece.c). */
+static qf_status wordpiece_word(enc_ctx *c, const char *w, size_t n) {
+    const qf_tokenizer *t = c->t;
+    if (!n) return QF_OK;
+    QF_TRY(grow((void **)&c->tmp, &c->tmp_cap, t->wp.prefix_len + n, 1));
+    QF_TRY(grow((void **)&c->wids, &c->wids_cap, n, sizeof *c->wids));
+    size_t k;
+    qf_wordpiece_word(&t->wp, w, n, vocab_lookup, t, c->tmp, c->wids, &k);
+    for (size_t i = 0; i < k; i++) emit(c, c->wids[i]);
+    return QF_OK;
+}
+
+static qf_status model_word(enc_ctx *c, const char *w, size_t n) {
+    return c->t->wordpiece ? wordpiece_word(c, w, n) : bpe_word(c, w, n);
+}
+
+/* Maps the bytes of a piece to byte-level chars (if the pipeline has ByteLevel), then the model. */
 static qf_status model_piece(enc_ctx *c, const char *s, size_t n) {
     const qf_tokenizer *t = c->t;
-    if (!t->byte_level) return bpe_word(c, s, n);
+    if (!t->byte_level) return model_word(c, s, n);
     QF_TRY(grow((void **)&c->word, &c->word_cap, 2 * n, 1));
     size_t k = 0;
     for (size_t i = 0; i < n; i++) {
@@ -1150,7 +1346,7 @@ static qf_status model_piece(enc_ctx *c, const char *s, size_t n) {
         c->word[k++] = t->byte_utf8[b][0];
         if (t->byte_len[b] == 2) c->word[k++] = t->byte_utf8[b][1];
     }
-    return bpe_word(c, c->word, k);
+    return model_word(c, c->word, k);
 }
 
 /* Next match of re in s[0..n) at or after `from`; *found = 0 when none. Empty matches are
@@ -1252,12 +1448,26 @@ static qf_status split_step(enc_ctx *c, int step, const pcre2_code *re, int beha
     return st;
 }
 
+typedef struct {
+    enc_ctx *c;
+    int step;
+} bert_step;
+
+static qf_status bert_piece(void *p, const char *s, size_t n) {
+    bert_step *b = p;
+    return pretok(b->c, b->step + 1, s, n);
+}
+
 /* Runs pre-tokenizer steps step.. on a non-empty piece, then the model. */
 static qf_status pretok(enc_ctx *c, int step, const char *s, size_t n) {
     const qf_tokenizer *t = c->t;
     if (!n) return QF_OK;
     if (step == t->n_steps) return model_piece(c, s, n);
     const pretok_step *st = &t->steps[step];
+    if (st->kind == STEP_BERT) {
+        bert_step b = {c, step};
+        return qf_bert_pretokenize(s, n, bert_piece, &b);
+    }
     if (st->kind == STEP_SPLIT) return split_step(c, step, st->re, st->behavior, st->invert, s, n);
     /* ByteLevel: optional prefix space, optional GPT-2 split (the byte mapping is model_piece's) */
     char *buf = NULL;
@@ -1346,15 +1556,11 @@ static qf_status after_norm_added(enc_ctx *c, const char *s, size_t n) {
 static qf_status normalize_piece(enc_ctx *c, const char *s, size_t n) {
     const qf_tokenizer *t = c->t;
     if (!n) return QF_OK;
-    if (!t->nfc) return split_added(c, &t->set_norm, s, n, after_norm_added);
-    utf8proc_uint8_t *nf = NULL;
-    utf8proc_ssize_t r = utf8proc_map((const utf8proc_uint8_t *)s, (utf8proc_ssize_t)n, &nf,
-                                      UTF8PROC_STABLE | UTF8PROC_COMPOSE);
-    if (r < 0) {
-        free(nf);
-        return qf_fail(QF_ERR_ARG, "qf_tokenizer_encode: NFC normalization failed: %s", utf8proc_errmsg(r));
-    }
-    qf_status st = split_added(c, &t->set_norm, (const char *)nf, (size_t)r, after_norm_added);
+    if (!t->n_norm) return split_added(c, &t->set_norm, s, n, after_norm_added);
+    char *nf;
+    size_t nl;
+    QF_TRY(normalize_text(t, s, n, "the text", &nf, &nl));
+    qf_status st = split_added(c, &t->set_norm, nf, nl, after_norm_added);
     free(nf);
     return st;
 }
@@ -1385,6 +1591,7 @@ qf_status qf_tokenizer_encode(const qf_tokenizer *t, const char *text, size_t le
     free(c.sym);
     free(c.heap);
     free(c.tmp);
+    free(c.wids);
     if (st != QF_OK) return st;
     *n = c.n;
     if (c.n > cap && (ids || cap))
@@ -1448,7 +1655,13 @@ qf_status qf_tokenizer_decode(const qf_tokenizer *t, const int32_t *ids, size_t 
         const id_entry *e = &t->by_id[ids[i]];
         if (skip_special && e->added >= 0 && t->added[e->added].special) continue;
         const unsigned char *s = (const unsigned char *)t->pool + e->off;
-        if (!t->decoder_bytelevel) { /* no decoder: tokens joined by spaces */
+        if (t->decoder == DEC_WORDPIECE) { /* at most len + 1 bytes: a space, no rule lengthens */
+            nb += qf_wordpiece_decode_token((const char *)s, e->len, first, t->pool + t->dec_prefix.off,
+                                            t->dec_prefix.len, t->dec_cleanup, (char *)bytes + nb);
+            first = 0;
+            continue;
+        }
+        if (t->decoder == DEC_NONE) { /* no decoder: tokens joined by spaces */
             if (!first) bytes[nb++] = ' ';
             memcpy(bytes + nb, s, e->len);
             nb += e->len;
