@@ -13,9 +13,12 @@ Invariants:
   the mask to fresh device buffers, runs the C entry point on device pointers (the tensors'
   location selects the CUDA backend), downloads the results and frees every buffer, also when
   the call fails. No device pointer outlives a call.
+- set_tf32(on) switches cuBLAS's float32 products to TF32 tensor cores (off by default).
+- backend_entry / GemmNtArgs reach the backend tables (src/backend/backend.h) for the
+  cross-backend tests (tests/python/test_cuda_ops.py); they are not a user API.
 """
 import ctypes
-from ctypes import POINTER, c_int, c_size_t, c_void_p
+from ctypes import POINTER, c_char_p, c_int, c_int64, c_size_t, c_void_p
 
 import numpy as np
 
@@ -31,6 +34,8 @@ _native.declare({
     "qf_cuda_upload": (c_int, [c_void_p, c_void_p, c_size_t]),
     "qf_cuda_download": (c_int, [c_void_p, c_void_p, c_size_t]),
     "qf_cuda_synchronize": (c_int, []),
+    "qf_cuda_set_tf32": (c_int, [c_int]),
+    "qf_cuda_backend_entry": (c_void_p, [c_int, c_char_p]),
 })
 
 
@@ -50,6 +55,32 @@ def available():
 def init():
     """qf_cuda_init, raising QfuseError(QF_ERR_UNSUPPORTED) with the reason when unusable."""
     check(lib.qf_cuda_init())
+
+
+def set_tf32(on):
+    """TF32 tensor cores for the GPU's float32 products (qf_cuda_set_tf32); raises if unusable."""
+    check(lib.qf_cuda_set_tf32(1 if on else 0))
+
+
+def synchronize():
+    check(lib.qf_cuda_synchronize())
+
+
+class GemmNtArgs(ctypes.Structure):
+    """qf_gemm_nt_args of src/ops/gemm_small.h, field for field."""
+    _fields_ = [("x", c_void_p), ("ldx", c_int64), ("w", c_void_p), ("bias", c_void_p),
+                ("res", c_void_p), ("ldr", c_int64), ("out", c_void_p), ("ldo", c_int64),
+                ("M", c_int64), ("N", c_int64), ("K", c_int64), ("accumulate", c_int),
+                ("w_bf16", c_void_p)]
+
+
+def backend_entry(which, op, restype, argtypes):
+    """The function `op` of the CPU (which="cpu") or CUDA (which="cuda") backend table as a ctypes
+    function with the given signature (qf_cuda_backend_entry, a test hook of CUDA builds)."""
+    addr = lib.qf_cuda_backend_entry(1 if which == "cuda" else 0, op.encode())
+    if not addr:
+        raise QfuseError("backend %s has no entry %s" % (which, op), "QF_ERR_UNSUPPORTED")
+    return ctypes.CFUNCTYPE(restype, *argtypes)(addr)
 
 
 class DeviceBuffers:

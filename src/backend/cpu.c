@@ -22,7 +22,7 @@ static qf_status cpu_gemm_nt(const qf_gemm_nt_args *g) {
 }
 
 static qf_status cpu_add(float *out, const float *a, const float *b, int64_t n) {
-    return qf_residual_forward(out, a, b, n);
+    return qf_cpu_residual_forward(out, a, b, n);
 }
 
 static qf_status cpu_embedding(float *out, const int32_t *ids, const float *table, const float *pos,
@@ -111,8 +111,8 @@ static const qf_backend cpu = {
     .sdpa_forward = qf_cpu_sdpa_forward,
     .sdpa_backward = qf_cpu_sdpa_backward,
     .gemm_nt = cpu_gemm_nt,
-    .layernorm_forward = qf_layernorm_forward,
-    .gelu_forward = qf_gelu_forward,
+    .layernorm_forward = qf_cpu_layernorm_forward,
+    .gelu_forward = qf_cpu_gelu_forward,
     .add = cpu_add,
     .embedding_forward = cpu_embedding,
     .split_heads = cpu_split_heads,

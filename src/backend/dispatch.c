@@ -52,4 +52,8 @@ qf_status qf_cuda_download(void *dst, const void *src, size_t bytes) {
     return no_cuda("qf_cuda_download");
 }
 qf_status qf_cuda_synchronize(void) { return no_cuda("qf_cuda_synchronize"); }
+qf_status qf_cuda_set_tf32(int on) {
+    (void)on;
+    return no_cuda("qf_cuda_set_tf32");
+}
 #endif

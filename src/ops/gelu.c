@@ -11,6 +11,7 @@
  * mirrored, so Phi(x) for x << 0 has no cancellation.
  * Arrays are cut into blocks processed in parallel; elementwise, so in place is fine. */
 #include "internal.h"
+#include "backend/backend.h"
 #include "simd_math.h"
 #include <immintrin.h>
 #include <math.h>
@@ -164,12 +165,17 @@ QF_TARGET_AVX512 static void gelu_avx512(float *y, const float *x, const float *
 }
 
 /* ---- dispatch ---- */
-static qf_status run(const char *fn, float *y, const float *x, const float *dy, int64_t n,
-                     qf_gelu_kind kind) {
+static qf_status check_n_kind(const char *fn, int64_t n, qf_gelu_kind kind) {
     if (n <= 0) return qf_fail(QF_ERR_ARG, "%s: n must be >= 1, got %lld", fn, (long long)n);
     if (kind != QF_GELU_ERF && kind != QF_GELU_TANH)
         return qf_fail(QF_ERR_ARG, "%s: kind = %d, expected QF_GELU_ERF (0) or QF_GELU_TANH (1)", fn,
                        (int)kind);
+    return QF_OK;
+}
+
+static qf_status run(const char *fn, float *y, const float *x, const float *dy, int64_t n,
+                     qf_gelu_kind kind) {
+    QF_TRY(check_n_kind(fn, n, kind));
     qf_isa isa = qf_get_isa();
     gelu_fn f = isa == QF_ISA_AVX512 ? gelu_avx512 : isa == QF_ISA_AVX2 ? gelu_avx2 : gelu_scalar;
     const int64_t blk = 4096, nblk = (n + blk - 1) / blk;
@@ -182,7 +188,20 @@ static qf_status run(const char *fn, float *y, const float *x, const float *dy, 
     return QF_OK;
 }
 
+/* Validates, then runs on the backend holding the tensors; the CPU path is qf_cpu_gelu_forward. */
 qf_status qf_gelu_forward(float *out, const float *in, int64_t n, qf_gelu_kind kind) {
+    if (!out) return qf_fail(QF_ERR_ARG, "qf_gelu_forward: out is NULL");
+    if (!in) return qf_fail(QF_ERR_ARG, "qf_gelu_forward: in is NULL");
+    QF_TRY(check_n_kind("qf_gelu_forward", n, kind));
+    const void *ptrs[2] = {out, in};
+    static const char *const names[2] = {"out", "in"};
+    const qf_backend *be;
+    QF_TRY(qf_backend_for("qf_gelu_forward", ptrs, names, 2, &be));
+    if (be != qf_backend_cpu()) return be->gelu_forward(out, in, n, kind);
+    return run("qf_gelu_forward", out, in, NULL, n, kind);
+}
+
+qf_status qf_cpu_gelu_forward(float *out, const float *in, int64_t n, qf_gelu_kind kind) {
     if (!out) return qf_fail(QF_ERR_ARG, "qf_gelu_forward: out is NULL");
     if (!in) return qf_fail(QF_ERR_ARG, "qf_gelu_forward: in is NULL");
     return run("qf_gelu_forward", out, in, NULL, n, kind);

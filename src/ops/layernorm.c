@@ -8,6 +8,7 @@
  * Invariants: a missing weight/bias is replaced by a scratch row of ones/zeros so every path
  * sees the same arguments; the AVX paths differ from the scalar one only in summation order. */
 #include "internal.h"
+#include "backend/backend.h"
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -190,15 +191,34 @@ static qf_status check_sizes(const char *fn, int64_t N, int64_t C) {
     return qf_mul_size((size_t)N, (size_t)C, fn, &tmp);
 }
 
-qf_status qf_layernorm_forward(float *out, float *mean, float *rstd, const float *in,
-                               const float *weight, const float *bias, int64_t N, int64_t C,
+static qf_status check_forward(const char *fn, const float *out, const float *in, int64_t N, int64_t C,
                                float eps) {
-    const char *fn = "qf_layernorm_forward";
     if (!out) return qf_fail(QF_ERR_ARG, "%s: out is NULL", fn);
     if (!in) return qf_fail(QF_ERR_ARG, "%s: in is NULL", fn);
     QF_TRY(check_sizes(fn, N, C));
     if (!(eps >= 0.0f) || isinf(eps))
         return qf_fail(QF_ERR_ARG, "%s: eps = %g, expected a finite value >= 0", fn, (double)eps);
+    return QF_OK;
+}
+
+/* Validates, then runs on the backend holding the tensors; the CPU path is qf_cpu_layernorm_forward. */
+qf_status qf_layernorm_forward(float *out, float *mean, float *rstd, const float *in,
+                               const float *weight, const float *bias, int64_t N, int64_t C,
+                               float eps) {
+    const char *fn = "qf_layernorm_forward";
+    QF_TRY(check_forward(fn, out, in, N, C, eps));
+    const void *ptrs[6] = {out, mean, rstd, in, weight, bias};
+    static const char *const names[6] = {"out", "mean", "rstd", "in", "weight", "bias"};
+    const qf_backend *be;
+    QF_TRY(qf_backend_for(fn, ptrs, names, 6, &be));
+    if (be != qf_backend_cpu()) return be->layernorm_forward(out, mean, rstd, in, weight, bias, N, C, eps);
+    return qf_cpu_layernorm_forward(out, mean, rstd, in, weight, bias, N, C, eps);
+}
+
+qf_status qf_cpu_layernorm_forward(float *out, float *mean, float *rstd, const float *in,
+                                   const float *weight, const float *bias, int64_t N, int64_t C,
+                                   float eps) {
+    QF_TRY(check_forward("qf_layernorm_forward", out, in, N, C, eps));
     size_t cpad = qf_align_up((size_t)C, 16);
     float *ones = NULL, *zeros = NULL;
     if (!weight || !bias) {

@@ -1,10 +1,12 @@
-/* linear.c - torch.nn.functional.linear forward and backward on the linked BLAS.
+/* linear.c - torch.nn.functional.linear forward and backward on the linked BLAS (the forward
+ * runs on the backend holding the tensors: qf_backend_for; the CPU path is below).
  * Layouts are torch's: in [N,Cin], weight [Cout,Cin], bias [Cout], out [N,Cout]. Every product is one SGEMM;
  * the BLAS threads itself with the count qf_set_num_threads gave it. Exceptions in the forward: one
  * row goes to SGEMV, and 2..QF_GEMM_SMALL_MAX_M (32) rows to qf_gemm_nt_small (gemm_small.h).
  * Invariants: d_in is overwritten, d_weight and d_bias are accumulated (see qfuse_ops.h);
  * nothing is written before all arguments have been checked. */
 #include "internal.h"
+#include "backend/backend.h"
 #include "gemm_small.h"
 #include <cblas.h>
 #include <limits.h>
@@ -26,6 +28,15 @@ qf_status qf_linear_forward(float *out, const float *in, const float *weight, co
     if (!in) return qf_fail(QF_ERR_ARG, "%s: in is NULL", fn);
     if (!weight) return qf_fail(QF_ERR_ARG, "%s: weight is NULL", fn);
     QF_TRY(check_sizes(fn, N, Cin, Cout));
+    const void *ptrs[4] = {out, in, weight, bias};
+    static const char *const names[4] = {"out", "in", "weight", "bias"};
+    const qf_backend *be;
+    QF_TRY(qf_backend_for(fn, ptrs, names, 4, &be));
+    if (be != qf_backend_cpu()) {
+        qf_gemm_nt_args g = {.x = in, .ldx = Cin, .w = weight, .bias = bias, .out = out, .ldo = Cout,
+                             .M = N, .N = Cout, .K = Cin};
+        return be->gemm_nt(&g);
+    }
     if (qf_gemm_small_wanted(N, Cout, Cin)) { /* a few rows: gemm_small.h says why */
         qf_gemm_nt_args g = {.x = in, .ldx = Cin, .w = weight, .bias = bias, .out = out, .ldo = Cout,
                              .M = N, .N = Cout, .K = Cin};

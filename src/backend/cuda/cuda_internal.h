@@ -12,6 +12,7 @@
 #ifndef QF_CUDA_INTERNAL_H
 #define QF_CUDA_INTERNAL_H
 
+#include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 extern "C" {
@@ -38,9 +39,38 @@ enum {
     QF_CUDA_SCRATCH_PART_ML,     /* sdpa forward split: partial (max, sum)                  */
     QF_CUDA_SCRATCH_DELTA,       /* sdpa backward: rowwise dO . O                           */
     QF_CUDA_SCRATCH_SCREEN,      /* NaN/Inf screen: the first bad index                     */
+    QF_CUDA_SCRATCH_GEMM_X16,    /* gemm_nt with bf16 weights: x rounded to bf16 [M, K]     */
     QF_CUDA_SCRATCH_SLOTS
 };
+/* While a graph is being captured on the stream, a slot that would have to grow is refused
+ * (QF_ERR_INTERNAL saying so) instead of freeing memory a queued call may use. Every growth bumps
+ * a process-wide generation; a graph captured before it is stale (graph_launch says so). */
 qf_status qf_cuda_scratch(int slot, size_t bytes, void **out);
+
+/* The process's cuBLAS handle, bound to qf_cuda_stream() with a preallocated workspace (so its
+ * calls can be captured) and the math mode qf_cuda_set_tf32 chose. Created at the first call,
+ * which must not be inside a capture. */
+qf_status qf_cuda_blas(cublasHandle_t *out);
+/* QF_OK if s == CUBLAS_STATUS_SUCCESS, else qf_fail naming `what` (QF_ERR_NOMEM for ALLOC_FAILED). */
+qf_status qf_cuda_blas_check(cublasStatus_t s, const char *what);
+
+/* Model ops (ops.cu): the table entries of backend.h, arguments validated by the caller. */
+qf_status qf_cuda_gemm_nt(const qf_gemm_nt_args *g);
+qf_status qf_cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w,
+                                    const float *b, int64_t rows, int64_t C, float eps);
+qf_status qf_cuda_gelu_forward(float *out, const float *x, int64_t n, qf_gelu_kind kind);
+qf_status qf_cuda_add(float *out, const float *a, const float *b, int64_t n);
+qf_status qf_cuda_embedding_forward(float *out, const int32_t *ids, const float *table, const float *pos,
+                                    int64_t pos_rows, int64_t N, int64_t C);
+qf_status qf_cuda_add_periodic(float *out, const float *a, const float *b, int64_t rows, int64_t period, int64_t C);
+qf_status qf_cuda_split_heads(float *heads, const float *tok, int64_t ld, const float *bias, int64_t B, int64_t nh,
+                              int64_t tot, int64_t off, int64_t len, int64_t hd);
+qf_status qf_cuda_merge_heads(float *tok, int64_t ld, const float *heads, int64_t B, int64_t nh, int64_t tot,
+                              int64_t off, int64_t len, int64_t hd, int acc);
+qf_status qf_cuda_copy2d(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, size_t rows);
+qf_status qf_cuda_dead_rows_mean(float *out, const float *v, const uint8_t *dead, int64_t B, int64_t nh, int64_t L,
+                                 int64_t S, int64_t hd);
+qf_status qf_cuda_screen_nonfinite(const float *x, int64_t n, int64_t *first);
 
 /* SDPA kernels (sdpa.cu): pr validated by sdpa.c, every pointer device memory. */
 qf_status qf_cuda_sdpa_forward(const qf_sdpa_problem *pr, const float *q, const float *k,

@@ -13,10 +13,17 @@
  *     lives (like qf_scratch on the CPU side), so a steady state allocates nothing. */
 #include "cuda_internal.h"
 
+#include <atomic>
+#include <mutex>
+#include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 static int g_active; /* set once qf_cuda_init succeeded; read by dispatch.c */
 static cudaStream_t g_stream; /* the backend's stream (qf_cuda_stream) */
+static std::atomic<unsigned long long> g_scratch_gen{0}; /* bumped by every scratch growth */
+static std::atomic<int> g_tf32{0}; /* qf_cuda_set_tf32 */
 
 cudaStream_t qf_cuda_stream(void) { return g_stream; }
 
@@ -53,7 +60,9 @@ extern "C" qf_status qf_cuda_init(void) {
         return qf_fail(QF_ERR_UNSUPPORTED, "qf_cuda_init: GPU 0 is not usable: %s (%s)", cudaGetErrorString(e),
                        cudaGetErrorName(e));
     }
-    e = cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking);
+    /* a blocking stream: it orders with the legacy default stream, so tensors written there by
+     * other libraries (PyTorch) are complete before our kernels read them, and vice versa */
+    e = cudaStreamCreateWithFlags(&g_stream, cudaStreamDefault);
     if (e != cudaSuccess) {
         (void)cudaGetLastError();
         return qf_fail(QF_ERR_UNSUPPORTED, "qf_cuda_init: cudaStreamCreate failed: %s", cudaGetErrorString(e));
@@ -127,10 +136,23 @@ struct Scratch {
 thread_local Scratch t_scratch;
 } // namespace
 
+static bool capturing(void) {
+    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(g_stream, &cs) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+    }
+    return cs != cudaStreamCaptureStatusNone;
+}
+
 qf_status qf_cuda_scratch(int slot, size_t bytes, void **out) {
     if (slot < 0 || slot >= QF_CUDA_SCRATCH_SLOTS) return qf_fail(QF_ERR_INTERNAL, "cuda scratch: no slot %d", slot);
     Scratch &s = t_scratch;
     if (bytes > s.cap[slot]) {
+        if (capturing()) /* cudaFree/cudaMalloc would invalidate the capture, or free memory it uses */
+            return qf_fail(QF_ERR_INTERNAL, "cuda scratch: slot %d must grow from %zu to %zu bytes while a CUDA graph "
+                           "is being captured: run the same shapes once outside a capture first", slot, s.cap[slot], bytes);
+        g_scratch_gen.fetch_add(1);
         if (s.ptr[slot]) QF_TRY(qf_cuda_check(cudaFree(s.ptr[slot]), "scratch: cudaFree"));
         s.ptr[slot] = nullptr;
         s.cap[slot] = 0;
@@ -181,6 +203,122 @@ static qf_status cuda_find_nonfinite(const float *x, size_t n, int nan_or_posinf
     return QF_OK;
 }
 
+/* ---- cuBLAS ---------------------------------------------------------------------------------------- */
+
+/* cuBLAS's recommended workspace on Hopper; handed to it once so no call allocates (graphs). */
+#define QF_CUBLAS_WORKSPACE ((size_t)32 << 20)
+
+static cublasHandle_t g_blas;
+static void *g_blas_ws;
+static std::mutex g_blas_mu;
+
+qf_status qf_cuda_blas_check(cublasStatus_t s, const char *what) {
+    if (s == CUBLAS_STATUS_SUCCESS) return QF_OK;
+    return qf_fail(s == CUBLAS_STATUS_ALLOC_FAILED ? QF_ERR_NOMEM : QF_ERR_INTERNAL, "cuda: %s failed: %s (%s)", what,
+                   cublasGetStatusString(s), cublasGetStatusName(s));
+}
+
+qf_status qf_cuda_blas(cublasHandle_t *out) {
+    std::lock_guard<std::mutex> lock(g_blas_mu);
+    if (!g_blas) {
+        if (!g_active) return qf_fail(QF_ERR_INTERNAL, "cuda: cuBLAS asked for before qf_cuda_init");
+        if (capturing())
+            return qf_fail(QF_ERR_INTERNAL, "cuda: the first cuBLAS call is inside a CUDA graph capture (creating the "
+                           "handle allocates): run the same calls once outside a capture first");
+        cublasHandle_t h;
+        QF_TRY(qf_cuda_blas_check(cublasCreate(&h), "cublasCreate"));
+        cudaError_t e = cudaMalloc(&g_blas_ws, QF_CUBLAS_WORKSPACE);
+        if (e != cudaSuccess) {
+            g_blas_ws = nullptr;
+            cublasDestroy(h);
+            return qf_cuda_check(e, "cuBLAS workspace: cudaMalloc");
+        }
+        cublasStatus_t bs = cublasSetStream(h, g_stream);
+        if (bs == CUBLAS_STATUS_SUCCESS) bs = cublasSetWorkspace(h, g_blas_ws, QF_CUBLAS_WORKSPACE);
+        if (bs != CUBLAS_STATUS_SUCCESS) {
+            cublasDestroy(h);
+            (void)cudaFree(g_blas_ws);
+            g_blas_ws = nullptr;
+            return qf_cuda_blas_check(bs, "cublasSetStream/cublasSetWorkspace");
+        }
+        g_blas = h;
+    }
+    QF_TRY(qf_cuda_blas_check(cublasSetMathMode(g_blas, g_tf32.load() ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH),
+                              "cublasSetMathMode"));
+    *out = g_blas;
+    return QF_OK;
+}
+
+extern "C" qf_status qf_cuda_set_tf32(int on) {
+    QF_TRY(qf_cuda_init());
+    g_tf32.store(on ? 1 : 0);
+    return QF_OK;
+}
+
+/* ---- model memory and graphs --------------------------------------------------------------------- */
+
+static qf_status cuda_alloc(void **out, size_t bytes) { return qf_cuda_malloc(out, bytes); }
+
+static void cuda_free(void *p) {
+    if (p && cudaFree(p) != cudaSuccess) (void)cudaGetLastError();
+}
+
+static qf_status cuda_synchronize(void) { return qf_cuda_synchronize(); }
+
+namespace {
+struct Graph {
+    cudaGraphExec_t exec;
+    unsigned long long gen; /* g_scratch_gen when the capture began */
+};
+thread_local unsigned long long t_capture_gen;
+} // namespace
+
+static qf_status cuda_capture_begin(void) {
+    t_capture_gen = g_scratch_gen.load();
+    return qf_cuda_check(cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+}
+
+static qf_status cuda_capture_end(void **out) {
+    *out = nullptr;
+    cudaGraph_t graph = nullptr;
+    /* ends the capture also when a call inside it failed (then the error is returned here) */
+    cudaError_t e = cudaStreamEndCapture(g_stream, &graph);
+    if (e != cudaSuccess) {
+        if (graph) (void)cudaGraphDestroy(graph);
+        return qf_cuda_check(e, "cudaStreamEndCapture (a call inside the capture failed)");
+    }
+    cudaGraphExec_t exec = nullptr;
+    e = cudaGraphInstantiate(&exec, graph, 0);
+    (void)cudaGraphDestroy(graph);
+    if (e != cudaSuccess) return qf_cuda_check(e, "cudaGraphInstantiate");
+    Graph *g = (Graph *)malloc(sizeof *g);
+    if (!g) {
+        (void)cudaGraphExecDestroy(exec);
+        return qf_fail(QF_ERR_NOMEM, "cuda graph: %zu bytes for the handle", sizeof *g);
+    }
+    g->exec = exec;
+    g->gen = t_capture_gen;
+    *out = g;
+    return QF_OK;
+}
+
+static qf_status cuda_graph_launch(void *graph, int *stale) {
+    Graph *g = (Graph *)graph;
+    *stale = 0;
+    if (g->gen != g_scratch_gen.load()) { /* a buffer it reads or writes has been freed since */
+        *stale = 1;
+        return QF_OK;
+    }
+    return qf_cuda_check(cudaGraphLaunch(g->exec, g_stream), "cudaGraphLaunch");
+}
+
+static void cuda_graph_free(void *graph) {
+    Graph *g = (Graph *)graph;
+    if (!g) return;
+    if (cudaGraphExecDestroy(g->exec) != cudaSuccess) (void)cudaGetLastError();
+    free(g);
+}
+
 /* ---- the entry table ----------------------------------------------------------------------------- */
 
 static qf_backend make_cuda_backend() {
@@ -189,8 +327,52 @@ static qf_backend make_cuda_backend() {
     b.sdpa_forward = qf_cuda_sdpa_forward;
     b.sdpa_backward = qf_cuda_sdpa_backward;
     b.find_nonfinite = cuda_find_nonfinite;
+    b.gemm_nt = qf_cuda_gemm_nt;
+    b.layernorm_forward = qf_cuda_layernorm_forward;
+    b.gelu_forward = qf_cuda_gelu_forward;
+    b.add = qf_cuda_add;
+    b.embedding_forward = qf_cuda_embedding_forward;
+    b.split_heads = qf_cuda_split_heads;
+    b.merge_heads = qf_cuda_merge_heads;
+    b.copy2d = qf_cuda_copy2d;
+    b.dead_rows_mean = qf_cuda_dead_rows_mean;
+    b.screen_nonfinite = qf_cuda_screen_nonfinite;
+    b.alloc = cuda_alloc;
+    b.free = cuda_free;
+    b.synchronize = cuda_synchronize;
+    b.capture_begin = cuda_capture_begin;
+    b.capture_end = cuda_capture_end;
+    b.graph_launch = cuda_graph_launch;
+    b.graph_free = cuda_graph_free;
     return b;
 }
 static const qf_backend cuda_backend = make_cuda_backend();
 
 extern "C" const qf_backend *qf_backend_cuda(void) { return &cuda_backend; }
+
+/* Test hook (tests/python/test_cuda_ops.py; not in a public header): the entry `op` of the CPU
+ * (which = 0) or CUDA (which = 1) table as a plain pointer, NULL if there is none, so the tests
+ * call both tables without mirroring the struct's layout. */
+extern "C" void *qf_cuda_backend_entry(int which, const char *op) {
+    static const struct {
+        const char *name;
+        size_t off;
+    } fields[] = {
+#define QF_FIELD(f) {#f, offsetof(qf_backend, f)}
+        QF_FIELD(gemm_nt), QF_FIELD(layernorm_forward), QF_FIELD(gelu_forward), QF_FIELD(add),
+        QF_FIELD(embedding_forward), QF_FIELD(split_heads), QF_FIELD(merge_heads), QF_FIELD(copy2d),
+        QF_FIELD(dead_rows_mean), QF_FIELD(screen_nonfinite), QF_FIELD(alloc), QF_FIELD(free),
+        QF_FIELD(synchronize), QF_FIELD(capture_begin), QF_FIELD(capture_end), QF_FIELD(graph_launch),
+        QF_FIELD(graph_free),
+#undef QF_FIELD
+    };
+    if (!op) return nullptr;
+    const qf_backend *be = which ? &cuda_backend : qf_backend_cpu();
+    for (const auto &f : fields)
+        if (!strcmp(f.name, op)) {
+            void *p;
+            memcpy(&p, (const char *)be + f.off, sizeof p);
+            return p;
+        }
+    return nullptr;
+}

@@ -1,0 +1,411 @@
+/* ops.cu - the CUDA backend's model ops (backend.h): gemm_nt on cuBLAS, and the kernels of
+ * layer norm, GELU, add, periodic add, embedding, head split/merge, 2-D copies, the dead-row mean and the
+ * NaN/Inf screen. qformer.c calls them through the table; qf_linear_forward, qf_layernorm_forward,
+ * qf_gelu_forward and qf_residual_forward reach them for tensors in GPU memory.
+ *
+ * Invariants:
+ *   - Arguments are validated by the callers (the public ops or the model); these functions only
+ *     queue work on qf_cuda_stream() and never synchronise, so a sequence of them can be captured
+ *     as a CUDA graph. The only allocation is gemm_nt's bf16 copy of x (scratch slot
+ *     QF_CUDA_SCRATCH_GEMM_X16), grow-only, refused while a capture is open.
+ *   - Numerics follow the CPU backend: layer norm in float32 with a two-pass variance (tree
+ *     reduction over the row), GELU with erfcf / the exp form of tanh (cpu: gelu.c), the dead-row
+ *     mean summed in double in key order (bit-identical to cpu.c), sgemm without TF32 unless
+ *     qf_cuda_set_tf32(1), bf16 products with float32 accumulation (CUBLAS_COMPUTE_32F).
+ *   - float4 paths are taken only when every pointer is 16-byte aligned and every count and
+ *     stride they step by is a multiple of 4; otherwise the scalar kernels run (same results). */
+#include "cuda_internal.h"
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int kThreads = 256;
+
+inline bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+
+/* Blocks for a grid-stride loop over n items: enough to fill the GPU, never more than needed. */
+inline unsigned grid_for(int64_t n, int threads = kThreads) {
+    int64_t b = (n + threads - 1) / threads;
+    if (b > 8192) b = 8192;
+    return (unsigned)(b < 1 ? 1 : b);
+}
+
+/* ---- gemm prologue: out = [out] + bias + res, so the GEMM can add onto it (beta = 1) ---------- */
+
+__global__ void gemm_prologue(float *out, int64_t ldo, const float *bias, const float *res, int64_t ldr, int64_t M,
+                              int64_t N, int acc) {
+    const int64_t n = M * N;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t m = i / N, c = i - m * N;
+        float v = acc ? out[m * ldo + c] : 0.0f;
+        if (bias) v += bias[c];
+        if (res) v += res[m * ldr + c];
+        out[m * ldo + c] = v;
+    }
+}
+
+/* xb [M, K] contiguous = bf16(x [M, K], row stride ldx), round to nearest even (torch's .bfloat16()). */
+__global__ void to_bf16(__nv_bfloat16 *xb, const float *x, int64_t ldx, int64_t M, int64_t K) {
+    const int64_t n = M * K;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t m = i / K, k = i - m * K;
+        xb[i] = __float2bfloat16_rn(x[m * ldx + k]);
+    }
+}
+
+/* ---- layer norm: one block per row ------------------------------------------------------------- */
+
+constexpr int kLnThreads = 128;
+
+__device__ float block_sum(float v, float *sh) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __syncthreads(); /* sh may still be read by the previous reduction */
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    float s = 0.0f;
+    for (int i = 0; i < kLnThreads / 32; i++) s += sh[i];
+    return s;
+}
+
+template <bool VEC>
+__global__ void __launch_bounds__(kLnThreads) layernorm_fwd(float *out, float *mean_out, float *rstd_out,
+                                                            const float *x, const float *w, const float *b,
+                                                            int64_t C, float eps) {
+    __shared__ float sh[kLnThreads / 32];
+    const int64_t row = blockIdx.x;
+    const float *xr = x + row * C;
+    float *yr = out + row * C;
+    float s = 0.0f;
+    if (VEC) {
+        for (int64_t c = threadIdx.x; c < C / 4; c += kLnThreads) {
+            float4 v = ((const float4 *)xr)[c];
+            s += (v.x + v.y) + (v.z + v.w);
+        }
+    } else {
+        for (int64_t c = threadIdx.x; c < C; c += kLnThreads) s += xr[c];
+    }
+    const float mean = block_sum(s, sh) / (float)C;
+    float q = 0.0f;
+    if (VEC) {
+        for (int64_t c = threadIdx.x; c < C / 4; c += kLnThreads) {
+            float4 v = ((const float4 *)xr)[c];
+            float d0 = v.x - mean, d1 = v.y - mean, d2 = v.z - mean, d3 = v.w - mean;
+            q += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+        }
+    } else {
+        for (int64_t c = threadIdx.x; c < C; c += kLnThreads) {
+            float d = xr[c] - mean;
+            q += d * d;
+        }
+    }
+    const float rstd = 1.0f / sqrtf(block_sum(q, sh) / (float)C + eps);
+    if (VEC) {
+        for (int64_t c = threadIdx.x; c < C / 4; c += kLnThreads) {
+            float4 v = ((const float4 *)xr)[c];
+            float4 wv = w ? ((const float4 *)w)[c] : make_float4(1.f, 1.f, 1.f, 1.f);
+            float4 bv = b ? ((const float4 *)b)[c] : make_float4(0.f, 0.f, 0.f, 0.f);
+            float4 r;
+            r.x = (v.x - mean) * rstd * wv.x + bv.x;
+            r.y = (v.y - mean) * rstd * wv.y + bv.y;
+            r.z = (v.z - mean) * rstd * wv.z + bv.z;
+            r.w = (v.w - mean) * rstd * wv.w + bv.w;
+            ((float4 *)yr)[c] = r;
+        }
+    } else {
+        for (int64_t c = threadIdx.x; c < C; c += kLnThreads)
+            yr[c] = (xr[c] - mean) * rstd * (w ? w[c] : 1.0f) + (b ? b[c] : 0.0f);
+    }
+    if (threadIdx.x == 0) {
+        if (mean_out) mean_out[row] = mean;
+        if (rstd_out) rstd_out[row] = rstd;
+    }
+}
+
+/* ---- elementwise -------------------------------------------------------------------------------- */
+
+__device__ __forceinline__ float gelu1(float v, int tanh_form) {
+    if (tanh_form) { /* 0.5 v (1 + tanh(u)) = v e/(e+1), e = exp(2u) (clamped as gelu.c does) */
+        float u2 = 2.0f * 0.7978845608028654f * (v + 0.044715f * v * v * v);
+        float e = expf(u2 < 80.0f ? u2 : 80.0f);
+        return v * (e / (e + 1.0f));
+    }
+    return v * (0.5f * erfcf(-v * 0.7071067811865476f));
+}
+
+__global__ void gelu_kernel(float *y, const float *x, int64_t n, int tanh_form) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        y[i] = gelu1(x[i], tanh_form);
+}
+
+__global__ void gelu_kernel4(float4 *y, const float4 *x, int64_t n4, int tanh_form) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n4; i += (int64_t)gridDim.x * blockDim.x) {
+        float4 v = x[i];
+        y[i] = make_float4(gelu1(v.x, tanh_form), gelu1(v.y, tanh_form), gelu1(v.z, tanh_form), gelu1(v.w, tanh_form));
+    }
+}
+
+__global__ void add_kernel(float *out, const float *a, const float *b, int64_t n) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        out[i] = a[i] + b[i];
+}
+
+__global__ void add_kernel4(float4 *out, const float4 *a, const float4 *b, int64_t n4) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n4; i += (int64_t)gridDim.x * blockDim.x) {
+        float4 u = a[i], v = b[i];
+        out[i] = make_float4(u.x + v.x, u.y + v.y, u.z + v.z, u.w + v.w);
+    }
+}
+
+/* ---- embedding: one block per output row; W = C (scalar) or C/4 (float4) ----------------------- */
+
+template <typename T>
+__device__ __forceinline__ T add_t(T a, T b);
+template <>
+__device__ __forceinline__ float add_t(float a, float b) { return a + b; }
+template <>
+__device__ __forceinline__ float4 add_t(float4 a, float4 b) { return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w); }
+
+template <typename T>
+__global__ void embedding_kernel(T *out, const int32_t *ids, const T *table, const T *pos, int64_t pos_rows, int64_t W) {
+    const int64_t i = blockIdx.x;
+    const T *t = table + (int64_t)ids[i] * W;
+    const T *p = pos ? pos + (i % pos_rows) * W : nullptr;
+    T *o = out + i * W;
+    for (int64_t c = threadIdx.x; c < W; c += blockDim.x) o[c] = p ? add_t(t[c], p[c]) : t[c];
+}
+
+/* out[r, :] = (a ? a[r, :] : 0) + b[r % period, :], W columns of T */
+template <typename T>
+__global__ void add_periodic_kernel(T *out, const T *a, const T *b, int64_t rows, int64_t period, int64_t W) {
+    const int64_t n = rows * W;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t r = i / W, c = i - r * W;
+        T v = b[(r % period) * W + c];
+        out[i] = a ? add_t(a[i], v) : v;
+    }
+}
+
+/* ---- heads: tok rows [B*len, nh*hd] (stride ld) <-> rows [off, off+len) of heads [B, nh, tot, hd].
+ * Counted in units of T (float, or float4 with hd, ld, bias all in units of 4 floats). ---------- */
+
+template <typename T>
+__global__ void split_heads_kernel(T *heads, const T *tok, int64_t ld, const T *bias, int64_t B, int64_t nh,
+                                   int64_t tot, int64_t off, int64_t len, int64_t hd) {
+    const int64_t n = B * len * nh * hd;
+    for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n; idx += (int64_t)gridDim.x * blockDim.x) {
+        int64_t c = idx % hd, t = idx / hd;
+        int64_t h = t % nh;
+        t /= nh;
+        int64_t i = t % len, b = t / len;
+        T v = tok[(b * len + i) * ld + h * hd + c];
+        if (bias) v = add_t(v, bias[h * hd + c]);
+        heads[((b * nh + h) * tot + off + i) * hd + c] = v;
+    }
+}
+
+template <typename T>
+__global__ void merge_heads_kernel(T *tok, int64_t ld, const T *heads, int64_t B, int64_t nh, int64_t tot,
+                                   int64_t off, int64_t len, int64_t hd, int acc) {
+    const int64_t n = B * len * nh * hd;
+    for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n; idx += (int64_t)gridDim.x * blockDim.x) {
+        int64_t c = idx % hd, t = idx / hd;
+        int64_t h = t % nh;
+        t /= nh;
+        int64_t i = t % len, b = t / len;
+        T v = heads[((b * nh + h) * tot + off + i) * hd + c];
+        T *d = tok + (b * len + i) * ld + h * hd + c;
+        *d = acc ? add_t(*d, v) : v;
+    }
+}
+
+/* ---- dead rows: one block per (b, h); the mean in double, keys in order (as cpu.c) -------------- */
+
+__global__ void dead_rows_mean_kernel(float *out, const float *v, const uint8_t *dead, int64_t nh, int64_t L,
+                                      int64_t S, int64_t hd) {
+    const int64_t bh = blockIdx.x, b = bh / nh;
+    if (!dead[b]) return;
+    const float *vb = v + bh * S * hd;
+    float *o = out + bh * L * hd;
+    for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) {
+        double acc = 0.0;
+        for (int64_t j = 0; j < S; j++) acc += vb[j * hd + d];
+        const float m = (float)(acc / (double)S);
+        for (int64_t i = 0; i < L; i++) o[i * hd + d] = m;
+    }
+}
+
+/* ---- NaN/Inf screen: per-thread minimum, warp minimum, one atomicMin per warp that found one ---- */
+
+__global__ void screen_kernel(const uint32_t *x, int64_t n, long long *first) {
+    long long best = LLONG_MAX;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        if ((x[i] & 0x7f800000u) == 0x7f800000u) { /* NaN or +-Inf; the first hit is this thread's smallest */
+            best = i;
+            break;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        long long other = __shfl_xor_sync(0xffffffffu, best, o);
+        best = other < best ? other : best;
+    }
+    if ((threadIdx.x & 31) == 0 && best != LLONG_MAX) atomicMin(first, best);
+}
+
+} // namespace
+
+/* ---- entries ------------------------------------------------------------------------------------ */
+
+qf_status qf_cuda_gemm_nt(const qf_gemm_nt_args *g) {
+    if (g->M > INT32_MAX || g->N > INT32_MAX || g->K > INT32_MAX || g->ldx > INT32_MAX || g->ldo > INT32_MAX)
+        return qf_fail(QF_ERR_ARG, "gemm (cuda): M = %lld, N = %lld, K = %lld: sizes and strides must fit in int (cuBLAS)",
+                       (long long)g->M, (long long)g->N, (long long)g->K);
+    if (g->M <= 0 || g->N <= 0) return QF_OK;
+    cudaStream_t st = qf_cuda_stream();
+    float beta = g->accumulate ? 1.0f : 0.0f;
+    if (g->bias || g->res) {
+        gemm_prologue<<<grid_for(g->M * g->N), kThreads, 0, st>>>(g->out, g->ldo, g->bias, g->res, g->ldr, g->M,
+                                                                   g->N, g->accumulate);
+        QF_TRY(qf_cuda_launched("gemm_prologue"));
+        beta = 1.0f;
+    }
+    if (g->K <= 0) { /* an empty product: out holds [out +] bias + res already */
+        if (beta == 0.0f)
+            QF_TRY(qf_cuda_check(cudaMemset2DAsync(g->out, sizeof(float) * (size_t)g->ldo, 0, sizeof(float) * (size_t)g->N,
+                                                   (size_t)g->M, st), "gemm (cuda): zeroing out"));
+        return QF_OK;
+    }
+    cublasHandle_t h;
+    QF_TRY(qf_cuda_blas(&h));
+    const float alpha = 1.0f;
+    const int M = (int)g->M, N = (int)g->N, K = (int)g->K;
+    /* row-major out[M, N] is column-major outᵀ [N, M]: outᵀ = w · xᵀ with w read as the column-major
+     * [K, N] matrix transposed, x as column-major [K, M] */
+    if (!g->w_bf16)
+        return qf_cuda_blas_check(cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, g->w, K, g->x, (int)g->ldx,
+                                              &beta, g->out, (int)g->ldo),
+                                  "gemm (cuda): cublasSgemm");
+    void *buf;
+    QF_TRY(qf_cuda_scratch(QF_CUDA_SCRATCH_GEMM_X16, sizeof(__nv_bfloat16) * (size_t)g->M * (size_t)g->K, &buf));
+    to_bf16<<<grid_for(g->M * g->K), kThreads, 0, st>>>((__nv_bfloat16 *)buf, g->x, g->ldx, g->M, g->K);
+    QF_TRY(qf_cuda_launched("to_bf16"));
+    return qf_cuda_blas_check(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, g->w_bf16, CUDA_R_16BF, K, buf,
+                                           CUDA_R_16BF, K, &beta, g->out, CUDA_R_32F, (int)g->ldo, CUBLAS_COMPUTE_32F,
+                                           CUBLAS_GEMM_DEFAULT),
+                              "gemm (cuda): cublasGemmEx (bf16 weights)");
+}
+
+qf_status qf_cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w, const float *b,
+                                    int64_t rows, int64_t C, float eps) {
+    if (rows <= 0 || C <= 0) return QF_OK;
+    if (rows > INT32_MAX) return qf_fail(QF_ERR_ARG, "layernorm (cuda): %lld rows: at most 2^31-1", (long long)rows);
+    const bool vec = C % 4 == 0 && aligned16(out) && aligned16(x) && aligned16(w) && aligned16(b);
+    if (vec) layernorm_fwd<true><<<(unsigned)rows, kLnThreads, 0, qf_cuda_stream()>>>(out, mean, rstd, x, w, b, C, eps);
+    else layernorm_fwd<false><<<(unsigned)rows, kLnThreads, 0, qf_cuda_stream()>>>(out, mean, rstd, x, w, b, C, eps);
+    return qf_cuda_launched("layernorm_fwd");
+}
+
+qf_status qf_cuda_gelu_forward(float *out, const float *x, int64_t n, qf_gelu_kind kind) {
+    if (n <= 0) return QF_OK;
+    const int tf = kind == QF_GELU_TANH;
+    if (n % 4 == 0 && aligned16(out) && aligned16(x))
+        gelu_kernel4<<<grid_for(n / 4), kThreads, 0, qf_cuda_stream()>>>((float4 *)out, (const float4 *)x, n / 4, tf);
+    else
+        gelu_kernel<<<grid_for(n), kThreads, 0, qf_cuda_stream()>>>(out, x, n, tf);
+    return qf_cuda_launched("gelu");
+}
+
+qf_status qf_cuda_add(float *out, const float *a, const float *b, int64_t n) {
+    if (n <= 0) return QF_OK;
+    if (n % 4 == 0 && aligned16(out) && aligned16(a) && aligned16(b))
+        add_kernel4<<<grid_for(n / 4), kThreads, 0, qf_cuda_stream()>>>((float4 *)out, (const float4 *)a,
+                                                                         (const float4 *)b, n / 4);
+    else
+        add_kernel<<<grid_for(n), kThreads, 0, qf_cuda_stream()>>>(out, a, b, n);
+    return qf_cuda_launched("add");
+}
+
+qf_status qf_cuda_embedding_forward(float *out, const int32_t *ids, const float *table, const float *pos, int64_t pos_rows,
+                                    int64_t N, int64_t C) {
+    if (N <= 0 || C <= 0) return QF_OK;
+    if (N > INT32_MAX) return qf_fail(QF_ERR_ARG, "embedding (cuda): %lld rows: at most 2^31-1", (long long)N);
+    if (pos && pos_rows <= 0) return qf_fail(QF_ERR_ARG, "embedding (cuda): pos_rows = %lld with pos given", (long long)pos_rows);
+    cudaStream_t st = qf_cuda_stream();
+    if (C % 4 == 0 && aligned16(out) && aligned16(table) && aligned16(pos)) {
+        const int64_t W = C / 4;
+        const int threads = W >= 256 ? 256 : (int)((W + 31) / 32 * 32);
+        embedding_kernel<float4><<<(unsigned)N, threads, 0, st>>>((float4 *)out, ids, (const float4 *)table,
+                                                                  (const float4 *)pos, pos_rows, W);
+    } else {
+        const int threads = C >= 256 ? 256 : (int)((C + 31) / 32 * 32);
+        embedding_kernel<float><<<(unsigned)N, threads, 0, st>>>(out, ids, table, pos, pos_rows, C);
+    }
+    return qf_cuda_launched("embedding");
+}
+
+qf_status qf_cuda_add_periodic(float *out, const float *a, const float *b, int64_t rows, int64_t period, int64_t C) {
+    const int64_t n = rows * C;
+    if (n <= 0) return QF_OK;
+    if (period <= 0) return qf_fail(QF_ERR_ARG, "add_periodic (cuda): period = %lld, expected >= 1", (long long)period);
+    cudaStream_t st = qf_cuda_stream();
+    if (C % 4 == 0 && aligned16(out) && aligned16(a) && aligned16(b))
+        add_periodic_kernel<float4><<<grid_for(n / 4), kThreads, 0, st>>>((float4 *)out, (const float4 *)a,
+                                                                          (const float4 *)b, rows, period, C / 4);
+    else
+        add_periodic_kernel<float><<<grid_for(n), kThreads, 0, st>>>(out, a, b, rows, period, C);
+    return qf_cuda_launched("add_periodic");
+}
+
+qf_status qf_cuda_split_heads(float *heads, const float *tok, int64_t ld, const float *bias, int64_t B, int64_t nh,
+                              int64_t tot, int64_t off, int64_t len, int64_t hd) {
+    const int64_t n = B * len * nh * hd;
+    if (n <= 0) return QF_OK;
+    cudaStream_t st = qf_cuda_stream();
+    if (hd % 4 == 0 && ld % 4 == 0 && aligned16(heads) && aligned16(tok) && aligned16(bias))
+        split_heads_kernel<float4><<<grid_for(n / 4), kThreads, 0, st>>>((float4 *)heads, (const float4 *)tok, ld / 4,
+                                                                         (const float4 *)bias, B, nh, tot, off, len, hd / 4);
+    else
+        split_heads_kernel<float><<<grid_for(n), kThreads, 0, st>>>(heads, tok, ld, bias, B, nh, tot, off, len, hd);
+    return qf_cuda_launched("split_heads");
+}
+
+qf_status qf_cuda_merge_heads(float *tok, int64_t ld, const float *heads, int64_t B, int64_t nh, int64_t tot, int64_t off,
+                              int64_t len, int64_t hd, int acc) {
+    const int64_t n = B * len * nh * hd;
+    if (n <= 0) return QF_OK;
+    cudaStream_t st = qf_cuda_stream();
+    if (hd % 4 == 0 && ld % 4 == 0 && aligned16(heads) && aligned16(tok))
+        merge_heads_kernel<float4><<<grid_for(n / 4), kThreads, 0, st>>>((float4 *)tok, ld / 4, (const float4 *)heads, B,
+                                                                         nh, tot, off, len, hd / 4, acc);
+    else
+        merge_heads_kernel<float><<<grid_for(n), kThreads, 0, st>>>(tok, ld, heads, B, nh, tot, off, len, hd, acc);
+    return qf_cuda_launched("merge_heads");
+}
+
+qf_status qf_cuda_copy2d(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, size_t rows) {
+    if (!width || !rows) return QF_OK;
+    /* cudaMemcpyDefault: either side may be host memory (unified addressing); a copy to pageable
+     * host memory returns once it is done, one from it once the source has been staged */
+    return qf_cuda_check(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, rows, cudaMemcpyDefault, qf_cuda_stream()),
+                         "copy2d (cuda): cudaMemcpy2DAsync");
+}
+
+qf_status qf_cuda_dead_rows_mean(float *out, const float *v, const uint8_t *dead, int64_t B, int64_t nh, int64_t L,
+                                 int64_t S, int64_t hd) {
+    if (B <= 0 || nh <= 0 || L <= 0 || hd <= 0) return QF_OK;
+    if (S <= 0) return qf_fail(QF_ERR_ARG, "dead_rows_mean (cuda): S = %lld, expected >= 1", (long long)S);
+    if (B * nh > INT32_MAX) return qf_fail(QF_ERR_ARG, "dead_rows_mean (cuda): B*nh = %lld: at most 2^31-1", (long long)(B * nh));
+    const int threads = hd >= 128 ? 128 : (int)((hd + 31) / 32 * 32);
+    dead_rows_mean_kernel<<<(unsigned)(B * nh), threads, 0, qf_cuda_stream()>>>(out, v, dead, nh, L, S, hd);
+    return qf_cuda_launched("dead_rows_mean");
+}
+
+qf_status qf_cuda_screen_nonfinite(const float *x, int64_t n, int64_t *first) {
+    if (n <= 0) return QF_OK;
+    unsigned blocks = grid_for(n);
+    if (blocks > 1024) blocks = 1024;
+    screen_kernel<<<blocks, kThreads, 0, qf_cuda_stream()>>>((const uint32_t *)x, n, (long long *)first);
+    return qf_cuda_launched("screen_nonfinite");
+}
