@@ -11,7 +11,13 @@
  *   2: text for a built-in Qwen2-style tokenizer (NFC, Split regex, ByteLevel without regex,
  *      lstrip/rstrip/single_word added tokens, a BOS template). Valid UTF-8 must encode and
  *      decode to valid UTF-8.
+ *   4: text for a built-in BERT WordPiece tokenizer (BertNormalizer lowercasing with accents
+ *      stripped, BertPreTokenizer, ## pieces, max_input_chars_per_word 6, a normalized added
+ *      token, [CLS] $A [SEP] template, WordPiece decoder with cleanup). Valid UTF-8 must encode,
+ *      the size query must agree, decode must give valid UTF-8; then the same bytes are decoded
+ *      as ids.
  *   other: ids (int32 little-endian) to decode with the Qwen2-style tokenizer.
+ * The seed corpus also holds WordPiece tokenizer.json files for mode 0 (wordpiece_*.json).
  * ASan/UBSan turn any memory error into a crash. */
 #include "qfuse.h"
 #include <stdio.h>
@@ -20,7 +26,26 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-static qf_tokenizer *tok_gpt2, *tok_qwen;
+static qf_tokenizer *tok_gpt2, *tok_qwen, *tok_bert;
+
+static const char BERT_JSON[] =
+    "{\"added_tokens\": [{\"id\": 0, \"content\": \"[PAD]\", \"special\": true},"
+    " {\"id\": 1, \"content\": \"[UNK]\", \"special\": true}, {\"id\": 2, \"content\": \"[CLS]\", \"special\": true},"
+    " {\"id\": 3, \"content\": \"[SEP]\", \"special\": true},"
+    " {\"id\": 40, \"content\": \"New York\", \"special\": false, \"normalized\": true}],"
+    " \"normalizer\": {\"type\": \"BertNormalizer\", \"clean_text\": true, \"handle_chinese_chars\": true,"
+    " \"strip_accents\": null, \"lowercase\": true},"
+    " \"pre_tokenizer\": {\"type\": \"BertPreTokenizer\"},"
+    " \"post_processor\": {\"type\": \"TemplateProcessing\", \"single\": [{\"SpecialToken\": {\"id\": \"[CLS]\"}},"
+    " {\"Sequence\": {\"id\": \"A\"}}, {\"SpecialToken\": {\"id\": \"[SEP]\"}}], \"special_tokens\":"
+    " {\"[CLS]\": {\"id\": \"[CLS]\", \"ids\": [2]}, \"[SEP]\": {\"id\": \"[SEP]\", \"ids\": [3]}}},"
+    " \"decoder\": {\"type\": \"WordPiece\", \"prefix\": \"##\", \"cleanup\": true},"
+    " \"model\": {\"type\": \"WordPiece\", \"unk_token\": \"[UNK]\", \"continuing_subword_prefix\": \"##\","
+    " \"max_input_chars_per_word\": 6, \"vocab\": {\"[PAD]\": 0, \"[UNK]\": 1, \"[CLS]\": 2, \"[SEP]\": 3,"
+    " \"a\": 4, \"##a\": 5, \"b\": 6, \"##b\": 7, \"c\": 8, \"##c\": 9, \"e\": 10, \"##e\": 11, \"the\": 12,"
+    " \"##s\": 13, \".\": 14, \",\": 15, \"!\": 16, \"'\": 17, \"s\": 18, \"n't\": 19, \"do not\": 20,"
+    " \"caf\": 21, \"\u4f60\": 22, \"\u597d\": 23, \"\u00df\": 24, \"##\u00df\": 25, \"i\u0307\": 26,"
+    " \"\xf0\x9f\x98\x80\": 27, \"##\xf0\x9f\x98\x80\": 28, \"x\": 29, \"##x\": 30, \" ' \": 31}}}";
 
 static int valid_utf8(const unsigned char *s, size_t n) {
     size_t i = 0;
@@ -101,7 +126,8 @@ static void init(void) {
     if (tok_gpt2) return;
     char *a = build_json(0), *b = build_json(1);
     if (qf_tokenizer_load_memory(a, strlen(a), "gpt2", &tok_gpt2) != QF_OK ||
-        qf_tokenizer_load_memory(b, strlen(b), "qwen", &tok_qwen) != QF_OK) {
+        qf_tokenizer_load_memory(b, strlen(b), "qwen", &tok_qwen) != QF_OK ||
+        qf_tokenizer_load_memory(BERT_JSON, sizeof BERT_JSON - 1, "bert", &tok_bert) != QF_OK) {
         fprintf(stderr, "fuzz_tokenizer: built-in tokenizer does not load: %s\n", qf_last_error());
         abort();
     }
@@ -183,6 +209,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         if ((dl >= 0) != valid) abort(); /* valid text always encodes; invalid never does */
         if (dl >= 0 && mode == 1 && ((size_t)dl != len || memcmp(d, text, len))) abort(); /* round trip */
         free(d);
+        return 0;
+    }
+    if (mode == 4) {
+        char *d = NULL;
+        long dl = encode_decode(tok_bert, text, len, (int)(len & 1), (int)(len & 2), &d);
+        if ((dl >= 0) != valid_utf8((const unsigned char *)text, len)) abort();
+        free(d);
+        decode_ids(tok_bert, data + 1, len);
         return 0;
     }
     decode_ids(tok_qwen, data + 1, len);
