@@ -70,7 +70,7 @@ def ptr(a):
 
 
 def up(dev, a):
-    return dev.upload(np.ascontiguousarray(a))
+    return None if a is None else dev.upload(np.ascontiguousarray(a))
 
 
 def down(p, shape, dtype=np.float32):
@@ -106,6 +106,8 @@ def table(which):
     if which not in _tables:
         ns = {}
         for name, (res, args) in _SIGS.items():
+            if not lib.qf_cuda_backend_entry(1 if which == "cuda" else 0, name.encode()):
+                continue  # the CPU table has no memory/graph entries
             f = qfuse.cuda.backend_entry(which, name, res, args)
             ns[name] = (lambda f: lambda *a: check(f(*a)))(f) if res is c_int else f
         _tables[which] = SimpleNamespace(**ns)
