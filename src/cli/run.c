@@ -6,11 +6,14 @@
  *                                              bicubic to vision_config.image_size, CLIP mean/std)
  *   input_ids = [image_token_id] * num_query_tokens + tokenizer(prompt, add_special_tokens)
  *               (the image tokens go before BOS, as the processor puts them)
- *   InstructBLIP: qformer_input_ids = MODEL/qformer_tokenizer/tokenizer.json(prompt)
+ *   InstructBLIP: qformer_input_ids = MODEL/qformer_tokenizer/tokenizer.json(prompt, add_special_tokens)
+ *               (BERT WordPiece: [CLS] prompt [SEP], the Q-Former attention mask all ones, as
+ *               InstructBlipProcessor saves and calls its qformer_tokenizer)
  *   ids       = generate(...), decoded as they come (qf_text_stream: whole UTF-8 characters,
  *               special tokens skipped, --stop strings cut)
- * The answer goes to stdout as it is produced; timings go to stderr. Exit status: 0 done, 1 a
- * library error (its message on stderr), 2 a usage error. */
+ * The answer goes to stdout as it is produced; timings go to stderr (--print-ids adds the token
+ * ids: qformer_input_ids, input_ids, generated_ids). Exit status: 0 done, 1 a library error (its
+ * message on stderr), 2 a usage error. */
 #include "qfuse.h"
 #include <errno.h>
 #include <math.h>
@@ -30,7 +33,9 @@ static const char *run_help =
     "\"instructblip\", model.safetensors or a sharded index, tokenizer.json; optional\n"
     "preprocessor_config.json and generation_config.json), streaming the answer to stdout.\n"
     "The prompt is tokenized with MODEL/tokenizer.json and placed after the model's image tokens,\n"
-    "as Blip2Processor does (image tokens, BOS, prompt). Timings (tokens/s) go to stderr.\n"
+    "as Blip2Processor does (image tokens, BOS, prompt). InstructBLIP's Q-Former also reads the\n"
+    "prompt, through MODEL/qformer_tokenizer/tokenizer.json (BERT WordPiece, as\n"
+    "InstructBlipProcessor.save_pretrained writes it). Timings (tokens/s) go to stderr.\n"
     "Without --image, MODEL is a decoder LLM folder (model_type \"llama\", \"qwen2\" or \"opt\"):\n"
     "the prompt is tokenized as tokenizer(prompt) does and continued.\n"
     "\n"
@@ -50,6 +55,8 @@ static const char *run_help =
     "                          adapter_model.safetensors) to the language model, on the fly\n"
     "  --threads N             worker threads\n"
     "  --quiet                 no timings on stderr\n"
+    "  --print-ids             print the token ids on stderr (qformer_input_ids, input_ids,\n"
+    "                          generated_ids), one line each\n"
     "\n"
     "Generation ends at the model's eos token (generation_config.json), a --stop string, or\n"
     "--max-new-tokens.\n"
@@ -114,7 +121,7 @@ typedef struct {
     const char *model, *image, *prompt, *weights, *adapter;
     long long max_new, top_k, seed, threads;
     double temperature, top_p, repetition_penalty;
-    int sample, quiet;
+    int sample, quiet, print_ids;
     const char *stops[RUN_MAX_STOPS];
     int n_stops;
 } run_opts;
@@ -156,6 +163,7 @@ static int parse_args(int argc, char **argv, run_opts *o) {
         const char *a = argv[i];
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) return -1;
         if (!strcmp(a, "--quiet")) { o->quiet = 1; continue; }
+        if (!strcmp(a, "--print-ids")) { o->print_ids = 1; continue; }
         if (a[0] != '-') {
             if (o->model) return run_usage("one MODEL folder only; extra argument %s", a);
             o->model = a;
@@ -214,6 +222,14 @@ static int tokenize(const qf_tokenizer *tok, const char *text, int add_special, 
     if (!*ids) { fprintf(stderr, "qfuse: run: out of memory\n"); return 1; }
     if (qf_tokenizer_encode(tok, text, len, add_special, *ids, *n, n) != QF_OK) return run_fail("--prompt");
     return 0;
+}
+
+/* --print-ids: "name: id id ..." on stderr. */
+static void print_ids(const run_opts *o, const char *name, const int32_t *ids, size_t n) {
+    if (!o->print_ids) return;
+    fprintf(stderr, "%s:", name);
+    for (size_t i = 0; i < n; i++) fprintf(stderr, " %d", ids[i]);
+    fputc('\n', stderr);
 }
 
 /* Prints the timing line shared by both modes. */
@@ -298,10 +314,12 @@ static int run_text(const run_opts *o, int wfmt) {
     go.user = &rs;
     int64_t steps = 0;
     fputs(o->prompt, stdout);
+    print_ids(o, "input_ids", ids, n);
     qf_status gs = qf_llm_generate(m, embeds, NULL, 1, T, ids, &go, out_ids, &steps);
     double t2 = run_now();
     if (rs.error) { rc = run_fail("decoding the output"); goto done; }
     if (gs != QF_OK) { rc = run_fail("generate"); goto done; }
+    print_ids(o, "generated_ids", out_ids, (size_t)steps);
     const char *txt;
     size_t tn;
     if (!rs.stopped && qf_text_stream_flush(ts, &txt, &tn) == QF_OK) fwrite(txt, 1, tn, stdout);
@@ -356,12 +374,12 @@ int cmd_run(int argc, char **argv) {
     if (qf_tokenizer_load(path, &tok) != QF_OK) { rc = run_fail("loading the tokenizer"); goto done; }
     if (info.instruct) {
         snprintf(path, sizeof path, "%s/qformer_tokenizer/tokenizer.json", o.model);
-        if (qf_tokenizer_load(path, &qtok) != QF_OK) {
-            fprintf(stderr, "qfuse: run: InstructBLIP's Q-Former reads the prompt through its own tokenizer "
-                            "(MODEL/qformer_tokenizer/tokenizer.json, BERT WordPiece upstream), which qfuse cannot read: %s\n",
-                    qf_last_error());
+        if (!file_exists(path)) {
+            fprintf(stderr, "qfuse: run: %s is missing: InstructBLIP's Q-Former reads the prompt through its own "
+                            "tokenizer (BERT WordPiece), which InstructBlipProcessor.save_pretrained writes there\n", path);
             goto done;
         }
+        if (qf_tokenizer_load(path, &qtok) != QF_OK) { rc = run_fail("loading the Q-Former's tokenizer"); goto done; }
     }
     double t_load = run_now();
 
@@ -415,6 +433,8 @@ int cmd_run(int argc, char **argv) {
     if (!ids || !out_ids || !embeds) { fprintf(stderr, "qfuse: run: out of memory\n"); goto done; }
     for (int64_t i = 0; i < nq; i++) ids[i] = info.image_token_id;
     memcpy(ids + nq, prompt_ids, np_ * sizeof *ids);
+    if (qtok) print_ids(&o, "qformer_input_ids", qids, nq_text);
+    print_ids(&o, "input_ids", ids, (size_t)T);
 
     if (qf_text_stream_new(tok, o.stops, (size_t)o.n_stops, 1, &ts) != QF_OK) { rc = run_fail("--stop"); goto done; }
 
@@ -442,6 +462,7 @@ int cmd_run(int argc, char **argv) {
     double t3 = run_now();
     if (rs.error) { rc = run_fail("decoding the output"); goto done; }
     if (gs != QF_OK) { rc = run_fail("generate"); goto done; }
+    print_ids(&o, "generated_ids", out_ids, (size_t)steps);
     const char *txt;
     size_t n;
     if (!rs.stopped && qf_text_stream_flush(ts, &txt, &n) == QF_OK) fwrite(txt, 1, n, stdout);
