@@ -61,8 +61,9 @@ def check_case(name, q, k, v, g=None, **kw):
     worst = 0.0
     for gname, a, r in zip(("dq", "dk", "dv"), grads, (rdq, rdk, rdv)):
         assert a.shape == r.shape and np.all(np.isfinite(a)), gname
-        if np.abs(r).max() == 0:  # e.g. every key masked: gradients must be exactly zero
-            assert np.all(a == 0), "%s: %s should be zero" % (name, gname)
+        if np.abs(r).max() == 0:  # every key masked, or S = 1 (softmax of one score is 1): dq = 0
+            assert np.abs(a).max() <= 1e-5 * max(np.abs(x).max() for x in (rdk, rdv, g)), \
+                "%s: %s should be zero, max %.3g" % (name, gname, np.abs(a).max())
             continue
         eg = rel_err(a, r)
         worst = max(worst, eg)

@@ -37,6 +37,7 @@
 #include <cuda_bf16.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 namespace {
@@ -309,6 +310,240 @@ __global__ void __launch_bounds__(NT, 2) fwd_bf16(Args a) {
     }
 }
 
+/* ---- forward on Hopper warpgroup MMA (wgmma, sm_90a) ----------------------------------------
+ * fwd_bf16_wgmma: one block of 2 warpgroups per 128 query rows (warpgroup w: rows 64w..64w+63,
+ * warp j of it rows 16j..16j+15 of those), 128-key tiles. S = Q K^T is one chain of m64n128k16
+ * wgmma per warpgroup with Q and K from shared memory; the online softmax runs on the
+ * accumulators in registers (the wgmma accumulator layout is the mma.m16n8 C layout per warp, so
+ * P becomes A fragments without shared memory) and O += P V is a chain of register-A wgmma with V
+ * from shared memory (N-major). K and V tiles are double buffered: tile kb+1 streams in (cp.async)
+ * while tile kb is computed. Shared tiles use the 128-byte swizzle wgmma reads: a tile of R rows
+ * and D columns is D/64 blocks of R x 128 bytes; 16-byte chunk c of row r sits at chunk c ^ (r%8)
+ * of its row (base 1024-byte aligned). Taken only for D = Dv in {64, 128}, 16-byte aligned
+ * tensors and L > 64, and only when the library was compiled for sm_90a (wgmma does not exist in
+ * plain sm_90 code; wgmma_built() asks the device once); otherwise fwd_bf16 above runs. */
+
+/* wgmma wrappers: the accumulator registers are listed one by one (PTX takes no arrays). Only in
+ * the sm_90a device pass (and the host pass), where fwd_bf16_wgmma's body uses them. */
+#if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+/* d = A B (accumulate = 0) or d += A B: A [64 x 16], B [16 x 128] from shared memory, both K-major */
+__device__ __forceinline__ void wgmma_ss_n128(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+/* d += A B: A [64 x 16] bf16 in registers (per warp the mma.m16n8k16 A layout), B [16 x %d] from shared
+ * memory, N-major (imm-trans-b = 1) */
+__device__ __forceinline__ void wgmma_rs_n128(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+}
+/* d += A B: A [64 x 16] bf16 in registers (per warp the mma.m16n8k16 A layout), B [16 x %d] from shared
+ * memory, N-major (imm-trans-b = 1) */
+__device__ __forceinline__ void wgmma_rs_n64(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+/* keeps the compiler from reading (or writing) accumulators across the asynchronous wgmma */
+template <int N>
+__device__ __forceinline__ void reg_fence(float (&r)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(r[i])::"memory");
+}
+/* generic-proxy writes (cp.async, st.shared) made visible to wgmma's async proxy */
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+/* shared memory matrix descriptor, 128-byte swizzle; byte offsets lbo (leading) and sbo (stride) */
+__device__ __forceinline__ uint64_t gmma_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
+    return (uint64_t)((saddr & 0x3FFFF) >> 4) | ((uint64_t)((lbo >> 4) & 0x3FFF) << 16) |
+           ((uint64_t)((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
+}
+
+#endif
+
+constexpr int WM = 128; /* query rows per block: 2 warpgroups of 64 */
+constexpr int WN = 128; /* keys per tile */
+constexpr int WT = 256; /* threads per block */
+
+/* Rows [row0, row0+ROWS) of the row-major [nrows, D] matrix src into the swizzled tile (layout
+ * above) by cp.async; rows >= nrows become zeros. src is 16-byte aligned, D % 64 == 0. */
+template <int D, int ROWS>
+__device__ __forceinline__ void load_swizzled(uint8_t *tile, const uint16_t *src, int64_t row0, int64_t nrows) {
+    constexpr int C = D / 8;
+#pragma unroll 4
+    for (int idx = threadIdx.x; idx < ROWS * C; idx += WT) {
+        const int r = idx / C, c = idx % C;
+        const bool ok = row0 + r < nrows;
+        cp_async16(tile + (c >> 3) * ROWS * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4),
+                   ok ? src + (row0 + r) * D + c * 8 : src, ok);
+    }
+}
+
+template <int D>
+constexpr size_t wgmma_smem_bytes() { return 1024 + (size_t)(WM + 4 * WN) * D * 2; }
+
+template <int D>
+__global__ void __launch_bounds__(WT, 1) fwd_bf16_wgmma(Args a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int NO = D / 2, TK = WN * D * 2, LDO = D + 8;
+    extern __shared__ uint8_t smem_wg[];
+    uint8_t *Qs = smem_wg + ((1024 - (smem_addr(smem_wg) & 1023)) & 1023);
+    uint8_t *Ks = Qs + WM * D * 2, *Vs = Ks + 2 * TK; /* [2] tiles each */
+    const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int wrow = wg * 64 + ((tid >> 5) & 3) * 16; /* this warp's first row in the tile */
+    const int64_t qb = a.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x; /* heaviest first */
+    const int64_t h = blockIdx.y, b = blockIdx.z, hk = h / a.group, row0 = qb * WM;
+    const int64_t bh = b * a.Hq + h, bhk = b * a.Hkv + hk;
+    const uint16_t *q = a.q + bh * a.L * D, *k = a.k + bhk * a.S * D, *v = a.v + bhk * a.S * D;
+    const int64_t mbase = b * a.ms_b + h * a.ms_h;
+
+    int64_t nkb = (a.S + WN - 1) / WN;
+    if (a.causal) {
+        const int64_t last = (row0 + WM < a.L ? row0 + WM : a.L) - 1;
+        if (last / WN + 1 < nkb) nkb = last / WN + 1;
+    }
+    load_swizzled<D, WM>(Qs, q, row0, a.L);
+    load_swizzled<D, WN>(Ks, k, 0, a.S);
+    load_swizzled<D, WN>(Vs, v, 0, a.S);
+    cp_async_commit();
+
+    float o[NO], s[64], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < NO; i++) o[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 64; i++) s[i] = 0.f;
+    const uint32_t q_addr = smem_addr(Qs) + wg * 64 * 128;
+
+    for (int64_t kb = 0; kb < nkb; kb++) {
+        const int64_t col0 = kb * WN;
+        const int buf = (int)(kb & 1);
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads(); /* tile kb landed; both warpgroups are done with tile kb-1's buffers */
+        if (kb + 1 < nkb) {
+            load_swizzled<D, WN>(Ks + (buf ^ 1) * TK, k, col0 + WN, a.S);
+            load_swizzled<D, WN>(Vs + (buf ^ 1) * TK, v, col0 + WN, a.S);
+            cp_async_commit();
+        }
+        const uint32_t k_addr = smem_addr(Ks + buf * TK), v_addr = smem_addr(Vs + buf * TK);
+        /* S = Q K^T: D/16 steps of k16; within a 64-column block a step moves 32 bytes */
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++)
+            wgmma_ss_n128(s, gmma_desc(q_addr + (kk >> 2) * WM * 128 + (kk & 3) * 32, 16, 1024),
+                          gmma_desc(k_addr + (kk >> 2) * WN * 128 + (kk & 3) * 32, 16, 1024), kk > 0);
+        wgmma_commit();
+        wgmma_wait_all();
+        reg_fence(s);
+        /* element 4i+e of s: row wrow + g + 8(e>>1), key col0 + 8i + 2t + (e&1) */
+#pragma unroll
+        for (int i = 0; i < 64; i++) s[i] *= a.scale_log2;
+        const bool edge = col0 + WN > a.S || row0 + WM > a.L || (a.causal && col0 + WN - 1 > row0) || a.mask_kind;
+        if (edge) {
+#pragma unroll
+            for (int i = 0; i < 16; i++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int64_t qi = row0 + wrow + g + 8 * (e >> 1), kj = col0 + 8 * i + 2 * t + (e & 1);
+                    if (kj >= a.S || qi >= a.L || (a.causal && kj > qi)) s[4 * i + e] = -INFINITY;
+                    else if (a.mask_kind) s[4 * i + e] += mask_log2(a, mbase, qi, kj);
+                }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int i = 0; i < 16; i++) mx = fmaxf(mx, fmaxf(s[4 * i + 2 * r], s[4 * i + 2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float mnew = fmaxf(m[r], mx);
+            const float base = mnew == -INFINITY ? 0.f : mnew;
+            const float alpha = fast_exp2(m[r] - base);
+            m[r] = mnew;
+            float sum = 0.f;
+#pragma unroll
+            for (int i = 0; i < 16; i++) {
+                s[4 * i + 2 * r] = fast_exp2(s[4 * i + 2 * r] - base);
+                s[4 * i + 2 * r + 1] = fast_exp2(s[4 * i + 2 * r + 1] - base);
+                sum += s[4 * i + 2 * r] + s[4 * i + 2 * r + 1];
+            }
+            l[r] = l[r] * alpha + sum;
+#pragma unroll
+            for (int j = 0; j < D / 8; j++) {
+                o[4 * j + 2 * r] *= alpha;
+                o[4 * j + 2 * r + 1] *= alpha;
+            }
+        }
+        uint32_t pa[8][4];
+#pragma unroll
+        for (int kk = 0; kk < 8; kk++) {
+            pa[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
+            pa[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
+            pa[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
+            pa[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
+        }
+        /* O += P V: 8 steps of 16 keys (2048 bytes each); N = D spans D/64 column blocks WN*128 apart */
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 8; kk++) {
+            if constexpr (D == 128) wgmma_rs_n128(o, pa[kk], gmma_desc(v_addr + kk * 2048, WN * 128, 1024));
+            else wgmma_rs_n64(o, pa[kk], gmma_desc(v_addr + kk * 2048, WN * 128, 1024));
+        }
+        wgmma_commit();
+        wgmma_wait_all();
+        reg_fence(o);
+    }
+    /* epilogue: lse; O normalised and rounded into a plain [128][D+8] staging tile over the K
+     * buffers (after a barrier: the other warpgroup may still read them), then 16-byte stores */
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float sum = l[r];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        inv[r] = sum > 0.f ? 1.f / sum : 0.f;
+        const int64_t qi = row0 + wrow + g + 8 * r;
+        if (a.lse && t == 0 && qi < a.L) a.lse[bh * a.L + qi] = sum > 0.f ? m[r] * LN2 + logf(sum) : -INFINITY;
+    }
+    __syncthreads();
+    if (row0 + wrow >= a.L) return;
+    uint16_t *Os = (uint16_t *)Ks + wrow * LDO;
+#pragma unroll
+    for (int j = 0; j < D / 8; j++) {
+        *(uint32_t *)(Os + g * LDO + 8 * j + 2 * t) = pack_bf16(o[4 * j] * inv[0], o[4 * j + 1] * inv[0]);
+        *(uint32_t *)(Os + (g + 8) * LDO + 8 * j + 2 * t) = pack_bf16(o[4 * j + 2] * inv[1], o[4 * j + 3] * inv[1]);
+    }
+    __syncwarp();
+    uint16_t *out = a.out + (bh * a.L + row0 + wrow) * D;
+    const int nrows = (int)(a.L - (row0 + wrow) < 16 ? a.L - (row0 + wrow) : 16);
+    for (int idx = lane; idx < nrows * (D / 8); idx += 32) {
+        const int r = idx / (D / 8), c = (idx % (D / 8)) * 8;
+        *(uint4 *)(out + r * D + c) = *(const uint4 *)(Os + r * LDO + c);
+    }
+#endif
+}
+
+/* writes 1 when this code was compiled for sm_90a (wgmma available), else 0 */
+__global__ void wgmma_probe(int *flag) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    *flag = 1;
+#else
+    *flag = 0;
+#endif
+}
+
 /* ---- backward ------------------------------------------------------------------------------- */
 
 /* delta[r] = sum_d float(dout[r,d]) * float(o[r,d]), one warp per row r of B*Hq*L. */
@@ -577,6 +812,46 @@ qf_status launch_fwd(const Args &a) {
     return qf_cuda_launched("fwd_bf16");
 }
 
+template <int D>
+qf_status launch_fwd_wgmma(const Args &a) {
+    static bool attr_set = false;
+    const size_t smem = wgmma_smem_bytes<D>();
+    if (!attr_set) {
+        QF_TRY(qf_cuda_check(cudaFuncSetAttribute(fwd_bf16_wgmma<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                             "sdpa bf16 forward (wgmma): cudaFuncSetAttribute"));
+        attr_set = true;
+    }
+    dim3 grid((unsigned)((a.L + WM - 1) / WM), (unsigned)a.Hq, (unsigned)a.B);
+    fwd_bf16_wgmma<D><<<grid, WT, smem, qf_cuda_stream()>>>(a);
+    return qf_cuda_launched("fwd_bf16_wgmma");
+}
+
+/* 1 if the wgmma kernels were compiled for this device (the library built for sm_90a and running
+ * on it), asked once with a probe kernel; 0 otherwise, and 0 without asking while the stream is
+ * being captured (a probe would have to wait). QFUSE_SDPA_BF16_KERNEL=mma forces 0. */
+int wgmma_built() {
+    static int known = -1; /* a race only repeats the probe */
+    if (known >= 0) return known;
+    const char *env = getenv("QFUSE_SDPA_BF16_KERNEL");
+    if (env && strcmp(env, "mma") == 0) return known = 0;
+    cudaStream_t st = qf_cuda_stream();
+    cudaStreamCaptureStatus cap;
+    if (cudaStreamIsCapturing(st, &cap) != cudaSuccess || cap != cudaStreamCaptureStatusNone) {
+        (void)cudaGetLastError();
+        return 0;
+    }
+    void *buf;
+    if (qf_cuda_scratch(QF_CUDA_SCRATCH_SCREEN, sizeof(int), &buf) != QF_OK) return 0;
+    int flag = 0;
+    wgmma_probe<<<1, 1, 0, st>>>((int *)buf);
+    if (cudaGetLastError() != cudaSuccess || cudaMemcpyAsync(&flag, buf, sizeof flag, cudaMemcpyDeviceToHost, st) != cudaSuccess ||
+        cudaStreamSynchronize(st) != cudaSuccess) {
+        (void)cudaGetLastError();
+        flag = 0;
+    }
+    return known = flag;
+}
+
 template <int DP>
 qf_status launch_bwd(const Args &a) {
     static bool attr_set = false;
@@ -603,6 +878,9 @@ qf_status qf_cuda_sdpa_forward_bf16(const qf_sdpa_problem *pr, const uint16_t *q
     a.vec_k = pr->D % 8 == 0 && aligned16(k);
     a.vec_v = pr->Dv % 8 == 0 && aligned16(v);
     a.vec_o = pr->Dv % 8 == 0 && aligned16(out);
+    if (pr->D == pr->Dv && (pr->D == 64 || pr->D == 128) && a.vec_q && a.vec_k && a.vec_v && a.vec_o && pr->L > 64 &&
+        wgmma_built())
+        return pr->D == 64 ? launch_fwd_wgmma<64>(a) : launch_fwd_wgmma<128>(a);
     return dp == 64 ? launch_fwd<64>(a) : launch_fwd<128>(a);
 }
 
