@@ -108,3 +108,22 @@ def test_run_instructblip_tokenizer_errors(folder, tmp_path):
     rc, out, err = run(d, "--image", PHOTO, "--prompt", "what is this?")
     assert rc == 1 and "loading the Q-Former's tokenizer" in err and 'normalizer "Precompiled" is not supported' in err
     assert want in err
+
+
+@needs_cli
+def test_run_instructblip_long_stream(folder):
+    """~100 tokens streamed through the WordPiece decoder (## pieces joined to the word before,
+    special tokens skipped, the cleanup rules): the streamed text equals the whole decode of the
+    ids generated (decode itself is checked against tokenizers in test_wordpiece.py), with
+    sampling so that many different tokens come out."""
+    from qfuse.tokenizer import Tokenizer
+    rc, out, err = run(folder, "--image", PHOTO, "--prompt", "what is this?", "--max-new-tokens", 100,
+                       "--temperature", 1.5, "--seed", 3, "--print-ids")
+    assert rc == 0, err
+    got = _ids(err, "generated_ids")
+    with open(os.path.join(folder, "generation_config.json")) as f:
+        eos = json.load(f)["eos_token_id"]
+    with Tokenizer(folder / "tokenizer.json") as tok:
+        assert any(tok.id_to_token(t).startswith("##") for t in got)            # pieces were joined
+        text = tok.decode([t for t in got if t != eos], skip_special_tokens=True)
+    assert len(got) > 20 and out == text + "\n"
