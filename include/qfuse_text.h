@@ -1,5 +1,6 @@
-/* qfuse_text.h - text side of libqfuse: the Hugging Face tokenizer.json byte-level BPE tokenizer
- * (included by qfuse.h; do not include it alone). Owned by src/io/tokenizer.c.
+/* qfuse_text.h - text side of libqfuse: the Hugging Face tokenizer.json tokenizer, byte-level BPE
+ * (GPT-2, LLaMA-3, Qwen2, OPT) and BERT WordPiece (InstructBLIP's Q-Former) (included by qfuse.h;
+ * do not include it alone). Owned by src/io/tokenizer.c (BERT stages: src/io/wordpiece.c).
  *
  * USAGE
  *
@@ -19,15 +20,25 @@
  *   model        BPE: vocab, merges ("a b" strings or ["a","b"] pairs), unk_token, fuse_unk,
  *                byte_fallback, ignore_merges, continuing_subword_prefix, end_of_word_suffix;
  *                dropout null or 0.
+ *                WordPiece: vocab, unk_token (must be in the vocab), continuing_subword_prefix,
+ *                max_input_chars_per_word (greedy longest match first; an unsplittable or too
+ *                long word is the one unk id).
  *   added_tokens special or not, matched in the raw text before pre-tokenization (leftmost,
  *                longest first), honouring lstrip, rstrip, single_word and normalized.
- *   normalizer   null, NFC, or a Sequence of NFC.
+ *   normalizer   null, NFC, BertNormalizer (clean_text, handle_chinese_chars, strip_accents with
+ *                null = follow lowercase, lowercase), or a Sequence of those. Character classes
+ *                come from utf8proc's Unicode tables (see src/io/wordpiece.c).
+ *                A `normalized` added token is held in its normalized form (matched, decoded and
+ *                looked up so), as tokenizers 0.23 does.
  *   pre_tokenizer ByteLevel (add_prefix_space, use_regex: the GPT-2 pattern), Split (String or
  *                Regex pattern, behaviors Removed / Isolated / MergedWithPrevious /
- *                MergedWithNext / Contiguous, invert), a Sequence of those with ByteLevel last
- *                (Qwen2, LLaMA-3), or null.
- *   post_processor null, ByteLevel, TemplateProcessing (single sequence), Sequence of those.
- *   decoder      ByteLevel or null (tokens joined by spaces, as tokenizers does).
+ *                MergedWithNext / Contiguous, invert), BertPreTokenizer (whitespace, then each
+ *                punctuation char alone), a Sequence of those with ByteLevel last (Qwen2,
+ *                LLaMA-3), or null.
+ *   post_processor null, ByteLevel, TemplateProcessing (single sequence), BertProcessing
+ *                ([CLS] $A [SEP]), Sequence of those.
+ *   decoder      ByteLevel, WordPiece (prefix, cleanup), or null (tokens joined by spaces, as
+ *                tokenizers does).
  *   truncation and padding settings are ignored: encode returns the ids of the whole text.
  *
  * SEMANTICS follow the `tokenizers` library (0.2x): encode(text, add_special_tokens) and
