@@ -57,6 +57,92 @@ def timeit(fn, reps, warmup):
     return (time.perf_counter() - t0) / reps * 1e3
 
 
+def prefusion_section(args):
+    """AffectGPT pre-fusion (8 audio + 32 face frames of 1024, 16 queries, 2 layers of 768, 4096
+    out) at B=1 and 32: qfuse's whole pre-fusion on the GPU (qf_prefusion_to_device) against the
+    same computation in PyTorch (two nn.functional.linear, the position rows, transformers'
+    Blip2QFormerModel with cross-attention in every layer, the LLM projection) on the same
+    weights (tools/make_fusion_model.py affectgpt --bench, transformers names)."""
+    import json
+    import subprocess
+    from safetensors.torch import load_file
+    from transformers import Blip2QFormerConfig, Blip2QFormerModel
+    folder = tempfile.mkdtemp(prefix="qfuse-prefusion-")
+    subprocess.run([sys.executable, os.path.join(HERE, "..", "tools", "make_fusion_model.py"), "affectgpt", folder,
+                    "--bench"], check=True, stdout=subprocess.DEVNULL)
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    sd = {k: v.cuda() for k, v in load_file(os.path.join(folder, "model.safetensors")).items()}
+    q = dict(cfg["qformer_config"])
+    qc = Blip2QFormerConfig(hidden_size=q["hidden_size"], num_hidden_layers=q["num_hidden_layers"],
+                            num_attention_heads=q["num_attention_heads"], intermediate_size=q["intermediate_size"],
+                            cross_attention_frequency=q.get("cross_attention_frequency", 1),
+                            encoder_hidden_size=cfg["max_hidden_size"], layer_norm_eps=q.get("layer_norm_eps", 1e-12))
+    qf = Blip2QFormerModel(qc).eval().cuda()
+    missing = qf.load_state_dict({k[len("multi_Qformer."):]: v for k, v in sd.items()
+                                  if k.startswith("multi_Qformer.")}, strict=False)
+    ta, tf, A, V = 8, 32, cfg["audio_dim"], cfg["video_dim"]
+    out = ["", "# AffectGPT pre-fusion (%d audio + %d face frames of %d, %d queries, %d layers, %d out); "
+           "peer: torch ops + transformers Blip2QFormerModel (unloaded keys: %d)"
+           % (ta, tf, A, cfg["num_multi_query_token"], q["num_hidden_layers"], cfg["llm_hidden_size"],
+              len(missing.missing_keys)),
+           "%-6s %-5s %10s %10s %10s %9s %9s %9s" % ("dtype", "B", "torch ms", "compile ms", "qfuse ms", "x eager",
+                                                    "x compile", "err")]
+    print("\n".join(out), flush=True)
+    ours = {dt: qfuse.Prefusion.load(folder).to("cuda", dt) for dt in ("float32", "bfloat16")}
+    from qfuse.fusion import qf_prefusion_args
+
+    def peer_fn(dt):
+        cast = (lambda t: t) if dt == "float32" else (lambda t: t.bfloat16())
+        w = {k: cast(v) for k, v in sd.items()}
+        mod = qf if dt == "float32" else Blip2QFormerModel(qc).eval().cuda().to(torch.bfloat16)
+        if dt != "float32":
+            mod.load_state_dict({k: cast(v) for k, v in qf.state_dict().items()})
+
+        def run(audio, face):
+            with torch.no_grad():
+                a = torch.nn.functional.linear(cast(audio), w["multi_audio_embs.weight"], w["multi_audio_embs.bias"])
+                f = torch.nn.functional.linear(cast(face), w["multi_video_embs.weight"], w["multi_video_embs.bias"])
+                x = torch.cat([f, a], 1) + w["multi_position_embedding.weight"][: ta + tf]
+                qt = w["multi_query_tokens"].expand(audio.shape[0], -1, -1)
+                h = mod(query_embeds=qt, encoder_hidden_states=x).last_hidden_state
+                return torch.nn.functional.linear(h, w["multi_llama_proj.weight"], w["multi_llama_proj.bias"])
+        return run
+
+    peers = {dt: peer_fn(dt) for dt in ("float32", "bfloat16")}
+    for B in (1, 32):
+        g = torch.Generator(device="cuda").manual_seed(100 + B)
+        audio = torch.randn(B, ta, A, device="cuda", generator=g)
+        face = torch.randn(B, tf, V, device="cuda", generator=g)
+        want = peers["float32"](audio, face).float()
+        for dt in ("float32", "bfloat16"):
+            run = peers[dt]
+
+            def sync_run(fn=run):
+                fn(audio, face)
+                torch.cuda.synchronize()
+            t_eager = timeit(sync_run, 50, 3)
+            t_comp = float("nan")
+            if not args.no_compile:
+                try:
+                    comp = torch.compile(run)
+                    t_comp = timeit(lambda: sync_run(comp), 50, 3)
+                except Exception as e:  # noqa: BLE001
+                    print("# torch.compile failed: %s" % str(e).splitlines()[0][:120], flush=True)
+            res = torch.empty(B, cfg["num_multi_query_token"], cfg["llm_hidden_size"], device="cuda")
+            pa = qf_prefusion_args(B=B, audio_len=ta, face_len=tf)
+            m = ours[dt]
+            call = lambda: qfuse._native.check(lib.qf_prefusion_forward(  # noqa: E731
+                m._h, ctypes.byref(pa), ctypes.c_void_p(audio.data_ptr()), ctypes.c_void_p(face.data_ptr()),
+                ctypes.c_void_p(res.data_ptr())))
+            t_ours = timeit(call, 50, 3)
+            err = float((res - want).abs().max() / want.abs().max())
+            line = "%-6s %-5d %10.3f %10.3f %10.3f %9.2f %9.2f %9.1e" % (
+                "f32" if dt == "float32" else "bf16", B, t_eager, t_comp, t_ours, t_eager / t_ours, t_comp / t_ours, err)
+            out.append(line)
+            print(line, flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,8,64")
@@ -129,6 +215,7 @@ def main():
                 t_comp / t_ours, tf, err, "off" if os.environ.get("QFUSE_CUDA_GRAPHS") == "0" else "on")
             lines.append(line)
             print(line, flush=True)
+    lines += prefusion_section(args)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

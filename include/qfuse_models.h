@@ -205,6 +205,11 @@ qf_status qf_prefusion_get_config(const qf_prefusion *m, qf_prefusion_config *ou
 qf_status qf_prefusion_forward(qf_prefusion *m, const qf_prefusion_args *a, const float *audio,
                                const float *face, float *out);
 qf_status qf_prefusion_backward(qf_prefusion *m, const float *grad_out, float *grad_audio, float *grad_face);
+/* Places the whole pre-fusion (projections, position rows, Q-Former, LLM projection) on "cpu"
+ * or "cuda", weights QF_F32 or QF_BF16 (cuda), as qf_qformer_to_device says; on the GPU the
+ * forward after its input copies is one graph per shape, audio/face/out may be host or GPU
+ * pointers (masks: host), and backward needs the CPU. */
+qf_status qf_prefusion_to_device(qf_prefusion *m, const char *device, qf_dtype weights);
 int qf_prefusion_num_params(const qf_prefusion *m);
 qf_status qf_prefusion_param(qf_prefusion *m, int i, qf_param *out);  /* checkpoint names */
 void qf_prefusion_zero_grad(qf_prefusion *m);

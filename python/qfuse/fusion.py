@@ -73,6 +73,7 @@ _native.declare({
     "qf_prefusion_param": (c_int, [c_void_p, c_int, P(_native.qf_param)]),
     "qf_prefusion_zero_grad": (None, [c_void_p]),
     "qf_prefusion_qformer": (c_void_p, [c_void_p]),
+    "qf_prefusion_to_device": (c_int, [c_void_p, c_char_p, c_int]),
     "qf_kvprefix_load": (c_int, [c_char_p, P(c_void_p)]),
     "qf_kvprefix_free": (None, [c_void_p]),
     "qf_kvprefix_get_shape": (c_int, [c_void_p, P(qf_kvprefix_shape)]),
@@ -274,6 +275,16 @@ class Prefusion(_Model):
         h = c_void_p()
         check(lib.qf_prefusion_load(os.fsencode(os.fspath(folder)), ctypes.byref(h)))
         return cls(h.value, os.fspath(folder))
+
+    def to(self, device="cpu", dtype="float32"):
+        """The whole pre-fusion forward on device "cpu" or "cuda" (dtype "bfloat16": bf16 GEMM
+        weights, cuda only); backward needs the CPU. Returns self."""
+        from .qformer import _DTYPES
+        if device not in ("cpu", "cuda") or dtype not in _DTYPES:
+            raise QfuseError('Prefusion.to: device = %r, dtype = %r; expected "cpu"/"cuda" and '
+                             '"float32"/"bfloat16"' % (device, dtype), "QF_ERR_ARG")
+        check(lib.qf_prefusion_to_device(self._h, device.encode(), _DTYPES[dtype]))
+        return self
 
     def fuse(self, audio=None, face=None, audio_mask=None, face_mask=None):
         """-> LLM-space tokens [B, num_multi_query_token, llm_hidden_size]. Either modality may

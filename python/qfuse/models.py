@@ -172,7 +172,10 @@ class FusionModel:
                 raise QfuseError("FusionModel: a %s model has no Q-Former to place on %s" % (self.kind, device),
                                  "QF_ERR_UNSUPPORTED")
             try:
-                self._qf.to(device, dtype)
+                if self.kind == "prefusion":
+                    self.impl.to(device, dtype)      # the whole pre-fusion, not only its Q-Former
+                else:
+                    self._qf.to(device, dtype)
             except Exception:
                 self.impl.close()
                 raise

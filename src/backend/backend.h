@@ -65,6 +65,11 @@ typedef struct {
      * (transformers' uniform weights after adding finfo.min to every score); other items untouched. */
     qf_status (*dead_rows_mean)(float *out, const float *v, const uint8_t *dead, int64_t B, int64_t nh,
                                 int64_t L, int64_t S, int64_t hd);
+    /* out[r, :] = (a ? a[r, :] : 0) + b[r % period, :] for r < rows, C columns: a table of
+     * `period` rows added to (or broadcast into) every group of rows (position embeddings,
+     * query tokens broadcast over the batch). out may equal a. */
+    qf_status (*add_periodic)(float *out, const float *a, const float *b, int64_t rows, int64_t period,
+                              int64_t C);
     /* *first = the smallest i < n with x[i] NaN or ±Inf, folded into *first (min with its old
      * value; the caller sets it to n or more beforehand). `first` is this backend's memory too, so
      * the check queues like a kernel; the caller reads *first after the work has finished. */

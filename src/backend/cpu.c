@@ -100,6 +100,17 @@ static qf_status cpu_dead_rows_mean(float *out, const float *v, const uint8_t *d
     return QF_OK;
 }
 
+static qf_status cpu_add_periodic(float *out, const float *a, const float *b, int64_t rows, int64_t period,
+                                  int64_t C) {
+#pragma omp parallel for num_threads(qf_threads()) if (rows * C > 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        float *o = out + r * C;
+        const float *x = a ? a + r * C : NULL, *y = b + (r % period) * C;
+        for (int64_t c = 0; c < C; c++) o[c] = (x ? x[c] : 0.0f) + y[c];
+    }
+    return QF_OK;
+}
+
 static qf_status cpu_screen_nonfinite(const float *x, int64_t n, int64_t *first) {
     size_t bad = qf_first_nonfinite(x, (size_t)n);
     if ((int64_t)bad < n && (int64_t)bad < *first) *first = (int64_t)bad;
@@ -119,6 +130,7 @@ static const qf_backend cpu = {
     .merge_heads = cpu_merge_heads,
     .copy2d = cpu_copy2d,
     .dead_rows_mean = cpu_dead_rows_mean,
+    .add_periodic = cpu_add_periodic,
     .screen_nonfinite = cpu_screen_nonfinite,
 };
 

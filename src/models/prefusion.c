@@ -34,6 +34,9 @@
  *   - have_fwd is set only after a forward fully succeeded; backward refuses without one.
  *   - Load fully succeeds or frees everything; every failure names the file and key/tensor. */
 #include "models_internal.h"
+#include "qformer_internal.h"
+#include <math.h>
+#include <stdint.h>
 #include <cjson/cJSON.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -73,6 +76,22 @@ struct qf_prefusion {
     float *g_qout, *g_query, *g_enc, *g_seg;
     int64_t B, ta, tf;
     int has_mask, have_fwd;
+
+    /* placement (qf_prefusion_to_device): be holds run_params (params itself on the CPU, a
+     * device copy on the GPU) and, on the GPU, params_bf16 (bf16 weights), the planned device
+     * block dfwd and the captured graph; hmask is the host mask handed to the Q-Former there. */
+    const qf_backend *be;
+    int on_device;
+    size_t params_total;
+    float *run_params;
+    uint16_t *params_bf16;
+    float *dfwd;
+    size_t dfwd_cap;
+    float *out_buf;                 /* [B*nq, llm_hidden_size] on the device                   */
+    int64_t *dscreen;               /* [2] first non-finite index of audio_in, face_in        */
+    uint8_t *hmask;
+    size_t hmask_cap;
+    qf_model_graph graph;
 };
 
 static void add_param(qf_prefusion *m, const char *name, int ndim, int64_t d0, int64_t d1, int64_t d2,
@@ -180,6 +199,21 @@ static qf_status read_text(const char *path, char **out) {
 
 /* ---- loading ---- */
 
+/* Points the parameter views into run_params (and the gradient views into grads). */
+static void bind_params(qf_prefusion *m) {
+    int k = 0;
+#define NEXT(base) ((base) ? (base) + m->ptab[k].off : NULL)
+    m->wa = NEXT(m->run_params); m->gwa = NEXT(m->grads); k++;
+    m->ba = NEXT(m->run_params); m->gba = NEXT(m->grads); k++;
+    m->wv = NEXT(m->run_params); m->gwv = NEXT(m->grads); k++;
+    m->bv = NEXT(m->run_params); m->gbv = NEXT(m->grads); k++;
+    m->pos = NEXT(m->run_params); m->gpos = NEXT(m->grads); k++;
+    m->qtok = NEXT(m->run_params); m->gqtok = NEXT(m->grads); k++;
+    m->wl = NEXT(m->run_params); m->gwl = NEXT(m->grads); k++;
+    m->bl = NEXT(m->run_params); m->gbl = NEXT(m->grads); k++;
+#undef NEXT
+}
+
 static qf_status load_into(qf_prefusion *m, const char *folder) {
     const char *fn = "qf_prefusion_load";
     char path[4096], stpath[4096];
@@ -239,6 +273,7 @@ static qf_status load_into(qf_prefusion *m, const char *folder) {
         add_param(m, "multi_query_tokens", 3, 1, nq, H, &off);
         add_param(m, "multi_llama_proj.weight", 2, c->llm_hidden_size, H, 0, &off);
         add_param(m, "multi_llama_proj.bias", 1, c->llm_hidden_size, 0, 0, &off);
+        m->params_total = off;
         if (posix_memalign((void **)&m->params, 64, off * sizeof(float)) ||
             posix_memalign((void **)&m->grads, 64, off * sizeof(float)))
             s = qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu parameter floats", fn, 2 * off);
@@ -257,17 +292,9 @@ static qf_status load_into(qf_prefusion *m, const char *folder) {
         s = qf_model_prefixed_qformer_names(m->qf, "multi_Qformer.", fn, &m->q_names);
     }
     if (s == QF_OK) {
-        int k = 0;
-#define NEXT(g) (m->g ? m->g + m->ptab[k].off : NULL)
-        m->wa = NEXT(params); m->gwa = NEXT(grads); k++;
-        m->ba = NEXT(params); m->gba = NEXT(grads); k++;
-        m->wv = NEXT(params); m->gwv = NEXT(grads); k++;
-        m->bv = NEXT(params); m->gbv = NEXT(grads); k++;
-        m->pos = NEXT(params); m->gpos = NEXT(grads); k++;
-        m->qtok = NEXT(params); m->gqtok = NEXT(grads); k++;
-        m->wl = NEXT(params); m->gwl = NEXT(grads); k++;
-        m->bl = NEXT(params); m->gbl = NEXT(grads); k++;
-#undef NEXT
+        m->be = qf_backend_cpu();
+        m->run_params = m->params;
+        bind_params(m);
     }
     free(text);
     cJSON_Delete(root);
@@ -292,8 +319,11 @@ qf_status qf_prefusion_load(const char *folder, qf_prefusion **out) {
     return QF_OK;
 }
 
+static void release_device(qf_prefusion *m);
+
 void qf_prefusion_free(qf_prefusion *m) {
     if (!m) return;
+    release_device(m);
     qf_qformer_free(m->qf);
     free(m->q_names);               /* one block (models_internal.h) */
     free(m->params);
@@ -364,6 +394,197 @@ static void segment_offsets(const qf_prefusion *m, int64_t ta, int64_t tf, int64
     *off_a = m->cfg.face_first ? tf : 0;
 }
 
+/* ---- forward on a device (qf_prefusion_to_device) ----
+ * The same computation as the CPU forward below, written as backend calls: the two projections
+ * (GEMMs) land in the Q-Former's encoder buffer at their segment offsets, the position rows and
+ * the broadcast queries are added by add_periodic, the Q-Former's layers and the LLM projection
+ * follow; everything after the input copies is one graph per key. */
+
+/* out = in · wᵀ + b on m's backend (bf16 weights when placed so) */
+static qf_status pf_linear(const qf_prefusion *m, float *out, const float *in, const float *w, const float *b,
+                           int64_t rows, int64_t Cin, int64_t Cout) {
+    qf_gemm_nt_args g = {.x = in, .ldx = Cin, .w = w, .bias = b, .out = out, .ldo = Cout, .M = rows, .N = Cout,
+                         .K = Cin};
+    if (m->params_bf16) g.w_bf16 = m->params_bf16 + (w - m->run_params);
+    return m->be->gemm_nt(&g);
+}
+
+static size_t plan_device(qf_prefusion *m, float *base, int64_t B, int64_t ta, int64_t tf) {
+    const size_t M = (size_t)m->cfg.max_hidden_size, tmax = (size_t)(ta > tf ? ta : tf);
+    size_t off = 0;
+    m->audio_in = carve(base, &off, (size_t)(B * ta * m->cfg.audio_dim));
+    m->face_in = carve(base, &off, (size_t)(B * tf * m->cfg.video_dim));
+    m->proj = carve(base, &off, (size_t)B * tmax * M);
+    m->out_buf = carve(base, &off, (size_t)(B * m->cfg.num_multi_query_token * m->cfg.llm_hidden_size));
+    m->dscreen = (int64_t *)carve(base, &off, 4);
+    return off;
+}
+
+static qf_status device_body(void *ctx) {
+    qf_prefusion *m = ctx;
+    const qf_backend *be = m->be;
+    qf_qformer *qf = m->qf;
+    const int64_t B = m->B, ta = m->ta, tf = m->tf, S = ta + tf, M = m->cfg.max_hidden_size;
+    const int64_t nq = m->cfg.num_multi_query_token, H = m->H;
+    int64_t off_a, off_f;
+    segment_offsets(m, ta, tf, &off_a, &off_f);
+    for (int mod = 0; mod < 2; mod++) {
+        const int64_t t = mod ? ta : tf, D = mod ? m->cfg.audio_dim : m->cfg.video_dim, seg = mod ? off_a : off_f;
+        if (!t) continue;
+        QF_TRY(pf_linear(m, m->proj, mod ? m->audio_in : m->face_in, mod ? m->wa : m->wv, mod ? m->ba : m->bv,
+                         B * t, D, M));
+        const size_t w = (size_t)(t * M) * sizeof(float);
+        QF_TRY(be->copy2d(qf->enc + seg * M, (size_t)(S * M) * sizeof(float), m->proj, w, w, (size_t)B));
+    }
+    QF_TRY(be->add_periodic(qf->enc, qf->enc, m->pos, B * S, S, M));
+    QF_TRY(be->add_periodic(qf->qin, NULL, m->qtok, B * nq, nq, H));
+    QF_TRY(qf_qformer_run(qf));
+    return pf_linear(m, m->out_buf, qf_qformer_result(qf), m->wl, m->bl, B * nq, H, m->cfg.llm_hidden_size);
+}
+
+static qf_status forward_device(qf_prefusion *m, const qf_prefusion_args *a, const float *audio, const float *face,
+                                float *out) {
+    const char *fn = "qf_prefusion_forward";
+    const qf_backend *be = m->be;
+    const int64_t B = a->B, ta = a->audio_len, tf = a->face_len, S = ta + tf;
+    const int64_t nq = m->cfg.num_multi_query_token, Da = m->cfg.audio_dim, Dv = m->cfg.video_dim;
+    const size_t need = plan_device(m, NULL, B, ta, tf);
+    if (need > m->dfwd_cap) {
+        qf_model_graph_drop(be, &m->graph);
+        be->free(m->dfwd);
+        m->dfwd = NULL;
+        m->dfwd_cap = 0;
+        QF_TRY(be->alloc((void **)&m->dfwd, need * sizeof(float)));
+        m->dfwd_cap = need;
+    }
+    plan_device(m, m->dfwd, B, ta, tf);
+    if ((size_t)(B * S) > m->hmask_cap) {
+        uint8_t *p = malloc((size_t)(B * S));
+        if (!p) return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate the frame mask", fn);
+        free(m->hmask);
+        m->hmask = p;
+        m->hmask_cap = (size_t)(B * S);
+    }
+    m->B = B;
+    m->ta = ta;
+    m->tf = tf;
+    int64_t off_a, off_f;
+    segment_offsets(m, ta, tf, &off_a, &off_f);
+    m->has_mask = a->audio_mask || a->face_mask;
+    if (m->has_mask)
+        for (int64_t b = 0; b < B; b++) {
+            for (int64_t i = 0; i < tf; i++)
+                m->hmask[b * S + off_f + i] = a->face_mask ? (a->face_mask[b * tf + i] != 0) : 1;
+            for (int64_t i = 0; i < ta; i++)
+                m->hmask[b * S + off_a + i] = a->audio_mask ? (a->audio_mask[b * ta + i] != 0) : 1;
+        }
+    qf_qformer_args qa;
+    memset(&qa, 0, sizeof qa);
+    qa.B = B;
+    qa.num_queries = nq;
+    qa.encoder_len = S;
+    qa.encoder_attention_mask = m->has_mask ? m->hmask : NULL;
+    qf_status s = qf_qformer_stage(m->qf, &qa, fn);
+    if (s != QF_OK) return qf_fail_prefix(s, "%s (multi_Qformer)", fn);
+
+    int64_t screen[2] = {INT64_MAX, INT64_MAX};
+    QF_TRY(be->copy2d(m->dscreen, sizeof screen, screen, sizeof screen, sizeof screen, 1));
+    if (ta) {
+        const size_t n = (size_t)(B * ta * Da) * sizeof(float);
+        QF_TRY(be->copy2d(m->audio_in, n, audio, n, n, 1));
+        QF_TRY(be->screen_nonfinite(m->audio_in, B * ta * Da, m->dscreen));
+    }
+    if (tf) {
+        const size_t n = (size_t)(B * tf * Dv) * sizeof(float);
+        QF_TRY(be->copy2d(m->face_in, n, face, n, n, 1));
+        QF_TRY(be->screen_nonfinite(m->face_in, B * tf * Dv, m->dscreen + 1));
+    }
+    /* the key: every shape and flag that changes the calls, and the planned blocks' addresses
+     * (the Q-Former's may move when its plan grows) */
+    int64_t qkey[6];
+    qf_qformer_key(m->qf, qkey);
+    const int64_t key[8] = {B, ta, tf, m->has_mask, qkey[5], (int64_t)(intptr_t)m->qf->fwd,
+                            (int64_t)(intptr_t)m->qf->mir, (int64_t)(intptr_t)m->dfwd};
+    QF_TRY(qf_model_graph_run(be, &m->graph, key, 8, device_body, m));
+    const size_t n = (size_t)(B * nq * m->cfg.llm_hidden_size) * sizeof(float);
+    QF_TRY(be->copy2d(out, n, m->out_buf, n, n, 1));
+    QF_TRY(be->synchronize());
+    QF_TRY(be->copy2d(screen, sizeof screen, m->dscreen, sizeof screen, sizeof screen, 1));
+    for (int i = 0; i < 2; i++) {
+        if (screen[i] == INT64_MAX) continue;
+        float v = NAN;
+        const float *src = (i ? m->face_in : m->audio_in) + screen[i];
+        (void)be->copy2d(&v, sizeof v, src, sizeof v, sizeof v, 1);
+        return qf_fail(QF_ERR_NONFINITE, "%s: %s[%lld] = %g is not finite", fn, i ? "face" : "audio",
+                       (long long)screen[i], (double)v);
+    }
+    m->have_fwd = 1;
+    return QF_OK;
+}
+
+static void release_device(qf_prefusion *m) {
+    if (m->on_device) {
+        const qf_backend *be = m->be;
+        qf_model_graph_drop(be, &m->graph);
+        be->free(m->dfwd);
+        be->free(m->run_params);
+        be->free(m->params_bf16);
+    }
+    free(m->hmask);
+    m->hmask = NULL;
+    m->hmask_cap = 0;
+    m->dfwd = NULL;
+    m->dfwd_cap = 0;
+    m->params_bf16 = NULL;
+    m->on_device = 0;
+    m->have_fwd = 0;
+    m->be = qf_backend_cpu();
+    m->run_params = m->params;
+    if (m->params) bind_params(m);
+}
+
+qf_status qf_prefusion_to_device(qf_prefusion *m, const char *device, qf_dtype weights) {
+    const char *fn = "qf_prefusion_to_device";
+    if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
+    /* the Q-Former first: it checks device and weights and starts the GPU */
+    qf_status s = qf_qformer_to_device(m->qf, device, weights);
+    if (s != QF_OK) return qf_fail_prefix(s, "%s", fn);
+    release_device(m);
+    free(m->fwd); /* the CPU's planned block is not used on a device */
+    m->fwd = NULL;
+    m->fwd_cap = 0;
+    if (strcmp(device, "cuda")) return QF_OK;
+    const qf_backend *be = m->qf->be;
+    const size_t n = m->params_total;
+    float *dp = NULL;
+    uint16_t *db = NULL;
+    s = be->alloc((void **)&dp, n * sizeof(float));
+    if (s == QF_OK) s = be->copy2d(dp, n * sizeof(float), m->params, n * sizeof(float), n * sizeof(float), 1);
+    if (s == QF_OK && weights == QF_BF16) {
+        uint16_t *hb = malloc(n * sizeof(uint16_t));
+        if (!hb) s = qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes for the bf16 weights", fn, n * 2);
+        if (s == QF_OK) s = qf_from_f32(QF_BF16, m->params, hb, n);
+        if (s == QF_OK) s = be->alloc((void **)&db, n * sizeof(uint16_t));
+        if (s == QF_OK) s = be->copy2d(db, n * 2, hb, n * 2, n * 2, 1);
+        if (s == QF_OK) s = be->synchronize();
+        free(hb);
+    }
+    if (s != QF_OK) {
+        be->free(dp);
+        be->free(db);
+        (void)qf_qformer_to_device(m->qf, "cpu", QF_F32);
+        return qf_fail_prefix(s, "%s (uploading %zu parameters)", fn, n);
+    }
+    const char *g = getenv("QFUSE_CUDA_GRAPHS");
+    m->be = be;
+    m->on_device = 1;
+    m->graph.off = g && !strcmp(g, "0");
+    m->run_params = dp;
+    m->params_bf16 = db;
+    bind_params(m);
+    return QF_OK;
+}
+
 /* ---- forward ---- */
 
 qf_status qf_prefusion_forward(qf_prefusion *m, const qf_prefusion_args *a, const float *audio, const float *face,
@@ -385,6 +606,7 @@ qf_status qf_prefusion_forward(qf_prefusion *m, const qf_prefusion_args *a, cons
     if (ta && !audio) return qf_fail(QF_ERR_ARG, "%s: audio is NULL but audio_len = %lld", fn, (long long)ta);
     if (tf && !face) return qf_fail(QF_ERR_ARG, "%s: face is NULL but face_len = %lld", fn, (long long)tf);
     m->have_fwd = 0;
+    if (m->on_device) return forward_device(m, a, audio, face, out);
     const int64_t M = m->cfg.max_hidden_size, S = ta + tf, nq = m->cfg.num_multi_query_token, H = m->H;
     const int64_t Da = m->cfg.audio_dim, Dv = m->cfg.video_dim;
     size_t need = plan_forward(m, NULL, B, ta, tf);
@@ -441,6 +663,9 @@ qf_status qf_prefusion_backward(qf_prefusion *m, const float *grad_out, float *g
     const char *fn = "qf_prefusion_backward";
     if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
     if (!grad_out) return qf_fail(QF_ERR_ARG, "%s: grad_out is NULL", fn);
+    if (m->on_device)
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: backward runs on the CPU only: this model runs on %s "
+                                           "(qf_prefusion_to_device(m, \"cpu\", QF_F32) first)", fn, m->be->name);
     if (!m->have_fwd) return qf_fail(QF_ERR_ARG, "%s: no successful qf_prefusion_forward to differentiate", fn);
     const int64_t B = m->B, ta = m->ta, tf = m->tf, S = ta + tf, M = m->cfg.max_hidden_size;
     const int64_t nq = m->cfg.num_multi_query_token, H = m->H, T = B * nq;

@@ -221,3 +221,51 @@ def test_nonfinite_inputs_named(tmp_path):
         assert "%s[%d]" % (key, flat) in str(e.value), str(e.value)
     # and the model is intact afterwards
     assert util.rel_err(_fwd(gpu, inp), good) < 1e-6
+
+
+# ---- AffectGPT pre-fusion on the GPU (qf_prefusion_to_device): the whole forward, one graph ----
+
+@pytest.mark.parametrize("case", ["masked", "unmasked", "audio_first", "audio_only", "face_only"])
+def test_prefusion_vs_reference_and_cpu(tmp_path, case):
+    import ref_fusion as RF
+    import test_prefusion as TP
+    rng, seed = _rng()
+    cfg = TP._cfg(fusion_order=["audio", "face"] if case == "audio_first" else None)
+    sd = RF.random_prefusion(cfg, rng)
+    folder = TP._write(str(tmp_path / "m"), cfg, sd)
+    cpu = qfuse.Prefusion.load(folder)
+    gpu = qfuse.Prefusion.load(folder).to("cuda")
+    bf = qfuse.Prefusion.load(folder).to("cuda", "bfloat16")
+    ta, tf = (0 if case == "face_only" else 4), (0 if case == "audio_only" else 6)
+    for B, masked in [(3, case != "unmasked"), (3, case != "unmasked"), (2, True), (3, case != "unmasked")]:
+        a, f, am, fm = TP._inputs(rng, cfg, B, ta, tf, masked)
+        ref = RF.prefusion_reference(sd, cfg, a, f, am, fm)[0]
+        out = gpu.fuse(audio=a, face=f, audio_mask=am, face_mask=fm)
+        assert util.rel_err(out, ref) < TOL, (case, seed, B)
+        assert util.rel_err(out, cpu.fuse(audio=a, face=f, audio_mask=am, face_mask=fm)) < TOL, (case, seed)
+        assert util.rel_err(bf.fuse(audio=a, face=f, audio_mask=am, face_mask=fm), ref) < BF16_TOL, (case, seed)
+    with pytest.raises(QfuseError) as e:
+        gpu.backward(np.ones_like(out))
+    assert e.value.status == "QF_ERR_UNSUPPORTED"
+    if ta:
+        a = a.copy()
+        a[1, 2, 3] = np.nan
+        with pytest.raises(QfuseError) as e:
+            gpu.fuse(audio=a, face=f, audio_mask=am, face_mask=fm)
+        assert "audio[%d]" % np.ravel_multi_index((1, 2, 3), a.shape) in str(e.value)
+    gpu.to("cpu")   # and back: the CPU path again, with backward
+    out = gpu.fuse(audio=a if not ta else np.nan_to_num(a), face=f, audio_mask=am, face_mask=fm)
+    gpu.backward(np.ones_like(out))
+
+
+def test_prefusion_via_qfuse_load(tmp_path):
+    import ref_fusion as RF
+    import test_prefusion as TP
+    rng, seed = _rng()
+    cfg = TP._cfg()
+    sd = RF.random_prefusion(cfg, rng)
+    folder = TP._write(str(tmp_path / "m"), cfg, sd)
+    m = qfuse.load(folder, device="cuda")
+    a, f, am, fm = TP._inputs(rng, cfg, 2, 4, 6, True)
+    ref = RF.prefusion_reference(sd, cfg, a, f, am, fm)[0]
+    assert util.rel_err(m.impl.fuse(audio=a, face=f, audio_mask=am, face_mask=fm), ref) < TOL

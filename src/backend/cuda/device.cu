@@ -209,7 +209,8 @@ static qf_status cuda_find_nonfinite(const float *x, size_t n, int nan_or_posinf
 #define QF_CUBLAS_WORKSPACE ((size_t)32 << 20)
 
 static cublasHandle_t g_blas;
-static void *g_blas_ws;
+static cublasLtHandle_t g_blaslt;
+static void *g_blas_ws; /* shared by both handles: their calls are ordered on the one stream */
 static std::mutex g_blas_mu;
 
 qf_status qf_cuda_blas_check(cublasStatus_t s, const char *what) {
@@ -235,19 +236,33 @@ qf_status qf_cuda_blas(cublasHandle_t *out) {
         }
         cublasStatus_t bs = cublasSetStream(h, g_stream);
         if (bs == CUBLAS_STATUS_SUCCESS) bs = cublasSetWorkspace(h, g_blas_ws, QF_CUBLAS_WORKSPACE);
+        cublasLtHandle_t lt = nullptr;
+        if (bs == CUBLAS_STATUS_SUCCESS) bs = cublasLtCreate(&lt);
         if (bs != CUBLAS_STATUS_SUCCESS) {
             cublasDestroy(h);
             (void)cudaFree(g_blas_ws);
             g_blas_ws = nullptr;
-            return qf_cuda_blas_check(bs, "cublasSetStream/cublasSetWorkspace");
+            return qf_cuda_blas_check(bs, "cublasSetStream/cublasSetWorkspace/cublasLtCreate");
         }
         g_blas = h;
+        g_blaslt = lt;
     }
     QF_TRY(qf_cuda_blas_check(cublasSetMathMode(g_blas, g_tf32.load() ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH),
                               "cublasSetMathMode"));
     *out = g_blas;
     return QF_OK;
 }
+
+qf_status qf_cuda_blaslt(cublasLtHandle_t *out, void **workspace, size_t *workspace_bytes) {
+    cublasHandle_t h;
+    QF_TRY(qf_cuda_blas(&h)); /* creates both handles */
+    *out = g_blaslt;
+    *workspace = g_blas_ws;
+    *workspace_bytes = QF_CUBLAS_WORKSPACE;
+    return QF_OK;
+}
+
+int qf_cuda_tf32(void) { return g_tf32.load(); }
 
 extern "C" qf_status qf_cuda_set_tf32(int on) {
     QF_TRY(qf_cuda_init());
@@ -336,6 +351,7 @@ static qf_backend make_cuda_backend() {
     b.merge_heads = qf_cuda_merge_heads;
     b.copy2d = qf_cuda_copy2d;
     b.dead_rows_mean = qf_cuda_dead_rows_mean;
+    b.add_periodic = qf_cuda_add_periodic;
     b.screen_nonfinite = qf_cuda_screen_nonfinite;
     b.alloc = cuda_alloc;
     b.free = cuda_free;
@@ -361,7 +377,7 @@ extern "C" void *qf_cuda_backend_entry(int which, const char *op) {
 #define QF_FIELD(f) {#f, offsetof(qf_backend, f)}
         QF_FIELD(gemm_nt), QF_FIELD(layernorm_forward), QF_FIELD(gelu_forward), QF_FIELD(add),
         QF_FIELD(embedding_forward), QF_FIELD(split_heads), QF_FIELD(merge_heads), QF_FIELD(copy2d),
-        QF_FIELD(dead_rows_mean), QF_FIELD(screen_nonfinite), QF_FIELD(alloc), QF_FIELD(free),
+        QF_FIELD(dead_rows_mean), QF_FIELD(add_periodic), QF_FIELD(screen_nonfinite), QF_FIELD(alloc), QF_FIELD(free),
         QF_FIELD(synchronize), QF_FIELD(capture_begin), QF_FIELD(capture_end), QF_FIELD(graph_launch),
         QF_FIELD(graph_free),
 #undef QF_FIELD
