@@ -199,7 +199,9 @@ static void test_load_errors(void) {
     expect_load_error("[]", 2, QF_ERR_FORMAT, "not a JSON object");
     expect_load_error("{\"version\": \"1.0\"}", 18, QF_ERR_FORMAT, "no \"model\" key");
     const char *wp = "{\"model\": {\"type\": \"WordPiece\", \"vocab\": {}}}";
-    expect_load_error(wp, strlen(wp), QF_ERR_UNSUPPORTED, "model.type \"WordPiece\" is not supported");
+    expect_load_error(wp, strlen(wp), QF_ERR_FORMAT, "model.unk_token \"[UNK]\" is not in model.vocab");
+    const char *ug = "{\"model\": {\"type\": \"Unigram\", \"vocab\": []}}";
+    expect_load_error(ug, strlen(ug), QF_ERR_UNSUPPORTED, "model.type \"Unigram\" is not supported");
     const char *um = "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 1}, \"merges\": [\"a c\"]}}";
     expect_load_error(um, strlen(um), QF_ERR_FORMAT, "model.merges[0] (\"a\" \"c\"): \"c\" is not in model.vocab");
     const char *mm = "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 1}, \"merges\": [[\"a\", \"b\"]]}}";
