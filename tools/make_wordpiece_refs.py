@@ -15,7 +15,8 @@ then loaded by `tokenizers` (Tokenizer.from_str) and re-serialized by it (to_str
 what tokenizers itself writes. One more, "hf_uncased", is what transformers' BertTokenizerFast
 (from a vocab.txt of the same vocab, do_lower_case=True) writes with save_pretrained.
 For each variant the results hold, per text: ids with and without special tokens (tokenizers'
-Tokenizer.encode), decode of those ids with and without skip_special_tokens (Tokenizer.decode),
+Tokenizer.encode), the token strings, the normalizer's output (normalize_str), decode of those
+ids with and without skip_special_tokens (Tokenizer.decode),
 and the count of texts where transformers' PreTrainedTokenizerFast over the same file agrees
 (decode with clean_up_tokenization_spaces=False, as tokenizers decodes).
 
@@ -31,6 +32,11 @@ the "llm" tokenizer, the "qformer" tokenizer as BertTokenizerFast), saves it (th
 qformer_tokenizer/tokenizer.json, is recorded), runs it on data/chelsea.png with two prompts and
 runs InstructBlipForConditionalGeneration (the fixture's weights) greedy for 8 new tokens.
 Every part runs in its own try block; failures are logged in results.json["errors"].
+Run of 2026-11-23 (tokenizers 0.23.2, transformers 5.17.0): every variant loaded and
+PreTrainedTokenizerFast agreed on every text; BertTokenizerFast(vocab_file=...) read no vocab
+(5 tokens); the processor saved (the layout is recorded) but its __call__ failed, because the llm
+tokenizer was made with extra_special_tokens (image_token a str where 5.17 wants an AddedToken):
+the order of the attempts below now tries without it first (not yet run).
 """
 import json
 import os
@@ -361,7 +367,7 @@ def run_instructblip(res, errors):
     res["versions"]["torch"] = torch.__version__
     vs = variants()
     llm = None
-    for kw in ({"extra_special_tokens": {"image_token": "<image>"}}, {}):
+    for kw in ({}, {"extra_special_tokens": {"image_token": "<image>"}}):
         try:
             llm = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(vs["llm"])), bos_token="<s>",
                                           eos_token="</s>", unk_token="<unk>", pad_token="<unk>", **kw)
