@@ -19,7 +19,7 @@ CUDA_SRC     := $(sort $(wildcard src/backend/cuda/*.cu))
 CUDA_OBJ     := $(CUDA_SRC:%.cu=$(BUILD)/%.o)
 LIB_OBJ      += $(CUDA_OBJ)
 override CFLAGS += -DQF_HAVE_CUDA
-LDLIBS       += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart_static -lrt -ldl -lpthread -lstdc++
+LDLIBS       += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcublasLt -lcudart_static -lrt -ldl -lpthread -lstdc++
 
 $(BUILD)/%.o: %.cu $(wildcard src/backend/cuda/*.h src/backend/cuda/*.cuh include/*.h src/*/*.h)
 	@mkdir -p $(dir $@)

@@ -8,6 +8,7 @@ movement).
 
 Bounds, all as max|a - ref| / max|ref| (util.rel_err):
 - float32 ops (linear, layernorm, gelu, add): GPU and CPU each <= 1e-5 of the float64 reference.
+  The gemm tests run on both of gemm_nt's paths (cuBLASLt with epilogue, classic prologue+sgemm).
 - gemm_nt with bf16 weights: the reference is float64 on the bf16-ROUNDED weights and x (the GPU
   rounds x to bf16 itself, round-to-nearest-even, then accumulates in float32): <= 1e-4; against
   the unrounded float64 product it must stay <= 2e-2 (what bf16 inputs cost, ~3e-3 seen).
@@ -53,6 +54,17 @@ def rng():
     seed = int(os.environ.get("QFUSE_TEST_SEED", "0")) or int.from_bytes(os.urandom(4), "little")
     print("seed", seed)
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(params=["lt", "classic"])
+def gemm_path(request):
+    """gemm_nt's cuBLASLt path (bias epilogue, residual as C) or the classic one (prologue kernel +
+    cublasSgemm/GemmEx), forced through the test hook qf_cuda_test_gemm_lt."""
+    if REASON is None:
+        lib.qf_cuda_test_gemm_lt(1 if request.param == "lt" else 0)
+    yield request.param
+    if REASON is None:
+        lib.qf_cuda_test_gemm_lt(1)
 
 
 @pytest.fixture
@@ -145,7 +157,7 @@ LINEAR_K = (768,) if QUICK else (1408, 768)
 
 @pytest.mark.parametrize("M", LINEAR_M)
 @pytest.mark.parametrize("K", LINEAR_K)
-def test_linear_float32(rng, dev, M, K):
+def test_linear_float32(rng, dev, gemm_path, M, K):
     N = 2304
     t = util.torch()
     x, w, b = randn(rng, M, K), randn(rng, N, K) * 0.05, randn(rng, N)
@@ -169,20 +181,25 @@ def test_linear_mixed_devices_refused(dev):
         check(lib.qf_linear_forward(out, ptr(x), w, None, 2, 4, 3))
 
 
-def test_gemm_nt_strides_residual_accumulate(rng, dev):
-    """Row strides on every side, bias + residual, accumulate, res == out: CUDA vs CPU table vs numpy."""
-    M, N, K, ldx, ldo, ldr = 37, 129, 70, 75, 133, 131
+@pytest.mark.parametrize("skew", [0, 1])
+def test_gemm_nt_strides_residual_accumulate(rng, dev, gemm_path, skew):
+    """Row strides on every side, bias + residual (its own row stride or out's), accumulate,
+    res == out: CUDA vs CPU table vs numpy. skew = 1 offsets every device pointer by one float
+    (4-byte alignment only)."""
+    M, N, K, ldx, ldo = 37, 129, 70, 75, 133
     x, w, bias = randn(rng, M, ldx), randn(rng, N, K), randn(rng, N)
-    res, out0 = randn(rng, M, ldr), randn(rng, M, ldo)
+    res_flat, out0 = randn(rng, M * ldo), randn(rng, M, ldo)
     prod = x[:, :K].astype(np.float64) @ w.T.astype(np.float64)
-    cases = [  # (accumulate, bias, res is out, use res)
-        (0, True, False, True), (1, True, False, True), (1, False, False, False), (0, False, True, True),
-        (0, False, False, False)]
-    for acc, use_bias, res_is_out, use_res in cases:
+    cases = [  # (accumulate, bias, res is out, res row stride or 0 for none)
+        (0, True, False, 131), (0, True, False, ldo), (0, False, False, ldo), (1, True, False, 131),
+        (1, False, False, 0), (1, True, False, 0), (0, False, True, ldo), (0, True, True, ldo), (0, False, False, 0),
+        (0, True, False, 0)]
+    for acc, use_bias, res_is_out, ldr in cases:
+        res = res_flat[:M * ldr].reshape(M, ldr) if ldr and not res_is_out else None
         ref = prod + (bias if use_bias else 0)
         if res_is_out:
             ref = ref + out0[:, :N]
-        elif use_res:
+        elif res is not None:
             ref = ref + res[:, :N]
         if acc:
             ref = ref + out0[:, :N]
@@ -190,26 +207,31 @@ def test_gemm_nt_strides_residual_accumulate(rng, dev):
         for which in ("cpu", "cuda"):
             o = out0.copy()
             if which == "cpu":
-                r_ptr = ptr(o) if res_is_out else (ptr(res) if use_res else None)
-                a = gemm_args(ptr(x), ldx, ptr(w), ptr(bias) if use_bias else None, r_ptr,
-                              ldo if res_is_out else ldr, ptr(o), ldo, M, N, K, acc)
+                r_ptr = ptr(o) if res_is_out else ptr(res)
+                a = gemm_args(ptr(x), ldx, ptr(w), ptr(bias) if use_bias else None, r_ptr, ldr, ptr(o), ldo,
+                              M, N, K, acc)
                 table("cpu").gemm_nt(byref(a))
             else:
-                do = up(dev, o)
-                r_ptr = do if res_is_out else (up(dev, res) if use_res else None)
-                a = gemm_args(up(dev, x), ldx, up(dev, w), up(dev, bias) if use_bias else None, r_ptr,
-                              ldo if res_is_out else ldr, do, ldo, M, N, K, acc)
+                def sk(a):  # a device copy starting `skew` floats into its buffer
+                    if a is None:
+                        return None
+                    p = dev.alloc(a.nbytes + 4)
+                    check(lib.qf_cuda_upload(p + 4 * skew, np.ascontiguousarray(a).ctypes.data, a.nbytes))
+                    return p + 4 * skew
+                do = sk(o)
+                r_ptr = do if res_is_out else sk(res)
+                a = gemm_args(sk(x), ldx, sk(w), sk(bias) if use_bias else None, r_ptr, ldr, do, ldo, M, N, K, acc)
                 table("cuda").gemm_nt(byref(a))
                 o = down(do, (M, ldo))
             assert np.array_equal(o[:, N:], out0[:, N:]), "%s wrote past N" % which
             results.append(o[:, :N])
         for which, o in zip(("cpu", "cuda"), results):
             e = rel_err(o, ref)
-            assert e <= 1e-5, "%s acc=%d bias=%d res_is_out=%d res=%d: %.3g" % (which, acc, use_bias, res_is_out, use_res, e)
+            assert e <= 1e-5, "%s acc=%d bias=%d res_is_out=%d ldr=%d: %.3g" % (which, acc, use_bias, res_is_out, ldr, e)
 
 
 @pytest.mark.parametrize("M,N,K", [(1, 2304, 768), (32, 2304, 768), (257, 768, 1408), (5, 33, 19)])
-def test_gemm_nt_bf16_weights(rng, dev, M, N, K):
+def test_gemm_nt_bf16_weights(rng, dev, gemm_path, M, N, K):
     x, w, bias = randn(rng, M, K), randn(rng, N, K), randn(rng, N)
     wbits, wr = bf16_round(w)
     _, xr = bf16_round(x)
@@ -220,13 +242,13 @@ def test_gemm_nt_bf16_weights(rng, dev, M, N, K):
     table("cuda").gemm_nt(byref(a))
     o = down(do, (M, N))
     e, e_exact = rel_err(o, ref), rel_err(o, exact)
-    print("bf16 M=%d N=%d K=%d: vs rounded ref %.3g, vs exact %.3g" % (M, N, K, e, e_exact))
+    print("bf16 %s M=%d N=%d K=%d: vs rounded ref %.3g, vs exact %.3g" % (gemm_path, M, N, K, e, e_exact))
     assert e <= 1e-4 and e_exact <= 2e-2, "vs rounded %.3g, vs exact %.3g" % (e, e_exact)
     with pytest.raises(QfuseError, match="float32 weights only"):  # the CPU table refuses bf16
         table("cpu").gemm_nt(byref(gemm_args(ptr(x), K, None, None, None, 0, ptr(o), N, M, N, K, 0, ptr(wbits))))
 
 
-def test_tf32_toggle(rng, dev):
+def test_tf32_toggle(rng, dev, gemm_path):
     M, N, K = 257, 2304, 1408
     x, w = randn(rng, M, K), randn(rng, N, K)
     ref = x.astype(np.float64) @ w.T.astype(np.float64)
@@ -239,7 +261,7 @@ def test_tf32_toggle(rng, dev):
             errs[on] = rel_err(down(do, (M, N)), ref)
     finally:
         qfuse.cuda.set_tf32(False)
-    print("tf32 on %.3g, off %.3g" % (errs[True], errs[False]))
+    print("tf32 %s: on %.3g, off %.3g" % (gemm_path, errs[True], errs[False]))
     assert errs[False] <= 1e-5 and errs[True] <= 5e-3 and errs[True] > 3 * errs[False], errs
 
 
@@ -537,4 +559,4 @@ def test_graph_stale_and_failed_capture(rng, dev):
 if __name__ == "__main__":  # bench/device_cuda.sh sets QFUSE_TEST_QUICK=1 for the sanitizers
     if REASON is not None:
         raise SystemExit("CUDA backend not usable: %s" % REASON)
-    sys.exit(pytest.main([os.path.abspath(__file__), "-q", "-x", "-p", "no:cacheprovider"]))
+    sys.exit(pytest.main([os.path.abspath(__file__), "-q", "-p", "no:cacheprovider"]))

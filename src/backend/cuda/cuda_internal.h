@@ -12,6 +12,7 @@
 #ifndef QF_CUDA_INTERNAL_H
 #define QF_CUDA_INTERNAL_H
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -51,6 +52,10 @@ qf_status qf_cuda_scratch(int slot, size_t bytes, void **out);
  * calls can be captured) and the math mode qf_cuda_set_tf32 chose. Created at the first call,
  * which must not be inside a capture. */
 qf_status qf_cuda_blas(cublasHandle_t *out);
+/* The cuBLASLt handle created with it, and the workspace both use (the calls are stream-ordered). */
+qf_status qf_cuda_blaslt(cublasLtHandle_t *out, void **workspace, size_t *workspace_bytes);
+/* 1 when qf_cuda_set_tf32(1) is in force. */
+int qf_cuda_tf32(void);
 /* QF_OK if s == CUBLAS_STATUS_SUCCESS, else qf_fail naming `what` (QF_ERR_NOMEM for ALLOC_FAILED). */
 qf_status qf_cuda_blas_check(cublasStatus_t s, const char *what);
 

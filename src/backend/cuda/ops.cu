@@ -10,14 +10,18 @@
  *     QF_CUDA_SCRATCH_GEMM_X16), grow-only, refused while a capture is open.
  *   - Numerics follow the CPU backend: layer norm in float32 with a two-pass variance (tree
  *     reduction over the row), GELU with erfcf / the exp form of tanh (cpu: gelu.c), the dead-row
- *     mean summed in double in key order (bit-identical to cpu.c), sgemm without TF32 unless
- *     qf_cuda_set_tf32(1), bf16 products with float32 accumulation (CUBLAS_COMPUTE_32F).
+ *     mean summed in double in key order (bit-identical to cpu.c), float32 products without TF32
+ *     unless qf_cuda_set_tf32(1), bf16 products with float32 accumulation (CUBLAS_COMPUTE_32F).
  *   - float4 paths are taken only when every pointer is 16-byte aligned and every count and
  *     stride they step by is a multiple of 4; otherwise the scalar kernels run (same results). */
 #include "cuda_internal.h"
 
 #include <cuda_bf16.h>
+
+#include <atomic>
+#include <mutex>
 #include <stdint.h>
+#include <string.h>
 
 namespace {
 
@@ -258,12 +262,169 @@ __global__ void screen_kernel(const uint32_t *x, int64_t n, long long *first) {
 
 /* ---- entries ------------------------------------------------------------------------------------ */
 
+/* ---- gemm_nt ------------------------------------------------------------------------------------
+ * Row-major out[M, N] is column-major outᵀ [N, M]: outᵀ = w · xᵀ, w read as the column-major [K, N]
+ * matrix transposed, x as column-major [K, M] (row stride ldx). Two paths:
+ *   - cuBLASLt (default): one call, the bias as its epilogue and the residual as its C matrix
+ *     (D = w·xᵀ + C + bias; C = out when accumulating). Its plans (descriptors and the heuristic's
+ *     algorithm, chosen for the pointers' actual alignment) are cached per shape, 64 at most.
+ *   - classic: a prologue kernel writes [out +] bias + res, then cublasSgemm / cublasGemmEx add
+ *     the product onto it (beta = 1). Used when accumulate and res come together, when res has
+ *     another row stride than out, when the heuristic finds no algorithm, and when
+ *     qf_cuda_test_gemm_lt(0) forces it (tests, timing). */
+
+namespace {
+
+std::atomic<int> g_lt_on{1};
+
+unsigned align_of(const void *p) { /* the largest power of two <= 256 dividing the address */
+    uintptr_t a = (uintptr_t)p;
+    unsigned al = 256;
+    while (al > 1 && (a & (al - 1))) al >>= 1;
+    return al;
+}
+
+struct LtKey {
+    int64_t M, N, K, ldb, ldc, ldd;
+    int bf16, bias, cmode, tf32; /* cmode: 0 no C (beta 0), 1 C = res, 2 C = out (accumulate) */
+    unsigned al_a, al_b, al_c, al_d, al_bias;
+};
+
+struct LtPlan {
+    LtKey key;
+    bool used, ok;
+    cublasLtMatmulDesc_t op;
+    cublasLtMatrixLayout_t a, b, c, d;
+    cublasLtMatmulAlgo_t algo;
+};
+
+constexpr int kLtPlans = 64;
+LtPlan g_plans[kLtPlans];
+int g_plan_next;
+std::mutex g_plan_mu;
+
+void lt_destroy(LtPlan *p) {
+    if (p->op) cublasLtMatmulDescDestroy(p->op);
+    if (p->a) cublasLtMatrixLayoutDestroy(p->a);
+    if (p->b) cublasLtMatrixLayoutDestroy(p->b);
+    if (p->c) cublasLtMatrixLayoutDestroy(p->c);
+    if (p->d) cublasLtMatrixLayoutDestroy(p->d);
+    memset(p, 0, sizeof *p);
+}
+
+/* Descriptors and the heuristic's first algorithm for k; p->ok = false when any step fails or no
+ * algorithm fits (the caller then takes the classic path, which reports real errors). */
+void lt_build(cublasLtHandle_t lt, const LtKey &k, const float *bias, size_t ws_bytes, LtPlan *p) {
+    memset(p, 0, sizeof *p);
+    p->key = k;
+    p->used = true;
+    const cublasComputeType_t ct = !k.bf16 && k.tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    const cudaDataType_t ab = k.bf16 ? CUDA_R_16BF : CUDA_R_32F;
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    cublasStatus_t st = cublasLtMatmulDescCreate(&p->op, ct, CUDA_R_32F);
+    if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta);
+    if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb);
+    if (st == CUBLAS_STATUS_SUCCESS && k.bias) {
+        const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+        const int32_t bt = CUDA_R_32F;
+        st = cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi);
+        if (st == CUBLAS_STATUS_SUCCESS)
+            st = cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt);
+        if (st == CUBLAS_STATUS_SUCCESS) /* the heuristic reads its alignment */
+            st = cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
+    }
+    if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatrixLayoutCreate(&p->a, ab, (uint64_t)k.K, (uint64_t)k.N, k.K);
+    if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatrixLayoutCreate(&p->b, ab, (uint64_t)k.K, (uint64_t)k.M, k.ldb);
+    if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatrixLayoutCreate(&p->c, CUDA_R_32F, (uint64_t)k.N, (uint64_t)k.M, k.ldc);
+    if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatrixLayoutCreate(&p->d, CUDA_R_32F, (uint64_t)k.N, (uint64_t)k.M, k.ldd);
+    cublasLtMatmulPreference_t pref = nullptr;
+    if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatmulPreferenceCreate(&pref);
+    const uint64_t ws = ws_bytes;
+    const uint32_t al[4] = {k.al_a, k.al_b, k.al_c, k.al_d};
+    const cublasLtMatmulPreferenceAttributes_t al_attr[4] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    if (st == CUBLAS_STATUS_SUCCESS)
+        st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+    for (int i = 0; i < 4 && st == CUBLAS_STATUS_SUCCESS; i++)
+        st = cublasLtMatmulPreferenceSetAttribute(pref, al_attr[i], &al[i], sizeof al[i]);
+    cublasLtMatmulHeuristicResult_t r;
+    int found = 0;
+    if (st == CUBLAS_STATUS_SUCCESS)
+        st = cublasLtMatmulAlgoGetHeuristic(lt, p->op, p->a, p->b, p->c, p->d, pref, 1, &r, &found);
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    p->ok = st == CUBLAS_STATUS_SUCCESS && found > 0;
+    if (p->ok) p->algo = r.algo;
+}
+
+/* *done = false when the plan has no algorithm (nothing queued then). */
+qf_status lt_gemm(const qf_gemm_nt_args *g, const void *B, int64_t ldb, bool *done) {
+    *done = false;
+    cublasLtHandle_t lt;
+    void *ws;
+    size_t ws_bytes;
+    QF_TRY(qf_cuda_blaslt(&lt, &ws, &ws_bytes));
+    const void *A = g->w_bf16 ? (const void *)g->w_bf16 : (const void *)g->w;
+    const int cmode = g->res ? 1 : g->accumulate ? 2 : 0;
+    const void *C = cmode == 1 ? (const void *)g->res : (const void *)g->out;
+    LtKey k;
+    memset(&k, 0, sizeof k); /* padding too: keys are compared with memcmp */
+    k.M = g->M; k.N = g->N; k.K = g->K; k.ldb = ldb; k.ldc = cmode == 1 ? g->ldr : g->ldo; k.ldd = g->ldo;
+    k.bf16 = g->w_bf16 != nullptr; k.bias = g->bias != nullptr; k.cmode = cmode; k.tf32 = qf_cuda_tf32();
+    k.al_a = align_of(A); k.al_b = align_of(B); k.al_c = align_of(C); k.al_d = align_of(g->out);
+    k.al_bias = g->bias ? align_of(g->bias) : 256;
+    std::lock_guard<std::mutex> lock(g_plan_mu);
+    LtPlan *p = nullptr;
+    for (int i = 0; i < kLtPlans && !p; i++)
+        if (g_plans[i].used && !memcmp(&g_plans[i].key, &k, sizeof k)) p = &g_plans[i];
+    if (!p) { /* a new shape: replace the oldest plan (its calls are already queued with their own copies) */
+        p = &g_plans[g_plan_next];
+        g_plan_next = (g_plan_next + 1) % kLtPlans;
+        lt_destroy(p);
+        lt_build(lt, k, g->bias, ws_bytes, p);
+    }
+    if (!p->ok) return QF_OK;
+    if (g->bias)
+        QF_TRY(qf_cuda_blas_check(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g->bias,
+                                                                 sizeof g->bias),
+                                  "gemm (cuda): setting the bias pointer"));
+    const float alpha = 1.0f, beta = cmode ? 1.0f : 0.0f;
+    QF_TRY(qf_cuda_blas_check(cublasLtMatmul(lt, p->op, &alpha, A, p->a, B, p->b, &beta, C, p->c, g->out, p->d, &p->algo,
+                                             ws, ws_bytes, qf_cuda_stream()),
+                              "gemm (cuda): cublasLtMatmul"));
+    *done = true;
+    return QF_OK;
+}
+
+} // namespace
+
+/* Test hook (not in a public header): 0 forces the classic path, 1 (default) lets cuBLASLt run. */
+extern "C" void qf_cuda_test_gemm_lt(int on) { g_lt_on.store(on ? 1 : 0); }
+
 qf_status qf_cuda_gemm_nt(const qf_gemm_nt_args *g) {
-    if (g->M > INT32_MAX || g->N > INT32_MAX || g->K > INT32_MAX || g->ldx > INT32_MAX || g->ldo > INT32_MAX)
+    if (g->M > INT32_MAX || g->N > INT32_MAX || g->K > INT32_MAX || g->ldx > INT32_MAX || g->ldo > INT32_MAX ||
+        g->ldr > INT32_MAX)
         return qf_fail(QF_ERR_ARG, "gemm (cuda): M = %lld, N = %lld, K = %lld: sizes and strides must fit in int (cuBLAS)",
                        (long long)g->M, (long long)g->N, (long long)g->K);
     if (g->M <= 0 || g->N <= 0) return QF_OK;
     cudaStream_t st = qf_cuda_stream();
+    const void *B = g->x;
+    int64_t ldb = g->ldx;
+    if (g->w_bf16 && g->K > 0) { /* x rounded to bf16, contiguous */
+        void *buf;
+        QF_TRY(qf_cuda_scratch(QF_CUDA_SCRATCH_GEMM_X16, sizeof(__nv_bfloat16) * (size_t)g->M * (size_t)g->K, &buf));
+        to_bf16<<<grid_for(g->M * g->K), kThreads, 0, st>>>((__nv_bfloat16 *)buf, g->x, g->ldx, g->M, g->K);
+        QF_TRY(qf_cuda_launched("to_bf16"));
+        B = buf;
+        ldb = g->K;
+    }
+    /* cuBLASLt takes one C: not both the old out and a residual; a residual C with the row stride of
+     * out only (the layouts cuBLASLt documents for C and D together) */
+    if (g->K > 0 && g_lt_on.load() && !(g->accumulate && g->res) && !(g->res && g->ldr != g->ldo)) {
+        bool done;
+        QF_TRY(lt_gemm(g, B, ldb, &done));
+        if (done) return QF_OK;
+    }
     float beta = g->accumulate ? 1.0f : 0.0f;
     if (g->bias || g->res) {
         gemm_prologue<<<grid_for(g->M * g->N), kThreads, 0, st>>>(g->out, g->ldo, g->bias, g->res, g->ldr, g->M,
@@ -281,19 +442,13 @@ qf_status qf_cuda_gemm_nt(const qf_gemm_nt_args *g) {
     QF_TRY(qf_cuda_blas(&h));
     const float alpha = 1.0f;
     const int M = (int)g->M, N = (int)g->N, K = (int)g->K;
-    /* row-major out[M, N] is column-major outᵀ [N, M]: outᵀ = w · xᵀ with w read as the column-major
-     * [K, N] matrix transposed, x as column-major [K, M] */
     if (!g->w_bf16)
         return qf_cuda_blas_check(cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, g->w, K, g->x, (int)g->ldx,
                                               &beta, g->out, (int)g->ldo),
                                   "gemm (cuda): cublasSgemm");
-    void *buf;
-    QF_TRY(qf_cuda_scratch(QF_CUDA_SCRATCH_GEMM_X16, sizeof(__nv_bfloat16) * (size_t)g->M * (size_t)g->K, &buf));
-    to_bf16<<<grid_for(g->M * g->K), kThreads, 0, st>>>((__nv_bfloat16 *)buf, g->x, g->ldx, g->M, g->K);
-    QF_TRY(qf_cuda_launched("to_bf16"));
-    return qf_cuda_blas_check(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, g->w_bf16, CUDA_R_16BF, K, buf,
-                                           CUDA_R_16BF, K, &beta, g->out, CUDA_R_32F, (int)g->ldo, CUBLAS_COMPUTE_32F,
-                                           CUBLAS_GEMM_DEFAULT),
+    return qf_cuda_blas_check(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &alpha, g->w_bf16, CUDA_R_16BF, K, B,
+                                           CUDA_R_16BF, (int)ldb, &beta, g->out, CUDA_R_32F, (int)g->ldo,
+                                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                               "gemm (cuda): cublasGemmEx (bf16 weights)");
 }
 
