@@ -1,4 +1,5 @@
-"""qfuse.tokenizer - a Hugging Face tokenizer.json byte-level BPE tokenizer (include/qfuse_text.h).
+"""qfuse.tokenizer - Hugging Face tokenizer.json tokenizers: byte-level BPE (LLaMA, Qwen2, OPT) and
+BERT WordPiece (the Q-Former's; include/qfuse_text.h lists the supported parts).
 
     from qfuse.tokenizer import Tokenizer
     tok = Tokenizer("tokenizer.json")
