@@ -356,6 +356,7 @@ __device__ __forceinline__ void wgmma_rs_n64(float (&d)[32], const uint32_t (&a)
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_one() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
 /* keeps the compiler from reading (or writing) accumulators across the asynchronous wgmma */
 template <int N>
 __device__ __forceinline__ void reg_fence(float (&r)[N]) {
@@ -518,6 +519,221 @@ __global__ void __launch_bounds__(WT, 1) fwd_bf16_wgmma(Args a) {
         if (a.lse && t == 0 && qi < a.L) a.lse[bh * a.L + qi] = sum > 0.f ? m[r] * LN2 + logf(sum) : -INFINITY;
     }
     __syncthreads();
+    if (row0 + wrow >= a.L) return;
+    uint16_t *Os = (uint16_t *)Ks + wrow * LDO;
+#pragma unroll
+    for (int j = 0; j < D / 8; j++) {
+        *(uint32_t *)(Os + g * LDO + 8 * j + 2 * t) = pack_bf16(o[4 * j] * inv[0], o[4 * j + 1] * inv[0]);
+        *(uint32_t *)(Os + (g + 8) * LDO + 8 * j + 2 * t) = pack_bf16(o[4 * j + 2] * inv[1], o[4 * j + 3] * inv[1]);
+    }
+    __syncwarp();
+    uint16_t *out = a.out + (bh * a.L + row0 + wrow) * D;
+    const int nrows = (int)(a.L - (row0 + wrow) < 16 ? a.L - (row0 + wrow) : 16);
+    for (int idx = lane; idx < nrows * (D / 8); idx += 32) {
+        const int r = idx / (D / 8), c = (idx % (D / 8)) * 8;
+        *(uint4 *)(out + r * D + c) = *(const uint4 *)(Os + r * LDO + c);
+    }
+#endif
+}
+
+#if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+template <int N>
+__device__ __forceinline__ void reg_fence_u(uint32_t (&r)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) asm volatile("" : "+r"(r[i][j])::"memory");
+}
+
+/* Online softmax of one 128-key tile for fwd_bf16_wgmma2: s holds raw scores q.k of rows
+ * qrow = row0 + wrow + g (e = 0, 1) and qrow + 8 (e = 2, 3), keys col0 + 8i + 2t + (e & 1) at
+ * s[4i + e]. On return s holds p = exp2(score * scale * log2(e) - m_new) in float32, m and l are
+ * updated and alpha[r] = exp2(m_old - m_new) rescales the running output. Interior tiles fold the
+ * scale into one FFMA per element (max commutes with a positive scale); tiles at an edge (tails,
+ * causal diagonal, masks, scale <= 0) scale and mask first. */
+__device__ __forceinline__ void wg_softmax(const Args &a, float (&s)[64], float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                           int64_t row0, int64_t qrow, int64_t col0, int t, int64_t mbase) {
+    float mul = a.scale_log2;
+    const bool edge = col0 + WN > a.S || row0 + WM > a.L || (a.causal && col0 + WN - 1 > row0) || a.mask_kind ||
+                      !(mul > 0.f);
+    if (edge) {
+        const int64_t kvalid = a.S - col0; /* keys kc < kvalid exist */
+        const int kmax = kvalid > WN ? WN : (int)kvalid;
+        int qrel[2];
+        bool rok[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const int64_t qi = qrow + 8 * r, d = qi - col0; /* causal: key kc visible iff kc <= d */
+            rok[r] = qi < a.L;
+            qrel[r] = d > WN ? WN : d < -1 ? -1 : (int)d;
+        }
+#pragma unroll
+        for (int i = 0; i < 16; i++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int kc = 8 * i + 2 * t + (e & 1), r = e >> 1;
+                const bool ok = kc < kmax && rok[r] && !(a.causal && kc > qrel[r]);
+                float x = s[4 * i + e] * mul;
+                if (ok && a.mask_kind) x += mask_log2(a, mbase, qrow + 8 * r, col0 + kc);
+                s[4 * i + e] = ok ? x : -INFINITY;
+            }
+        mul = 1.f;
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int i = 0; i < 16; i++) mx = fmaxf(mx, fmaxf(s[4 * i + 2 * r], s[4 * i + 2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float mnew = fmaxf(m[r], mx * mul);
+        const float base = mnew == -INFINITY ? 0.f : mnew; /* no key yet: keep exp2 finite */
+        alpha[r] = fast_exp2(m[r] - base);
+        m[r] = mnew;
+        float sum = 0.f;
+#pragma unroll
+        for (int i = 0; i < 16; i++) {
+            s[4 * i + 2 * r] = fast_exp2(fmaf(s[4 * i + 2 * r], mul, -base));
+            s[4 * i + 2 * r + 1] = fast_exp2(fmaf(s[4 * i + 2 * r + 1], mul, -base));
+            sum += s[4 * i + 2 * r] + s[4 * i + 2 * r + 1];
+        }
+        l[r] = l[r] * alpha[r] + sum;
+    }
+}
+
+/* O += P V over one 128-key tile: 8 register-A wgmma of 16 keys (2048 bytes of V each); N = D
+ * spans D/64 column blocks WN*128 bytes apart (the descriptor's leading byte offset) */
+template <int D>
+__device__ __forceinline__ void pv_chain(float (&o)[D / 2], const uint32_t (&pa)[8][4], uint32_t v_addr) {
+#pragma unroll
+    for (int kk = 0; kk < 8; kk++) {
+        if constexpr (D == 128) wgmma_rs_n128(o, pa[kk], gmma_desc(v_addr + kk * 2048, WN * 128, 1024));
+        else wgmma_rs_n64(o, pa[kk], gmma_desc(v_addr + kk * 2048, WN * 128, 1024));
+    }
+}
+
+__device__ __forceinline__ void pack_p(const float (&s)[64], uint32_t (&pa)[8][4]) {
+#pragma unroll
+    for (int kk = 0; kk < 8; kk++) {
+        pa[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
+        pa[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
+        pa[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
+        pa[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+}
+
+#endif
+
+/* fwd_bf16_wgmma with the softmax of tile kb+1 overlapping P V of tile kb (FlashAttention-3's
+ * intra-warpgroup pipelining): per iteration the warpgroup issues S = Q K_{kb+1}^T, then
+ * O += P_kb V_kb, waits for S only, runs the softmax while P V runs on the tensor cores, then
+ * waits for P V, rescales O and packs P_{kb+1}. P_kb's registers stay untouched until that wait
+ * (reg_fence_u keeps the compiler from reusing them). Buffers: K_i and V_i in slot i % 2; at the
+ * top of iteration kb, K_{kb+1} and V_kb have landed and K_{kb+2}, V_{kb+1} start streaming into
+ * the slots that K_kb and V_{kb-1} (both consumed in iteration kb-1) leave. Same layouts, limits
+ * and results as fwd_bf16_wgmma. */
+template <int D>
+__global__ void __launch_bounds__(WT, 1) fwd_bf16_wgmma2(Args a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int NO = D / 2, TK = WN * D * 2, LDO = D + 8;
+    extern __shared__ uint8_t smem_wg2[];
+    uint8_t *Qs = smem_wg2 + ((1024 - (smem_addr(smem_wg2) & 1023)) & 1023);
+    uint8_t *Ks = Qs + WM * D * 2, *Vs = Ks + 2 * TK;
+    const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int wrow = wg * 64 + ((tid >> 5) & 3) * 16;
+    const int64_t qb = a.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    const int64_t h = blockIdx.y, b = blockIdx.z, hk = h / a.group, row0 = qb * WM;
+    const int64_t bh = b * a.Hq + h, bhk = b * a.Hkv + hk;
+    const uint16_t *q = a.q + bh * a.L * D, *k = a.k + bhk * a.S * D, *v = a.v + bhk * a.S * D;
+    const int64_t mbase = b * a.ms_b + h * a.ms_h, qrow = row0 + wrow + g;
+
+    int64_t nkb = (a.S + WN - 1) / WN;
+    if (a.causal) {
+        const int64_t last = (row0 + WM < a.L ? row0 + WM : a.L) - 1;
+        if (last / WN + 1 < nkb) nkb = last / WN + 1;
+    }
+    load_swizzled<D, WM>(Qs, q, row0, a.L);
+    load_swizzled<D, WN>(Ks, k, 0, a.S);
+    cp_async_commit(); /* Q, K_0 */
+    load_swizzled<D, WN>(Vs, v, 0, a.S);
+    if (nkb > 1) load_swizzled<D, WN>(Ks + TK, k, WN, a.S);
+    cp_async_commit(); /* V_0, K_1 */
+
+    float o[NO], s[64], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, alpha[2];
+    uint32_t pa[8][4];
+#pragma unroll
+    for (int i = 0; i < NO; i++) o[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 64; i++) s[i] = 0.f;
+    const uint32_t q_addr = smem_addr(Qs) + wg * 64 * 128;
+
+    cp_async_wait<1>();
+    fence_proxy_async();
+    __syncthreads(); /* Q and K_0 landed */
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++)
+        wgmma_ss_n128(s, gmma_desc(q_addr + (kk >> 2) * WM * 128 + (kk & 3) * 32, 16, 1024),
+                      gmma_desc(smem_addr(Ks) + (kk >> 2) * WN * 128 + (kk & 3) * 32, 16, 1024), kk > 0);
+    wgmma_commit();
+    wgmma_wait_all();
+    reg_fence(s);
+    wg_softmax(a, s, m, l, alpha, row0, qrow, 0, t, mbase);
+    pack_p(s, pa);
+
+    /* every iteration but the last: S of tile kb+1 and P V of tile kb in flight together (no
+     * branch around a wgmma: ptxas would serialise them) */
+    for (int64_t kb = 0; kb + 1 < nkb; kb++) {
+        cp_async_wait<0>();
+        fence_proxy_async();
+        __syncthreads(); /* V_kb and K_{kb+1} landed; iteration kb-1 is done everywhere */
+        if (kb + 2 < nkb) load_swizzled<D, WN>(Ks + (int)(kb & 1) * TK, k, (kb + 2) * WN, a.S);
+        load_swizzled<D, WN>(Vs + (int)((kb + 1) & 1) * TK, v, (kb + 1) * WN, a.S);
+        cp_async_commit();
+        const uint32_t k_addr = smem_addr(Ks + (int)((kb + 1) & 1) * TK), v_addr = smem_addr(Vs + (int)(kb & 1) * TK);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++)
+            wgmma_ss_n128(s, gmma_desc(q_addr + (kk >> 2) * WM * 128 + (kk & 3) * 32, 16, 1024),
+                          gmma_desc(k_addr + (kk >> 2) * WN * 128 + (kk & 3) * 32, 16, 1024), kk > 0);
+        wgmma_commit();
+        pv_chain<D>(o, pa, v_addr);
+        wgmma_commit();
+        wgmma_wait_one();
+        reg_fence(s);
+        wg_softmax(a, s, m, l, alpha, row0, qrow, (kb + 1) * WN, t, mbase);
+        wgmma_wait_all();
+        reg_fence(o);
+        reg_fence_u(pa);
+#pragma unroll
+        for (int j = 0; j < D / 8; j++) {
+            o[4 * j] *= alpha[0];
+            o[4 * j + 1] *= alpha[0];
+            o[4 * j + 2] *= alpha[1];
+            o[4 * j + 3] *= alpha[1];
+        }
+        pack_p(s, pa);
+    }
+    /* the last tile: P V only */
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+    wgmma_fence();
+    pv_chain<D>(o, pa, smem_addr(Vs + (int)((nkb - 1) & 1) * TK));
+    wgmma_commit();
+    wgmma_wait_all();
+    reg_fence(o);
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        float sum = l[r];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        inv[r] = sum > 0.f ? 1.f / sum : 0.f;
+        const int64_t qi = qrow + 8 * r;
+        if (a.lse && t == 0 && qi < a.L) a.lse[bh * a.L + qi] = sum > 0.f ? m[r] * LN2 + logf(sum) : -INFINITY;
+    }
+    __syncthreads(); /* no warpgroup reads the K buffers any more: they become the staging tile */
     if (row0 + wrow >= a.L) return;
     uint16_t *Os = (uint16_t *)Ks + wrow * LDO;
 #pragma unroll
@@ -812,28 +1028,32 @@ qf_status launch_fwd(const Args &a) {
     return qf_cuda_launched("fwd_bf16");
 }
 
-template <int D>
+template <int D, int V>
 qf_status launch_fwd_wgmma(const Args &a) {
     static bool attr_set = false;
     const size_t smem = wgmma_smem_bytes<D>();
+    auto kernel = V == 1 ? fwd_bf16_wgmma<D> : fwd_bf16_wgmma2<D>;
     if (!attr_set) {
-        QF_TRY(qf_cuda_check(cudaFuncSetAttribute(fwd_bf16_wgmma<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+        QF_TRY(qf_cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
                              "sdpa bf16 forward (wgmma): cudaFuncSetAttribute"));
         attr_set = true;
     }
     dim3 grid((unsigned)((a.L + WM - 1) / WM), (unsigned)a.Hq, (unsigned)a.B);
-    fwd_bf16_wgmma<D><<<grid, WT, smem, qf_cuda_stream()>>>(a);
-    return qf_cuda_launched("fwd_bf16_wgmma");
+    kernel<<<grid, WT, smem, qf_cuda_stream()>>>(a);
+    return qf_cuda_launched(V == 1 ? "fwd_bf16_wgmma" : "fwd_bf16_wgmma2");
 }
 
-/* 1 if the wgmma kernels were compiled for this device (the library built for sm_90a and running
- * on it), asked once with a probe kernel; 0 otherwise, and 0 without asking while the stream is
- * being captured (a probe would have to wait). QFUSE_SDPA_BF16_KERNEL=mma forces 0. */
+/* Which forward kernel runs the wgmma-eligible shapes: 2 (fwd_bf16_wgmma2) when the wgmma kernels
+ * were compiled for this device (the library built for sm_90a and running on it), asked once with
+ * a probe kernel; 0 (the mma.sync kernel) otherwise, and 0 without asking while the stream is
+ * being captured (a probe would have to wait). QFUSE_SDPA_BF16_KERNEL=mma forces 0, =wgmma1 picks
+ * fwd_bf16_wgmma (no overlap), for comparisons. */
 int wgmma_built() {
     static int known = -1; /* a race only repeats the probe */
     if (known >= 0) return known;
     const char *env = getenv("QFUSE_SDPA_BF16_KERNEL");
     if (env && strcmp(env, "mma") == 0) return known = 0;
+    const int version = env && strcmp(env, "wgmma1") == 0 ? 1 : 2;
     cudaStream_t st = qf_cuda_stream();
     cudaStreamCaptureStatus cap;
     if (cudaStreamIsCapturing(st, &cap) != cudaSuccess || cap != cudaStreamCaptureStatusNone) {
@@ -849,7 +1069,7 @@ int wgmma_built() {
         (void)cudaGetLastError();
         flag = 0;
     }
-    return known = flag;
+    return known = flag ? version : 0;
 }
 
 template <int DP>
@@ -879,8 +1099,10 @@ qf_status qf_cuda_sdpa_forward_bf16(const qf_sdpa_problem *pr, const uint16_t *q
     a.vec_v = pr->Dv % 8 == 0 && aligned16(v);
     a.vec_o = pr->Dv % 8 == 0 && aligned16(out);
     if (pr->D == pr->Dv && (pr->D == 64 || pr->D == 128) && a.vec_q && a.vec_k && a.vec_v && a.vec_o && pr->L > 64 &&
-        wgmma_built())
-        return pr->D == 64 ? launch_fwd_wgmma<64>(a) : launch_fwd_wgmma<128>(a);
+        wgmma_built()) {
+        if (wgmma_built() == 1) return pr->D == 64 ? launch_fwd_wgmma<64, 1>(a) : launch_fwd_wgmma<128, 1>(a);
+        return pr->D == 64 ? launch_fwd_wgmma<64, 2>(a) : launch_fwd_wgmma<128, 2>(a);
+    }
     return dp == 64 ? launch_fwd<64>(a) : launch_fwd<128>(a);
 }
 
