@@ -271,7 +271,11 @@ __global__ void screen_kernel(const uint32_t *x, int64_t n, long long *first) {
  *   - classic: a prologue kernel writes [out +] bias + res, then cublasSgemm / cublasGemmEx add
  *     the product onto it (beta = 1). Used when accumulate and res come together, when res has
  *     another row stride than out, when the heuristic finds no algorithm, and when
- *     qf_cuda_test_gemm_lt(0) forces it (tests, timing). */
+ *     qf_cuda_test_gemm_lt(0) forces it (tests, timing).
+ * Measured on the H100 (bench/device_cuda.sh gemm: with bias, per call in a replayed graph of 20;
+ * Lt / classic / torch 2.11 F.linear in a CUDA graph): 32x2304x768 fp32 12.8 / 15.2 / 22.8 us,
+ * bf16 weights 5.3 / 7.0 / 5.0 us (torch's output is bf16, ours float32); 257x9216x1408 fp32
+ * 217 / 234 / 229 us, bf16 21.1 / 37.6 / 17.3 us. */
 
 namespace {
 
