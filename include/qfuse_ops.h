@@ -102,12 +102,16 @@ qf_status qf_mha_get_config(const qf_mha *m, qf_mha_config *out);
 qf_status qf_mha_last_shape(const qf_mha *m, int64_t *B, int64_t *L, int64_t *S);
 
 /* ---- CUDA device memory (the CUDA backend; libqfuse built with `make CUDA=1`) -------------
- * The device flag of an op is where its tensors live: qf_sdpa_forward / qf_sdpa_backward run on
- * the GPU when their tensors are in GPU memory (qf_cuda_malloc, or any cudaMalloc'd pointer once
+ * The device flag of an op is where its tensors live: qf_sdpa_forward / qf_sdpa_backward,
+ * qf_linear_forward, qf_layernorm_forward, qf_gelu_forward and qf_residual_forward run on the
+ * GPU when their tensors are in GPU memory (qf_cuda_malloc, or any cudaMalloc'd pointer once
  * qf_cuda_init has succeeded), on the CPU otherwise. Every tensor of one call, the mask's data
  * included, must be on the same side (QF_ERR_ARG naming the two tensors otherwise). GPU calls
- * are queued on the default stream: they return before the kernels finish, except where a
- * finite check (check_finite) reads its verdict back; qf_cuda_download waits for them.
+ * are queued on the backend's own stream, a blocking stream (it orders with the legacy default
+ * stream, so work other libraries queue there is seen in order): they return before the kernels
+ * finish, except where a finite check (check_finite) reads its verdict back; qf_cuda_download
+ * and qf_cuda_synchronize wait for them. Whole models go to the GPU with qf_qformer_to_device /
+ * qf_prefusion_to_device (qfuse_models.h).
  * In a build without CUDA, qf_cuda_init and the others return QF_ERR_UNSUPPORTED saying so. */
 /* Picks GPU 0 and checks it is usable (QF_ERR_UNSUPPORTED with the CUDA runtime's reason). */
 qf_status qf_cuda_init(void);
