@@ -72,7 +72,8 @@ def pick_reps(fn, budget_s):
 
 
 def relerr(a, ref):
-    return float((a.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30))
+    a, ref = a.detach().double(), ref.detach().double()
+    return float((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
 def bench_shape(B, H, L, S, D, causal, dtype, budget_s, lines):

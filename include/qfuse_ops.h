@@ -137,7 +137,10 @@ qf_status qf_cuda_set_tf32(int on);
  * SDPA runs on the CUDA backend only), and any call in a build without CUDA (make CUDA=1).
  * Accuracy, measured against float64 on the same bf16 inputs: out and gradients within about 1e-2
  * of the largest magnitude (tests/python/test_cuda_bf16.py states and checks the bounds).
- * Forward: lse [B,Hq,L] optional (NULL skips); backward needs the forward's out and lse. */
+ * Forward: lse [B,Hq,L] optional (NULL skips); backward needs the forward's out and lse.
+ * Speed: the forward uses Hopper warpgroup MMA (wgmma) for D = Dv in {64,128}, L > 64 when the
+ * library is compiled for sm_90a (CUDA_GENCODE, see src/backend/cuda/sdpa_bf16.cu), mma.sync
+ * otherwise; QFUSE_SDPA_BF16_KERNEL=mma forces the mma.sync kernel. */
 qf_status qf_sdpa_forward_bf16(const qf_sdpa_params *p, const uint16_t *q, const uint16_t *k,
                                const uint16_t *v, uint16_t *out, float *lse);
 qf_status qf_sdpa_backward_bf16(const qf_sdpa_params *p, const uint16_t *q, const uint16_t *k,

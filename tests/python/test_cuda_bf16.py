@@ -4,7 +4,9 @@ against the float64 PyTorch reference (util.sdpa_ref) computed from the SAME bf1
 on fresh random cases: head dims 64 and 128 (the fast ones) and 32, 20 (not a multiple of 8: the
 element-copy path), Dv != D, odd lengths (1, 7, 257, 1000), causal with L != S, GQA, bool and float
 masks in several broadcasts, fully masked rows, custom scale, unbatched [H,L,D] inputs, the
-Q-Former's 8x12x32x257x64.
+Q-Former's 8x12x32x257x64. Which forward kernel runs depends on the shape and the build (mma.sync:
+L <= 64, D not in {64, 128}, Dv != D; wgmma when built for sm_90a: the rest), so both are covered;
+QFUSE_SDPA_BF16_KERNEL=mma (or wgmma1) runs every case on the other kernels.
 
 Bounds (stated in include/qfuse_ops.h): forward max|out - ref| / max|ref| <= 1e-2 (the result is
 itself rounded to bf16: 2^-9 relative, P is rounded to bf16 before P V); each gradient
