@@ -242,6 +242,12 @@ qf_status qf_kvprefix_get_shape(const qf_kvprefix *m, qf_kvprefix_shape *out);
 qf_status qf_kvprefix_project(qf_kvprefix *m, int64_t rows, const float *in, float *out);
 qf_status qf_kvprefix_project_backward(qf_kvprefix *m, int64_t rows, const float *in, const float *grad_out,
                                        float *grad_in);
+/* Places the whole KV-prefix forward (the global-feature MLP, the prefix tokens and their K/V
+ * projections, the Q-Former) and qf_kvprefix_project on "cpu" or "cuda", weights QF_F32 or
+ * QF_BF16 (cuda), as qf_qformer_to_device says; on the GPU the forward after its input copies
+ * is one graph per shape, global_feature/query_embeds/encoder_hidden_states/out (and project's
+ * in/out) may be host or GPU pointers (masks: host), and both backwards need the CPU. */
+qf_status qf_kvprefix_to_device(qf_kvprefix *m, const char *device, qf_dtype weights);
 
 /* ---- attention heatmap ------------------------------------------------------------------------
  * Writes weights [rows, cols] (queries down, encoder tokens across) as an 8-bit RGB PNG, each

@@ -86,6 +86,7 @@ _native.declare({
     "qf_kvprefix_param": (c_int, [c_void_p, c_int, P(_native.qf_param)]),
     "qf_kvprefix_zero_grad": (None, [c_void_p]),
     "qf_kvprefix_qformer": (c_void_p, [c_void_p]),
+    "qf_kvprefix_to_device": (c_int, [c_void_p, c_char_p, c_int]),
     "qf_qformer_get_config": (c_int, [c_void_p, P(qf_qformer_config)]),
     "qf_qformer_forward": (c_int, [c_void_p, P(qf_qformer_args), c_void_p, c_void_p, c_void_p]),
     "qf_qformer_num_cross_layers": (c_int, [c_void_p]),
@@ -375,6 +376,17 @@ class KVPrefix(_Model):
         h = c_void_p()
         check(lib.qf_kvprefix_load(os.fsencode(os.fspath(folder)), ctypes.byref(h)))
         return cls(h.value, os.fspath(folder))
+
+    def to(self, device="cpu", dtype="float32"):
+        """The whole KV-prefix forward (global-feature MLP, prefix K/V, Q-Former) and project()
+        on device "cpu" or "cuda" (dtype "bfloat16": bf16 GEMM weights, cuda only); backward
+        and project_backward need the CPU. Returns self."""
+        from .qformer import _DTYPES
+        if device not in ("cpu", "cuda") or dtype not in _DTYPES:
+            raise QfuseError('KVPrefix.to: device = %r, dtype = %r; expected "cpu"/"cuda" and '
+                             '"float32"/"bfloat16"' % (device, dtype), "QF_ERR_ARG")
+        check(lib.qf_kvprefix_to_device(self._handle("to"), device.encode(), _DTYPES[dtype]))
+        return self
 
     def fuse(self, encoder_hidden_states=None, global_feature=None, query_embeds=None,
              encoder_attention_mask=None):

@@ -23,8 +23,15 @@
  *     Q-Former keeps its own. Gradients accumulate until qf_kvprefix_zero_grad (language_projection's
  *     only through qf_kvprefix_project_backward).
  *   - fwd/bwd are grow-only planned blocks; fwd keeps copies of the inputs.
- *   - have_fwd only after a fully successful forward; backward refuses without one. */
+ *   - have_fwd only after a fully successful forward; backward refuses without one.
+ *   - Placement (qf_kvprefix_to_device): be holds run_params, the block every parameter view
+ *     points into (params itself on the CPU, a device copy on the GPU); the Q-Former is placed
+ *     with the model. On the GPU the forward after its input copies is one captured graph per
+ *     key (every shape and flag that changes the calls, and the planned blocks' addresses), and
+ *     every backward refuses (QF_ERR_UNSUPPORTED). */
 #include "models_internal.h"
+#include "qformer_internal.h"
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -58,6 +65,20 @@ struct qf_kvprefix {
     float *g_pk, *g_pv, *g_pt, *g_tmp, *g_h, *g_act, *g_query;
     int64_t B, Lq;
     int own_queries, have_fwd;
+
+    /* placement (qf_kvprefix_to_device): on the GPU, run_params and params_bf16 (bf16 weights)
+     * are device copies, dfwd the planned device block (g_in, pre0, act0, h, pt and dscreen
+     * point into it there; pk/pv/queries are the Q-Former's own buffers), dproj the block of
+     * qf_kvprefix_project, graph the captured forward. */
+    const qf_backend *be;
+    int on_device;
+    size_t params_total;
+    float *run_params;
+    uint16_t *params_bf16;
+    float *dfwd, *dproj;
+    size_t dfwd_cap, dproj_cap;
+    int64_t *dscreen;               /* [1] first non-finite index of global_feature           */
+    qf_model_graph graph;
 };
 
 static void add_param(qf_kvprefix *m, const char *name, int ndim, int64_t d0, int64_t d1, int64_t d2,
@@ -72,6 +93,27 @@ static void add_param(qf_kvprefix *m, const char *name, int ndim, int64_t d0, in
     p->off = *off;
     p->trained = trained;
     *off += qf_align_up(p->n, 16);
+}
+
+/* Points the parameter views into run_params (host or device) and the gradient views into grads. */
+static void bind_params(qf_kvprefix *m) {
+    const kv_ptab *t = m->ptab;
+    const float *P_ = m->run_params;
+    float *G = m->grads;
+    m->qtok = P_ + t[0].off;  m->gqtok = G + t[0].off;
+    m->w0 = P_ + t[1].off;    m->gw0 = G + t[1].off;
+    m->b0 = P_ + t[2].off;    m->gb0 = G + t[2].off;
+    m->w2 = P_ + t[3].off;    m->gw2 = G + t[3].off;
+    m->b2 = P_ + t[4].off;    m->gb2 = G + t[4].off;
+    m->ptok = P_ + t[5].off;  m->gptok = G + t[5].off;
+    m->wk = P_ + t[6].off;    m->gwk = G + t[6].off;
+    m->bk = P_ + t[7].off;    m->gbk = G + t[7].off;
+    m->wv = P_ + t[8].off;    m->gwv = G + t[8].off;
+    m->bv = P_ + t[9].off;    m->gbv = G + t[9].off;
+    if (m->D) {
+        m->wp = P_ + t[10].off;   m->gwp = G + t[10].off;
+        m->bp = P_ + t[11].off;   m->gbp = G + t[11].off;
+    }
 }
 
 static qf_status cfg_int(const qf_config *cfg, const char *path, const char *key, int64_t *out) {
@@ -140,6 +182,7 @@ static qf_status load_into(qf_kvprefix *m, const char *folder) {
             add_param(m, "language_projection.weight", 2, m->D, H, 0, 1, &off);
             add_param(m, "language_projection.bias", 1, m->D, 0, 0, 1, &off);
         }
+        m->params_total = off;
         if (posix_memalign((void **)&m->params, 64, off * sizeof(float)) ||
             posix_memalign((void **)&m->grads, 64, off * sizeof(float)))
             s = qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu parameter floats", fn, 2 * off);
@@ -158,22 +201,9 @@ static qf_status load_into(qf_kvprefix *m, const char *folder) {
         s = qf_model_prefixed_qformer_names(m->qf, "qformer.", fn, &m->q_names);
     }
     if (s == QF_OK) {
-        const kv_ptab *t = m->ptab;
-        float *P_ = m->params, *G = m->grads;
-        m->qtok = P_ + t[0].off;  m->gqtok = G + t[0].off;
-        m->w0 = P_ + t[1].off;    m->gw0 = G + t[1].off;
-        m->b0 = P_ + t[2].off;    m->gb0 = G + t[2].off;
-        m->w2 = P_ + t[3].off;    m->gw2 = G + t[3].off;
-        m->b2 = P_ + t[4].off;    m->gb2 = G + t[4].off;
-        m->ptok = P_ + t[5].off;  m->gptok = G + t[5].off;
-        m->wk = P_ + t[6].off;    m->gwk = G + t[6].off;
-        m->bk = P_ + t[7].off;    m->gbk = G + t[7].off;
-        m->wv = P_ + t[8].off;    m->gwv = G + t[8].off;
-        m->bv = P_ + t[9].off;    m->gbv = G + t[9].off;
-        if (has_proj) {
-            m->wp = P_ + t[10].off;   m->gwp = G + t[10].off;
-            m->bp = P_ + t[11].off;   m->gbp = G + t[11].off;
-        }
+        m->be = qf_backend_cpu();
+        m->run_params = m->params;
+        bind_params(m);
     }
     qf_st_close(st);
     qf_config_free(cfg);
@@ -195,8 +225,11 @@ qf_status qf_kvprefix_load(const char *folder, qf_kvprefix **out) {
     return QF_OK;
 }
 
+static void release_device(qf_kvprefix *m);
+
 void qf_kvprefix_free(qf_kvprefix *m) {
     if (!m) return;
+    release_device(m);
     qf_qformer_free(m->qf);
     free(m->q_names);               /* one block (models_internal.h) */
     free(m->params);
@@ -265,6 +298,212 @@ static size_t plan_backward(qf_kvprefix *m, float *base) {
     return off;
 }
 
+/* ---- forward on a device (qf_kvprefix_to_device) ----
+ * The same computation as the CPU forward below, written as backend calls: the MLP on the
+ * global feature, the prefix tokens (h copied into each of the P rows of its item, then the
+ * prefix_tokens table added by add_periodic), the prefix K/V projections written straight into
+ * the Q-Former's prefix buffers, the model's query tokens broadcast into its query buffer, then
+ * the Q-Former's layers; everything after the input copies is one graph per key. */
+
+/* out = in · wᵀ + b on m's backend (bf16 weights when placed so) */
+static qf_status kv_linear(const qf_kvprefix *m, float *out, const float *in, const float *w, const float *b,
+                           int64_t rows, int64_t Cin, int64_t Cout) {
+    qf_gemm_nt_args g = {.x = in, .ldx = Cin, .w = w, .bias = b, .out = out, .ldo = Cout, .M = rows, .N = Cout,
+                         .K = Cin};
+    if (m->params_bf16) g.w_bf16 = m->params_bf16 + (w - m->run_params);
+    return m->be->gemm_nt(&g);
+}
+
+static size_t plan_device(qf_kvprefix *m, float *base, int64_t B) {
+    const size_t H = (size_t)m->H, F = (size_t)m->F, BP = (size_t)(B * m->P);
+    size_t off = 0;
+    m->g_in = carve(base, &off, (size_t)B * F);
+    m->pre0 = carve(base, &off, (size_t)B * F);
+    m->act0 = carve(base, &off, (size_t)B * F);
+    m->h = carve(base, &off, (size_t)B * H);
+    m->pt = carve(base, &off, BP * H);
+    m->dscreen = (int64_t *)carve(base, &off, 4);
+    return off;
+}
+
+static qf_status device_body(void *ctx) {
+    qf_kvprefix *m = ctx;
+    const qf_backend *be = m->be;
+    qf_qformer *qf = m->qf;
+    const int64_t B = m->B, F = m->F, H = m->H, P = m->P;
+    QF_TRY(kv_linear(m, m->pre0, m->g_in, m->w0, m->b0, B, F, F));
+    QF_TRY(be->gelu_forward(m->act0, m->pre0, B * F, QF_GELU_ERF));
+    QF_TRY(kv_linear(m, m->h, m->act0, m->w2, m->b2, B, F, H));
+    /* pt[b, i, :] = h[b, :] + prefix_tokens[i, :]: h into row i of every item (one strided copy
+     * per prefix row), then the table added over each group of P rows */
+    const size_t row = (size_t)H * sizeof(float);
+    for (int64_t i = 0; i < P; i++) QF_TRY(be->copy2d(m->pt + i * H, (size_t)P * row, m->h, row, row, (size_t)B));
+    QF_TRY(be->add_periodic(m->pt, m->pt, m->ptok, B * P, P, H));
+    QF_TRY(kv_linear(m, qf->pk, m->pt, m->wk, m->bk, B * P, H, H));
+    QF_TRY(kv_linear(m, qf->pv, m->pt, m->wv, m->bv, B * P, H, H));
+    /* the CPU Q-Former screens its prefix inputs; so does this (an overflow in the projections) */
+    QF_TRY(be->screen_nonfinite(qf->pk, B * P * H, qf->screen + 2));
+    QF_TRY(be->screen_nonfinite(qf->pv, B * P * H, qf->screen + 3));
+    if (m->own_queries) QF_TRY(be->add_periodic(qf->qin, NULL, m->qtok, B * m->Lq, m->Lq, H));
+    return qf_qformer_run(qf);
+}
+
+static qf_status forward_device(qf_kvprefix *m, const qf_qformer_args *a, const float *global_feature,
+                                const float *query_embeds, const float *encoder_hidden_states, float *out) {
+    const char *fn = "qf_kvprefix_forward";
+    const qf_backend *be = m->be;
+    qf_qformer *qf = m->qf;
+    const int64_t B = a->B, Lq = a->num_queries, S = a->encoder_len, H = m->H, F = m->F;
+    const int64_t E = qf->cfg.encoder_hidden_size;
+    if (!encoder_hidden_states) return qf_fail(QF_ERR_ARG, "%s: encoder_hidden_states is NULL", fn);
+    const size_t need = plan_device(m, NULL, B);
+    if (need > m->dfwd_cap) {
+        qf_model_graph_drop(be, &m->graph);
+        be->free(m->dfwd);
+        m->dfwd = NULL;
+        m->dfwd_cap = 0;
+        QF_TRY(be->alloc((void **)&m->dfwd, need * sizeof(float)));
+        m->dfwd_cap = need;
+    }
+    plan_device(m, m->dfwd, B);
+    /* the prefix is written by the graph; stage only needs non-NULL prefix pointers (it ignores
+     * the float pointers of its args) */
+    qf_qformer_args qa = *a;
+    qa.prefix_len = m->P;
+    qa.prefix_k = qa.prefix_v = global_feature;
+    qf_status s = qf_qformer_stage(qf, &qa, fn);
+    if (s != QF_OK) return qf_fail_prefix(s, "%s (qformer)", fn);
+    m->B = B;
+    m->Lq = Lq;
+    m->own_queries = !query_embeds;
+
+    /* inputs into the planned buffers (host or device pointers), screened on the way in; the
+     * Q-Former's screen slots (reset by stage) hold the verdicts on its query and encoder rows */
+    int64_t screen = INT64_MAX;
+    QF_TRY(be->copy2d(m->dscreen, sizeof screen, &screen, sizeof screen, sizeof screen, 1));
+    size_t n = (size_t)(B * F) * sizeof(float);
+    QF_TRY(be->copy2d(m->g_in, n, global_feature, n, n, 1));
+    QF_TRY(be->screen_nonfinite(m->g_in, B * F, m->dscreen));
+    n = (size_t)(B * S * E) * sizeof(float);
+    QF_TRY(be->copy2d(qf->enc, n, encoder_hidden_states, n, n, 1));
+    QF_TRY(be->screen_nonfinite(qf->enc, B * S * E, qf->screen + 1));
+    if (query_embeds) {
+        n = (size_t)(B * Lq * H) * sizeof(float);
+        QF_TRY(be->copy2d(qf->qin, n, query_embeds, n, n, 1));
+        QF_TRY(be->screen_nonfinite(qf->qin, B * Lq * H, qf->screen + 0));
+    }
+    /* the key: every shape and flag that changes the calls (P, text_len = 0 and no dead item
+     * are fixed for this model), and the planned blocks' addresses (the Q-Former's move when
+     * its plan grows) */
+    const int64_t key[8] = {B, S, Lq, qf->has_enc_mask, m->own_queries, (int64_t)(intptr_t)qf->fwd,
+                            (int64_t)(intptr_t)qf->mir, (int64_t)(intptr_t)m->dfwd};
+    QF_TRY(qf_model_graph_run(be, &m->graph, key, 8, device_body, m));
+    n = (size_t)(B * Lq * H) * sizeof(float);
+    QF_TRY(be->copy2d(out, n, qf_qformer_result(qf), n, n, 1));
+    /* the one wait: the output is final, then the screens' verdicts */
+    QF_TRY(be->synchronize());
+    int64_t qs[4];
+    QF_TRY(be->copy2d(&screen, sizeof screen, m->dscreen, sizeof screen, sizeof screen, 1));
+    QF_TRY(be->copy2d(qs, sizeof qs, qf->screen, sizeof qs, sizeof qs, 1));
+    static const char *const names[5] = {"global_feature", "query_embeds", "encoder_hidden_states",
+                                         "prefix_k (from global_feature)", "prefix_v (from global_feature)"};
+    const int64_t at[5] = {screen, qs[0], qs[1], qs[2], qs[3]};
+    const float *bufs[5] = {m->g_in, qf->qin, qf->enc, qf->pk, qf->pv};
+    for (int i = 0; i < 5; i++) {
+        if (at[i] == INT64_MAX) continue;
+        float v = NAN;
+        (void)be->copy2d(&v, sizeof v, bufs[i] + at[i], sizeof v, sizeof v, 1);
+        return qf_fail(QF_ERR_NONFINITE, "%s: %s[%lld] = %g is not finite", fn, names[i], (long long)at[i],
+                       (double)v);
+    }
+    m->have_fwd = 1;
+    return QF_OK;
+}
+
+/* in [rows, H] -> out [rows, D] through language_projection on the device (host or device
+ * pointers); its own block, so the forward's graph is untouched. */
+static qf_status project_device(qf_kvprefix *m, int64_t rows, const float *in, float *out) {
+    const qf_backend *be = m->be;
+    const size_t need = (size_t)rows * (size_t)(m->H + m->D);
+    if (need > m->dproj_cap) {
+        be->free(m->dproj);
+        m->dproj = NULL;
+        m->dproj_cap = 0;
+        QF_TRY(be->alloc((void **)&m->dproj, need * sizeof(float)));
+        m->dproj_cap = need;
+    }
+    float *din = m->dproj, *dout = m->dproj + rows * m->H;
+    size_t n = (size_t)(rows * m->H) * sizeof(float);
+    QF_TRY(be->copy2d(din, n, in, n, n, 1));
+    QF_TRY(kv_linear(m, dout, din, m->wp, m->bp, rows, m->H, m->D));
+    n = (size_t)(rows * m->D) * sizeof(float);
+    QF_TRY(be->copy2d(out, n, dout, n, n, 1));
+    return be->synchronize();
+}
+
+/* Frees what the model holds on a device (the Q-Former's are its own); views are rebound by
+ * the caller. */
+static void release_device(qf_kvprefix *m) {
+    if (m->on_device) {
+        const qf_backend *be = m->be;
+        qf_model_graph_drop(be, &m->graph);
+        be->free(m->dfwd);
+        be->free(m->dproj);
+        be->free(m->run_params);
+        be->free(m->params_bf16);
+    }
+    m->dfwd = m->dproj = NULL;
+    m->dfwd_cap = m->dproj_cap = 0;
+    m->params_bf16 = NULL;
+    m->on_device = 0;
+    m->have_fwd = 0;
+    m->be = qf_backend_cpu();
+    m->run_params = m->params;
+}
+
+qf_status qf_kvprefix_to_device(qf_kvprefix *m, const char *device, qf_dtype weights) {
+    const char *fn = "qf_kvprefix_to_device";
+    if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
+    /* the Q-Former first: it checks device and weights and starts the GPU */
+    qf_status s = qf_qformer_to_device(m->qf, device, weights);
+    if (s != QF_OK) return qf_fail_prefix(s, "%s", fn);
+    release_device(m);
+    bind_params(m);
+    free(m->fwd); /* the CPU's planned block is not used on a device */
+    m->fwd = NULL;
+    m->fwd_cap = 0;
+    if (strcmp(device, "cuda")) return QF_OK;
+    const qf_backend *be = m->qf->be;
+    const size_t n = m->params_total;
+    float *dp = NULL;
+    uint16_t *db = NULL;
+    s = be->alloc((void **)&dp, n * sizeof(float));
+    if (s == QF_OK) s = be->copy2d(dp, n * sizeof(float), m->params, n * sizeof(float), n * sizeof(float), 1);
+    if (s == QF_OK && weights == QF_BF16) {
+        uint16_t *hb = malloc(n * sizeof(uint16_t));
+        if (!hb) s = qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes for the bf16 weights", fn, n * 2);
+        if (s == QF_OK) s = qf_from_f32(QF_BF16, m->params, hb, n);
+        if (s == QF_OK) s = be->alloc((void **)&db, n * sizeof(uint16_t));
+        if (s == QF_OK) s = be->copy2d(db, n * 2, hb, n * 2, n * 2, 1);
+        if (s == QF_OK) s = be->synchronize();
+        free(hb);
+    }
+    if (s != QF_OK) {
+        be->free(dp);
+        be->free(db);
+        (void)qf_qformer_to_device(m->qf, "cpu", QF_F32);
+        return qf_fail_prefix(s, "%s (uploading %zu parameters)", fn, n);
+    }
+    const char *g = getenv("QFUSE_CUDA_GRAPHS");
+    m->be = be;
+    m->on_device = 1;
+    m->graph.off = g && !strcmp(g, "0");
+    m->run_params = dp;
+    m->params_bf16 = db;
+    bind_params(m);
+    return QF_OK;
+}
+
 /* ---- forward ---- */
 
 qf_status qf_kvprefix_forward(qf_kvprefix *m, const qf_qformer_args *a, const float *global_feature,
@@ -288,6 +527,7 @@ qf_status qf_kvprefix_forward(qf_kvprefix *m, const qf_qformer_args *a, const fl
     if (Lq < 1 || Lq > (1 << 24))
         return qf_fail(QF_ERR_ARG, "%s: num_queries = %lld, expected 1 .. 2^24", fn, (long long)Lq);
     m->have_fwd = 0;
+    if (m->on_device) return forward_device(m, a, global_feature, query_embeds, encoder_hidden_states, out);
     size_t need = plan_forward(m, NULL, B, Lq);
     QF_TRY(grow(&m->fwd, &m->fwd_cap, need, fn));
     plan_forward(m, m->fwd, B, Lq);
@@ -328,6 +568,11 @@ qf_status qf_kvprefix_project(qf_kvprefix *m, int64_t rows, const float *in, flo
     if (!in || !out) return qf_fail(QF_ERR_ARG, "%s: in/out is NULL", fn);
     if (!m->D)
         return qf_fail(QF_ERR_NOT_FOUND, "%s: the checkpoint has no language_projection.weight", fn);
+    if (m->on_device) {
+        if (rows < 0 || rows > (1 << 24))
+            return qf_fail(QF_ERR_ARG, "%s: rows = %lld, expected 0 .. 2^24", fn, (long long)rows);
+        return rows ? project_device(m, rows, in, out) : QF_OK;
+    }
     return qf_linear_forward(out, in, m->wp, m->bp, rows, m->H, m->D);
 }
 
@@ -338,6 +583,9 @@ qf_status qf_kvprefix_project_backward(qf_kvprefix *m, int64_t rows, const float
     if (!in || !grad_out) return qf_fail(QF_ERR_ARG, "%s: in/grad_out is NULL", fn);
     if (!m->D)
         return qf_fail(QF_ERR_NOT_FOUND, "%s: the checkpoint has no language_projection.weight", fn);
+    if (m->on_device)
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: backward runs on the CPU only: this model runs on %s "
+                                           "(qf_kvprefix_to_device(m, \"cpu\", QF_F32) first)", fn, m->be->name);
     return qf_linear_backward(grad_in, m->gwp, m->gbp, grad_out, in, m->wp, rows, m->H, m->D);
 }
 
@@ -348,6 +596,9 @@ qf_status qf_kvprefix_backward(qf_kvprefix *m, const float *grad_out, float *gra
     const char *fn = "qf_kvprefix_backward";
     if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
     if (!grad_out) return qf_fail(QF_ERR_ARG, "%s: grad_out is NULL", fn);
+    if (m->on_device)
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: backward runs on the CPU only: this model runs on %s "
+                                           "(qf_kvprefix_to_device(m, \"cpu\", QF_F32) first)", fn, m->be->name);
     if (!m->have_fwd) return qf_fail(QF_ERR_ARG, "%s: no successful qf_kvprefix_forward to differentiate", fn);
     const int64_t B = m->B, Lq = m->Lq, H = m->H, F = m->F, P = m->P;
     size_t need = plan_backward(m, NULL);
