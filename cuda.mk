@@ -1,6 +1,7 @@
 # cuda.mk - the CUDA backend's build, included from the Makefile. `make CUDA=1` (use a build
 # folder of its own: make CUDA=1 BUILD=build-cuda) compiles src/backend/cuda/*.cu with nvcc for
-# sm_90 (H100/H200 machine code) plus compute_90 PTX that newer GPUs JIT-compile, adds the objects
+# sm_90a (H100/H200 machine code with the Hopper-only wgmma the bf16 attention uses) plus
+# compute_90 PTX that other GPUs JIT-compile (without wgmma: the mma.sync kernels run there), adds the objects
 # to libqfuse, links the CUDA runtime (static, so the library needs no libcudart.so at run time)
 # and cuBLAS, and defines QF_HAVE_CUDA for every C file (src/backend/dispatch.c then routes calls
 # whose tensors are in GPU memory to the CUDA backend).
@@ -13,7 +14,7 @@
 ifeq ($(CUDA),1)
 CUDA_HOME    ?= /usr/local/cuda
 NVCC         ?= $(CUDA_HOME)/bin/nvcc
-CUDA_GENCODE ?= -gencode=arch=compute_90,code=sm_90 -gencode=arch=compute_90,code=compute_90
+CUDA_GENCODE ?= -gencode=arch=compute_90a,code=sm_90a -gencode=arch=compute_90,code=compute_90
 NVCCFLAGS    ?= -O3 -lineinfo
 CUDA_SRC     := $(sort $(wildcard src/backend/cuda/*.cu))
 CUDA_OBJ     := $(CUDA_SRC:%.cu=$(BUILD)/%.o)

@@ -14,6 +14,9 @@
 
 typedef struct {
     const char *name;
+    /* 1: sdpa_forward takes strided problems (qf_sdpa_problem.strided), so a model may skip
+     * splitting heads out of packed projection rows and merging them back */
+    int sdpa_strided;
     qf_status (*sdpa_forward)(const qf_sdpa_problem *pr, const float *q, const float *k,
                               const float *v, float *out, float *lse, float *weights);
     qf_status (*sdpa_backward)(const qf_sdpa_problem *pr, const float *q, const float *k,

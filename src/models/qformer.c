@@ -814,12 +814,47 @@ static qf_status linear(const qf_qformer *m, float *out, const float *in, const 
  * Self-attention projects x itself (kv unused); cross-attention reads its keys and values,
  * already projected but without their biases (added here), from kv: kv_len rows per item of
  * [k | v] with row stride kv_ld floats. */
+/* The same block on a backend whose SDPA reads strided views (the GPU): the heads are read in
+ * place from the packed projection rows (q|k|v of self-attention, the encoder's k|v with their
+ * biases already added by the enc_kv GEMM) and the output is written merged, so no head is
+ * split or merged. Not for a prefix (its keys come first) or an all-padding item. */
+static qf_status attention_block_strided(qf_qformer *m, const qformer_attn *w, attn_acts *t, const float *x,
+                                         int64_t Lx, const float *kv, int64_t kv_len, int64_t kv_ld, int cross) {
+    const qf_backend *be = m->be;
+    const int64_t B = m->B, H = m->cfg.hidden_size, hd = m->hd, T = B * Lx;
+    const int64_t qld = cross ? H : 3 * H;
+    QF_TRY(linear(m, m->tmp, x, w->wq, w->bq, NULL, T, H, qld));
+    const float *k = cross ? kv : m->tmp + H, *v = cross ? kv + H : m->tmp + 2 * H;
+    const int64_t kld = cross ? kv_ld : 3 * H;
+    qf_sdpa_params sp = qf_qformer_sdpa_params(m, cross);
+    sp.check_finite = 0;
+    qf_sdpa_problem pr;
+    qf_status s = qf_sdpa_resolve(&sp, &pr);
+    if (s == QF_OK) {
+        pr.strided = 1;
+        pr.q_sb = Lx * qld, pr.q_sh = hd, pr.q_si = qld;
+        pr.k_sb = pr.v_sb = kv_len * kld, pr.k_sh = pr.v_sh = hd, pr.k_si = pr.v_si = kld;
+        pr.o_sb = Lx * H, pr.o_sh = hd, pr.o_si = H;
+        s = be->sdpa_forward(&pr, m->tmp, k, v, t->merged, t->lse, NULL);
+    }
+    if (s != QF_OK) return qf_fail_prefix(s, "qf_qformer_forward (%s-attention)", cross ? "cross" : "self");
+    QF_TRY(linear(m, t->sum, t->merged, w->wo, w->bo, x, T, H, H));
+    return be->layernorm_forward(t->out, t->mean, t->rstd, t->sum, w->ln_w, w->ln_b, T, H,
+                                 (float)m->cfg.layer_norm_eps);
+}
+
+/* 1 when run_layers adds the encoder k|v biases in the enc_kv GEMM (backends with strided SDPA);
+ * else they are added as the heads are split (one write of enc_kv on the CPU) */
+static int kv_bias_in_gemm(const qf_qformer *m) { return m->be->sdpa_strided; }
+
 static qf_status attention_block(qf_qformer *m, const qformer_attn *w, attn_acts *t, const float *x, int64_t Lx,
                                  const float *kv, int64_t kv_len, int64_t kv_ld, int cross) {
     const char *fn = "qf_qformer_forward";
     const qf_backend *be = m->be;
     const int64_t B = m->B, H = m->cfg.hidden_size, nh = m->cfg.num_attention_heads, hd = m->hd;
     const int64_t P = cross ? m->P : 0, tot = P + kv_len, T = B * Lx;
+    if (be->sdpa_strided && !P && !(cross && m->any_dead))
+        return attention_block_strided(m, w, t, x, Lx, kv, kv_len, kv_ld, cross);
     if (!cross) {
         /* one GEMM with the packed [3H, H] weight: rows of tmp are [q | k | v] */
         QF_PROF(QFP_QKV, QF_TRY(linear(m, m->tmp, x, w->wq, w->bq, NULL, T, H, 3 * H)));
@@ -832,8 +867,9 @@ static qf_status attention_block(qf_qformer *m, const qformer_attn *w, attn_acts
         QF_PROF(QFP_QKV, QF_TRY(linear(m, m->tmp, x, w->wq, w->bq, NULL, T, H, H)));
         QF_PROF(QFP_HEADS, {
             QF_TRY(be->split_heads(t->qh, m->tmp, H, NULL, B, nh, Lx, 0, Lx, hd));
-            QF_TRY(be->split_heads(t->kh, kv, kv_ld, w->bk, B, nh, tot, P, kv_len, hd));
-            QF_TRY(be->split_heads(t->vh, kv + H, kv_ld, w->bv, B, nh, tot, P, kv_len, hd));
+            const int biased = kv_bias_in_gemm(m);
+            QF_TRY(be->split_heads(t->kh, kv, kv_ld, biased ? NULL : w->bk, B, nh, tot, P, kv_len, hd));
+            QF_TRY(be->split_heads(t->vh, kv + H, kv_ld, biased ? NULL : w->bv, B, nh, tot, P, kv_len, hd));
         });
         if (P) {
             QF_TRY(be->split_heads(t->kh, m->pk, H, NULL, B, nh, tot, 0, P, hd));
@@ -881,7 +917,8 @@ static qf_status run_layers(qf_qformer *m) {
     }
     /* keys and values of every cross layer: one GEMM over the encoder rows (plan_params); the
      * biases are added as the heads are split (attention_block), so the GEMM writes once */
-    QF_PROF(QFP_ENC_KV, QF_TRY(linear(m, m->enc_kv, m->enc, m->enc_kv_w, NULL, NULL, B * S, E, 2 * H * m->ncross)));
+    QF_PROF(QFP_ENC_KV, QF_TRY(linear(m, m->enc_kv, m->enc, m->enc_kv_w, kv_bias_in_gemm(m) ? m->enc_kv_b : NULL,
+                                      NULL, B * S, E, 2 * H * m->ncross)));
     const float eps = (float)m->cfg.layer_norm_eps;
     QF_PROF(QFP_LN, QF_TRY(be->layernorm_forward(m->emb, m->emb_mean, m->emb_rstd, m->x_in, m->ln_w, m->ln_b, T, H,
                                                  eps)));

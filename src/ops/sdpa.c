@@ -99,6 +99,7 @@ qf_status qf_sdpa_resolve(const qf_sdpa_params *p, qf_sdpa_problem *pr) {
     pr->seed = p->seed;
     pr->offset = p->offset;
     pr->screen = NULL;
+    pr->strided = 0; /* contiguous tensors; a strided view is set by the caller (sdpa_internal.h) */
     return resolve_mask(p, pr);
 }
 

@@ -601,6 +601,7 @@ static qf_status backward_tiled(const qf_sdpa_problem *pr, const bwd_isa *isa, c
 qf_status qf_cpu_sdpa_backward(const qf_sdpa_problem *pr, const float *q, const float *k,
                                const float *v, const float *out, const float *lse,
                                const float *grad_out, float *dq, float *dk, float *dv) {
+    if (pr->strided) return qf_fail(QF_ERR_INTERNAL, "sdpa_backward (cpu): strided tensors are forward-only");
     switch (qf_get_isa()) {
     case QF_ISA_AVX512: return backward_tiled(pr, &isa512, q, k, v, out, lse, grad_out, dq, dk, dv);
     case QF_ISA_AVX2: return backward_tiled(pr, &isa256, q, k, v, out, lse, grad_out, dq, dk, dv);

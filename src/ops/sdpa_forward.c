@@ -489,6 +489,7 @@ static qf_status forward_tiled(const qf_sdpa_problem *pr, const fwd_isa *isa, co
 
 qf_status qf_cpu_sdpa_forward(const qf_sdpa_problem *pr, const float *q, const float *k,
                               const float *v, float *out, float *lse, float *weights) {
+    if (pr->strided) return qf_fail(QF_ERR_INTERNAL, "sdpa (cpu): strided tensors are taken by the CUDA forward only");
     switch (qf_get_isa()) {
     case QF_ISA_AVX512: return forward_tiled(pr, &isa512, q, k, v, out, lse, weights);
     case QF_ISA_AVX2: return forward_tiled(pr, &isa256, q, k, v, out, lse, weights);

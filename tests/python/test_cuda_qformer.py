@@ -107,16 +107,16 @@ def _random_case(rng, has_text, Lt, P, freq, act, mask_kind, B=3, Lq=4, S=7, H=6
     inp = dict(query_embeds=f32(B, Lq, H), encoder_hidden_states=f32(B, S, E))
     if mask_kind:
         m = np.ones((B, S), np.int32)
-        m[1, S - 3:] = 0
+        m[B - 1, S - 3:] = 0
         if mask_kind == "pad_allpad":
-            m[2, :] = 0
+            m[B - 1, :] = 0
         inp["encoder_attention_mask"] = m
     if Lt:
         inp["text_ids"] = rng.integers(0, 50, (B, Lt)).astype(np.int32)
         if mask_kind:
             tm = np.ones((B, Lt), np.int32)
             tm[0, -1] = 0
-            tm[2, -2:] = 0
+            tm[B - 1, -2:] = 0
             inp["text_attention_mask"] = tm
     if P:
         inp["prefix_k"] = f32(B, P, H)

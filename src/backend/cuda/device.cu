@@ -339,6 +339,7 @@ static void cuda_graph_free(void *graph) {
 static qf_backend make_cuda_backend() {
     qf_backend b = {};
     b.name = "cuda";
+    b.sdpa_strided = 1;
     b.sdpa_forward = qf_cuda_sdpa_forward;
     b.sdpa_backward = qf_cuda_sdpa_backward;
     b.find_nonfinite = cuda_find_nonfinite;

@@ -58,6 +58,9 @@ struct Args {
     float *part_o, *part_ml;
     const void *mask;
     int64_t ms_b, ms_h, ms_i, ms_j;
+    /* forward only: element strides (batch, head, row) of q, k, v and out; contiguous unless the
+     * problem is strided (qf_sdpa_problem.strided) */
+    int64_t q_sb, q_sh, q_si, k_sb, k_sh, k_si, v_sb, v_sh, v_si, o_sb, o_sh, o_si;
 };
 
 /* The mask's term for (i, j) in log2 units: 0 / -inf for bool, value*log2(e) for float. */
@@ -86,7 +89,8 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_al
  * copies). NTH: the block's thread count. */
 template <int DP, int NTH = NT, int ROWS = 64>
 __device__ __forceinline__ void load_tile_async(float *tile, const float *src, int64_t row0, int64_t nrows,
-                                                int64_t ncols, int vec) {
+                                                int64_t ncols, int vec, int64_t ld = -1) {
+    if (ld < 0) ld = ncols; /* row stride: contiguous rows unless given */
     constexpr int LD = DP + 4;
     if (vec) {
         constexpr int C4 = DP / 4;
@@ -94,14 +98,14 @@ __device__ __forceinline__ void load_tile_async(float *tile, const float *src, i
         for (int idx = threadIdx.x; idx < ROWS * C4; idx += NTH) {
             const int r = idx / C4, c = (idx % C4) * 4;
             const bool ok = row0 + r < nrows && c < ncols;
-            cp_async16(tile + r * LD + c, ok ? src + (row0 + r) * ncols + c : src, ok);
+            cp_async16(tile + r * LD + c, ok ? src + (row0 + r) * ld + c : src, ok);
         }
     } else {
 #pragma unroll 4
         for (int idx = threadIdx.x; idx < ROWS * DP; idx += NTH) {
             const int r = idx / DP, c = idx % DP;
             const bool ok = row0 + r < nrows && c < ncols;
-            cp_async4(tile + r * LD + c, ok ? src + (row0 + r) * ncols + c : src, ok);
+            cp_async4(tile + r * LD + c, ok ? src + (row0 + r) * ld + c : src, ok);
         }
     }
 }
@@ -141,12 +145,13 @@ __global__ void __launch_bounds__(QM / RR * 8, QM == 32 ? 4 : DP >= 128 ? 2 : 3)
     const int64_t h = blockIdx.y, b = blockIdx.z / a.nsplit, split = blockIdx.z % a.nsplit;
     const int64_t hk = h / a.group, row0 = qb * QM;
     const int64_t bh = b * a.Hq + h, bhk = b * a.Hkv + hk;
-    const float *k = a.k + bhk * a.S * a.D, *v = a.v + bhk * a.S * a.Dv;
+    const float *k = a.k + b * a.k_sb + hk * a.k_sh, *v = a.v + b * a.v_sb + hk * a.v_sh;
     const int64_t mbase = b * a.ms_b + h * a.ms_h;
+    (void)bhk;
 
     /* Q arrives asynchronously with the first K tile (one wait for both); the scale is applied
      * to the scores, not to Q, so nothing has to pass through registers here. */
-    load_tile_async<DP, NTH, QM>(Qs, a.q + bh * a.L * a.D, row0, a.L, a.D, a.vec_d);
+    load_tile_async<DP, NTH, QM>(Qs, a.q + b * a.q_sb + h * a.q_sh, row0, a.L, a.D, a.vec_d, a.q_si);
 
     float o[RR][4 * NC], m[RR], l[RR];
 #pragma unroll
@@ -170,7 +175,7 @@ __global__ void __launch_bounds__(QM / RR * 8, QM == 32 ? 4 : DP >= 128 ? 2 : 3)
     for (int64_t kb = kb_begin; kb < nkb; kb++) {
         const int64_t col0 = kb * BN;
         __syncthreads(); /* the previous tile's P.V is done with KVs and Ps */
-        load_tile_async<DP, NTH>(KVs, k, col0, a.S, a.D, a.vec_d);
+        load_tile_async<DP, NTH>(KVs, k, col0, a.S, a.D, a.vec_d, a.k_si);
         cp_async_wait();
         __syncthreads();
         float s[RR][8];
@@ -239,7 +244,7 @@ __global__ void __launch_bounds__(QM / RR * 8, QM == 32 ? 4 : DP >= 128 ? 2 : 3)
             store_kr<RR>(Ps + (cg + 8 * c) * LDQ + rg * RR, pc);
         }
         __syncthreads(); /* all lanes are done reading K */
-        load_tile_async<DP, NTH>(KVs, v, col0, a.S, a.Dv, a.vec_dv);
+        load_tile_async<DP, NTH>(KVs, v, col0, a.S, a.Dv, a.vec_dv, a.v_si);
         cp_async_wait();
         __syncthreads();
 #pragma unroll 4
@@ -266,7 +271,7 @@ __global__ void __launch_bounds__(QM / RR * 8, QM == 32 ? 4 : DP >= 128 ? 2 : 3)
         const int64_t qi = row0 + rg * RR + i;
         if (qi >= a.L) continue;
         float inv = sum > 0.f ? 1.f / sum : 0.f;
-        float *dst = a.out + (bh * a.L + qi) * a.Dv;
+        float *dst = a.out + b * a.o_sb + h * a.o_sh + qi * a.o_si;
         if (a.nsplit > 1) { /* partial: unnormalised, with its (m, l) for sdpa_combine */
             const int64_t at = split * a.B * a.Hq * a.L + bh * a.L + qi;
             dst = a.part_o + at * a.Dv;
@@ -311,7 +316,7 @@ __global__ void sdpa_combine(Args a) {
         float acc = 0.f;
         for (int s = 0; s < a.nsplit; s++)
             acc += a.part_o[(s * rows + r) * a.Dv + d] * exp2f(a.part_ml[2 * (s * rows + r)] - base);
-        a.out[r * a.Dv + d] = acc * inv;
+        a.out[(r / a.L / a.Hq) * a.o_sb + (r / a.L % a.Hq) * a.o_sh + (r % a.L) * a.o_si + d] = acc * inv;
     }
     if (lane == 0 && a.lse) a.lse[r] = l > 0.f ? M * LN2 + logf(l) : -INFINITY;
 }
@@ -546,7 +551,23 @@ qf_status make_args(const char *fn, const qf_sdpa_problem *pr, Args *a, int *dp)
     a->mask_kind = pr->mask ? (int)pr->mask_kind : (int)QF_MASK_NONE;
     a->mask = pr->mask;
     a->ms_b = pr->ms_b; a->ms_h = pr->ms_h; a->ms_i = pr->ms_i; a->ms_j = pr->ms_j;
+    if (pr->strided) {
+        a->q_sb = pr->q_sb; a->q_sh = pr->q_sh; a->q_si = pr->q_si;
+        a->k_sb = pr->k_sb; a->k_sh = pr->k_sh; a->k_si = pr->k_si;
+        a->v_sb = pr->v_sb; a->v_sh = pr->v_sh; a->v_si = pr->v_si;
+        a->o_sb = pr->o_sb; a->o_sh = pr->o_sh; a->o_si = pr->o_si;
+    } else {
+        a->q_si = pr->D; a->q_sh = pr->L * pr->D; a->q_sb = pr->Hq * pr->L * pr->D;
+        a->k_si = pr->D; a->k_sh = pr->S * pr->D; a->k_sb = pr->Hkv * pr->S * pr->D;
+        a->v_si = pr->Dv; a->v_sh = pr->S * pr->Dv; a->v_sb = pr->Hkv * pr->S * pr->Dv;
+        a->o_si = pr->Dv; a->o_sh = pr->L * pr->Dv; a->o_sb = pr->Hq * pr->L * pr->Dv;
+    }
     return QF_OK;
+}
+
+/* every stride a multiple of 4 floats (float4 rows stay 16-byte aligned) */
+static bool strides4(int64_t a, int64_t b, int64_t c, int64_t d, int64_t e, int64_t f) {
+    return a % 4 == 0 && b % 4 == 0 && c % 4 == 0 && d % 4 == 0 && e % 4 == 0 && f % 4 == 0;
 }
 
 template <int DP, int RR, int QM>
@@ -592,8 +613,11 @@ qf_status qf_cuda_sdpa_forward(const qf_sdpa_problem *pr, const float *q, const 
     int dp;
     QF_TRY(make_args("sdpa (cuda)", pr, &a, &dp));
     a.q = q; a.k = k; a.v = v; a.out = out; a.lse = lse; a.weights = weights;
-    a.vec_d = pr->D % 4 == 0 && aligned16(q) && aligned16(k);
-    a.vec_dv = pr->Dv % 4 == 0 && aligned16(v) && aligned16(out);
+    a.vec_d = pr->D % 4 == 0 && aligned16(q) && aligned16(k) && strides4(a.q_sb, a.q_sh, a.q_si, a.k_sb, a.k_sh, a.k_si);
+    a.vec_dv = pr->Dv % 4 == 0 && aligned16(v) && aligned16(out) &&
+               strides4(a.v_sb, a.v_sh, a.v_si, a.o_sb, a.o_sh, a.o_si);
+    if (pr->strided && weights)
+        return qf_fail(QF_ERR_UNSUPPORTED, "sdpa (cuda): strided q/k/v/out with attention weights is not implemented");
     if (weights && !lse) { /* the weights pass needs every row's lse */
         void *buf;
         QF_TRY(qf_cuda_scratch(QF_CUDA_SCRATCH_LSE, sizeof(float) * (size_t)(pr->B * pr->Hq * pr->L), &buf));
@@ -644,6 +668,7 @@ qf_status qf_cuda_sdpa_backward(const qf_sdpa_problem *pr, const float *q, const
                                 float *dv) {
     Args a;
     int dp;
+    if (pr->strided) return qf_fail(QF_ERR_INTERNAL, "sdpa_backward (cuda): strided tensors are forward-only");
     QF_TRY(make_args("sdpa_backward (cuda)", pr, &a, &dp));
     a.nsplit = 1;
     a.q = q; a.k = k; a.v = v; a.o = out; a.lse_in = lse; a.dout = grad_out;
