@@ -10,7 +10,7 @@
 #include <time.h>
 
 static const char *usage_text =
-    "qfuse " QFUSE_VERSION " - attention-based multimodal fusion engine (CPU)\n"
+    "qfuse " QFUSE_VERSION " - attention-based multimodal fusion engine (CPU; CUDA for the fusion models)\n"
     "\n"
     "usage: qfuse [--threads N] [--isa scalar|avx2|avx512] COMMAND [ARGS]\n"
     "\n"
@@ -29,9 +29,11 @@ static const char *usage_text =
     "  fuse MODEL [options]      run a fusion model (Q-Former, BLIP-2, AffectGPT pre-fusion / video and\n"
     "                            audio Q-Formers / attention fusion, KV-prefix)\n"
     "                            on .npy features or an image; `qfuse fuse --help` for the options\n"
+    "                            (--device cuda: on the GPU, in a libqfuse built with make CUDA=1)\n"
     "  run MODEL --image X [--prompt TEXT]\n"
     "                            BLIP-2 / InstructBLIP: describe an image, streaming the answer\n"
-    "                            (`qfuse run --help` for sampling, stop strings, weights)\n"
+    "                            (`qfuse run --help` for sampling, stop strings, weights, and\n"
+    "                            --device cuda: the Q-Former on the GPU, the LLM on the CPU)\n"
     "  help                      this text\n"
     "\n"
     "environment:\n"
@@ -267,16 +269,30 @@ static const char *fuse_help =
     "  --cell PX             heatmap cell size in pixels (default 8)\n"
     "  --threads N           worker threads (also: qfuse --threads N fuse ...)\n"
     "\n"
+    "device (a libqfuse built with make CUDA=1 and a GPU; otherwise --device cuda fails with the reason):\n"
+    "  --device cpu|cuda     where the fusion model runs (default cpu). cuda runs the whole forward of\n"
+    "                        affectgpt_prefusion and blip2_kv_prefix (and --project) on the GPU, and the\n"
+    "                        Q-Former of the others (a bare Q-Former; BLIP-2 / InstructBLIP, whose vision\n"
+    "                        tower and language_projection stay on the CPU; the video/audio Q-Formers,\n"
+    "                        whose frame projections stay on the CPU); affectgpt_attention_fusion has no\n"
+    "                        Q-Former and runs on the CPU only. Not with --attn-png (the attention maps\n"
+    "                        are computed on the CPU). The first forward of a shape also captures it as\n"
+    "                        a CUDA graph, so its time includes the capture.\n"
+    "  --dtype float32|bfloat16   GPU weights (cuda only; default float32): bfloat16 GEMM weights with\n"
+    "                        float32 accumulation and activations\n"
+    "\n"
     "examples:\n"
     "  qfuse fuse qformer/ --features vit.npy --queries q.npy --out tokens.npy --attn-png map.png\n"
     "  qfuse fuse blip2/ --image cat.jpg --out tokens.npy\n"
     "  qfuse fuse affectgpt/ --audio a.npy --face f.npy --out tokens.npy --attn-png map.png --layer 0\n"
     "  qfuse fuse video_qformer/ --face frames.npy --face-mask fm.npy --out tokens.npy --attn-png map.png\n"
-    "  qfuse fuse attention_fusion/ --audio a.npy --face f.npy --out tokens.npy\n";
+    "  qfuse fuse attention_fusion/ --audio a.npy --face f.npy --out tokens.npy\n"
+    "  qfuse fuse kv_prefix/ --features f.npy --global g.npy --project --out tokens.npy --device cuda\n";
 
 typedef struct {
     const char *model, *features, *mask, *queries, *image, *pixels, *text_ids, *text_mask;
     const char *audio, *face, *audio_mask, *face_mask, *global, *out, *attn_png;
+    const char *device, *dtype;     /* "cpu" | "cuda"; "float32" | "bfloat16" (checked in cmd_fuse) */
     int layer, cell, project;
 } fuse_opts;
 
@@ -415,6 +431,20 @@ static int fuse_write(const char *path, const float *out, int64_t B, int64_t T, 
     return 0;
 }
 
+/* --device cuda: places the model (through its *_to_device, given as place(model, device,
+ * weights)) and says what runs where; --device cpu: nothing to do. */
+static int fuse_place(const fuse_opts *o, const char *what, qf_status (*place)(void *, const char *, qf_dtype),
+                      void *model) {
+    if (strcmp(o->device, "cuda")) return 0;
+    const qf_dtype w = strcmp(o->dtype, "bfloat16") ? QF_F32 : QF_BF16;
+    if (place(model, "cuda", w) != QF_OK) return fail("--device cuda");
+    printf("device: %s on the GPU (cuda), %s weights\n", what, o->dtype);
+    return 0;
+}
+static qf_status place_qformer(void *m, const char *d, qf_dtype w) { return qf_qformer_to_device(m, d, w); }
+static qf_status place_prefusion(void *m, const char *d, qf_dtype w) { return qf_prefusion_to_device(m, d, w); }
+static qf_status place_kvprefix(void *m, const char *d, qf_dtype w) { return qf_kvprefix_to_device(m, d, w); }
+
 /* blip_2_qformer / instructblip_qformer */
 static int fuse_qformer(const fuse_opts *o, const char *type) {
     int rc = fuse_reject("--image", o->image, type) | fuse_reject("--pixels", o->pixels, type) |
@@ -434,6 +464,7 @@ static int fuse_qformer(const fuse_opts *o, const char *type) {
     double t_load = now_ms() - t0;
     qf_qformer_config c;
     qf_qformer_get_config(qf, &c);
+    if ((rc = fuse_place(o, "the Q-Former", place_qformer, qf))) goto done;
     if ((rc = fuse_read_f32("--features", o->features, 3, &f, fd))) goto done;
     if ((rc = fuse_read_f32("--queries", o->queries, 3, &q, qd))) goto done;
     if (fd[2] != c.encoder_hidden_size) {
@@ -503,6 +534,8 @@ static int fuse_blip2(const fuse_opts *o, const char *type) {
     qf_qformer_config c;
     qf_vision_get_config(qf_blip2_vision(model), &vc);
     qf_qformer_get_config(qf, &c);
+    if ((rc = fuse_place(o, "the Q-Former (vision tower and language_projection on the CPU)", place_qformer, qf)))
+        goto done;
     int64_t nq = qf_blip2_num_query_tokens(model), D = qf_blip2_projection_dim(model), B = 1, Lt = 0;
     int64_t S = qf_vision_num_tokens(qf_blip2_vision(model)), d4[4];
     if (o->text_ids) {
@@ -624,6 +657,8 @@ static int fuse_prefusion(const fuse_opts *o, const char *type) {
     double t_load = now_ms() - t0;
     qf_prefusion_config c;
     qf_prefusion_get_config(model, &c);
+    if ((rc = fuse_place(o, "the whole pre-fusion (projections, Q-Former, LLM projection)", place_prefusion, model)))
+        goto done;
     if (o->audio) {
         if ((rc = fuse_read_f32("--audio", o->audio, 3, &au, ad))) goto done;
         if (ad[2] != c.audio_dim) { rc = fuse_shape_error("--audio", o->audio, ad, 3, "[B,ta,audio_dim]"); goto done; }
@@ -709,6 +744,9 @@ static int fuse_modality(const fuse_opts *o, const char *type, int video) {
     double t_load = now_ms() - t0;
     qf_modality_qformer_config c;
     qf_modality_qformer_get_config(model, &c);
+    if ((rc = fuse_place(o, "the Q-Former (frame projection and LLM projection on the CPU)", place_qformer,
+                         qf_modality_qformer_qformer(model))))
+        goto done;
     if ((rc = fuse_read_f32(flag, frames, video ? FRAMES_NDIM : 3, &x, d))) goto done;
     int nd = x.ndim == 4 ? 4 : 3;
     int64_t B = d[0], T = d[1], K = nd == 4 ? d[2] : 1;
@@ -767,6 +805,11 @@ static int fuse_attention(const fuse_opts *o, const char *type) {
         return 2;
     }
     if (!o->audio || !o->face) return usage_error("fuse: %s models need both --audio and --face", type);
+    if (!strcmp(o->device, "cuda")) {
+        fprintf(stderr, "qfuse: fuse: --device cuda: %s models have no Q-Former to place on the GPU (two time "
+                "means and a small MLP): they run on the CPU only; drop --device\n", type);
+        return 2;
+    }
     qf_npy au = {0}, fa = {0}, am = {0}, fm = {0};
     int64_t ad[4] = {0}, fd[4] = {0}, md[2];
     float *out = NULL, *w = NULL;
@@ -842,6 +885,9 @@ static int fuse_kvprefix(const fuse_opts *o, const char *type) {
     qf_qformer_config c;
     qf_kvprefix_get_shape(model, &sh);
     qf_qformer_get_config(qf_kvprefix_qformer(model), &c);
+    if ((rc = fuse_place(o, "the whole KV-prefix model (prefix MLP and K/V, Q-Former, language_projection)",
+                         place_kvprefix, model)))
+        goto done;
     if ((rc = fuse_read_f32("--features", o->features, 3, &f, fd))) goto done;
     if (fd[2] != c.encoder_hidden_size) { rc = fuse_shape_error("--features", o->features, fd, 3, "[B,S,encoder_hidden_size]"); goto done; }
     int64_t B = fd[0], S = fd[1], nq = sh.num_query_tokens, H = sh.hidden_size, P = sh.num_prefix_tokens;
@@ -901,7 +947,8 @@ static int cmd_fuse(int argc, char **argv) {
                          : !strcmp(a, "--text-mask") ? &o.text_mask : !strcmp(a, "--audio") ? &o.audio
                          : !strcmp(a, "--face") ? &o.face : !strcmp(a, "--audio-mask") ? &o.audio_mask
                          : !strcmp(a, "--face-mask") ? &o.face_mask : !strcmp(a, "--global") ? &o.global
-                         : !strcmp(a, "--out") ? &o.out : !strcmp(a, "--attn-png") ? &o.attn_png : NULL;
+                         : !strcmp(a, "--out") ? &o.out : !strcmp(a, "--attn-png") ? &o.attn_png
+                         : !strcmp(a, "--device") ? &o.device : !strcmp(a, "--dtype") ? &o.dtype : NULL;
         if (dst) {
             if (i + 1 >= argc) return usage_error("fuse: %s needs a value", a);
             *dst = argv[++i];
@@ -919,6 +966,22 @@ static int cmd_fuse(int argc, char **argv) {
         else return usage_error("fuse: one MODEL folder only; extra argument %s", a);
     }
     if (!o.model) { fputs(fuse_help, stderr); return 2; }
+    if (!o.device) o.device = "cpu";
+    if (strcmp(o.device, "cpu") && strcmp(o.device, "cuda"))
+        return usage_error("fuse: --device: expected cpu or cuda, got %s", o.device);
+    if (o.dtype) {
+        if (!strcmp(o.dtype, "bf16")) o.dtype = "bfloat16";
+        if (!strcmp(o.dtype, "f32")) o.dtype = "float32";
+        if (strcmp(o.dtype, "float32") && strcmp(o.dtype, "bfloat16"))
+            return usage_error("fuse: --dtype: expected float32 or bfloat16, got %s", o.dtype);
+        if (!strcmp(o.dtype, "bfloat16") && strcmp(o.device, "cuda"))
+            return usage_error("fuse: --dtype bfloat16 needs --device cuda (the CPU runs float32 weights)%s", "");
+    } else o.dtype = "float32";
+    if (o.attn_png && !strcmp(o.device, "cuda"))
+        return usage_error("fuse: --attn-png needs --device cpu: the attention maps are computed on the CPU "
+                           "(a GPU model keeps none)%s", "");
+    /* before any model is loaded: a build without CUDA or a machine without a GPU says so at once */
+    if (!strcmp(o.device, "cuda") && qf_cuda_init() != QF_OK) return fail("--device cuda");
     char path[4096];
     snprintf(path, sizeof path, "%s/config.json", o.model);
     qf_config *cfg;

@@ -54,6 +54,13 @@ static const char *run_help =
     "  --adapter DIR           apply a PEFT LoRA adapter (adapter_config.json +\n"
     "                          adapter_model.safetensors) to the language model, on the fly\n"
     "  --threads N             worker threads\n"
+    "  --device cpu|cuda       where the BLIP-2 / InstructBLIP Q-Former runs (default cpu). cuda needs a\n"
+    "                          libqfuse built with make CUDA=1 and a GPU (otherwise it fails with the\n"
+    "                          reason); the vision tower, language_projection and the language model\n"
+    "                          stay on the CPU (the LLM runs on the CPU only, so an LLM folder without\n"
+    "                          --image takes --device cpu only)\n"
+    "  --dtype float32|bfloat16  the GPU Q-Former's weights (--device cuda only; default float32):\n"
+    "                          bfloat16 GEMM weights, float32 accumulation and activations\n"
     "  --quiet                 no timings on stderr\n"
     "  --print-ids             print the token ids on stderr (qformer_input_ids, input_ids,\n"
     "                          generated_ids), one line each\n"
@@ -63,6 +70,7 @@ static const char *run_help =
     "\n"
     "examples:\n"
     "  qfuse run models/default --image data/chelsea.png --prompt \"Question: what is this? Answer:\"\n"
+    "  qfuse run instructblip/ --image cat.jpg --prompt \"What is in the picture?\" --device cuda\n"
     "  qfuse run blip2-opt-2.7b/ --image cat.jpg --max-new-tokens 20 --temperature 0.7 --top-p 0.9 --seed 1\n"
     "  qfuse run Qwen2.5-0.5B/ --prompt \"The capital of France is\" --weights int8 --adapter my-lora/\n";
 
@@ -118,7 +126,7 @@ static int parse_int(const char *flag, const char *s, long long lo, long long hi
 enum { RUN_MAX_STOPS = 16 };
 
 typedef struct {
-    const char *model, *image, *prompt, *weights, *adapter;
+    const char *model, *image, *prompt, *weights, *adapter, *device, *dtype;
     long long max_new, top_k, seed, threads;
     double temperature, top_p, repetition_penalty;
     int sample, quiet, print_ids;
@@ -171,7 +179,7 @@ static int parse_args(int argc, char **argv, run_opts *o) {
         }
         static const char *const valued[] = {"--image", "--prompt", "--max-new-tokens", "--temperature", "--top-k",
                                              "--top-p", "--repetition-penalty", "--seed", "--stop", "--weights",
-                                             "--threads", "--adapter"};
+                                             "--threads", "--adapter", "--device", "--dtype"};
         int known = 0;
         for (size_t k = 0; k < sizeof valued / sizeof *valued; k++) known |= !strcmp(a, valued[k]);
         if (!known) return run_usage("unknown option %s", a);
@@ -183,6 +191,8 @@ static int parse_args(int argc, char **argv, run_opts *o) {
         else if (!strcmp(a, "--prompt")) o->prompt = v;
         else if (!strcmp(a, "--weights")) o->weights = v;
         else if (!strcmp(a, "--adapter")) o->adapter = v;
+        else if (!strcmp(a, "--device")) o->device = v;
+        else if (!strcmp(a, "--dtype")) o->dtype = v;
         else if (!strcmp(a, "--max-new-tokens")) rc = parse_int(a, v, 1, 1 << 20, &o->max_new);
         else if (!strcmp(a, "--top-k")) { rc = parse_int(a, v, 0, 1LL << 31, &o->top_k); o->sample |= o->top_k > 0; }
         else if (!strcmp(a, "--seed")) rc = parse_int(a, v, 0, INT64_MAX, &o->seed);
@@ -202,6 +212,18 @@ static int parse_args(int argc, char **argv, run_opts *o) {
         if (rc) return rc;
     }
     if (!o->model) return run_usage("missing MODEL folder%s", "");
+    if (!o->device) o->device = "cpu";
+    if (strcmp(o->device, "cpu") && strcmp(o->device, "cuda"))
+        return run_usage("--device: expected cpu or cuda, got %s", o->device);
+    if (!o->dtype || !strcmp(o->dtype, "f32")) o->dtype = "float32";
+    if (!strcmp(o->dtype, "bf16")) o->dtype = "bfloat16";
+    if (strcmp(o->dtype, "float32") && strcmp(o->dtype, "bfloat16"))
+        return run_usage("--dtype: expected float32 or bfloat16, got %s", o->dtype);
+    if (!strcmp(o->dtype, "bfloat16") && strcmp(o->device, "cuda"))
+        return run_usage("--dtype bfloat16 needs --device cuda (the CPU Q-Former runs float32 weights)%s", "");
+    if (!strcmp(o->device, "cuda") && !o->image)
+        return run_usage("--device cuda places a BLIP-2 / InstructBLIP Q-Former (with --image); a decoder LLM "
+                         "runs on the CPU only%s", "");
     if (!o->image && !*o->prompt) return run_usage("give --image FILE (a BLIP-2 folder) or --prompt TEXT (an LLM)%s", "");
     return 0;
 }
@@ -345,6 +367,8 @@ int cmd_run(int argc, char **argv) {
     int wfmt;
     if ((rc = weights_format(o.weights, &wfmt))) return rc;
     if (o.threads && qf_set_num_threads((int)o.threads) != QF_OK) return run_fail("--threads");
+    /* before the model is loaded: a build without CUDA or a machine without a GPU says so at once */
+    if (!strcmp(o.device, "cuda") && qf_cuda_init() != QF_OK) return run_fail("--device cuda");
     if (!o.image) return run_text(&o, wfmt);
 
     char path[4096];
@@ -364,6 +388,16 @@ int cmd_run(int argc, char **argv) {
     if (qf_vlm_load(o.model, &lo, &m) != QF_OK) { rc = run_fail("loading the model"); goto done; }
     if ((rc = apply_adapter(qf_vlm_llm(m), &o))) goto done;
     rc = 1;
+    if (!strcmp(o.device, "cuda")) {
+        if (qf_qformer_to_device(qf_blip2_qformer(qf_vlm_blip2(m)), "cuda",
+                                 strcmp(o.dtype, "bfloat16") ? QF_F32 : QF_BF16) != QF_OK) {
+            rc = run_fail("--device cuda");
+            goto done;
+        }
+        if (!o.quiet)
+            fprintf(stderr, "[qfuse run] the Q-Former runs on the GPU (cuda, %s weights); the vision tower and the "
+                            "language model on the CPU\n", o.dtype);
+    }
     qf_vlm_info info;
     qf_vlm_get_info(m, &info);
     if (!file_exists(path)) {
