@@ -3,6 +3,8 @@
     import numpy as np, qfuse
     out = qfuse.sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False)
     dq, dk, dv = qfuse.sdpa_backward(q, k, v, grad_out, is_causal=True)
+    out = qfuse.sdpa(q, k, v, is_causal=True, device="cuda", dtype="bfloat16")   # bf16 on the GPU
+    qfuse.cuda.set_tf32(False); qfuse.cuda.synchronize()   # the CUDA backend (qfuse.cuda)
     mha = qfuse.MultiheadAttention.load("mha.safetensors", embed_dim=32, num_heads=4)
     out, weights = mha(query, key, value, key_padding_mask=pad)
     grads = mha.backward(grad_out)          # {"query":..., "key":..., "value":..., "in_proj_weight":...}
@@ -191,10 +193,30 @@ class _SdpaCall:
         return a[0] if self.unbatched else a
 
 
+def _bf16_route(fn, dtype, device, **unsupported):
+    """True when dtype asks for bfloat16 attention (then device must be "cuda" and none of the
+    float32-only options set); False for float32. QfuseError for anything else."""
+    from .ops import _dtype_name
+    if _dtype_name(dtype, fn) == "float32":
+        return False
+    if device != "cuda":
+        raise QfuseError("%s: dtype bfloat16 runs on the CUDA backend only (device = %r; the CPU engine "
+                         "computes in float32)" % (fn, device), "QF_ERR_UNSUPPORTED")
+    for name, (value, default) in unsupported.items():
+        if value != default:
+            raise QfuseError("%s: %s = %r is not supported with dtype bfloat16" % (fn, name, value),
+                             "QF_ERR_UNSUPPORTED")
+    return True
+
+
 def sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
-         dropout_p=0.0, seed=0, return_weights=False, check_finite=True, device="cpu"):
+         dropout_p=0.0, seed=0, return_weights=False, check_finite=True, device="cpu",
+         dtype="float32"):
     """torch.nn.functional.scaled_dot_product_attention on the CPU engine (device="cuda": on the
-    GPU through the CUDA backend, numpy in and out; see qfuse.cuda).
+    GPU through the CUDA backend, numpy in and out; see qfuse.cuda). dtype="bfloat16" (device
+    "cuda" only): q, k, v rounded to bf16 (or uint16 bf16 bit patterns), bf16 tensor-core
+    kernels, the output float32 holding bf16 values (qfuse.ops.sdpa_bf16); no dropout or
+    return_weights there.
 
     q [B,Hq,L,D] (or [Hq,L,D]), k [B,Hkv,S,D], v [B,Hkv,S,Dv] -> out [B,Hq,L,Dv] float32.
     attn_mask: bool (True = attend) or float (added), broadcastable to [B,Hq,L,S].
@@ -203,6 +225,9 @@ def sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
     returns (out, weights [B,Hq,L,S]) with dropout applied to weights as torch does;
     check_finite=False skips the NaN/Inf scan of q, k, v.
     """
+    if _bf16_route("sdpa", dtype, device, return_weights=(return_weights, False), seed=(seed, 0)):
+        from .ops import sdpa_bf16
+        return sdpa_bf16(q, k, v, attn_mask, is_causal, scale, enable_gqa, dropout_p, check_finite)
     c = _SdpaCall("sdpa", q, k, v, attn_mask, is_causal, scale, enable_gqa, dropout_p, seed,
                   check_finite, device)
     out, _, w = c.forward(False, return_weights)
@@ -212,9 +237,15 @@ def sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
 
 
 def sdpa_backward(q, k, v, grad_out, attn_mask=None, is_causal=False, scale=None,
-                  enable_gqa=False, dropout_p=0.0, seed=0, check_finite=True, device="cpu"):
+                  enable_gqa=False, dropout_p=0.0, seed=0, check_finite=True, device="cpu",
+                  dtype="float32"):
     """Gradients (dq, dk, dv) of loss = sum(sdpa(q, k, v, ...) * grad_out), same arguments as
-    sdpa (the same dropout_p/seed reproduce the forward's dropout mask)."""
+    sdpa (the same dropout_p/seed reproduce the forward's dropout mask; dtype="bfloat16" on
+    "cuda": qfuse.ops.sdpa_backward_bf16, gradients float32 holding bf16 values)."""
+    if _bf16_route("sdpa_backward", dtype, device, seed=(seed, 0)):
+        from .ops import sdpa_backward_bf16
+        return sdpa_backward_bf16(q, k, v, grad_out, attn_mask, is_causal, scale, enable_gqa, dropout_p,
+                                  check_finite)
     c = _SdpaCall("sdpa_backward", q, k, v, attn_mask, is_causal, scale, enable_gqa, dropout_p,
                   seed, check_finite, device)
     B, Hq, L, S, D, Dv = c.shape
@@ -450,6 +481,7 @@ from .sampling import sample_token, TextStream  # noqa: E402
 from .train import AdamW  # noqa: E402
 from .models import FusionModel, load, model_kind  # noqa: E402
 from .tokenizer import Tokenizer  # noqa: E402
+from . import cuda  # noqa: E402,F401  (qfuse.cuda.available / set_tf32 / synchronize / DeviceBuffers)
 
 __all__ += ["QFormer", "Blip2", "Prefusion", "KVPrefix", "ModalityQFormer", "AttentionFusion",
             "FusionModel", "load", "model_kind", "save_heatmap", "Tokenizer", "CausalLM",
