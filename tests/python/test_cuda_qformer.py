@@ -269,3 +269,30 @@ def test_prefusion_via_qfuse_load(tmp_path):
     a, f, am, fm = TP._inputs(rng, cfg, 2, 4, 6, True)
     ref = RF.prefusion_reference(sd, cfg, a, f, am, fm)[0]
     assert util.rel_err(m.impl.fuse(audio=a, face=f, audio_mask=am, face_mask=fm), ref) < TOL
+
+
+# ---- BLIP-2 / InstructBLIP fixtures: their Q-Former on the GPU (vision tower on the CPU) ----
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fixture_blip2_and_instructblip_qformer(dtype):
+    from qfuse.blip2 import Blip2
+    from qfuse.qformer import _to_device
+    tol = TOL if dtype == "float32" else BF16_TOL
+    case, io, folder = util.load_fixture("blip2_opt_0")
+    m = Blip2.load(folder)
+    _to_device(m._qh, "cuda", dtype, "test")
+    for _ in range(2):
+        q = m.qformer(encoder_hidden_states=io["vision_last_hidden_state"])
+        assert util.rel_err(q, io["qformer_last_hidden_state"]) < tol
+        assert util.rel_err(m.fuse(io["pixel_values"]), io["language_projection"]) < tol
+    _, io, folder = util.load_fixture("instructblip_llama_0")
+    ref = util.read_safetensors(os.path.join(folder, "extra.safetensors"))
+    m = Blip2.load(folder)
+    _to_device(m._qh, "cuda", dtype, "test")
+    ids, mask = io["qformer_input_ids"], io["qformer_attention_mask"]
+    for _ in range(2):
+        q = m.qformer(encoder_hidden_states=io["vision_last_hidden_state"], qformer_input_ids=ids,
+                      qformer_attention_mask=mask)
+        assert util.rel_err(q, ref["qformer_last_hidden_state"]) < tol
+        tok = m.fuse(io["pixel_values"], qformer_input_ids=ids, qformer_attention_mask=mask)
+        assert util.rel_err(tok, ref["language_projection"]) < tol
