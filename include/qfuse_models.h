@@ -151,6 +151,11 @@ int qf_vision_num_params(const qf_vision *m);
 qf_status qf_vision_param(qf_vision *m, int i, qf_param *out);
 void qf_vision_zero_grad(qf_vision *m);
 void qf_vision_set_frozen(qf_vision *m, int frozen);
+/* Places the vision tower on "cpu" or "cuda", weights QF_F32 or QF_BF16 (cuda), as
+ * qf_qformer_to_device says; on the GPU pixel_values stay host memory (their im2col runs on the
+ * host), out may be host or GPU memory, everything after the pixel upload is one graph per B,
+ * and backward needs the CPU. */
+qf_status qf_vision_to_device(qf_vision *m, const char *device, qf_dtype weights);
 
 /* ---- BLIP-2 / InstructBLIP: image -> LLM-space tokens (model_type "blip-2", "instructblip") --
  * pixel_values -> vision tower -> Q-Former(query_tokens [, instruction ids]) -> query rows ->
@@ -174,6 +179,11 @@ void qf_blip2_zero_grad(qf_blip2 *m);
 typedef enum { QF_GROUP_VISION = 1, QF_GROUP_QFORMER = 2, QF_GROUP_QUERY_TOKENS = 4,
                QF_GROUP_PROJECTION = 8 } qf_param_group;
 void qf_blip2_set_frozen(qf_blip2 *m, unsigned groups, int frozen);
+/* Places the whole fuse (vision tower, Q-Former, query tokens, language_projection) on "cpu" or
+ * "cuda", weights QF_F32 or QF_BF16 (cuda), as qf_qformer_to_device says; on the GPU
+ * pixel_values and the text ids/mask are host memory, out host or GPU memory, and backward
+ * needs the CPU. */
+qf_status qf_blip2_to_device(qf_blip2 *m, const char *device, qf_dtype weights);
 
 /* ---- AffectGPT pre-fusion (model_type "affectgpt_prefusion") ---------------------------------
  * audio [B,ta,audio_dim] -> multi_audio_embs, face [B,tf,video_dim] -> multi_video_embs (both to

@@ -26,8 +26,12 @@
  *     allocates nothing. fwd keeps every activation backward needs (the im2col columns stand in
  *     for the pixels), so the caller may reuse its buffers after forward.
  *   - have_fwd is set only after a forward fully succeeded; backward refuses without one.
- *   - Load either fully succeeds or frees everything; each failure names a config key or tensor. */
-#include "internal.h"
+ *   - Load either fully succeeds or frees everything; each failure names a config key or tensor.
+ *   - On a device (qf_vision_to_device): the parameters (and a bf16 copy read by the GEMMs) live
+ *     there once, with the embedding table etab; host views (cls, layers[i].wqkv, ...) stay the
+ *     CPU's and a device pointer is dparams + (view - params). The forward is the "forward on a
+ *     device" section below; the CPU forward and backward are untouched by it. */
+#include "models_internal.h"
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -77,6 +81,22 @@ struct qf_vision {
     size_t bwd_cap;
     int64_t B;
     int have_fwd;
+
+    /* placement (qf_vision_to_device): on a device, dparams holds the parameters followed by
+     * etab [N, H] (row 0 = class_embedding + position 0, row i = patch bias + position i), dbf16
+     * a bf16 copy of the parameters (weights QF_BF16) or NULL; dfwd the planned device block;
+     * hcols the host im2col buffer [B*N, K] (a zero row where each item's class token goes). */
+    const qf_backend *be;
+    int on_device;
+    float *dparams, *etab;
+    uint16_t *dbf16;
+    float *dfwd;
+    size_t dfwd_cap;
+    float *dcols, *dx, *dln, *dqkv, *dmerged, *dmid, *dact, *dout;
+    int64_t *dscreen;
+    float *hcols;
+    size_t hcols_cap;
+    qf_model_graph graph;
 };
 
 /* ---- parameters ---- */
@@ -312,8 +332,11 @@ qf_status qf_vision_load_parts(const qf_config *cfg, const char *cfg_prefix, con
     return QF_OK;
 }
 
+static void release_device(qf_vision *m);
+
 void qf_vision_free(qf_vision *m) {
     if (!m) return;
+    release_device(m);
     free(m->ptab);
     free(m->params);
     free(m->grads);
@@ -482,6 +505,248 @@ static void split_heads(float *heads, const float *tok, int64_t B, int64_t nh, i
                 memcpy(heads + ((b * nh + h) * N + i) * hd, tok + (b * N + i) * H + h * hd, (size_t)hd * sizeof(float));
 }
 
+/* A NaN/Inf pixel is named as pixel_values[b,c,y,x] (the first in memory order), not as
+ * "q contains NaN" deep inside layer 0. */
+static qf_status check_pixels(const qf_vision *m, int64_t B, const float *pixel_values, const char *fn) {
+    const qf_vision_config *c = &m->cfg;
+    const int64_t S = c->image_size, C = c->num_channels, n = B * C * S * S;
+    const int64_t i = (int64_t)qf_first_nonfinite(pixel_values, (size_t)n);
+    if (i < n)
+        return qf_fail(QF_ERR_NONFINITE, "%s: pixel_values[%lld,%lld,%lld,%lld] = %g: pixels must be finite", fn,
+                       (long long)(i / (C * S * S)), (long long)(i / (S * S) % C), (long long)(i / S % S),
+                       (long long)(i % S), (double)pixel_values[i]);
+    return QF_OK;
+}
+
+/* ---- forward on a device (qf_vision_to_device) ----
+ * The CPU forward's computation as backend calls. The im2col stays on the host (input
+ * preparation: the backend table has no gather that fits) into hcols [B*N, K], whose row b*N is
+ * zero: the patch GEMM over all B*N rows then leaves 0 where each class token goes, and one
+ * add_periodic of etab (class token + position 0; patch bias + position i) completes the
+ * embeddings, so the whole input is one upload, one GEMM and one add. Per layer: LN1 -> qkv GEMM
+ * (packed [T,3H], the bias as stored) -> SDPA reading q/k/v in place from the packed rows and
+ * writing merged [T,H] -> projection GEMM with the residual -> LN2 -> fc1 -> GELU -> fc2 with
+ * the residual (x and mid alternate, so no GEMM writes its own residual); then post-LN.
+ * Everything after the upload is one captured graph per key (B, the planned block's address).
+ * Association differs from the CPU only in where the patch bias is added (with the position
+ * row, not in the GEMM): float32 rounding. */
+
+#define DEV(p) (m->dparams + ((p) - m->params))
+
+/* out = in · wᵀ + b (+ res) on the device; w, b are host views (their device copies are used),
+ * the bf16 copy of w when placed with QF_BF16 */
+static qf_status dev_linear(const qf_vision *m, float *out, const float *in, const float *w, const float *b,
+                            const float *res, int64_t rows, int64_t Cin, int64_t Cout) {
+    qf_gemm_nt_args g = {.x = in, .ldx = Cin, .w = DEV(w), .bias = b ? DEV(b) : NULL, .res = res, .ldr = Cout,
+                         .out = out, .ldo = Cout, .M = rows, .N = Cout, .K = Cin};
+    if (m->dbf16) g.w_bf16 = m->dbf16 + (w - m->params);
+    return m->be->gemm_nt(&g);
+}
+
+/* Lays out the device block for batch B; base NULL only counts (floats). */
+static size_t plan_device(qf_vision *m, float *base, int64_t B) {
+    const size_t H = (size_t)m->cfg.hidden_size, I = (size_t)m->cfg.intermediate_size, T = (size_t)(B * m->N);
+    size_t off = 0;
+    m->dcols = carve(base, &off, T * (size_t)m->K);
+    m->dx = carve(base, &off, T * H);
+    m->dln = carve(base, &off, T * H);
+    m->dqkv = carve(base, &off, T * 3 * H);
+    m->dmerged = carve(base, &off, T * H);
+    m->dmid = carve(base, &off, T * H);
+    m->dact = carve(base, &off, T * I);
+    m->dout = carve(base, &off, T * H);
+    m->dscreen = (int64_t *)carve(base, &off, 2);
+    return off;
+}
+
+static qf_status device_body(void *ctx) {
+    qf_vision *m = ctx;
+    const qf_backend *be = m->be;
+    const qf_vision_config *c = &m->cfg;
+    const int64_t H = c->hidden_size, I = c->intermediate_size, nh = c->num_attention_heads, hd = m->hd;
+    const int64_t B = m->B, N = m->N, T = B * N;
+    const float eps = (float)c->layer_norm_eps;
+    QF_TRY(dev_linear(m, m->dx, m->dcols, m->patch_w, NULL, NULL, T, m->K, H));
+    QF_TRY(be->add_periodic(m->dx, m->dx, m->etab, T, N, H));
+    for (int64_t li = 0; li < c->num_hidden_layers; li++) {
+        const vision_layer *l = &m->layers[li];
+        QF_TRY(be->layernorm_forward(m->dln, NULL, NULL, m->dx, DEV(l->ln1_w), DEV(l->ln1_b), T, H, eps));
+        QF_TRY(dev_linear(m, m->dqkv, m->dln, l->wqkv, l->bqkv, NULL, T, H, 3 * H));
+        qf_sdpa_params sp = qf_sdpa_defaults(B, nh, nh, N, N, hd);
+        sp.check_finite = 0; /* the pixels were screened; the weights are finite */
+        qf_sdpa_problem pr;
+        qf_status s = qf_sdpa_resolve(&sp, &pr);
+        if (s == QF_OK) {
+            pr.strided = 1;
+            pr.q_sb = pr.k_sb = pr.v_sb = N * 3 * H;
+            pr.q_sh = pr.k_sh = pr.v_sh = hd;
+            pr.q_si = pr.k_si = pr.v_si = 3 * H;
+            pr.o_sb = N * H, pr.o_sh = hd, pr.o_si = H;
+            s = be->sdpa_forward(&pr, m->dqkv, m->dqkv + H, m->dqkv + 2 * H, m->dmerged, NULL, NULL);
+        }
+        if (s != QF_OK) return qf_fail_prefix(s, "qf_vision_forward (layer %lld self-attention)", (long long)li);
+        QF_TRY(dev_linear(m, m->dmid, m->dmerged, l->wo, l->bo, m->dx, T, H, H));
+        QF_TRY(be->layernorm_forward(m->dln, NULL, NULL, m->dmid, DEV(l->ln2_w), DEV(l->ln2_b), T, H, eps));
+        QF_TRY(dev_linear(m, m->dact, m->dln, l->w1, l->b1, NULL, T, H, I));
+        QF_TRY(be->gelu_forward(m->dact, m->dact, T * I, c->hidden_act));
+        QF_TRY(dev_linear(m, m->dx, m->dact, l->w2, l->b2, m->dmid, T, I, H));
+    }
+    return be->layernorm_forward(m->dout, NULL, NULL, m->dx, DEV(m->post_w), DEV(m->post_b), T, H, eps);
+}
+
+static qf_status forward_device(qf_vision *m, int64_t B, const float *pixel_values, float *out) {
+    const char *fn = "qf_vision_forward";
+    const qf_backend *be = m->be;
+    const qf_vision_config *c = &m->cfg;
+    const int64_t H = c->hidden_size, I = c->intermediate_size, N = m->N, K = m->K, T = B * N;
+    const int64_t C = c->num_channels, S = c->image_size, p = c->patch_size, G = m->G;
+#ifdef QF_HAVE_CUDA
+    if (qf_cuda_is_device_ptr(pixel_values))
+        return qf_fail(QF_ERR_ARG, "%s: pixel_values is GPU memory; on the GPU the vision tower takes the pixels in "
+                                   "host memory (their im2col runs on the host)", fn);
+#endif
+    if ((double)T * (double)(3 * H > I ? 3 * H : I) > 2147483647.0 || (double)T * K > 2147483647.0)
+        return qf_fail(QF_ERR_ARG, "%s: B = %lld gives activations above the BLAS's int range", fn, (long long)B);
+    /* pixels beyond G*p (image_size not a multiple of patch_size) reach no column, so the device
+     * screen cannot see them: the whole image is checked here then (rare configurations) */
+    if (G * p != S) QF_TRY(check_pixels(m, B, pixel_values, fn));
+
+    const size_t need = plan_device(m, NULL, B);
+    if (need > m->dfwd_cap) {
+        qf_model_graph_drop(be, &m->graph);
+        be->free(m->dfwd);
+        m->dfwd = NULL;
+        m->dfwd_cap = 0;
+        QF_TRY(be->alloc((void **)&m->dfwd, need * sizeof(float)));
+        m->dfwd_cap = need;
+    }
+    plan_device(m, m->dfwd, B);
+    const size_t ncols = (size_t)T * (size_t)K;
+    if (ncols > m->hcols_cap) {
+        void *h = NULL;
+        if (posix_memalign(&h, 64, ncols * sizeof(float)))
+            return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes for the im2col columns", fn,
+                           ncols * sizeof(float));
+        free(m->hcols);
+        m->hcols = h;
+        m->hcols_cap = ncols;
+    }
+    m->B = B;
+    for (int64_t b = 0; b < B; b++) {
+        float *rows = m->hcols + (size_t)(b * N) * (size_t)K;
+        memset(rows, 0, (size_t)K * sizeof(float)); /* the class token's row */
+        im2col(rows + K, pixel_values + b * C * S * S, 1, C, S, p, G);
+    }
+    int64_t screen = INT64_MAX;
+    QF_TRY(be->copy2d(m->dscreen, sizeof screen, &screen, sizeof screen, sizeof screen, 1));
+    QF_TRY(be->copy2d(m->dcols, ncols * sizeof(float), m->hcols, ncols * sizeof(float), ncols * sizeof(float), 1));
+    QF_TRY(be->screen_nonfinite(m->dcols, (int64_t)ncols, m->dscreen));
+    const int64_t key[2] = {B, (int64_t)(intptr_t)m->dfwd};
+    QF_TRY(qf_model_graph_run(be, &m->graph, key, 2, device_body, m));
+    const size_t n = (size_t)(T * H) * sizeof(float);
+    QF_TRY(be->copy2d(out, n, m->dout, n, n, 1));
+    QF_TRY(be->synchronize());
+    QF_TRY(be->copy2d(&screen, sizeof screen, m->dscreen, sizeof screen, sizeof screen, 1));
+    if (screen != INT64_MAX) {
+        /* named as the CPU names it: the first non-finite pixel in memory order */
+        QF_TRY(check_pixels(m, B, pixel_values, fn));
+        return qf_fail(QF_ERR_INTERNAL, "%s: the device found a non-finite im2col value at %lld but the host "
+                                        "pixels are finite (were they changed during the call?)", fn, (long long)screen);
+    }
+    return QF_OK;
+}
+
+static void release_device(qf_vision *m) {
+    if (m->on_device) {
+        const qf_backend *be = m->be;
+        qf_model_graph_drop(be, &m->graph);
+        be->free(m->dfwd);
+        be->free(m->dparams);
+        be->free(m->dbf16);
+    }
+    free(m->hcols);
+    m->hcols = NULL;
+    m->hcols_cap = 0;
+    m->dfwd = m->dparams = m->etab = NULL;
+    m->dfwd_cap = 0;
+    m->dbf16 = NULL;
+    m->on_device = 0;
+    m->have_fwd = 0;
+    m->be = NULL;
+}
+
+qf_status qf_vision_to_device(qf_vision *m, const char *device, qf_dtype weights) {
+    const char *fn = "qf_vision_to_device";
+    if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
+    if (!device) return qf_fail(QF_ERR_ARG, "%s: device is NULL (\"cpu\" or \"cuda\")", fn);
+    const int cuda = !strcmp(device, "cuda");
+    if (!cuda && strcmp(device, "cpu"))
+        return qf_fail(QF_ERR_ARG, "%s: device \"%s\" is unknown (\"cpu\" or \"cuda\")", fn, device);
+    if (weights != QF_F32 && weights != QF_BF16)
+        return qf_fail(QF_ERR_ARG, "%s: weights dtype %s is not supported (F32, or BF16 on cuda)", fn,
+                       qf_dtype_name(weights));
+    if (weights == QF_BF16 && !cuda)
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: bf16 weights run on the cuda device only (the CPU vision tower is "
+                                           "float32)", fn);
+#ifdef QF_HAVE_CUDA
+    if (cuda) QF_TRY(qf_cuda_init()); /* before anything is released: a failure leaves m as it was */
+#endif
+    release_device(m);
+    if (!cuda) return QF_OK;
+#ifdef QF_HAVE_CUDA
+    const qf_backend *be = qf_backend_cuda();
+    if (!be->sdpa_strided || !be->alloc)
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: the %s backend lacks strided attention or device memory", fn, be->name);
+    /* the CPU's planned blocks are not used on a device */
+    free(m->fwd);
+    free(m->bwd);
+    m->fwd = m->bwd = NULL;
+    m->fwd_cap = m->bwd_cap = 0;
+    const size_t n = m->nparams, H = (size_t)m->cfg.hidden_size, N = (size_t)m->N;
+    const size_t total = qf_align_up(n, 16) + N * H;
+    float *dp = NULL, *tab = malloc(N * H * sizeof(float));
+    uint16_t *db = NULL;
+    qf_status s = tab ? QF_OK : qf_fail(QF_ERR_NOMEM, "%s: cannot allocate the embedding table", fn);
+    if (s == QF_OK) {
+        for (size_t j = 0; j < H; j++) tab[j] = m->cls[j] + m->pos[j];
+        for (size_t i = 1; i < N; i++)
+            for (size_t j = 0; j < H; j++) tab[i * H + j] = m->patch_b[j] + m->pos[i * H + j];
+        s = be->alloc((void **)&dp, total * sizeof(float));
+    }
+    if (s == QF_OK) s = be->copy2d(dp, n * sizeof(float), m->params, n * sizeof(float), n * sizeof(float), 1);
+    if (s == QF_OK) {
+        float *et = dp + qf_align_up(n, 16);
+        s = be->copy2d(et, N * H * sizeof(float), tab, N * H * sizeof(float), N * H * sizeof(float), 1);
+    }
+    if (s == QF_OK && weights == QF_BF16) {
+        uint16_t *hb = malloc(n * sizeof(uint16_t));
+        if (!hb) s = qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes for the bf16 weights", fn, n * 2);
+        if (s == QF_OK) s = qf_from_f32(QF_BF16, m->params, hb, n);
+        if (s == QF_OK) s = be->alloc((void **)&db, n * sizeof(uint16_t));
+        if (s == QF_OK) s = be->copy2d(db, n * 2, hb, n * 2, n * 2, 1);
+        free(hb);
+    }
+    if (s == QF_OK) s = be->synchronize(); /* tab (and hb) are host memory freed below */
+    free(tab);
+    if (s != QF_OK) {
+        be->free(dp);
+        be->free(db);
+        return qf_fail_prefix(s, "%s (uploading %zu parameters)", fn, n);
+    }
+    const char *g = getenv("QFUSE_CUDA_GRAPHS");
+    m->be = be;
+    m->on_device = 1;
+    m->graph.off = g && !strcmp(g, "0");
+    m->dparams = dp;
+    m->etab = dp + qf_align_up(n, 16);
+    m->dbf16 = db;
+    return QF_OK;
+#else
+    return qf_fail(QF_ERR_UNSUPPORTED, "%s: this libqfuse was built without the CUDA backend (build it with make CUDA=1)",
+                   fn);
+#endif
+}
+
 /* ---- forward ---- */
 
 qf_status qf_vision_forward(qf_vision *m, int64_t B, const float *pixel_values, float *out) {
@@ -491,15 +756,9 @@ qf_status qf_vision_forward(qf_vision *m, int64_t B, const float *pixel_values, 
     if (!out) return qf_fail(QF_ERR_ARG, "%s: out is NULL", fn);
     if (B < 1 || B > (1 << 20)) return qf_fail(QF_ERR_ARG, "%s: B = %lld, expected 1 <= B <= 2^20", fn, (long long)B);
     m->have_fwd = 0;
+    if (m->on_device) return forward_device(m, B, pixel_values, out);
     const qf_vision_config *c = &m->cfg;
-    {   /* a NaN/Inf pixel is named here, not as "q contains NaN" deep inside layer 0 */
-        const int64_t S = c->image_size, C = c->num_channels, n = B * C * S * S;
-        const int64_t i = (int64_t)qf_first_nonfinite(pixel_values, (size_t)n);
-        if (i < n)
-            return qf_fail(QF_ERR_NONFINITE, "%s: pixel_values[%lld,%lld,%lld,%lld] = %g: pixels must be finite", fn,
-                           (long long)(i / (C * S * S)), (long long)(i / (S * S) % C), (long long)(i / S % S),
-                           (long long)(i % S), (double)pixel_values[i]);
-    }
+    QF_TRY(check_pixels(m, B, pixel_values, fn));
     const int64_t H = c->hidden_size, I = c->intermediate_size, nh = c->num_attention_heads, hd = m->hd;
     const int64_t N = m->N, P = m->P, T = B * N;
     const float eps = (float)c->layer_norm_eps;
@@ -556,6 +815,9 @@ qf_status qf_vision_backward(qf_vision *m, const float *grad_out, float *grad_pi
     const char *fn = "qf_vision_backward";
     if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
     if (!grad_out) return qf_fail(QF_ERR_ARG, "%s: grad_out is NULL", fn);
+    if (m->on_device)
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: backward runs on the CPU only: this model runs on %s "
+                                           "(qf_vision_to_device(m, \"cpu\", QF_F32) first)", fn, m->be->name);
     if (!m->have_fwd) return qf_fail(QF_ERR_ARG, "%s: no successful qf_vision_forward on this model to differentiate", fn);
     if (m->frozen && !grad_pixel_values) return QF_OK; /* nothing asked for */
     const qf_vision_config *c = &m->cfg;
