@@ -78,6 +78,33 @@ typedef struct {
      * the check queues like a kernel; the caller reads *first after the work has finished. */
     qf_status (*screen_nonfinite)(const float *x, int64_t n, int64_t *first);
 
+    /* ---- backward ops (qformer_backward.c; same rules as above) ---- */
+
+    /* qf_linear_backward on contiguous rows: d_in [N, Cin] = d_out·W (written), d_weight
+     * [Cout, Cin] += d_outᵀ·in, d_bias [Cout] += column sums of d_out (each NULL skips) */
+    qf_status (*linear_backward)(float *d_in, float *d_weight, float *d_bias, const float *d_out, const float *in,
+                                 const float *weight, int64_t N, int64_t Cin, int64_t Cout);
+    /* qf_layernorm_backward: d_in written, d_weight / d_bias accumulated (each NULL skips) */
+    qf_status (*layernorm_backward)(float *d_in, float *d_weight, float *d_bias, const float *d_out,
+                                    const float *in, const float *weight, const float *mean, const float *rstd,
+                                    int64_t N, int64_t C);
+    /* qf_gelu_backward: d_in = d_out * gelu'(in); d_in may equal d_out */
+    qf_status (*gelu_backward)(float *d_in, const float *d_out, const float *in, int64_t n, qf_gelu_kind kind);
+    /* Backward of dead_rows_mean's uniform softmax: for each b with dead[b] != 0 and every head,
+     * dq [B, nh, L, hd], dk, dv [B, nh, S, hd] are OVERWRITTEN with autograd's gradient of
+     * softmax(scale q kᵀ + c) v at uniform weights 1/S (dout [B, nh, L, hd] the output's
+     * gradient); other items untouched. */
+    qf_status (*dead_rows_backward)(float *dq, float *dk, float *dv, const float *q, const float *k, const float *v,
+                                    const float *dout, const uint8_t *dead, int64_t B, int64_t nh, int64_t L,
+                                    int64_t S, int64_t hd, float scale);
+    /* Backward of embedding_forward with position rows: d_pos[r % period, :] += d_out[r, :]
+     * (d_pos NULL skips) and d_table[ids[r], :] += d_out[r, :] except for rows whose id is
+     * skip_id (-1: none), for r < N, C columns; ids range-checked by the forward. */
+    qf_status (*embedding_backward)(float *d_table, float *d_pos, const float *d_out, const int32_t *ids,
+                                    int64_t skip_id, int64_t N, int64_t period, int64_t C);
+    /* bytes of p set to zero */
+    qf_status (*zero)(void *p, size_t bytes);
+
     /* ---- memory and graphs of a model placed on this backend (NULL in the CPU table, whose
      * models use host memory and run every call directly) */
     qf_status (*alloc)(void **out, size_t bytes);     /* *out = NULL on failure                  */

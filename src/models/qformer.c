@@ -468,11 +468,16 @@ static void release_forward(qf_qformer *m) {
         free(m->hmir);
         be->free(m->run_params);
         be->free(m->params_bf16);
+        be->free(m->bwd);
+        be->free(m->dgrads); /* grads holds its copy (downloaded by every backward) */
     } else {
         free(m->fwd);
         free(m->mir);
+        free(m->bwd);
     }
     m->fwd = NULL;
+    m->bwd = m->dgrads = NULL;
+    m->bwd_cap = 0;
     m->mir = m->hmir = NULL;
     m->params_bf16 = NULL;
     m->fwd_cap = m->mir_cap = 0;
@@ -582,6 +587,9 @@ qf_status qf_qformer_find_param(qf_qformer *m, const char *name, qf_param *out) 
 
 void qf_qformer_zero_grad(qf_qformer *m) {
     if (m && m->grads) memset(m->grads, 0, m->params_total * sizeof(float));
+    /* queued on the device's stream, ahead of the next backward (a failure there is reported
+     * by the next call that waits) */
+    if (m && m->dgrads) (void)m->be->zero(m->dgrads, m->params_total * sizeof(float));
 }
 
 void qf_qformer_set_frozen(qf_qformer *m, int frozen) {
@@ -614,11 +622,14 @@ float *qf_qformer_carve(float *base, size_t *off, size_t n) {
 }
 #define carve qf_qformer_carve
 
-static void carve_attn(attn_acts *t, float *base, size_t *off, size_t rows, size_t kv_rows, size_t H, size_t nh) {
-    t->qh = carve(base, off, rows * H);
-    t->kh = carve(base, off, kv_rows * H);
-    t->vh = carve(base, off, kv_rows * H);
-    t->oh = carve(base, off, rows * H);
+/* strided_self: a self-attention block that runs strided (qf_qformer_strided): qh holds its
+ * packed [rows, 3H] q|k|v projection (kept for backward), no heads */
+static void carve_attn(attn_acts *t, float *base, size_t *off, size_t rows, size_t kv_rows, size_t H, size_t nh,
+                       int strided_self) {
+    t->qh = carve(base, off, rows * H * (strided_self ? 3 : 1));
+    t->kh = strided_self ? NULL : carve(base, off, kv_rows * H);
+    t->vh = strided_self ? NULL : carve(base, off, kv_rows * H);
+    t->oh = strided_self ? NULL : carve(base, off, rows * H);
     t->lse = carve(base, off, rows * nh);
     t->merged = carve(base, off, rows * H);
     t->sum = carve(base, off, rows * H);
@@ -658,12 +669,12 @@ static size_t plan_forward(qf_qformer *m, float *base) {
     for (int64_t i = 0; i < m->cfg.num_hidden_layers; i++) {
         layer_acts *a = &m->acts[i];
         memset(a, 0, sizeof *a);
-        carve_attn(&a->self, base, &off, T, T, H, nh);
+        carve_attn(&a->self, base, &off, T, T, H, nh, m->be->sdpa_strided);
         if (m->Lt) {
             a->aq = carve(base, &off, Tq * H);
             a->at = carve(base, &off, Tt * H);
         }
-        if (m->layers[i].has_cross) carve_attn(&a->cross, base, &off, Tq, Tkv, H, nh);
+        if (m->layers[i].has_cross) carve_attn(&a->cross, base, &off, Tq, Tkv, H, nh, 0);
         carve_ffn(&a->fq, base, &off, Tq, H, I);
         if (m->Lt) {
             carve_ffn(&a->ft, base, &off, Tt, H, I);
@@ -739,7 +750,7 @@ static qf_status plan(qf_qformer *m, const char *fn) {
     return QF_OK;
 }
 
-/* The CPU forms of four data movements, for qformer_backward.c (which runs on the CPU only). */
+/* The CPU forms of four data movements (host memory only). */
 void qf_qformer_split_heads(float *heads, const float *tok, int64_t ld, int64_t B, int64_t nh, int64_t tot,
                             int64_t off, int64_t len, int64_t hd) {
     (void)qf_backend_cpu()->split_heads(heads, tok, ld, NULL, B, nh, tot, off, len, hd);
@@ -823,8 +834,9 @@ static qf_status attention_block_strided(qf_qformer *m, const qformer_attn *w, a
     const qf_backend *be = m->be;
     const int64_t B = m->B, H = m->cfg.hidden_size, hd = m->hd, T = B * Lx;
     const int64_t qld = cross ? H : 3 * H;
-    QF_TRY(linear(m, m->tmp, x, w->wq, w->bq, NULL, T, H, qld));
-    const float *k = cross ? kv : m->tmp + H, *v = cross ? kv + H : m->tmp + 2 * H;
+    float *proj = t->qh; /* this block's own buffer: backward reads the projection again */
+    QF_TRY(linear(m, proj, x, w->wq, w->bq, NULL, T, H, qld));
+    const float *k = cross ? kv : proj + H, *v = cross ? kv + H : proj + 2 * H;
     const int64_t kld = cross ? kv_ld : 3 * H;
     qf_sdpa_params sp = qf_qformer_sdpa_params(m, cross);
     sp.check_finite = 0;
@@ -835,7 +847,7 @@ static qf_status attention_block_strided(qf_qformer *m, const qformer_attn *w, a
         pr.q_sb = Lx * qld, pr.q_sh = hd, pr.q_si = qld;
         pr.k_sb = pr.v_sb = kv_len * kld, pr.k_sh = pr.v_sh = hd, pr.k_si = pr.v_si = kld;
         pr.o_sb = Lx * H, pr.o_sh = hd, pr.o_si = H;
-        s = be->sdpa_forward(&pr, m->tmp, k, v, t->merged, t->lse, NULL);
+        s = be->sdpa_forward(&pr, proj, k, v, t->merged, t->lse, NULL);
     }
     if (s != QF_OK) return qf_fail_prefix(s, "qf_qformer_forward (%s-attention)", cross ? "cross" : "self");
     QF_TRY(linear(m, t->sum, t->merged, w->wo, w->bo, x, T, H, H));
@@ -853,7 +865,7 @@ static qf_status attention_block(qf_qformer *m, const qformer_attn *w, attn_acts
     const qf_backend *be = m->be;
     const int64_t B = m->B, H = m->cfg.hidden_size, nh = m->cfg.num_attention_heads, hd = m->hd;
     const int64_t P = cross ? m->P : 0, tot = P + kv_len, T = B * Lx;
-    if (be->sdpa_strided && !P && !(cross && m->any_dead))
+    if (qf_qformer_strided(m, cross))
         return attention_block_strided(m, w, t, x, Lx, kv, kv_len, kv_ld, cross);
     if (!cross) {
         /* one GEMM with the packed [3H, H] weight: rows of tmp are [q | k | v] */

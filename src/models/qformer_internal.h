@@ -38,6 +38,10 @@ typedef struct {
 } qformer_layer;
 
 typedef struct {             /* activations of one attention block                            */
+    /* qh, kh, vh, oh: heads [B, nh, len, hd]; but where the block ran strided
+     * (qf_qformer_strided) qh holds the packed projection rows the SDPA read in place (self:
+     * [T, 3H] q|k|v, cross: [Tq, H] q; biases added), kh, vh, oh are unused (NULL for self) and
+     * the output is only in merged */
     float *qh, *kh, *vh, *oh, *lse, *merged, *sum, *mean, *rstd, *out;
 } attn_acts;
 
@@ -97,10 +101,22 @@ struct qf_qformer {
     int64_t B, Lq, Lt, S, P;
     int have_fwd, has_enc_mask, has_text_mask, any_dead;
 
-    /* backward planned block */
+    /* backward planned block (on m->be: device memory on the GPU, freed with the forward's) */
     float *bwd;
     size_t bwd_cap;
+    /* A GPU model's parameter gradients: a device block parallel to run_params, allocated at
+     * the first backward on the device (initialised from grads), accumulated there, and
+     * downloaded into grads at the end of every backward (so grads, which qf_qformer_param
+     * shows, always holds the host copy); zeroed with grads by qf_qformer_zero_grad. */
+    float *dgrads;
 };
+
+/* 1 when the attention block ran its strided form (qformer.c: heads read in place from the
+ * packed projection rows, no split/merge): on a backend with strided SDPA, except for
+ * cross-attention with a prefix or an all-padding item. */
+static inline int qf_qformer_strided(const qf_qformer *m, int cross) {
+    return m->be->sdpa_strided && !(cross && (m->P || m->any_dead));
+}
 
 /* The forward in steps, for a model that feeds the Q-Former from its own work on the same
  * backend (prefusion.c on the GPU): qf_qformer_stage checks a (whose float pointers are
@@ -116,7 +132,7 @@ void qf_qformer_key(const qf_qformer *m, int64_t key[6]);
 
 /* gradient view of a parameter view p (NULL when frozen) */
 static inline float *qformer_grad(const qf_qformer *m, const float *p) {
-    return m->frozen ? NULL : m->grads + (p - m->params);
+    return m->frozen ? NULL : (m->on_device ? m->dgrads : m->grads) + (p - m->run_params);
 }
 
 qf_status qf_qformer_grow(float **buf, size_t *cap, size_t floats, const char *what);

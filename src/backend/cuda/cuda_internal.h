@@ -41,6 +41,7 @@ enum {
     QF_CUDA_SCRATCH_DELTA,       /* sdpa backward: rowwise dO . O                           */
     QF_CUDA_SCRATCH_SCREEN,      /* NaN/Inf screen: the first bad index                     */
     QF_CUDA_SCRATCH_GEMM_X16,    /* gemm_nt with bf16 weights: x rounded to bf16 [M, K]     */
+    QF_CUDA_SCRATCH_DEAD_MEAN,   /* dead_rows_backward: per-row means (double) [B, nh, L]   */
     QF_CUDA_SCRATCH_SLOTS
 };
 /* While a graph is being captured on the stream, a slot that would have to grow is refused
@@ -76,6 +77,19 @@ qf_status qf_cuda_copy2d(void *dst, size_t dpitch, const void *src, size_t spitc
 qf_status qf_cuda_dead_rows_mean(float *out, const float *v, const uint8_t *dead, int64_t B, int64_t nh, int64_t L,
                                  int64_t S, int64_t hd);
 qf_status qf_cuda_screen_nonfinite(const float *x, int64_t n, int64_t *first);
+
+/* Backward ops (ops_backward.cu): the table entries of backend.h, arguments validated by the caller. */
+qf_status qf_cuda_linear_backward(float *d_in, float *d_weight, float *d_bias, const float *d_out, const float *in,
+                                  const float *weight, int64_t N, int64_t Cin, int64_t Cout);
+qf_status qf_cuda_layernorm_backward(float *d_in, float *d_weight, float *d_bias, const float *d_out, const float *in,
+                                     const float *weight, const float *mean, const float *rstd, int64_t N, int64_t C);
+qf_status qf_cuda_gelu_backward(float *d_in, const float *d_out, const float *in, int64_t n, qf_gelu_kind kind);
+qf_status qf_cuda_dead_rows_backward(float *dq, float *dk, float *dv, const float *q, const float *k, const float *v,
+                                     const float *dout, const uint8_t *dead, int64_t B, int64_t nh, int64_t L,
+                                     int64_t S, int64_t hd, float scale);
+qf_status qf_cuda_embedding_backward(float *d_table, float *d_pos, const float *d_out, const int32_t *ids,
+                                     int64_t skip_id, int64_t N, int64_t period, int64_t C);
+qf_status qf_cuda_zero(void *p, size_t bytes);
 
 /* SDPA kernels (sdpa.cu): pr validated by sdpa.c, every pointer device memory. */
 qf_status qf_cuda_sdpa_forward(const qf_sdpa_problem *pr, const float *q, const float *k,

@@ -354,6 +354,12 @@ static qf_backend make_cuda_backend() {
     b.dead_rows_mean = qf_cuda_dead_rows_mean;
     b.add_periodic = qf_cuda_add_periodic;
     b.screen_nonfinite = qf_cuda_screen_nonfinite;
+    b.linear_backward = qf_cuda_linear_backward;
+    b.layernorm_backward = qf_cuda_layernorm_backward;
+    b.gelu_backward = qf_cuda_gelu_backward;
+    b.dead_rows_backward = qf_cuda_dead_rows_backward;
+    b.embedding_backward = qf_cuda_embedding_backward;
+    b.zero = qf_cuda_zero;
     b.alloc = cuda_alloc;
     b.free = cuda_free;
     b.synchronize = cuda_synchronize;
@@ -378,7 +384,9 @@ extern "C" void *qf_cuda_backend_entry(int which, const char *op) {
 #define QF_FIELD(f) {#f, offsetof(qf_backend, f)}
         QF_FIELD(gemm_nt), QF_FIELD(layernorm_forward), QF_FIELD(gelu_forward), QF_FIELD(add),
         QF_FIELD(embedding_forward), QF_FIELD(split_heads), QF_FIELD(merge_heads), QF_FIELD(copy2d),
-        QF_FIELD(dead_rows_mean), QF_FIELD(add_periodic), QF_FIELD(screen_nonfinite), QF_FIELD(alloc), QF_FIELD(free),
+        QF_FIELD(dead_rows_mean), QF_FIELD(add_periodic), QF_FIELD(screen_nonfinite), QF_FIELD(linear_backward),
+        QF_FIELD(layernorm_backward), QF_FIELD(gelu_backward), QF_FIELD(dead_rows_backward),
+        QF_FIELD(embedding_backward), QF_FIELD(zero), QF_FIELD(alloc), QF_FIELD(free),
         QF_FIELD(synchronize), QF_FIELD(capture_begin), QF_FIELD(capture_end), QF_FIELD(graph_launch),
         QF_FIELD(graph_free),
 #undef QF_FIELD
