@@ -96,16 +96,20 @@ qf_status qf_qformer_forward(qf_qformer *m, const qf_qformer_args *a, const floa
  * (activations, LayerNorm, softmax stay float32). On the GPU qf_qformer_forward takes host or
  * GPU pointers for its float inputs and out (text ids and masks: host), runs on the backend's
  * stream and replays everything after its input copies as one CUDA graph, captured for the last
- * input shape (QFUSE_CUDA_GRAPHS=0: no graphs); it waits for the GPU once, at the end. Backward,
- * the attention maps and gradients need the CPU: QF_ERR_UNSUPPORTED on a GPU model. "cpu"
- * moves it back. Parameter edits through qf_qformer_param after placing are not uploaded. */
+ * input shape (QFUSE_CUDA_GRAPHS=0: no graphs); it waits for the GPU once, at the end. Backward
+ * runs on the GPU with QF_F32 weights (QF_BF16: QF_ERR_UNSUPPORTED); the attention maps need
+ * the CPU (QF_ERR_UNSUPPORTED on a GPU model). "cpu" moves it back. Parameter edits through qf_qformer_param after placing are not uploaded. */
 qf_status qf_qformer_to_device(qf_qformer *m, const char *device, qf_dtype weights);
 
 /* Backward of the last forward for loss = sum(out * grad_out), grad_out [B,Lq+Lt,hidden].
  * Input gradients are WRITTEN (each may be NULL to skip): grad_query_embeds [B,Lq,hidden],
  * grad_encoder [B,S,encoder_hidden_size], grad_prefix_k / grad_prefix_v [B,P,hidden] (summed
  * over the cross-attention layers). Parameter gradients are ACCUMULATED (+=) into the grads
- * that qf_qformer_param shows, unless the model is frozen. QF_ERR_ARG without a successful forward. */
+ * that qf_qformer_param shows, unless the model is frozen. QF_ERR_ARG without a successful forward.
+ * On a GPU model grad_out and the input gradients may be host or GPU pointers; the parameter
+ * gradients accumulate in a device copy (made at the first GPU backward from the host grads)
+ * that is downloaded whole into the host grads at the end of every call, which returns after the
+ * GPU has finished. */
 qf_status qf_qformer_backward(qf_qformer *m, const float *grad_out, float *grad_query_embeds,
                               float *grad_encoder, float *grad_prefix_k, float *grad_prefix_v);
 
