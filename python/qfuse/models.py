@@ -104,8 +104,9 @@ def load(folder, weights="f32", block=0, part=None, device="cpu", dtype="float32
     weights ("f32", "bf16", "int8", "q4"; block: the scale block) is the storage of the
     language model's linear layers.
     device="cuda" runs the Q-Former of a fusion model on the GPU (dtype "float32" or "bfloat16"
-    for its weights); the AffectGPT pre-fusion and the KV-prefix model run their whole forward
-    there, the other models' remaining parts stay on the CPU, and language models run on the CPU
+    for its weights); the AffectGPT pre-fusion, the KV-prefix model and BLIP-2 / InstructBLIP
+    (vision tower included) run their whole forward there, the other models' remaining parts stay
+    on the CPU, and language models run on the CPU
     only."""
     kind = model_kind(folder)
     if part not in (None, "fusion"):
@@ -173,7 +174,7 @@ class FusionModel:
                 raise QfuseError("FusionModel: a %s model has no Q-Former to place on %s" % (self.kind, device),
                                  "QF_ERR_UNSUPPORTED")
             try:
-                if self.kind in ("prefusion", "kv_prefix"):
+                if self.kind in ("prefusion", "kv_prefix", "blip2"):
                     self.impl.to(device, dtype)      # the whole model's forward, not only its Q-Former
                 else:
                     self._qf.to(device, dtype)
