@@ -2,7 +2,7 @@
 qformer.c) over a Hugging Face folder (config.json + model.safetensors, or a sharded checkpoint).
 
     from qfuse.blip2 import Blip2
-    m = Blip2.load("Salesforce-blip2-folder")
+    m = Blip2.load("Salesforce-blip2-folder")            # .to("cuda"[, "bfloat16"]): the fuse on the GPU
     vis = m.vision(pixel_values)                       # [B, 1 + patches, vision hidden]
     q = m.qformer(encoder_hidden_states=vis)           # model's query tokens -> [B, nq(+Lt), H]
     tok = m.fuse(pixel_values)                         # [B, num_query_tokens, text hidden]
@@ -68,6 +68,7 @@ _native.declare({
     "qf_qformer_forward": (c_int, [c_void_p, P(qf_qformer_args), c_void_p, c_void_p, c_void_p]),
     "qf_qformer_num_cross_layers": (c_int, [c_void_p]),
     "qf_qformer_cross_attention": (c_int, [c_void_p, c_int, c_int, c_void_p]),
+    "qf_blip2_to_device": (c_int, [c_void_p, c_char_p, c_int]),
 })
 
 GROUPS = {"vision": 1, "qformer": 2, "query_tokens": 4, "projection": 8}
@@ -131,6 +132,7 @@ class Blip2:
         self._fuse_state = None     # (B, text_len) of the last fuse, None once overwritten
         self._vision_state = None   # B of the last vision() call
         self._qformer_shape = None  # (B, Lq, S) of the last Q-Former forward (for maps)
+        self.device, self.dtype = "cpu", "float32"
 
     @classmethod
     def load(cls, folder):
@@ -138,6 +140,20 @@ class Blip2:
         h = c_void_p()
         check(lib.qf_blip2_load(os.fsencode(os.fspath(folder)), ctypes.byref(h)))
         return cls(h.value, os.fspath(folder))
+
+    def to(self, device="cpu", dtype="float32"):
+        """The whole fuse (vision tower, Q-Former, query tokens, language_projection) on device
+        "cpu" or "cuda" (dtype "bfloat16": bf16 GEMM weights, cuda only); vision() and qformer()
+        run there too. Backward, vision_backward and the attention maps need the CPU. Returns self."""
+        from .qformer import _DTYPES
+        if device not in ("cpu", "cuda") or dtype not in _DTYPES:
+            raise QfuseError('Blip2.to: device = %r, dtype = %r; expected "cpu"/"cuda" and '
+                             '"float32"/"bfloat16"' % (device, dtype), "QF_ERR_ARG")
+        h = self._handle("to")
+        self._fuse_state = self._vision_state = self._qformer_shape = None
+        check(lib.qf_blip2_to_device(h, device.encode(), _DTYPES[dtype]))
+        self.device, self.dtype = device, dtype
+        return self
 
     # ---- lifetime ----
     def close(self):

@@ -23,8 +23,12 @@
  *     unfrozen vision tower behind a frozen Q-Former).
  *   - fwd/bwd are grow-only planned blocks: a fuse with the shapes of an earlier one allocates
  *     nothing here (the parts keep their own planned blocks).
- *   - have_fwd is set only after a fuse fully succeeded; backward refuses without one. */
-#include "internal.h"
+ *   - have_fwd is set only after a fuse fully succeeded; backward refuses without one.
+ *   - On a device (qf_blip2_to_device) the parts are placed by their own *_to_device and the own
+ *     parameters are uploaded once (dparams, dbf16 for bf16 weights); the fuse then keeps every
+ *     intermediate in device memory (see "fuse on a device"); the CPU fuse is untouched by it. */
+#include "models_internal.h"
+#include "qformer_internal.h"
 #include <cjson/cJSON.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -50,6 +54,18 @@ struct qf_blip2 {
     size_t bwd_cap;
     int64_t B, Lt;
     int have_fwd;
+
+    /* placement: on a device, dparams (own parameters, own_off layout) and dbf16 (their bf16
+     * copy, or NULL) live there; dfwd is the planned device block; dq_B is the B whose
+     * broadcast query tokens dqexp holds (0: none). */
+    const qf_backend *be;
+    int on_device;
+    float *dparams;
+    uint16_t *dbf16;
+    float *dfwd;
+    size_t dfwd_cap;
+    float *dvis, *dqexp, *dqout, *dqrows, *dout;
+    int64_t dq_B;
 };
 
 /* ---- sharded checkpoints ---- */
@@ -62,8 +78,11 @@ static int wanted_tensor(const char *name) {
 
 /* ---- loading ---- */
 
+static void release_device(qf_blip2 *m);
+
 void qf_blip2_free(qf_blip2 *m) {
     if (!m) return;
+    release_device(m);
     qf_vision_free(m->vision);
     qf_qformer_free(m->qformer);
     if (m->names)
@@ -276,6 +295,139 @@ static qf_status grow(float **buf, size_t *cap, size_t floats, const char *what)
     return QF_OK;
 }
 
+/* ---- fuse on a device (qf_blip2_to_device) ----
+ * vision forward (its own graph) into dvis -> the Q-Former reads dvis and the broadcast query
+ * tokens dqexp (device pointers; it copies them into its planned block) and writes dqout ->
+ * the query rows (gathered when instruction text follows them) -> language_projection GEMM ->
+ * out. Each part waits for the GPU once at its end (its NaN verdict); the projection adds one
+ * more wait for the output. */
+
+static size_t plan_device(qf_blip2 *m, float *base, int64_t B, int64_t Lq) {
+    size_t off = 0;
+    m->dvis = carve(base, &off, (size_t)(B * m->N * m->Hv));
+    m->dqexp = carve(base, &off, (size_t)(B * m->nq * m->qh));
+    m->dqout = carve(base, &off, (size_t)(B * Lq * m->qh));
+    m->dqrows = carve(base, &off, (size_t)(B * m->nq * m->qh));
+    m->dout = carve(base, &off, (size_t)(B * m->nq * m->D));
+    return off;
+}
+
+static qf_status fuse_device(qf_blip2 *m, int64_t B, const float *pixel_values, int64_t text_len,
+                             const int32_t *text_ids, const uint8_t *text_mask, float *out) {
+    const char *fn = "qf_blip2_fuse";
+    const qf_backend *be = m->be;
+    const int64_t nq = m->nq, qh = m->qh, Lq = nq + text_len;
+    if (!qf_vision_on_device(m->vision) || !m->qformer->on_device)
+        return qf_fail(QF_ERR_ARG, "%s: the %s was moved to the CPU alone after qf_blip2_to_device; place the whole "
+                                   "model with qf_blip2_to_device", fn,
+                       qf_vision_on_device(m->vision) ? "Q-Former" : "vision tower");
+    const size_t need = plan_device(m, NULL, B, Lq);
+    if (need > m->dfwd_cap) {
+        be->free(m->dfwd);
+        m->dfwd = NULL;
+        m->dfwd_cap = 0;
+        m->dq_B = 0;
+        QF_TRY(be->alloc((void **)&m->dfwd, need * sizeof(float)));
+        m->dfwd_cap = need;
+    }
+    plan_device(m, m->dfwd, B, Lq);
+    if (m->dq_B != B) { /* carving moves dqexp with B: broadcast again */
+        QF_TRY(be->add_periodic(m->dqexp, NULL, m->dparams + m->own_off[OWN_QUERY], B * nq, nq, qh));
+        m->dq_B = B;
+    }
+    qf_status s = qf_vision_forward(m->vision, B, pixel_values, m->dvis);
+    if (s != QF_OK) return qf_fail_prefix(s, "%s (vision_model)", fn);
+    qf_qformer_args a;
+    memset(&a, 0, sizeof a);
+    a.B = B;
+    a.num_queries = nq;
+    a.encoder_len = m->N;
+    a.text_len = text_len;
+    a.text_ids = text_len ? text_ids : NULL;
+    a.text_attention_mask = text_len ? text_mask : NULL;
+    s = qf_qformer_forward(m->qformer, &a, m->dqexp, m->dvis, m->dqout);
+    if (s != QF_OK) return qf_fail_prefix(s, "%s (qformer)", fn);
+    const float *rows = m->dqout;
+    if (text_len) {
+        const size_t w = (size_t)(nq * qh) * sizeof(float);
+        QF_TRY(be->copy2d(m->dqrows, w, m->dqout, (size_t)(Lq * qh) * sizeof(float), w, (size_t)B));
+        rows = m->dqrows;
+    }
+    qf_gemm_nt_args g = {.x = rows, .ldx = qh, .w = m->dparams + m->own_off[OWN_PROJ_W],
+                         .bias = m->dparams + m->own_off[OWN_PROJ_B], .out = m->dout, .ldo = m->D,
+                         .M = B * nq, .N = m->D, .K = qh};
+    if (m->dbf16) g.w_bf16 = m->dbf16 + m->own_off[OWN_PROJ_W];
+    s = be->gemm_nt(&g);
+    if (s != QF_OK) return qf_fail_prefix(s, "%s (language_projection)", fn);
+    const size_t n = (size_t)(B * nq * m->D) * sizeof(float);
+    QF_TRY(be->copy2d(out, n, m->dout, n, n, 1));
+    QF_TRY(be->synchronize());
+    m->B = B;
+    m->Lt = text_len;
+    return QF_OK;
+}
+
+static void release_device(qf_blip2 *m) {
+    if (m->on_device) {
+        m->be->free(m->dfwd);
+        m->be->free(m->dparams);
+        m->be->free(m->dbf16);
+    }
+    m->dfwd = m->dparams = NULL;
+    m->dbf16 = NULL;
+    m->dfwd_cap = 0;
+    m->dq_B = 0;
+    m->on_device = 0;
+    m->have_fwd = 0;
+    m->be = NULL;
+}
+
+qf_status qf_blip2_to_device(qf_blip2 *m, const char *device, qf_dtype weights) {
+    const char *fn = "qf_blip2_to_device";
+    if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
+    /* the vision tower first: it checks device and weights and starts the GPU */
+    qf_status s = qf_vision_to_device(m->vision, device, weights);
+    if (s != QF_OK) return qf_fail_prefix(s, "%s (vision_model)", fn);
+    s = qf_qformer_to_device(m->qformer, device, weights);
+    if (s != QF_OK) {
+        (void)qf_vision_to_device(m->vision, "cpu", QF_F32);
+        return qf_fail_prefix(s, "%s (qformer)", fn);
+    }
+    release_device(m);
+    if (strcmp(device, "cuda")) return QF_OK;
+#ifdef QF_HAVE_CUDA
+    const qf_backend *be = qf_backend_cuda();
+    const size_t n = m->own_n;
+    float *dp = NULL;
+    uint16_t *db = NULL;
+    s = be->alloc((void **)&dp, n * sizeof(float));
+    if (s == QF_OK) s = be->copy2d(dp, n * sizeof(float), m->params, n * sizeof(float), n * sizeof(float), 1);
+    if (s == QF_OK && weights == QF_BF16) {
+        uint16_t *hb = malloc(n * sizeof(uint16_t));
+        if (!hb) s = qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes for the bf16 weights", fn, n * 2);
+        if (s == QF_OK) s = qf_from_f32(QF_BF16, m->params, hb, n);
+        if (s == QF_OK) s = be->alloc((void **)&db, n * sizeof(uint16_t));
+        if (s == QF_OK) s = be->copy2d(db, n * 2, hb, n * 2, n * 2, 1);
+        if (s == QF_OK) s = be->synchronize();
+        free(hb);
+    }
+    if (s != QF_OK) {
+        be->free(dp);
+        be->free(db);
+        (void)qf_vision_to_device(m->vision, "cpu", QF_F32);
+        (void)qf_qformer_to_device(m->qformer, "cpu", QF_F32);
+        return qf_fail_prefix(s, "%s (uploading %zu parameters)", fn, n);
+    }
+    m->be = be;
+    m->on_device = 1;
+    m->dparams = dp;
+    m->dbf16 = db;
+    return QF_OK;
+#else
+    return qf_fail(QF_ERR_INTERNAL, "%s: the parts were placed on \"%s\" without a CUDA backend", fn, device);
+#endif
+}
+
 qf_status qf_blip2_fuse(qf_blip2 *m, int64_t B, const float *pixel_values, int64_t text_len,
                         const int32_t *text_ids, const uint8_t *text_mask, float *out) {
     const char *fn = "qf_blip2_fuse";
@@ -291,6 +443,7 @@ qf_status qf_blip2_fuse(qf_blip2 *m, int64_t B, const float *pixel_values, int64
     if (text_len > 0 && !text_ids)
         return qf_fail(QF_ERR_ARG, "%s: text_ids is NULL but text_len = %lld", fn, (long long)text_len);
     m->have_fwd = 0;
+    if (m->on_device) return fuse_device(m, B, pixel_values, text_len, text_ids, text_mask, out);
     const int64_t nq = m->nq, qh = m->qh, Lq = nq + text_len;
     float *base = NULL;
     for (int pass = 0; pass < 2; pass++) {
@@ -332,6 +485,9 @@ qf_status qf_blip2_backward(qf_blip2 *m, const float *grad_out, float *grad_pixe
     const char *fn = "qf_blip2_backward";
     if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
     if (!grad_out) return qf_fail(QF_ERR_ARG, "%s: grad_out is NULL", fn);
+    if (m->on_device)
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: backward runs on the CPU only: this model runs on %s "
+                                           "(qf_blip2_to_device(m, \"cpu\", QF_F32) first)", fn, m->be->name);
     if (!m->have_fwd) return qf_fail(QF_ERR_ARG, "%s: no successful qf_blip2_fuse on this model to differentiate", fn);
     const int64_t B = m->B, nq = m->nq, qh = m->qh, Lq = nq + m->Lt;
     const int proj_g = !(m->frozen & QF_GROUP_PROJECTION);

@@ -11,6 +11,9 @@
  * once. fn names the caller in messages. */
 qf_status qf_model_prefixed_qformer_names(qf_qformer *qf, const char *prefix, const char *fn, char ***names);
 
+/* 1 when the vision tower runs on a device (qf_vision_to_device), for blip2.c (vision.c). */
+int qf_vision_on_device(const qf_vision *m);
+
 /* ---- one captured graph per input shape (graph.c) ----
  * A model placed on a backend with graphs (the GPU) runs the part of its forward that only
  * queues backend calls through qf_model_graph_run: the body runs eagerly and is captured the

@@ -747,6 +747,8 @@ qf_status qf_vision_to_device(qf_vision *m, const char *device, qf_dtype weights
 #endif
 }
 
+int qf_vision_on_device(const qf_vision *m) { return m && m->on_device; }
+
 /* ---- forward ---- */
 
 qf_status qf_vision_forward(qf_vision *m, int64_t B, const float *pixel_values, float *out) {
