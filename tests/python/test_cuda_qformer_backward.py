@@ -10,7 +10,10 @@ Random cases: InstructBLIP text with padded text, KV prefix, both, all-padding e
 (autograd's uniform-softmax gradient), no masks. Also: a frozen model (input gradients only,
 the same as unfrozen), two backward calls accumulate like the CPU (qf_qformer_zero_grad resets
 the device copy too), GPU-resident grad_out and input gradients, bf16 weights refused, the model
-moved back to the CPU. Skips with the library's reason where no CUDA backend / GPU is usable."""
+moved back to the CPU. Skips with the library's reason where no CUDA backend / GPU is usable.
+
+Device run 1 (H100, at ca74509, with test_cuda_qformer.py): 34 passed; fixture parameter
+gradients 3.0e-7 (qformer_0) / 1.7e-7 (qformer_1) of max|ref|, input gradients 2.5-3.0e-7."""
 import ctypes
 import os
 
