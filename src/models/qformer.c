@@ -469,7 +469,8 @@ static void release_forward(qf_qformer *m) {
         be->free(m->run_params);
         be->free(m->params_bf16);
         be->free(m->bwd);
-        be->free(m->dgrads); /* grads holds its copy (downloaded by every backward) */
+        (void)qf_qformer_sync_grads(m); /* grads keeps the newest gradients */
+        be->free(m->dgrads);
     } else {
         free(m->fwd);
         free(m->mir);
@@ -477,6 +478,7 @@ static void release_forward(qf_qformer *m) {
     }
     m->fwd = NULL;
     m->bwd = m->dgrads = NULL;
+    m->grads_on_device = 0;
     m->bwd_cap = 0;
     m->mir = m->hmir = NULL;
     m->params_bf16 = NULL;
@@ -561,12 +563,22 @@ static void fill_param(qf_qformer *m, int i, qf_param *out) {
     out->shape[2] = out->shape[3] = 0;
 }
 
+qf_status qf_qformer_sync_grads(qf_qformer *m) {
+    if (!m->grads_on_device || !m->dgrads) return QF_OK;
+    const size_t bytes = m->params_total * sizeof(float);
+    QF_TRY(m->be->copy2d(m->grads, bytes, m->dgrads, bytes, bytes, 1));
+    QF_TRY(m->be->synchronize());
+    m->grads_on_device = 0;
+    return QF_OK;
+}
+
 qf_status qf_qformer_param(qf_qformer *m, int i, qf_param *out) {
     if (!m) return qf_fail(QF_ERR_ARG, "qf_qformer_param: m is NULL");
     if (!out) return qf_fail(QF_ERR_ARG, "qf_qformer_param: out is NULL");
     if (i < 0 || i >= m->np)
         return qf_fail(QF_ERR_ARG, "qf_qformer_param: index %d is out of range (the model has %d parameters)", i,
                        m->np);
+    QF_TRY(qf_qformer_sync_grads(m));
     fill_param(m, i, out);
     return QF_OK;
 }
@@ -577,6 +589,7 @@ qf_status qf_qformer_find_param(qf_qformer *m, const char *name, qf_param *out) 
     if (!out) return qf_fail(QF_ERR_ARG, "qf_qformer_find_param: out is NULL");
     for (int i = 0; i < m->np; i++)
         if (!strcmp(m->ptab[i].name, name) || (m->ptab[i].file_name && !strcmp(m->ptab[i].file_name, name))) {
+            QF_TRY(qf_qformer_sync_grads(m));
             fill_param(m, i, out);
             return QF_OK;
         }
@@ -586,10 +599,16 @@ qf_status qf_qformer_find_param(qf_qformer *m, const char *name, qf_param *out) 
 }
 
 void qf_qformer_zero_grad(qf_qformer *m) {
-    if (m && m->grads) memset(m->grads, 0, m->params_total * sizeof(float));
-    /* queued on the device's stream, ahead of the next backward (a failure there is reported
-     * by the next call that waits) */
-    if (m && m->dgrads) (void)m->be->zero(m->dgrads, m->params_total * sizeof(float));
+    if (!m) return;
+    if (m->dgrads) {
+        /* queued on the device's stream, ahead of the next backward (a failure there is reported
+         * by the next call that waits); the host copy is refreshed when next shown */
+        if (m->be->zero(m->dgrads, m->params_total * sizeof(float)) == QF_OK) {
+            m->grads_on_device = 1;
+            return;
+        }
+    }
+    if (m->grads) memset(m->grads, 0, m->params_total * sizeof(float));
 }
 
 void qf_qformer_set_frozen(qf_qformer *m, int frozen) {

@@ -21,8 +21,8 @@
  *   - An all-padding item (forward: uniform weights, see qformer.c) gets autograd's gradient of
  *     the uniform softmax (be->dead_rows_backward) in place of SDPA's zeros for fully masked rows.
  *   - word_embeddings' padding row (pad_token_id) gets no gradient, as nn.Embedding(padding_idx).
- *   - GPU model: parameter gradients accumulate in m->dgrads (device) and are downloaded into
- *     m->grads at the end; grad_out and the input gradients may be host or device pointers
+ *   - GPU model: parameter gradients accumulate in m->dgrads (device), downloaded into m->grads
+ *     only when a caller looks at them (qf_qformer_sync_grads); grad_out and the input gradients may be host or device pointers
  *     (staged in bwd, copied with be->copy2d); the call returns after the GPU has finished.
  *     bf16 weights are refused (the backward products are float32 only). */
 #include "qformer_internal.h"
@@ -269,6 +269,7 @@ qf_status qf_qformer_backward(qf_qformer *m, const float *grad_out, float *grad_
     QF_TRY(grow_bwd(m, need, fn));
     plan_backward(m, m->bwd, &w);
     if (m->on_device && !m->frozen && !m->dgrads) { /* the device gradients start from the host's */
+        m->grads_on_device = 0;
         const size_t bytes = m->params_total * sizeof(float);
         QF_TRY(be->alloc((void **)&m->dgrads, bytes));
         qf_status s = be->copy2d(m->dgrads, bytes, m->grads, bytes, bytes, 1);
@@ -291,7 +292,7 @@ qf_status qf_qformer_backward(qf_qformer *m, const float *grad_out, float *grad_
         if (s == QF_OK && grad_encoder) s = copy_floats(m, grad_encoder, genc, B * SE);
         if (s == QF_OK && gpk) s = copy_floats(m, grad_prefix_k, gpk, B * P * H);
         if (s == QF_OK && gpv) s = copy_floats(m, grad_prefix_v, gpv, B * P * H);
-        if (s == QF_OK && !m->frozen) s = copy_floats(m, m->grads, m->dgrads, (int64_t)m->params_total);
+        if (s == QF_OK && !m->frozen) m->grads_on_device = 1; /* downloaded when shown (qf_qformer_sync_grads) */
         qf_status s2 = be->synchronize(); /* wait even after a failure: nothing may still run on bwd */
         if (s == QF_OK) s = s2;
     }

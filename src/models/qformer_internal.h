@@ -105,10 +105,13 @@ struct qf_qformer {
     float *bwd;
     size_t bwd_cap;
     /* A GPU model's parameter gradients: a device block parallel to run_params, allocated at
-     * the first backward on the device (initialised from grads), accumulated there, and
-     * downloaded into grads at the end of every backward (so grads, which qf_qformer_param
-     * shows, always holds the host copy); zeroed with grads by qf_qformer_zero_grad. */
+     * the first backward on the device (initialised from grads) and accumulated there.
+     * grads_on_device = 1: dgrads is newer than grads (after a GPU backward or zero_grad);
+     * qf_qformer_param / qf_qformer_find_param (what shows grads to callers) and moving the
+     * model back to the CPU download it first (qf_qformer_sync_grads), so a training loop that
+     * accumulates several backwards or zeroes between them copies nothing per step. */
     float *dgrads;
+    int grads_on_device;
 };
 
 /* 1 when the attention block ran its strided form (qformer.c: heads read in place from the
@@ -129,6 +132,9 @@ qf_status qf_qformer_stage(qf_qformer *m, const qf_qformer_args *a, const char *
 qf_status qf_qformer_run(qf_qformer *m);
 const float *qf_qformer_result(const qf_qformer *m);
 void qf_qformer_key(const qf_qformer *m, int64_t key[6]);
+
+/* grads = dgrads when the device copy is newer (one download); QF_OK otherwise. */
+qf_status qf_qformer_sync_grads(qf_qformer *m);
 
 /* gradient view of a parameter view p (NULL when frozen) */
 static inline float *qformer_grad(const qf_qformer *m, const float *p) {
