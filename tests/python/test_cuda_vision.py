@@ -20,7 +20,11 @@ different B and back, the eager path (QFUSE_CUDA_GRAPHS=0), output to GPU memory
 named pixel_values[b,c,y,x] as on the CPU (inside the patches: the device screen; outside
 them: the host check), backward refused on a GPU model, .to("cpu") giving the CPU results and
 backward again. GPU tests skip with the library's reason without a usable CUDA backend;
-test_device_argument_* run everywhere."""
+test_device_argument_* run everywhere.
+
+Measured (H100, 2026-11-23, 34 passed with test_cuda_qformer.py): blip2_opt_0 f32 vision 3.7e-7,
+Q-Former 3.2e-7, fuse 2.9e-7; bf16 2.6e-3 / 1.2e-3 / 4.4e-3. instructblip_llama_0 f32 5.2e-7 /
+2.7e-7 / 2.2e-7; bf16 2.8e-3 / 7.6e-4 / 2.3e-3."""
 import ctypes
 import json
 import os
