@@ -57,6 +57,52 @@ def timeit(fn, reps, warmup):
     return (time.perf_counter() - t0) / reps * 1e3
 
 
+def backward_section(ref, qm, folder):
+    """Forward + backward at B=8, float32: qfuse's GPU Q-Former (qf_qformer_forward then
+    qf_qformer_backward with every parameter gradient accumulated on the device, zeroed each
+    step) against torch autograd of the same transformers model (parameters and inputs require
+    grad, grads set to None each step). Input gradients are asked for on both sides."""
+    B = 8
+    g = torch.Generator(device="cuda").manual_seed(7)
+    q = torch.randn(B, NQ, H, device="cuda", generator=g)
+    enc = torch.randn(B, S, E, device="cuda", generator=g)
+    gout = torch.randn(B, NQ, H, device="cuda", generator=g)
+    for p in ref.parameters():
+        p.requires_grad_(True)
+    ref.train(False)
+    qg, eg = q.clone().requires_grad_(True), enc.clone().requires_grad_(True)
+
+    def peer():
+        for p in ref.parameters():
+            p.grad = None
+        qg.grad = eg.grad = None
+        out = ref(query_embeds=qg, encoder_hidden_states=eg).last_hidden_state
+        out.backward(gout)
+        torch.cuda.synchronize()
+    t_peer = timeit(peer, 10, 2)
+    out = torch.empty(B, NQ, H, device="cuda")
+    dq, denc = torch.empty_like(q), torch.empty_like(enc)
+    a = qf_qformer_args(B=B, num_queries=NQ, encoder_len=S)
+    ck = qfuse._native.check
+    P = ctypes.c_void_p
+
+    def ours():
+        lib.qf_qformer_zero_grad(qm._h)
+        ck(lib.qf_qformer_forward(qm._h, ctypes.byref(a), P(q.data_ptr()), P(enc.data_ptr()), P(out.data_ptr())))
+        ck(lib.qf_qformer_backward(qm._h, P(gout.data_ptr()), P(dq.data_ptr()), P(denc.data_ptr()), None, None))
+    t_ours = timeit(ours, 10, 2)
+    peer()
+    err_q = float((dq - qg.grad).abs().max() / qg.grad.abs().max())
+    err_e = float((denc - eg.grad).abs().max() / eg.grad.abs().max())
+    out_lines = ["", "# forward + backward, B=8, float32 (every parameter gradient; input gradients compared)",
+                 "%-6s %-5s %10s %10s %9s %12s" % ("dtype", "B", "torch ms", "qfuse ms", "x torch", "err dq/denc"),
+                 "%-6s %-5d %10.3f %10.3f %9.2f %5.1e/%5.1e" % ("f32", B, t_peer, t_ours, t_peer / t_ours, err_q, err_e)]
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    print("\n".join(out_lines), flush=True)
+    return out_lines
+
+
 def prefusion_section(args):
     """AffectGPT pre-fusion (8 audio + 32 face frames of 1024, 16 queries, 2 layers of 768, 4096
     out) at B=1 and 32: qfuse's whole pre-fusion on the GPU (qf_prefusion_to_device) against the
@@ -215,6 +261,7 @@ def main():
                 t_comp / t_ours, tf, err, "off" if os.environ.get("QFUSE_CUDA_GRAPHS") == "0" else "on")
             lines.append(line)
             print(line, flush=True)
+    lines += backward_section(ref, ours["float32"], folder)
     lines += prefusion_section(args)
     if args.out:
         with open(args.out, "w") as f:
