@@ -33,7 +33,7 @@ static const char *usage_text =
     "  run MODEL --image X [--prompt TEXT]\n"
     "                            BLIP-2 / InstructBLIP: describe an image, streaming the answer\n"
     "                            (`qfuse run --help` for sampling, stop strings, weights, and\n"
-    "                            --device cuda: the Q-Former on the GPU, the LLM on the CPU)\n"
+    "                            --device cuda: image -> tokens on the GPU, the LLM on the CPU)\n"
     "  help                      this text\n"
     "\n"
     "environment:\n"
@@ -271,10 +271,10 @@ static const char *fuse_help =
     "\n"
     "device (a libqfuse built with make CUDA=1 and a GPU; otherwise --device cuda fails with the reason):\n"
     "  --device cpu|cuda     where the fusion model runs (default cpu). cuda runs the whole forward of\n"
+    "                        BLIP-2 / InstructBLIP (vision tower, Q-Former, language_projection),\n"
     "                        affectgpt_prefusion and blip2_kv_prefix (and --project) on the GPU, and the\n"
-    "                        Q-Former of the others (a bare Q-Former; BLIP-2 / InstructBLIP, whose vision\n"
-    "                        tower and language_projection stay on the CPU; the video/audio Q-Formers,\n"
-    "                        whose frame projections stay on the CPU); affectgpt_attention_fusion has no\n"
+    "                        Q-Former of the others (a bare Q-Former; the video/audio Q-Formers, whose\n"
+    "                        frame projections stay on the CPU); affectgpt_attention_fusion has no\n"
     "                        Q-Former and runs on the CPU only. Not with --attn-png (the attention maps\n"
     "                        are computed on the CPU). The first forward of a shape also captures it as\n"
     "                        a CUDA graph, so its time includes the capture.\n"
@@ -444,6 +444,7 @@ static int fuse_place(const fuse_opts *o, const char *what, qf_status (*place)(v
 static qf_status place_qformer(void *m, const char *d, qf_dtype w) { return qf_qformer_to_device(m, d, w); }
 static qf_status place_prefusion(void *m, const char *d, qf_dtype w) { return qf_prefusion_to_device(m, d, w); }
 static qf_status place_kvprefix(void *m, const char *d, qf_dtype w) { return qf_kvprefix_to_device(m, d, w); }
+static qf_status place_blip2(void *m, const char *d, qf_dtype w) { return qf_blip2_to_device(m, d, w); }
 
 /* blip_2_qformer / instructblip_qformer */
 static int fuse_qformer(const fuse_opts *o, const char *type) {
@@ -534,7 +535,8 @@ static int fuse_blip2(const fuse_opts *o, const char *type) {
     qf_qformer_config c;
     qf_vision_get_config(qf_blip2_vision(model), &vc);
     qf_qformer_get_config(qf, &c);
-    if ((rc = fuse_place(o, "the Q-Former (vision tower and language_projection on the CPU)", place_qformer, qf)))
+    if ((rc = fuse_place(o, "the whole BLIP-2 fuse (vision tower, Q-Former, language_projection)", place_blip2,
+                         model)))
         goto done;
     int64_t nq = qf_blip2_num_query_tokens(model), D = qf_blip2_projection_dim(model), B = 1, Lt = 0;
     int64_t S = qf_vision_num_tokens(qf_blip2_vision(model)), d4[4];

@@ -54,12 +54,12 @@ static const char *run_help =
     "  --adapter DIR           apply a PEFT LoRA adapter (adapter_config.json +\n"
     "                          adapter_model.safetensors) to the language model, on the fly\n"
     "  --threads N             worker threads\n"
-    "  --device cpu|cuda       where the BLIP-2 / InstructBLIP Q-Former runs (default cpu). cuda needs a\n"
-    "                          libqfuse built with make CUDA=1 and a GPU (otherwise it fails with the\n"
-    "                          reason); the vision tower, language_projection and the language model\n"
-    "                          stay on the CPU (the LLM runs on the CPU only, so an LLM folder without\n"
-    "                          --image takes --device cpu only)\n"
-    "  --dtype float32|bfloat16  the GPU Q-Former's weights (--device cuda only; default float32):\n"
+    "  --device cpu|cuda       where image -> tokens runs (default cpu): cuda puts the BLIP-2 /\n"
+    "                          InstructBLIP vision tower, Q-Former and language_projection on the GPU.\n"
+    "                          It needs a libqfuse built with make CUDA=1 and a GPU (otherwise it fails\n"
+    "                          with the reason); the language model stays on the CPU (it runs on the\n"
+    "                          CPU only, so an LLM folder without --image takes --device cpu only)\n"
+    "  --dtype float32|bfloat16  the GPU weights (--device cuda only; default float32):\n"
     "                          bfloat16 GEMM weights, float32 accumulation and activations\n"
     "  --quiet                 no timings on stderr\n"
     "  --print-ids             print the token ids on stderr (qformer_input_ids, input_ids,\n"
@@ -389,14 +389,13 @@ int cmd_run(int argc, char **argv) {
     if ((rc = apply_adapter(qf_vlm_llm(m), &o))) goto done;
     rc = 1;
     if (!strcmp(o.device, "cuda")) {
-        if (qf_qformer_to_device(qf_blip2_qformer(qf_vlm_blip2(m)), "cuda",
-                                 strcmp(o.dtype, "bfloat16") ? QF_F32 : QF_BF16) != QF_OK) {
+        if (qf_blip2_to_device(qf_vlm_blip2(m), "cuda", strcmp(o.dtype, "bfloat16") ? QF_F32 : QF_BF16) != QF_OK) {
             rc = run_fail("--device cuda");
             goto done;
         }
         if (!o.quiet)
-            fprintf(stderr, "[qfuse run] the Q-Former runs on the GPU (cuda, %s weights); the vision tower and the "
-                            "language model on the CPU\n", o.dtype);
+            fprintf(stderr, "[qfuse run] the vision tower, Q-Former and language_projection run on the GPU (cuda, %s "
+                            "weights); the language model on the CPU\n", o.dtype);
     }
     qf_vlm_info info;
     qf_vlm_get_info(m, &info);

@@ -9,7 +9,7 @@ library's own reason (qfuse.cuda.unavailable_reason()) before any model is loade
 With a GPU: `qfuse fuse --device cuda` writes the same tokens as `--device cpu` (max|gpu-cpu| /
 max|cpu| < 1e-4 in float32, < 3e-2 with bfloat16 weights) for a KV-prefix model with
 --project, an AffectGPT pre-fusion, a bare Q-Former fixture and the BLIP-2 fixture (--pixels:
-the Q-Former on the GPU between the CPU's vision tower and projection); the CPU outputs are
+vision tower, Q-Former and projection all on the GPU); the CPU outputs are
 themselves checked against the float64 references in test_cli_fuse.py / test_kvprefix.py /
 test_prefusion.py, and here the KV-prefix and pre-fusion ones again against ref_fusion. `qfuse
 run --device cuda` on the InstructBLIP fixture generates the CPU's ids (greedy).
