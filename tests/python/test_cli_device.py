@@ -188,7 +188,7 @@ def test_run_instructblip_gpu_qformer(tmp_path):
     assert rc == 0, err_cpu
     rc, out_gpu, err_gpu = run("run", *base, "--device", "cuda")
     assert rc == 0, err_gpu
-    assert "Q-Former runs on the GPU" in err_gpu
+    assert "Q-Former and language_projection run on the GPU" in err_gpu
 
     def ids(err):
         return re.search(r"^generated_ids:(.*)$", err, re.M).group(1).split()
