@@ -15,11 +15,14 @@
  * THE REST OF THE API, BY HEADER (each opens with its own example)
  *
  *   qfuse_ops.h     linear, layer norm, GELU, softmax, dropout, embedding, residual: fwd + bwd;
- *                   the CUDA device-buffer calls (qf_cuda_*) when built with make CUDA=1
+ *                   the CUDA device-buffer calls (qf_cuda_*) and bf16 attention when built with
+ *                   make CUDA=1 (the ops above run on the GPU when their tensors live there)
  *   qfuse_models.h  Q-Former, BLIP-2 vision tower, BLIP-2 / InstructBLIP (qf_blip2_*, and qf_vlm_*:
  *                   image + prompt -> logits / generation), AffectGPT pre-fusion, KV-prefix,
- *                   attention heatmaps
- *   qfuse_text.h    tokenizer.json byte-level BPE; streaming detokenizer with stop strings
+ *                   attention heatmaps; qf_*_to_device(m, "cuda", QF_F32 | QF_BF16) moves a
+ *                   model's forward to the GPU (one CUDA graph per input shape)
+ *   qfuse_text.h    tokenizer.json byte-level BPE and BERT WordPiece; streaming detokenizer with
+ *                   stop strings
  *   qfuse_llm.h     decoder LLMs (LLaMA, Qwen2, OPT): KV cache, sampling, generation, LoRA,
  *                   bf16 / int8 / 4-bit weights
  *   qfuse_train.h   AdamW (torch.optim.AdamW semantics) over any model's qf_param list, with
@@ -47,7 +50,8 @@
  *   - SIMD: the best of AVX-512 / AVX2 / scalar is picked at run time; QFUSE_ISA=scalar|avx2|avx512
  *     or qf_set_isa() forces one (tests use this to check every path).
  *
- * WHAT IT DOES NOT DO (yet): reduced-precision attention; on the GPU, anything but attention.
+ * WHAT IT DOES NOT DO (yet): reduced-precision attention on the CPU; on the GPU, the LLM, MHA and
+ * the backward of anything but attention and the Q-Former.
  */
 #ifndef QFUSE_H
 #define QFUSE_H
