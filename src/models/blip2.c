@@ -353,11 +353,9 @@ static qf_status fuse_device(qf_blip2 *m, int64_t B, const float *pixel_values, 
         QF_TRY(be->copy2d(m->dqrows, w, m->dqout, (size_t)(Lq * qh) * sizeof(float), w, (size_t)B));
         rows = m->dqrows;
     }
-    qf_gemm_nt_args g = {.x = rows, .ldx = qh, .w = m->dparams + m->own_off[OWN_PROJ_W],
-                         .bias = m->dparams + m->own_off[OWN_PROJ_B], .out = m->dout, .ldo = m->D,
-                         .M = B * nq, .N = m->D, .K = qh};
-    if (m->dbf16) g.w_bf16 = m->dbf16 + m->own_off[OWN_PROJ_W];
-    s = be->gemm_nt(&g);
+    s = qf_model_linear(be, m->dout, rows, m->dparams + m->own_off[OWN_PROJ_W],
+                        m->dbf16 ? m->dbf16 + m->own_off[OWN_PROJ_W] : NULL, m->dparams + m->own_off[OWN_PROJ_B], NULL,
+                        B * nq, qh, m->D);
     if (s != QF_OK) return qf_fail_prefix(s, "%s (language_projection)", fn);
     const size_t n = (size_t)(B * nq * m->D) * sizeof(float);
     QF_TRY(be->copy2d(out, n, m->dout, n, n, 1));
@@ -395,37 +393,20 @@ qf_status qf_blip2_to_device(qf_blip2 *m, const char *device, qf_dtype weights) 
     }
     release_device(m);
     if (strcmp(device, "cuda")) return QF_OK;
-#ifdef QF_HAVE_CUDA
-    const qf_backend *be = qf_backend_cuda();
-    const size_t n = m->own_n;
-    float *dp = NULL;
-    uint16_t *db = NULL;
-    s = be->alloc((void **)&dp, n * sizeof(float));
-    if (s == QF_OK) s = be->copy2d(dp, n * sizeof(float), m->params, n * sizeof(float), n * sizeof(float), 1);
-    if (s == QF_OK && weights == QF_BF16) {
-        uint16_t *hb = malloc(n * sizeof(uint16_t));
-        if (!hb) s = qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes for the bf16 weights", fn, n * 2);
-        if (s == QF_OK) s = qf_from_f32(QF_BF16, m->params, hb, n);
-        if (s == QF_OK) s = be->alloc((void **)&db, n * sizeof(uint16_t));
-        if (s == QF_OK) s = be->copy2d(db, n * 2, hb, n * 2, n * 2, 1);
-        if (s == QF_OK) s = be->synchronize();
-        free(hb);
-    }
+    const qf_backend *be = qf_model_cuda_backend();
+    float *dp;
+    uint16_t *db;
+    s = qf_model_upload_params(be, m->params, m->own_n, 0, weights, &dp, &db, fn);
     if (s != QF_OK) {
-        be->free(dp);
-        be->free(db);
         (void)qf_vision_to_device(m->vision, "cpu", QF_F32);
         (void)qf_qformer_to_device(m->qformer, "cpu", QF_F32);
-        return qf_fail_prefix(s, "%s (uploading %zu parameters)", fn, n);
+        return s;
     }
     m->be = be;
     m->on_device = 1;
     m->dparams = dp;
     m->dbf16 = db;
     return QF_OK;
-#else
-    return qf_fail(QF_ERR_INTERNAL, "%s: the parts were placed on \"%s\" without a CUDA backend", fn, device);
-#endif
 }
 
 qf_status qf_blip2_fuse(qf_blip2 *m, int64_t B, const float *pixel_values, int64_t text_len,

@@ -31,4 +31,23 @@ qf_status qf_model_graph_run(const qf_backend *be, qf_model_graph *g, const int6
 /* Frees the captured graph (when a planned buffer it uses moves, or at free). */
 void qf_model_graph_drop(const qf_backend *be, qf_model_graph *g);
 
+/* ---- placing a model on a device (placement.c), for the qf_*_to_device functions ----
+ * qf_model_check_device: device "cpu" or "cuda", weights QF_F32 (or QF_BF16 on cuda; `what`
+ * names the CPU model in that refusal); starts the GPU for "cuda" and sets *cuda. Changes
+ * nothing on failure.
+ * qf_model_cuda_backend: the CUDA table (NULL in a build without CUDA).
+ * qf_model_upload_params: a device copy of the n-float block host in a new block of n + extra
+ * floats (*dev; the extra floats are the caller's) and, for QF_BF16, a bfloat16 copy (*dev_bf16,
+ * else NULL), copies finished; on failure nothing stays allocated.
+ * qf_model_graphs_off: QFUSE_CUDA_GRAPHS=0 (run every forward eagerly).
+ * qf_model_linear: out = in · wᵀ + b (+ res, same row stride as out) on be; w16, when not NULL,
+ * is w's bfloat16 copy, which the GEMM reads instead. */
+qf_status qf_model_check_device(const char *fn, const char *what, const char *device, qf_dtype weights, int *cuda);
+const qf_backend *qf_model_cuda_backend(void);
+qf_status qf_model_upload_params(const qf_backend *be, const float *host, size_t n, size_t extra, qf_dtype weights,
+                                 float **dev, uint16_t **dev_bf16, const char *fn);
+int qf_model_graphs_off(void);
+qf_status qf_model_linear(const qf_backend *be, float *out, const float *in, const float *w, const uint16_t *w16,
+                          const float *b, const float *res, int64_t rows, int64_t Cin, int64_t Cout);
+
 #endif

@@ -403,10 +403,8 @@ static void segment_offsets(const qf_prefusion *m, int64_t ta, int64_t tf, int64
 /* out = in · wᵀ + b on m's backend (bf16 weights when placed so) */
 static qf_status pf_linear(const qf_prefusion *m, float *out, const float *in, const float *w, const float *b,
                            int64_t rows, int64_t Cin, int64_t Cout) {
-    qf_gemm_nt_args g = {.x = in, .ldx = Cin, .w = w, .bias = b, .out = out, .ldo = Cout, .M = rows, .N = Cout,
-                         .K = Cin};
-    if (m->params_bf16) g.w_bf16 = m->params_bf16 + (w - m->run_params);
-    return m->be->gemm_nt(&g);
+    const uint16_t *w16 = m->params_bf16 ? m->params_bf16 + (w - m->run_params) : NULL;
+    return qf_model_linear(m->be, out, in, w, w16, b, NULL, rows, Cin, Cout);
 }
 
 static size_t plan_device(qf_prefusion *m, float *base, int64_t B, int64_t ta, int64_t tf) {
@@ -555,30 +553,16 @@ qf_status qf_prefusion_to_device(qf_prefusion *m, const char *device, qf_dtype w
     m->fwd_cap = 0;
     if (strcmp(device, "cuda")) return QF_OK;
     const qf_backend *be = m->qf->be;
-    const size_t n = m->params_total;
-    float *dp = NULL;
-    uint16_t *db = NULL;
-    s = be->alloc((void **)&dp, n * sizeof(float));
-    if (s == QF_OK) s = be->copy2d(dp, n * sizeof(float), m->params, n * sizeof(float), n * sizeof(float), 1);
-    if (s == QF_OK && weights == QF_BF16) {
-        uint16_t *hb = malloc(n * sizeof(uint16_t));
-        if (!hb) s = qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes for the bf16 weights", fn, n * 2);
-        if (s == QF_OK) s = qf_from_f32(QF_BF16, m->params, hb, n);
-        if (s == QF_OK) s = be->alloc((void **)&db, n * sizeof(uint16_t));
-        if (s == QF_OK) s = be->copy2d(db, n * 2, hb, n * 2, n * 2, 1);
-        if (s == QF_OK) s = be->synchronize();
-        free(hb);
-    }
+    float *dp;
+    uint16_t *db;
+    s = qf_model_upload_params(be, m->params, m->params_total, 0, weights, &dp, &db, fn);
     if (s != QF_OK) {
-        be->free(dp);
-        be->free(db);
         (void)qf_qformer_to_device(m->qf, "cpu", QF_F32);
-        return qf_fail_prefix(s, "%s (uploading %zu parameters)", fn, n);
+        return s;
     }
-    const char *g = getenv("QFUSE_CUDA_GRAPHS");
     m->be = be;
     m->on_device = 1;
-    m->graph.off = g && !strcmp(g, "0");
+    m->graph.off = qf_model_graphs_off();
     m->run_params = dp;
     m->params_bf16 = db;
     bind_params(m);

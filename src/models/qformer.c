@@ -492,55 +492,22 @@ static void release_forward(qf_qformer *m) {
 qf_status qf_qformer_to_device(qf_qformer *m, const char *device, qf_dtype weights) {
     const char *fn = "qf_qformer_to_device";
     if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
-    if (!device) return qf_fail(QF_ERR_ARG, "%s: device is NULL (\"cpu\" or \"cuda\")", fn);
-    const int cuda = !strcmp(device, "cuda");
-    if (!cuda && strcmp(device, "cpu"))
-        return qf_fail(QF_ERR_ARG, "%s: device \"%s\" is unknown (\"cpu\" or \"cuda\")", fn, device);
-    if (weights != QF_F32 && weights != QF_BF16)
-        return qf_fail(QF_ERR_ARG, "%s: weights dtype %s is not supported (F32, or BF16 on cuda)", fn,
-                       qf_dtype_name(weights));
-    if (weights == QF_BF16 && !cuda)
-        return qf_fail(QF_ERR_UNSUPPORTED, "%s: bf16 weights run on the cuda device only (the CPU Q-Former is float32)",
-                       fn);
-#ifdef QF_HAVE_CUDA
-    if (cuda) QF_TRY(qf_cuda_init()); /* before anything is released: a failure leaves m as it was */
-#endif
+    int cuda;
+    QF_TRY(qf_model_check_device(fn, "Q-Former", device, weights, &cuda)); /* a failure leaves m as it was */
     release_forward(m);
     view_params(m);
     if (!cuda) return QF_OK;
-#ifdef QF_HAVE_CUDA
-    const qf_backend *be = qf_backend_cuda();
-    const size_t n = m->params_total;
-    float *dp = NULL;
-    uint16_t *db = NULL;
-    qf_status s = be->alloc((void **)&dp, n * sizeof(float));
-    if (s == QF_OK) s = be->copy2d(dp, n * sizeof(float), m->params, n * sizeof(float), n * sizeof(float), 1);
-    if (s == QF_OK && weights == QF_BF16) {
-        uint16_t *hb = malloc(n * sizeof(uint16_t));
-        if (!hb) s = qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes for the bf16 weights", fn, n * 2);
-        if (s == QF_OK) s = qf_from_f32(QF_BF16, m->params, hb, n);
-        if (s == QF_OK) s = be->alloc((void **)&db, n * sizeof(uint16_t));
-        if (s == QF_OK) s = be->copy2d(db, n * 2, hb, n * 2, n * 2, 1);
-        if (s == QF_OK) s = be->synchronize();
-        free(hb);
-    }
-    if (s != QF_OK) {
-        be->free(dp);
-        be->free(db);
-        return qf_fail_prefix(s, "%s (uploading %zu parameters)", fn, n);
-    }
-    const char *g = getenv("QFUSE_CUDA_GRAPHS");
+    const qf_backend *be = qf_model_cuda_backend();
+    float *dp;
+    uint16_t *db;
+    QF_TRY(qf_model_upload_params(be, m->params, m->params_total, 0, weights, &dp, &db, fn));
     m->be = be;
     m->on_device = 1;
-    m->graph.off = g && !strcmp(g, "0");
+    m->graph.off = qf_model_graphs_off();
     m->run_params = dp;
     m->params_bf16 = db;
     view_params(m);
     return QF_OK;
-#else
-    return qf_fail(QF_ERR_UNSUPPORTED, "%s: this libqfuse was built without the CUDA backend (build it with make CUDA=1)",
-                   fn);
-#endif
 }
 
 qf_status qf_qformer_get_config(const qf_qformer *m, qf_qformer_config *out) {
@@ -834,10 +801,8 @@ qf_sdpa_params qf_qformer_sdpa_params(const qf_qformer *m, int cross) {
  * the model's backend; with bf16 weights the GEMM reads w's bfloat16 copy. */
 static qf_status linear(const qf_qformer *m, float *out, const float *in, const float *w, const float *b,
                         const float *res, int64_t rows, int64_t Cin, int64_t Cout) {
-    qf_gemm_nt_args g = {.x = in, .ldx = Cin, .w = w, .bias = b, .res = res, .ldr = Cout, .out = out, .ldo = Cout,
-                         .M = rows, .N = Cout, .K = Cin};
-    if (m->params_bf16) g.w_bf16 = m->params_bf16 + (w - m->run_params);
-    return m->be->gemm_nt(&g);
+    const uint16_t *w16 = m->params_bf16 ? m->params_bf16 + (w - m->run_params) : NULL;
+    return qf_model_linear(m->be, out, in, w, w16, b, res, rows, Cin, Cout);
 }
 
 /* One attention block: t->out = LN(x + dense(MHA(x, [prefix ; kv]))). x has Lx tokens per item.

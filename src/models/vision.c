@@ -537,10 +537,8 @@ static qf_status check_pixels(const qf_vision *m, int64_t B, const float *pixel_
  * the bf16 copy of w when placed with QF_BF16 */
 static qf_status dev_linear(const qf_vision *m, float *out, const float *in, const float *w, const float *b,
                             const float *res, int64_t rows, int64_t Cin, int64_t Cout) {
-    qf_gemm_nt_args g = {.x = in, .ldx = Cin, .w = DEV(w), .bias = b ? DEV(b) : NULL, .res = res, .ldr = Cout,
-                         .out = out, .ldo = Cout, .M = rows, .N = Cout, .K = Cin};
-    if (m->dbf16) g.w_bf16 = m->dbf16 + (w - m->params);
-    return m->be->gemm_nt(&g);
+    const uint16_t *w16 = m->dbf16 ? m->dbf16 + (w - m->params) : NULL;
+    return qf_model_linear(m->be, out, in, DEV(w), w16, b ? DEV(b) : NULL, res, rows, Cin, Cout);
 }
 
 /* Lays out the device block for batch B; base NULL only counts (floats). */
@@ -678,23 +676,11 @@ static void release_device(qf_vision *m) {
 qf_status qf_vision_to_device(qf_vision *m, const char *device, qf_dtype weights) {
     const char *fn = "qf_vision_to_device";
     if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
-    if (!device) return qf_fail(QF_ERR_ARG, "%s: device is NULL (\"cpu\" or \"cuda\")", fn);
-    const int cuda = !strcmp(device, "cuda");
-    if (!cuda && strcmp(device, "cpu"))
-        return qf_fail(QF_ERR_ARG, "%s: device \"%s\" is unknown (\"cpu\" or \"cuda\")", fn, device);
-    if (weights != QF_F32 && weights != QF_BF16)
-        return qf_fail(QF_ERR_ARG, "%s: weights dtype %s is not supported (F32, or BF16 on cuda)", fn,
-                       qf_dtype_name(weights));
-    if (weights == QF_BF16 && !cuda)
-        return qf_fail(QF_ERR_UNSUPPORTED, "%s: bf16 weights run on the cuda device only (the CPU vision tower is "
-                                           "float32)", fn);
-#ifdef QF_HAVE_CUDA
-    if (cuda) QF_TRY(qf_cuda_init()); /* before anything is released: a failure leaves m as it was */
-#endif
+    int cuda;
+    QF_TRY(qf_model_check_device(fn, "vision tower", device, weights, &cuda)); /* a failure leaves m as it was */
     release_device(m);
     if (!cuda) return QF_OK;
-#ifdef QF_HAVE_CUDA
-    const qf_backend *be = qf_backend_cuda();
+    const qf_backend *be = qf_model_cuda_backend();
     if (!be->sdpa_strided || !be->alloc)
         return qf_fail(QF_ERR_UNSUPPORTED, "%s: the %s backend lacks strided attention or device memory", fn, be->name);
     /* the CPU's planned blocks are not used on a device */
@@ -702,49 +688,31 @@ qf_status qf_vision_to_device(qf_vision *m, const char *device, qf_dtype weights
     free(m->bwd);
     m->fwd = m->bwd = NULL;
     m->fwd_cap = m->bwd_cap = 0;
-    const size_t n = m->nparams, H = (size_t)m->cfg.hidden_size, N = (size_t)m->N;
-    const size_t total = qf_align_up(n, 16) + N * H;
+    /* the device block: the parameters, then the embedding table [N, H] of the device forward
+     * (class token + position 0; patch bias + position i) */
+    const size_t n = m->nparams, H = (size_t)m->cfg.hidden_size, N = (size_t)m->N, at = qf_align_up(n, 16);
     float *dp = NULL, *tab = malloc(N * H * sizeof(float));
     uint16_t *db = NULL;
-    qf_status s = tab ? QF_OK : qf_fail(QF_ERR_NOMEM, "%s: cannot allocate the embedding table", fn);
-    if (s == QF_OK) {
-        for (size_t j = 0; j < H; j++) tab[j] = m->cls[j] + m->pos[j];
-        for (size_t i = 1; i < N; i++)
-            for (size_t j = 0; j < H; j++) tab[i * H + j] = m->patch_b[j] + m->pos[i * H + j];
-        s = be->alloc((void **)&dp, total * sizeof(float));
-    }
-    if (s == QF_OK) s = be->copy2d(dp, n * sizeof(float), m->params, n * sizeof(float), n * sizeof(float), 1);
-    if (s == QF_OK) {
-        float *et = dp + qf_align_up(n, 16);
-        s = be->copy2d(et, N * H * sizeof(float), tab, N * H * sizeof(float), N * H * sizeof(float), 1);
-    }
-    if (s == QF_OK && weights == QF_BF16) {
-        uint16_t *hb = malloc(n * sizeof(uint16_t));
-        if (!hb) s = qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes for the bf16 weights", fn, n * 2);
-        if (s == QF_OK) s = qf_from_f32(QF_BF16, m->params, hb, n);
-        if (s == QF_OK) s = be->alloc((void **)&db, n * sizeof(uint16_t));
-        if (s == QF_OK) s = be->copy2d(db, n * 2, hb, n * 2, n * 2, 1);
-        free(hb);
-    }
-    if (s == QF_OK) s = be->synchronize(); /* tab (and hb) are host memory freed below */
+    if (!tab) return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate the embedding table", fn);
+    for (size_t j = 0; j < H; j++) tab[j] = m->cls[j] + m->pos[j];
+    for (size_t i = 1; i < N; i++)
+        for (size_t j = 0; j < H; j++) tab[i * H + j] = m->patch_b[j] + m->pos[i * H + j];
+    qf_status s = qf_model_upload_params(be, m->params, n, at - n + N * H, weights, &dp, &db, fn);
+    if (s == QF_OK) s = be->copy2d(dp + at, N * H * sizeof(float), tab, N * H * sizeof(float), N * H * sizeof(float), 1);
+    if (s == QF_OK) s = be->synchronize(); /* tab is host memory freed below */
     free(tab);
     if (s != QF_OK) {
-        be->free(dp);
+        be->free(dp); /* NULL when the upload itself failed */
         be->free(db);
-        return qf_fail_prefix(s, "%s (uploading %zu parameters)", fn, n);
+        return s;
     }
-    const char *g = getenv("QFUSE_CUDA_GRAPHS");
     m->be = be;
     m->on_device = 1;
-    m->graph.off = g && !strcmp(g, "0");
+    m->graph.off = qf_model_graphs_off();
     m->dparams = dp;
-    m->etab = dp + qf_align_up(n, 16);
+    m->etab = dp + at;
     m->dbf16 = db;
     return QF_OK;
-#else
-    return qf_fail(QF_ERR_UNSUPPORTED, "%s: this libqfuse was built without the CUDA backend (build it with make CUDA=1)",
-                   fn);
-#endif
 }
 
 int qf_vision_on_device(const qf_vision *m) { return m && m->on_device; }
