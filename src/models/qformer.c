@@ -736,44 +736,19 @@ static qf_status plan(qf_qformer *m, const char *fn) {
     return QF_OK;
 }
 
-/* The CPU forms of four data movements (host memory only). */
-void qf_qformer_split_heads(float *heads, const float *tok, int64_t ld, int64_t B, int64_t nh, int64_t tot,
-                            int64_t off, int64_t len, int64_t hd) {
-    (void)qf_backend_cpu()->split_heads(heads, tok, ld, NULL, B, nh, tot, off, len, hd);
-}
-
-void qf_qformer_merge_heads(float *tok, int64_t ld, const float *heads, int64_t B, int64_t nh, int64_t tot,
-                            int64_t off, int64_t len, int64_t hd, int acc) {
-    (void)qf_backend_cpu()->merge_heads(tok, ld, heads, B, nh, tot, off, len, hd, acc);
-}
-
-/* rows [r0, r0+len) of each item of src [B, tot, C] <-> dst [B, len, C] */
-void qf_qformer_gather_rows(float *dst, const float *src, int64_t B, int64_t tot, int64_t r0, int64_t len,
-                            int64_t C) {
-    const size_t w = (size_t)(len * C) * sizeof(float);
-    (void)qf_backend_cpu()->copy2d(dst, w, src + r0 * C, (size_t)(tot * C) * sizeof(float), w, (size_t)B);
-}
-
-void qf_qformer_scatter_rows(float *dst, const float *src, int64_t B, int64_t tot, int64_t r0, int64_t len,
-                             int64_t C) {
-    const size_t w = (size_t)(len * C) * sizeof(float);
-    (void)qf_backend_cpu()->copy2d(dst + r0 * C, (size_t)(tot * C) * sizeof(float), src, w, w, (size_t)B);
-}
-
 /* bytes from src to dst on the model's backend (either may be host memory on the GPU) */
-static qf_status copy_bytes(const qf_qformer *m, void *dst, const void *src, size_t bytes) {
+qf_status qf_qformer_copy(const qf_qformer *m, void *dst, const void *src, size_t bytes) {
     return m->be->copy2d(dst, bytes, src, bytes, bytes, 1);
 }
 
-/* The same two row moves on the model's backend (forward). */
-static qf_status rows_gather(const qf_qformer *m, float *dst, const float *src, int64_t tot, int64_t r0,
-                             int64_t len, int64_t C) {
+qf_status qf_qformer_rows_gather(const qf_qformer *m, float *dst, const float *src, int64_t tot, int64_t r0,
+                                 int64_t len, int64_t C) {
     const size_t w = (size_t)(len * C) * sizeof(float);
     return m->be->copy2d(dst, w, src + r0 * C, (size_t)(tot * C) * sizeof(float), w, (size_t)m->B);
 }
 
-static qf_status rows_scatter(const qf_qformer *m, float *dst, const float *src, int64_t tot, int64_t r0,
-                              int64_t len, int64_t C) {
+qf_status qf_qformer_rows_scatter(const qf_qformer *m, float *dst, const float *src, int64_t tot, int64_t r0,
+                                  int64_t len, int64_t C) {
     const size_t w = (size_t)(len * C) * sizeof(float);
     return m->be->copy2d(dst + r0 * C, (size_t)(tot * C) * sizeof(float), src, w, w, (size_t)m->B);
 }
@@ -908,8 +883,8 @@ static qf_status run_layers(qf_qformer *m) {
     const int64_t H = m->cfg.hidden_size, E = m->cfg.encoder_hidden_size, T = B * N, Tq = B * Lq, Tt = B * Lt;
     if (Lt) { /* x_in = [queries ; word(ids) + pos(0..Lt-1)] per item */
         QF_TRY(be->embedding_forward(m->txt, m->ids, m->word_emb, m->pos_emb, Lt, Tt, H));
-        QF_TRY(rows_scatter(m, m->x_in, m->qin, N, 0, Lq, H));
-        QF_TRY(rows_scatter(m, m->x_in, m->txt, N, Lq, Lt, H));
+        QF_TRY(qf_qformer_rows_scatter(m, m->x_in, m->qin, N, 0, Lq, H));
+        QF_TRY(qf_qformer_rows_scatter(m, m->x_in, m->txt, N, Lq, Lt, H));
     }
     /* keys and values of every cross layer: one GEMM over the encoder rows (plan_params); the
      * biases are added as the heads are split (attention_block), so the GEMM writes once */
@@ -924,8 +899,8 @@ static qf_status run_layers(qf_qformer *m) {
         layer_acts *t = &m->acts[i];
         QF_TRY(attention_block(m, &l->self, &t->self, h, N, NULL, N, 0, 0));
         if (Lt) {
-            QF_TRY(rows_gather(m, t->aq, t->self.out, N, 0, Lq, H));
-            QF_TRY(rows_gather(m, t->at, t->self.out, N, Lq, Lt, H));
+            QF_TRY(qf_qformer_rows_gather(m, t->aq, t->self.out, N, 0, Lq, H));
+            QF_TRY(qf_qformer_rows_gather(m, t->at, t->self.out, N, Lq, Lt, H));
         }
         const float *q = t->aq;
         if (l->has_cross) {
@@ -936,8 +911,8 @@ static qf_status run_layers(qf_qformer *m) {
         QF_TRY(ffn_block(m, &l->fq, &t->fq, q, Tq));
         if (Lt) {
             QF_TRY(ffn_block(m, &l->ft, &t->ft, t->at, Tt));
-            QF_TRY(rows_scatter(m, t->out, t->fq.out, N, 0, Lq, H));
-            QF_TRY(rows_scatter(m, t->out, t->ft.out, N, Lq, Lt, H));
+            QF_TRY(qf_qformer_rows_scatter(m, t->out, t->fq.out, N, 0, Lq, H));
+            QF_TRY(qf_qformer_rows_scatter(m, t->out, t->ft.out, N, Lq, Lt, H));
         }
         h = t->out;
     }
@@ -968,7 +943,7 @@ static qf_status report_screen(qf_qformer *m, const char *fn, const int64_t *scr
     for (int i = 0; i < 4; i++) {
         if (screen[i] == INT64_MAX) continue;
         float v = NAN;
-        (void)copy_bytes(m, &v, bufs[i] + screen[i], sizeof v);
+        (void)qf_qformer_copy(m, &v, bufs[i] + screen[i], sizeof v);
         return qf_fail(QF_ERR_NONFINITE, "%s: %s[%lld] = %g is not finite", fn, names[i], (long long)screen[i],
                        (double)v);
     }
@@ -1047,7 +1022,7 @@ qf_status qf_qformer_stage(qf_qformer *m, const qf_qformer_args *a, const char *
             }
     }
 
-    if (m->on_device) QF_TRY(copy_bytes(m, m->mir, m->hmir, m->mir_bytes));
+    if (m->on_device) QF_TRY(qf_qformer_copy(m, m->mir, m->hmir, m->mir_bytes));
     return QF_OK;
 }
 
@@ -1068,11 +1043,11 @@ qf_status qf_qformer_forward(qf_qformer *m, const qf_qformer_args *a, const floa
 
     /* the inputs into the planned buffers (host or device pointers on the GPU), then screened */
     const qf_backend *be = m->be;
-    QF_TRY(copy_bytes(m, m->qin, query_embeds, (size_t)(Tq * H) * sizeof(float)));
-    QF_TRY(copy_bytes(m, m->enc, encoder_hidden_states, (size_t)(B * S * E) * sizeof(float)));
+    QF_TRY(qf_qformer_copy(m, m->qin, query_embeds, (size_t)(Tq * H) * sizeof(float)));
+    QF_TRY(qf_qformer_copy(m, m->enc, encoder_hidden_states, (size_t)(B * S * E) * sizeof(float)));
     if (P) {
-        QF_TRY(copy_bytes(m, m->pk, a->prefix_k, (size_t)(B * P * H) * sizeof(float)));
-        QF_TRY(copy_bytes(m, m->pv, a->prefix_v, (size_t)(B * P * H) * sizeof(float)));
+        QF_TRY(qf_qformer_copy(m, m->pk, a->prefix_k, (size_t)(B * P * H) * sizeof(float)));
+        QF_TRY(qf_qformer_copy(m, m->pv, a->prefix_v, (size_t)(B * P * H) * sizeof(float)));
     }
     QF_TRY(be->screen_nonfinite(m->qin, Tq * H, m->screen + 0));
     QF_TRY(be->screen_nonfinite(m->enc, B * S * E, m->screen + 1));
@@ -1091,11 +1066,11 @@ qf_status qf_qformer_forward(qf_qformer *m, const qf_qformer_args *a, const floa
         QF_TRY(run_layers(m));
     }
     const float *h = qf_qformer_result(m);
-    QF_TRY(copy_bytes(m, out, h, (size_t)(T * H) * sizeof(float)));
+    QF_TRY(qf_qformer_copy(m, out, h, (size_t)(T * H) * sizeof(float)));
     if (m->on_device) {
         /* the one wait of a GPU forward: the output is final, then the screen's verdict */
         QF_TRY(be->synchronize());
-        QF_TRY(copy_bytes(m, hscreen, m->screen, 4 * sizeof(int64_t)));
+        QF_TRY(qf_qformer_copy(m, hscreen, m->screen, 4 * sizeof(int64_t)));
         QF_TRY(report_screen(m, fn, hscreen));
     }
     m->have_fwd = 1;

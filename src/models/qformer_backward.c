@@ -77,23 +77,8 @@ static size_t plan_backward(qf_qformer *m, float *base, bwd_bufs *w) {
     return off;
 }
 
-/* rows [r0, r0+len) of each item of src [B, tot, C] <-> dst [B, len, C], on m->be (either side
- * may be host memory on the GPU: copy2d) */
-static qf_status gather(const qf_qformer *m, float *dst, const float *src, int64_t tot, int64_t r0, int64_t len,
-                        int64_t C) {
-    const size_t w = (size_t)(len * C) * sizeof(float);
-    return m->be->copy2d(dst, w, src + r0 * C, (size_t)(tot * C) * sizeof(float), w, (size_t)m->B);
-}
-
-static qf_status scatter(const qf_qformer *m, float *dst, const float *src, int64_t tot, int64_t r0, int64_t len,
-                         int64_t C) {
-    const size_t w = (size_t)(len * C) * sizeof(float);
-    return m->be->copy2d(dst + r0 * C, (size_t)(tot * C) * sizeof(float), src, w, w, (size_t)m->B);
-}
-
 static qf_status copy_floats(const qf_qformer *m, float *dst, const float *src, int64_t n) {
-    const size_t b = (size_t)n * sizeof(float);
-    return m->be->copy2d(dst, b, src, b, b, 1);
+    return qf_qformer_copy(m, dst, src, (size_t)n * sizeof(float));
 }
 
 /* Grows bwd on m->be (grow-only, contents not kept). */
@@ -207,8 +192,8 @@ static qf_status run_backward(qf_qformer *m, bwd_bufs *w, float *gq, float *genc
         const float *x_l = i ? m->acts[i - 1].out : m->emb;
         const float *dq = w->dh;
         if (Lt) {
-            QF_TRY(gather(m, w->dqo, w->dh, N, 0, Lq, H));
-            QF_TRY(gather(m, w->dto, w->dh, N, Lq, Lt, H));
+            QF_TRY(qf_qformer_rows_gather(m, w->dqo, w->dh, N, 0, Lq, H));
+            QF_TRY(qf_qformer_rows_gather(m, w->dto, w->dh, N, Lq, Lt, H));
             dq = w->dqo;
         }
         const float *cin = l->has_cross ? t->cross.out : t->aq;
@@ -223,8 +208,8 @@ static qf_status run_backward(qf_qformer *m, bwd_bufs *w, float *gq, float *genc
         const float *da = daq;
         if (Lt) {
             QF_TRY(ffn_backward(m, w, &l->ft, &t->ft, t->at, Tt, w->dto, w->dat));
-            QF_TRY(scatter(m, w->da, daq, N, 0, Lq, H));
-            QF_TRY(scatter(m, w->da, w->dat, N, Lq, Lt, H));
+            QF_TRY(qf_qformer_rows_scatter(m, w->da, daq, N, 0, Lq, H));
+            QF_TRY(qf_qformer_rows_scatter(m, w->da, w->dat, N, Lq, Lt, H));
             da = w->da;
         }
         QF_TRY(attn_backward(m, w, &l->self, &t->self, x_l, N, NULL, N, 0, NULL, 0, da, w->dh, NULL, NULL));
@@ -239,10 +224,10 @@ static qf_status run_backward(qf_qformer *m, bwd_bufs *w, float *gq, float *genc
     float *dx = w->da; /* [T, H], free now */
     QF_PROF(QFP_BWD_LN, QF_TRY(be->layernorm_backward(dx, qformer_grad(m, m->ln_w), qformer_grad(m, m->ln_b), w->dh,
                                                       m->x_in, m->ln_w, m->emb_mean, m->emb_rstd, T, H)));
-    if (gq) QF_TRY(gather(m, gq, dx, N, 0, Lq, H));
+    if (gq) QF_TRY(qf_qformer_rows_gather(m, gq, dx, N, 0, Lq, H));
     if (Lt && !m->frozen) {
         float *dt = w->dto; /* [Tt, H] */
-        QF_TRY(gather(m, dt, dx, N, Lq, Lt, H));
+        QF_TRY(qf_qformer_rows_gather(m, dt, dx, N, Lq, Lt, H));
         QF_TRY(be->embedding_backward(qformer_grad(m, m->word_emb), qformer_grad(m, m->pos_emb), dt, m->ids,
                                       m->pad_token_id, Tt, Lt, H));
     }

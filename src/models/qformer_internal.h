@@ -143,14 +143,13 @@ static inline float *qformer_grad(const qf_qformer *m, const float *p) {
 
 qf_status qf_qformer_grow(float **buf, size_t *cap, size_t floats, const char *what);
 float *qf_qformer_carve(float *base, size_t *off, size_t n);
-void qf_qformer_split_heads(float *heads, const float *tok, int64_t ld, int64_t B, int64_t nh, int64_t tot,
-                            int64_t off, int64_t len, int64_t hd);
-void qf_qformer_merge_heads(float *tok, int64_t ld, const float *heads, int64_t B, int64_t nh, int64_t tot,
-                            int64_t off, int64_t len, int64_t hd, int acc);
-void qf_qformer_gather_rows(float *dst, const float *src, int64_t B, int64_t tot, int64_t r0, int64_t len,
-                            int64_t C);
-void qf_qformer_scatter_rows(float *dst, const float *src, int64_t B, int64_t tot, int64_t r0, int64_t len,
-                             int64_t C);
+/* Copies on m->be, either side host or device memory: bytes from src to dst; rows [r0, r0+len)
+ * of each item of src [B, tot, C] -> dst [B, len, C] (gather) and back (scatter). */
+qf_status qf_qformer_copy(const qf_qformer *m, void *dst, const void *src, size_t bytes);
+qf_status qf_qformer_rows_gather(const qf_qformer *m, float *dst, const float *src, int64_t tot, int64_t r0,
+                                 int64_t len, int64_t C);
+qf_status qf_qformer_rows_scatter(const qf_qformer *m, float *dst, const float *src, int64_t tot, int64_t r0,
+                                  int64_t len, int64_t C);
 qf_sdpa_params qf_qformer_sdpa_params(const qf_qformer *m, int cross);
 
 /* ---- optional op profile (bench_qformer --profile) ----
