@@ -3,7 +3,9 @@
 # (memcheck, racecheck) on small cases, and the attention benchmark against PyTorch.
 #
 #   bash bench/device_cuda.sh [test] [sanitize] [bench]        (repository root; default: all three)
-#   extra steps: optest / opsan (test_cuda_ops.py alone / its memcheck), gemm (gemm_nt timings vs torch), profile
+#   extra steps: optest / opsan (test_cuda_ops.py alone / its memcheck), gemm (gemm_nt timings vs torch), profile,
+#   alltests (every GPU test file, the CLI's too), racecheck (racecheck + memcheck over every GPU test file, QUICK),
+#   qprofile (per-kernel GPU time of the Q-Former forward: bench/profile_cuda_qformer.py)
 #
 # Expects build-cuda/run/ (carried; git-ignored; QF_RUN=<folder> for another), made on the build machine:
 #   make CUDA=1 BUILD=build-cuda build-cuda/libqfuse.so; mkdir -p build-cuda/run
@@ -117,6 +119,25 @@ import numpy as np, qfuse, qfuse.cuda
 r = np.random.default_rng(0); f = lambda *s: r.standard_normal(s).astype(np.float32)
 q, k, v, g = f(8,12,32,64), f(8,12,257,64), f(8,12,257,64), f(8,12,32,64)
 qfuse.sdpa_backward(q, k, v, g, device='cuda', check_finite=False)" 2>&1 | grep -E "sdpa|find_|gpu__time|Kernel|void" | head -n 40 ;;
+  alltests)
+    export QFUSE_CLI=$RUN/qfuse
+    for f in tests/python/test_cuda*.py tests/python/test_sdpa_dtype.py tests/python/test_cli_device.py; do
+      echo "== $f"
+      python3 -m pytest -q -p no:cacheprovider "$f" 2>&1 | tee "$OUT/$(basename "$f" .py).txt" | grep -E "passed|failed|^E |Error" | tail -n 12
+    done ;;
+  racecheck)
+    for tool in racecheck memcheck; do
+      for f in tests/python/test_cuda*.py tests/python/test_sdpa_dtype.py; do
+        echo "== compute-sanitizer --tool $tool $f (QUICK)"
+        QFUSE_TEST_QUICK=1 timeout ${QF_SAN_TIMEOUT:-200} compute-sanitizer --tool $tool --error-exitcode 9 \
+          python3 -m pytest -q -x -p no:cacheprovider "$f" > "$OUT/san-$tool-$(basename "$f" .py).txt" 2>&1
+        echo "exit $?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$OUT/san-$tool-$(basename "$f" .py).txt" | tail -n 3
+      done
+    done ;;
+  qprofile)
+    echo "== profile_cuda_qformer.py (kernels launched eagerly: QFUSE_CUDA_GRAPHS=0)"
+    QFUSE_CUDA_GRAPHS=0 python3 bench/profile_cuda_qformer.py ${QF_PROFILE_CONFIGS:+--configs $QF_PROFILE_CONFIGS} 2>&1 \
+      | tee "$OUT/qprofile.txt" | grep -v Warning ;;
   bench)
     echo "== bench_cuda_attention.py"
     python3 bench/bench_cuda_attention.py ${QF_QUICK:+--quick} --out "$OUT/h100-cuda-attention.txt" ;;

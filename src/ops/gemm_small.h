@@ -32,6 +32,10 @@ typedef struct {
     int accumulate;     /* 1: out += x·wᵀ + ..., 0: out = x·wᵀ + ...                           */
     const uint16_t *w_bf16; /* NULL, or the weight as bfloat16 [N, K] in place of w: only the
                              * backend table's gemm_nt reads it (CUDA); qf_gemm_nt ignores it */
+    /* bf16 activations (CUDA backend only, with w_bf16; qf_gemm_nt ignores both): */
+    const uint16_t *x_bf16; /* NULL, or the input as bfloat16 [M, K] (row stride ldx) in place of x */
+    uint16_t *out_bf16;     /* NULL, or the result rounded to bfloat16 [M, N] (row stride ldo),
+                             * written in place of out (then res == NULL and accumulate == 0) */
 } qf_gemm_nt_args;
 
 /* Rows up to which qf_gemm_nt_small is used in place of the BLAS (see gemm_small.c). */
