@@ -62,6 +62,10 @@ qf_status qf_cuda_blas_check(cublasStatus_t s, const char *what);
 
 /* Model ops (ops.cu): the table entries of backend.h, arguments validated by the caller. */
 qf_status qf_cuda_gemm_nt(const qf_gemm_nt_args *g);
+/* gemm_skinny.cu: the same product by qfuse's own kernel for few rows (M small: the Q-Former's
+ * queries at batch 1), where cuBLAS leaves most SMs idle. *done = false (nothing queued) for a
+ * shape or argument combination it does not take; qf_cuda_gemm_nt then runs cuBLAS. */
+qf_status qf_cuda_gemm_skinny(const qf_gemm_nt_args *g, bool *done);
 qf_status qf_cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w,
                                     const float *b, int64_t rows, int64_t C, float eps);
 qf_status qf_cuda_gelu_forward(float *out, const float *x, int64_t n, qf_gelu_kind kind);

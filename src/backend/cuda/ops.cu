@@ -405,12 +405,23 @@ qf_status lt_gemm(const qf_gemm_nt_args *g, const void *B, int64_t ldb, bool *do
 /* Test hook (not in a public header): 0 forces the classic path, 1 (default) lets cuBLASLt run. */
 extern "C" void qf_cuda_test_gemm_lt(int on) { g_lt_on.store(on ? 1 : 0); }
 
+namespace {
+std::atomic<int> g_skinny_on{1};
+}
+/* Test hook: 0 keeps gemm_nt off qf_cuda_gemm_skinny (comparisons with cuBLAS), 1 (default) lets it run. */
+extern "C" void qf_cuda_test_gemm_skinny(int on) { g_skinny_on.store(on ? 1 : 0); }
+
 qf_status qf_cuda_gemm_nt(const qf_gemm_nt_args *g) {
     if (g->M > INT32_MAX || g->N > INT32_MAX || g->K > INT32_MAX || g->ldx > INT32_MAX || g->ldo > INT32_MAX ||
         g->ldr > INT32_MAX)
         return qf_fail(QF_ERR_ARG, "gemm (cuda): M = %lld, N = %lld, K = %lld: sizes and strides must fit in int (cuBLAS)",
                        (long long)g->M, (long long)g->N, (long long)g->K);
     if (g->M <= 0 || g->N <= 0) return QF_OK;
+    if (g_skinny_on.load() && g->K > 0) {
+        bool done;
+        QF_TRY(qf_cuda_gemm_skinny(g, &done));
+        if (done) return QF_OK;
+    }
     cudaStream_t st = qf_cuda_stream();
     const void *B = g->x;
     int64_t ldb = g->ldx;
