@@ -22,6 +22,16 @@
 extern "C" {
 #endif
 
+/* ---- torch.nn.MultiheadAttention (qf_mha, declared in qfuse.h) on a device
+ * Places m on "cpu" (where it loads) or "cuda", weights QF_F32 or QF_BF16 (cuda: the projection
+ * GEMMs read bf16 copies; backward then QF_ERR_UNSUPPORTED), as qf_qformer_to_device says. On the
+ * GPU, qf_mha_forward/backward take host or GPU pointers for query, key, value, out, weights,
+ * grad_out and the input gradients (masks: host memory), run on the backend's stream and wait for
+ * it once, at the end; parameter gradients stay on the device until qf_mha_param shows them.
+ * Dropout (training with dropout > 0) and head dims above 128 are CPU-only (QF_ERR_UNSUPPORTED).
+ * "cpu" moves it back, gradients included. */
+qf_status qf_mha_to_device(qf_mha *m, const char *device, qf_dtype weights);
+
 /* ---- Q-Former core (transformers' Blip2QFormerModel / InstructBlipQFormerModel, LAVIS BertModel)
  * Tokens are Lq query embeddings, then (InstructBLIP) Lt instruction-text tokens:
  *   x = LayerNorm([query_embeds ; word_emb(text_ids) + pos_emb(0..Lt-1)])
