@@ -1,6 +1,7 @@
 /* kvprefix.c - BLIP-2 Q-Former with KV-prefix modulation (model_type "blip2_kv_prefix"): a global
  * feature g steers every cross-attention layer through P extra key/value tokens. Forward and
- * backward side by side, on qf_linear_*, qf_gelu_* and the Q-Former core (qformer.c).
+ * backward side by side: the CPU forward on qf_linear_*, qf_gelu_*, the GPU forward and the
+ * backward (both devices) on the backend table, and the Q-Former core (qformer.c).
  * docs/kv_prefix.md states the design and the choices made where the spec is silent.
  *
  *   h   = feature_proj.2(GELU_erf(feature_proj.0(g)))         g [B,F] -> h [B,hidden]
@@ -27,8 +28,11 @@
  *   - Placement (qf_kvprefix_to_device): be holds run_params, the block every parameter view
  *     points into (params itself on the CPU, a device copy on the GPU); the Q-Former is placed
  *     with the model. On the GPU the forward after its input copies is one captured graph per
- *     key (every shape and flag that changes the calls, and the planned blocks' addresses), and
- *     every backward refuses (QF_ERR_UNSUPPORTED). */
+ *     key (every shape and flag that changes the calls, and the planned blocks' addresses).
+ *   - Backward runs through the backend table (m->be), one code on the CPU and the GPU. On the
+ *     GPU the parameter gradients accumulate in the device block dgrads and reach grads only
+ *     when shown (qf_kvprefix_param) or when the model moves back to the CPU; bf16 weights are
+ *     refused by backward (float32 products only). */
 #include "models_internal.h"
 #include "qformer_internal.h"
 #include <math.h>
@@ -53,16 +57,19 @@ struct qf_kvprefix {
     kv_ptab ptab[KV_NP];
     float *params, *grads;
     const float *qtok, *w0, *b0, *w2, *b2, *ptok, *wk, *bk, *wv, *bv, *wp, *bp;
-    float *gqtok, *gw0, *gb0, *gw2, *gb2, *gptok, *gwk, *gbk, *gwv, *gbv, *gwp, *gbp;
     int nq_params;
     char **q_names;                 /* "qformer." + the core's name */
 
     float *fwd;
     size_t fwd_cap;
     float *g_in, *pre0, *act0, *h, *pt, *pk, *pv, *queries;
-    float *bwd;
+    float *bwd;                     /* on be (device memory on the GPU)                        */
     size_t bwd_cap;
     float *g_pk, *g_pv, *g_pt, *g_tmp, *g_h, *g_act, *g_query;
+    float *g_feat;                  /* GPU only: grad_global_feature staged in bwd             */
+    int32_t *item_of;               /* [B*P] b of prefix row b*P+i (its item), in bwd          */
+    int32_t *hitem;                 /* the same rows built on the host, then copied            */
+    size_t hitem_cap;
     int64_t B, Lq;
     int own_queries, have_fwd;
 
@@ -79,6 +86,12 @@ struct qf_kvprefix {
     size_t dfwd_cap, dproj_cap;
     int64_t *dscreen;               /* [1] first non-finite index of global_feature           */
     qf_model_graph graph;
+    /* A GPU model's parameter gradients (the Q-Former's pattern, qformer_internal.h): a device
+     * block parallel to run_params, allocated at the first GPU backward from grads and
+     * accumulated there; grads_on_device = 1 while it is newer than grads, which
+     * qf_kvprefix_param and moving the model back to the CPU download first (sync_grads). */
+    float *dgrads;
+    int grads_on_device;
 };
 
 static void add_param(qf_kvprefix *m, const char *name, int ndim, int64_t d0, int64_t d1, int64_t d2,
@@ -95,25 +108,29 @@ static void add_param(qf_kvprefix *m, const char *name, int ndim, int64_t d0, in
     *off += qf_align_up(p->n, 16);
 }
 
-/* Points the parameter views into run_params (host or device) and the gradient views into grads. */
+/* Points the parameter views into run_params (host or device). */
 static void bind_params(qf_kvprefix *m) {
     const kv_ptab *t = m->ptab;
     const float *P_ = m->run_params;
-    float *G = m->grads;
-    m->qtok = P_ + t[0].off;  m->gqtok = G + t[0].off;
-    m->w0 = P_ + t[1].off;    m->gw0 = G + t[1].off;
-    m->b0 = P_ + t[2].off;    m->gb0 = G + t[2].off;
-    m->w2 = P_ + t[3].off;    m->gw2 = G + t[3].off;
-    m->b2 = P_ + t[4].off;    m->gb2 = G + t[4].off;
-    m->ptok = P_ + t[5].off;  m->gptok = G + t[5].off;
-    m->wk = P_ + t[6].off;    m->gwk = G + t[6].off;
-    m->bk = P_ + t[7].off;    m->gbk = G + t[7].off;
-    m->wv = P_ + t[8].off;    m->gwv = G + t[8].off;
-    m->bv = P_ + t[9].off;    m->gbv = G + t[9].off;
+    m->qtok = P_ + t[0].off;
+    m->w0 = P_ + t[1].off;
+    m->b0 = P_ + t[2].off;
+    m->w2 = P_ + t[3].off;
+    m->b2 = P_ + t[4].off;
+    m->ptok = P_ + t[5].off;
+    m->wk = P_ + t[6].off;
+    m->bk = P_ + t[7].off;
+    m->wv = P_ + t[8].off;
+    m->bv = P_ + t[9].off;
     if (m->D) {
-        m->wp = P_ + t[10].off;   m->gwp = G + t[10].off;
-        m->bp = P_ + t[11].off;   m->gbp = G + t[11].off;
+        m->wp = P_ + t[10].off;
+        m->bp = P_ + t[11].off;
     }
+}
+
+/* The gradient of parameter view p: in grads on the CPU, in dgrads on the GPU. */
+static float *kv_grad(const qf_kvprefix *m, const float *p) {
+    return (m->on_device ? m->dgrads : m->grads) + (p - m->run_params);
 }
 
 static qf_status cfg_int(const qf_config *cfg, const char *path, const char *key, int64_t *out) {
@@ -235,7 +252,7 @@ void qf_kvprefix_free(qf_kvprefix *m) {
     free(m->params);
     free(m->grads);
     free(m->fwd);
-    free(m->bwd);
+    free(m->hitem);
     free(m);
 }
 
@@ -295,7 +312,57 @@ static size_t plan_backward(qf_kvprefix *m, float *base) {
     m->g_h = carve(base, &off, B * H);
     m->g_act = carve(base, &off, B * F);
     m->g_query = carve(base, &off, B * (size_t)m->Lq * H);
+    m->item_of = (int32_t *)carve(base, &off, BP); /* int32 and float are both 4 bytes */
+    m->g_feat = m->on_device ? carve(base, &off, B * F) : NULL;
     return off;
+}
+
+/* Grows bwd on m->be (grow-only, contents not kept). */
+static qf_status grow_bwd(qf_kvprefix *m, size_t floats, const char *fn) {
+    if (!m->on_device) return grow(&m->bwd, &m->bwd_cap, floats, fn);
+    if (floats <= m->bwd_cap) return QF_OK;
+    m->be->free(m->bwd);
+    m->bwd = NULL;
+    m->bwd_cap = 0;
+    qf_status s = m->be->alloc((void **)&m->bwd, floats * sizeof(float));
+    if (s != QF_OK) return qf_fail_prefix(s, "%s (%zu bytes of backward buffers)", fn, floats * sizeof(float));
+    m->bwd_cap = floats;
+    return QF_OK;
+}
+
+/* A GPU model's device gradient block, made at its first backward from the host gradients. */
+static qf_status device_grads(qf_kvprefix *m, const char *fn) {
+    if (!m->on_device || m->dgrads) return QF_OK;
+    const size_t bytes = m->params_total * sizeof(float);
+    m->grads_on_device = 0;
+    QF_TRY(m->be->alloc((void **)&m->dgrads, bytes));
+    qf_status s = m->be->copy2d(m->dgrads, bytes, m->grads, bytes, bytes, 1);
+    if (s != QF_OK) {
+        m->be->free(m->dgrads);
+        m->dgrads = NULL;
+        return qf_fail_prefix(s, "%s (uploading the gradients)", fn);
+    }
+    return QF_OK;
+}
+
+/* grads = dgrads when the device copy is newer (one download and a wait). */
+static qf_status sync_grads(qf_kvprefix *m) {
+    if (!m->grads_on_device || !m->dgrads) return QF_OK;
+    const size_t bytes = m->params_total * sizeof(float);
+    QF_TRY(m->be->copy2d(m->grads, bytes, m->dgrads, bytes, bytes, 1));
+    QF_TRY(m->be->synchronize());
+    m->grads_on_device = 0;
+    return QF_OK;
+}
+
+/* After a backward's work is queued: on the GPU, dgrads is the newest copy (even after a
+ * failure: it may have changed) and the call waits, so nothing still runs on bwd or the
+ * caller's buffers. */
+static qf_status finish_backward(qf_kvprefix *m, qf_status s) {
+    if (!m->on_device) return s;
+    m->grads_on_device = 1;
+    qf_status s2 = m->be->synchronize();
+    return s == QF_OK ? s2 : s;
 }
 
 /* ---- forward on a device (qf_kvprefix_to_device) ----
@@ -424,16 +491,19 @@ static qf_status forward_device(qf_kvprefix *m, const qf_qformer_args *a, const 
 
 /* in [rows, H] -> out [rows, D] through language_projection on the device (host or device
  * pointers); its own block, so the forward's graph is untouched. */
+static qf_status grow_dproj(qf_kvprefix *m, size_t need) {
+    if (need <= m->dproj_cap) return QF_OK;
+    m->be->free(m->dproj);
+    m->dproj = NULL;
+    m->dproj_cap = 0;
+    QF_TRY(m->be->alloc((void **)&m->dproj, need * sizeof(float)));
+    m->dproj_cap = need;
+    return QF_OK;
+}
+
 static qf_status project_device(qf_kvprefix *m, int64_t rows, const float *in, float *out) {
     const qf_backend *be = m->be;
-    const size_t need = (size_t)rows * (size_t)(m->H + m->D);
-    if (need > m->dproj_cap) {
-        be->free(m->dproj);
-        m->dproj = NULL;
-        m->dproj_cap = 0;
-        QF_TRY(be->alloc((void **)&m->dproj, need * sizeof(float)));
-        m->dproj_cap = need;
-    }
+    QF_TRY(grow_dproj(m, (size_t)rows * (size_t)(m->H + m->D)));
     float *din = m->dproj, *dout = m->dproj + rows * m->H;
     size_t n = (size_t)(rows * m->H) * sizeof(float);
     QF_TRY(be->copy2d(din, n, in, n, n, 1));
@@ -443,8 +513,9 @@ static qf_status project_device(qf_kvprefix *m, int64_t rows, const float *in, f
     return be->synchronize();
 }
 
-/* Frees what the model holds on a device (the Q-Former's are its own); views are rebound by
- * the caller. */
+/* Frees what the model holds on a device (the Q-Former's are its own; the gradients are
+ * downloaded first) and the planned backward block on either side; views are rebound by the
+ * caller. */
 static void release_device(qf_kvprefix *m) {
     if (m->on_device) {
         const qf_backend *be = m->be;
@@ -453,7 +524,15 @@ static void release_device(qf_kvprefix *m) {
         be->free(m->dproj);
         be->free(m->run_params);
         be->free(m->params_bf16);
+        be->free(m->bwd);
+        (void)sync_grads(m); /* grads keeps the newest gradients */
+        be->free(m->dgrads);
+    } else {
+        free(m->bwd);
     }
+    m->bwd = m->dgrads = NULL;
+    m->bwd_cap = 0;
+    m->grads_on_device = 0;
     m->dfwd = m->dproj = NULL;
     m->dfwd_cap = m->dproj_cap = 0;
     m->params_bf16 = NULL;
@@ -571,54 +650,102 @@ qf_status qf_kvprefix_project_backward(qf_kvprefix *m, int64_t rows, const float
     if (!in || !grad_out) return qf_fail(QF_ERR_ARG, "%s: in/grad_out is NULL", fn);
     if (!m->D)
         return qf_fail(QF_ERR_NOT_FOUND, "%s: the checkpoint has no language_projection.weight", fn);
-    if (m->on_device)
-        return qf_fail(QF_ERR_UNSUPPORTED, "%s: backward runs on the CPU only: this model runs on %s "
-                                           "(qf_kvprefix_to_device(m, \"cpu\", QF_F32) first)", fn, m->be->name);
-    return qf_linear_backward(grad_in, m->gwp, m->gbp, grad_out, in, m->wp, rows, m->H, m->D);
+    if (m->params_bf16)
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: this model runs with bf16 weights on %s: backward is float32 only "
+                                           "(qf_kvprefix_to_device(m, \"%s\", QF_F32) first)", fn, m->be->name,
+                       m->be->name);
+    if (rows < 0 || rows > (1 << 24))
+        return qf_fail(QF_ERR_ARG, "%s: rows = %lld, expected 0 .. 2^24", fn, (long long)rows);
+    if (!rows) return QF_OK;
+    const qf_backend *be = m->be;
+    const int64_t H = m->H, D = m->D;
+    const float *x = in, *go = grad_out;
+    float *gx = grad_in;
+    if (m->on_device) { /* in, grad_out (and grad_in) staged in dproj: [rows, H] | [rows, D] | [rows, H] */
+        QF_TRY(grow_dproj(m, (size_t)rows * (size_t)(2 * H + D)));
+        float *dx = m->dproj, *dgo = m->dproj + rows * H;
+        size_t n = (size_t)(rows * H) * sizeof(float);
+        QF_TRY(be->copy2d(dx, n, in, n, n, 1));
+        n = (size_t)(rows * D) * sizeof(float);
+        QF_TRY(be->copy2d(dgo, n, grad_out, n, n, 1));
+        x = dx;
+        go = dgo;
+        gx = grad_in ? dgo + rows * D : NULL;
+    }
+    QF_TRY(device_grads(m, fn));
+    qf_status s = be->linear_backward(gx, kv_grad(m, m->wp), kv_grad(m, m->bp), go, x, m->wp, rows, H, D);
+    if (s == QF_OK && gx != grad_in) {
+        const size_t n = (size_t)(rows * H) * sizeof(float);
+        s = be->copy2d(grad_in, n, gx, n, n, 1);
+    }
+    return finish_backward(m, s);
 }
 
-/* ---- backward ---- */
+/* ---- backward ----
+ * One code path for both backends: every op goes through m->be, the parameter gradients into
+ * kv_grad (grads, or dgrads on the GPU). grad_out, grad_query_embeds and grad_encoder go to
+ * and from the Q-Former's backward and be->copy2d, which take host or device pointers;
+ * grad_global_feature is made in bwd and copied out on the GPU. The call returns after the GPU
+ * has finished. */
+
+static qf_status backward_body(qf_kvprefix *m, const float *grad_out, float *grad_global_feature,
+                               float *grad_query_embeds, float *grad_encoder) {
+    const char *fn = "qf_kvprefix_backward";
+    const qf_backend *be = m->be;
+    const int64_t B = m->B, Lq = m->Lq, H = m->H, F = m->F, P = m->P;
+    /* the item of each prefix row (the index embedding_backward sums rows into) */
+    if ((size_t)(B * P) > m->hitem_cap) {
+        int32_t *p = malloc((size_t)(B * P) * sizeof(int32_t));
+        if (!p) return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %lld prefix row indices", fn, (long long)(B * P));
+        free(m->hitem);
+        m->hitem = p;
+        m->hitem_cap = (size_t)(B * P);
+    }
+    for (int64_t r = 0; r < B * P; r++) m->hitem[r] = (int32_t)(r / P);
+    const size_t nidx = (size_t)(B * P) * sizeof(int32_t);
+    QF_TRY(be->copy2d(m->item_of, nidx, m->hitem, nidx, nidx, 1));
+
+    qf_status s = qf_qformer_backward(m->qf, grad_out, m->g_query, grad_encoder, m->g_pk, m->g_pv);
+    if (s != QF_OK) return qf_fail_prefix(s, "%s (qformer)", fn);
+    if (grad_query_embeds) {
+        const size_t n = (size_t)(B * Lq * H) * sizeof(float);
+        QF_TRY(be->copy2d(grad_query_embeds, n, m->g_query, n, n, 1));
+    }
+    /* the model's query tokens, broadcast over the batch: their gradient sums over B */
+    if (m->own_queries) QF_TRY(be->embedding_backward(NULL, kv_grad(m, m->qtok), m->g_query, NULL, -1, B * Lq, Lq, H));
+    QF_TRY(be->linear_backward(m->g_pt, kv_grad(m, m->wk), kv_grad(m, m->bk), m->g_pk, m->pt, m->wk, B * P, H, H));
+    QF_TRY(be->linear_backward(m->g_tmp, kv_grad(m, m->wv), kv_grad(m, m->bv), m->g_pv, m->pt, m->wv, B * P, H, H));
+    QF_TRY(be->add(m->g_pt, m->g_pt, m->g_tmp, B * P * H));
+    /* pt[b, i] = prefix_tokens[i] + h[b]: prefix_tokens' gradient sums the rows over B (period
+     * P), h[b]'s the P rows of item b (table rows item_of) */
+    QF_TRY(be->zero(m->g_h, (size_t)(B * H) * sizeof(float)));
+    QF_TRY(be->embedding_backward(m->g_h, kv_grad(m, m->ptok), m->g_pt, m->item_of, -1, B * P, P, H));
+    QF_TRY(be->linear_backward(m->g_act, kv_grad(m, m->w2), kv_grad(m, m->b2), m->g_h, m->act0, m->w2, B, F, H));
+    QF_TRY(be->gelu_backward(m->g_act, m->g_act, m->pre0, B * F, QF_GELU_ERF));
+    float *gfeat = grad_global_feature && m->on_device ? m->g_feat : grad_global_feature;
+    QF_TRY(be->linear_backward(gfeat, kv_grad(m, m->w0), kv_grad(m, m->b0), m->g_act, m->g_in, m->w0, B, F, F));
+    if (gfeat != grad_global_feature) {
+        const size_t n = (size_t)(B * F) * sizeof(float);
+        QF_TRY(be->copy2d(grad_global_feature, n, gfeat, n, n, 1));
+    }
+    return QF_OK;
+}
 
 qf_status qf_kvprefix_backward(qf_kvprefix *m, const float *grad_out, float *grad_global_feature,
                                float *grad_query_embeds, float *grad_encoder) {
     const char *fn = "qf_kvprefix_backward";
     if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
     if (!grad_out) return qf_fail(QF_ERR_ARG, "%s: grad_out is NULL", fn);
-    if (m->on_device)
-        return qf_fail(QF_ERR_UNSUPPORTED, "%s: backward runs on the CPU only: this model runs on %s "
-                                           "(qf_kvprefix_to_device(m, \"cpu\", QF_F32) first)", fn, m->be->name);
+    if (m->params_bf16)
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: this model runs with bf16 weights on %s: backward is float32 only "
+                                           "(qf_kvprefix_to_device(m, \"%s\", QF_F32) first)", fn, m->be->name,
+                       m->be->name);
     if (!m->have_fwd) return qf_fail(QF_ERR_ARG, "%s: no successful qf_kvprefix_forward to differentiate", fn);
-    const int64_t B = m->B, Lq = m->Lq, H = m->H, F = m->F, P = m->P;
     size_t need = plan_backward(m, NULL);
-    QF_TRY(grow(&m->bwd, &m->bwd_cap, need, fn));
+    QF_TRY(grow_bwd(m, need, fn));
     plan_backward(m, m->bwd);
-
-    qf_status s = qf_qformer_backward(m->qf, grad_out, m->g_query, grad_encoder, m->g_pk, m->g_pv);
-    if (s != QF_OK) return qf_fail_prefix(s, "%s (qformer)", fn);
-    if (grad_query_embeds) memcpy(grad_query_embeds, m->g_query, (size_t)(B * Lq * H) * sizeof(float));
-    if (m->own_queries)
-        for (int64_t b = 0; b < B; b++) {
-            const float *g = m->g_query + b * Lq * H;
-            for (int64_t j = 0; j < Lq * H; j++) m->gqtok[j] += g[j];
-        }
-    QF_TRY(qf_linear_backward(m->g_pt, m->gwk, m->gbk, m->g_pk, m->pt, m->wk, B * P, H, H));
-    QF_TRY(qf_linear_backward(m->g_tmp, m->gwv, m->gbv, m->g_pv, m->pt, m->wv, B * P, H, H));
-    memset(m->g_h, 0, (size_t)(B * H) * sizeof(float));
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t i = 0; i < P; i++) {
-            float *g = m->g_pt + (b * P + i) * H;
-            const float *g2 = m->g_tmp + (b * P + i) * H;
-            float *gt = m->gptok + i * H, *gh = m->g_h + b * H;
-            for (int64_t c = 0; c < H; c++) {
-                const float v = g[c] + g2[c];
-                gt[c] += v;
-                gh[c] += v;
-            }
-        }
-    QF_TRY(qf_linear_backward(m->g_act, m->gw2, m->gb2, m->g_h, m->act0, m->w2, B, F, H));
-    QF_TRY(qf_gelu_backward(m->g_act, m->g_act, m->pre0, B * F, QF_GELU_ERF));
-    QF_TRY(qf_linear_backward(grad_global_feature, m->gw0, m->gb0, m->g_act, m->g_in, m->w0, B, F, F));
-    return QF_OK;
+    QF_TRY(device_grads(m, fn));
+    return finish_backward(m, backward_body(m, grad_out, grad_global_feature, grad_query_embeds, grad_encoder));
 }
 
 /* ---- parameters ---- */
@@ -635,6 +762,7 @@ qf_status qf_kvprefix_param(qf_kvprefix *m, int i, qf_param *out) {
         out->name = m->q_names[i - m->np];
         return QF_OK;
     }
+    QF_TRY(sync_grads(m));
     const kv_ptab *p = &m->ptab[i];
     memset(out, 0, sizeof *out);
     out->name = p->name;
@@ -647,7 +775,11 @@ qf_status qf_kvprefix_param(qf_kvprefix *m, int i, qf_param *out) {
 
 void qf_kvprefix_zero_grad(qf_kvprefix *m) {
     if (!m) return;
-    const kv_ptab *last = &m->ptab[m->np - 1];
-    memset(m->grads, 0, (last->off + last->n) * sizeof(float));
     qf_qformer_zero_grad(m->qf);
+    /* on the GPU: queued ahead of the next backward, the host copy refreshed when next shown */
+    if (m->dgrads && m->be->zero(m->dgrads, m->params_total * sizeof(float)) == QF_OK) {
+        m->grads_on_device = 1;
+        return;
+    }
+    if (m->grads) memset(m->grads, 0, m->params_total * sizeof(float));
 }

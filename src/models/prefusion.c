@@ -1,6 +1,8 @@
 /* prefusion.c - AffectGPT's multimodal pre-fusion (encode_multi_qformer): audio and face features
  * -> one token sequence -> a 2-layer Q-Former read by learned queries -> LLM-width tokens.
- * Forward and backward side by side, on qf_linear_* and the Q-Former core (qformer.c).
+ * Forward and backward side by side, on qf_linear_* and the Q-Former core (qformer.c); the
+ * backward runs through the backend table (m->be), so one code differentiates on the CPU and,
+ * for a model placed with qf_prefusion_to_device, on the GPU.
  *
  * Semantics (AffectGPT my_affectgpt/models/affectgpt.py, multi_fusion_type "qformer"):
  *   A = multi_audio_embs(audio)  [B,ta,M]     F = multi_video_embs(face)  [B,tf,M]
@@ -32,6 +34,9 @@
  *   - fwd/bwd are grow-only planned blocks (a forward/backward with earlier shapes allocates
  *     nothing). fwd keeps copies of the inputs, so the caller may reuse its buffers.
  *   - have_fwd is set only after a forward fully succeeded; backward refuses without one.
+ *   - On the GPU the parameter gradients accumulate in the device block dgrads and reach grads
+ *     only when shown (qf_prefusion_param) or when the model moves back to the CPU; bf16
+ *     weights are refused by backward (float32 products only).
  *   - Load fully succeeds or frees everything; every failure names the file and key/tensor. */
 #include "models_internal.h"
 #include "qformer_internal.h"
@@ -59,7 +64,6 @@ struct qf_prefusion {
     pf_ptab ptab[PF_NP];
     float *params, *grads;
     const float *wa, *ba, *wv, *bv, *pos, *qtok, *wl, *bl;
-    float *gwa, *gba, *gwv, *gbv, *gpos, *gqtok, *gwl, *gbl;
     int nq_params;                  /* Q-Former parameters, reported as "multi_Qformer." + name */
     char **q_names;
 
@@ -71,9 +75,10 @@ struct qf_prefusion {
     uint8_t *mask;                  /* [B, S] 1 = real frame (when has_mask) */
     float *queries;                 /* [B*nq, H] */
     float *qout;                    /* [B*nq, H] Q-Former output, input of multi_llama_proj */
-    float *bwd;
+    float *bwd;                     /* on be (device memory on the GPU)                        */
     size_t bwd_cap;
     float *g_qout, *g_query, *g_enc, *g_seg;
+    float *g_out, *g_in;            /* GPU only: grad_out and an input gradient staged in bwd  */
     int64_t B, ta, tf;
     int has_mask, have_fwd;
 
@@ -92,6 +97,12 @@ struct qf_prefusion {
     uint8_t *hmask;
     size_t hmask_cap;
     qf_model_graph graph;
+    /* A GPU model's parameter gradients (the Q-Former's pattern, qformer_internal.h): a device
+     * block parallel to run_params, allocated at the first GPU backward from grads and
+     * accumulated there; grads_on_device = 1 while it is newer than grads, which
+     * qf_prefusion_param and moving the model back to the CPU download first (sync_grads). */
+    float *dgrads;
+    int grads_on_device;
 };
 
 static void add_param(qf_prefusion *m, const char *name, int ndim, int64_t d0, int64_t d1, int64_t d2,
@@ -199,19 +210,23 @@ static qf_status read_text(const char *path, char **out) {
 
 /* ---- loading ---- */
 
-/* Points the parameter views into run_params (and the gradient views into grads). */
+/* Points the parameter views into run_params (host or device). */
 static void bind_params(qf_prefusion *m) {
-    int k = 0;
-#define NEXT(base) ((base) ? (base) + m->ptab[k].off : NULL)
-    m->wa = NEXT(m->run_params); m->gwa = NEXT(m->grads); k++;
-    m->ba = NEXT(m->run_params); m->gba = NEXT(m->grads); k++;
-    m->wv = NEXT(m->run_params); m->gwv = NEXT(m->grads); k++;
-    m->bv = NEXT(m->run_params); m->gbv = NEXT(m->grads); k++;
-    m->pos = NEXT(m->run_params); m->gpos = NEXT(m->grads); k++;
-    m->qtok = NEXT(m->run_params); m->gqtok = NEXT(m->grads); k++;
-    m->wl = NEXT(m->run_params); m->gwl = NEXT(m->grads); k++;
-    m->bl = NEXT(m->run_params); m->gbl = NEXT(m->grads); k++;
-#undef NEXT
+    const pf_ptab *t = m->ptab;
+    const float *p = m->run_params;
+    m->wa = p + t[0].off;
+    m->ba = p + t[1].off;
+    m->wv = p + t[2].off;
+    m->bv = p + t[3].off;
+    m->pos = p + t[4].off;
+    m->qtok = p + t[5].off;
+    m->wl = p + t[6].off;
+    m->bl = p + t[7].off;
+}
+
+/* The gradient of parameter view p: in grads on the CPU, in dgrads on the GPU. */
+static float *pf_grad(const qf_prefusion *m, const float *p) {
+    return (m->on_device ? m->dgrads : m->grads) + (p - m->run_params);
 }
 
 static qf_status load_into(qf_prefusion *m, const char *folder) {
@@ -329,7 +344,6 @@ void qf_prefusion_free(qf_prefusion *m) {
     free(m->params);
     free(m->grads);
     free(m->fwd);
-    free(m->bwd);
     free(m);
 }
 
@@ -380,12 +394,56 @@ static size_t plan_backward(qf_prefusion *m, float *base) {
     const size_t M = (size_t)m->cfg.max_hidden_size, S = (size_t)(m->ta + m->tf), B = (size_t)m->B;
     const size_t T = B * (size_t)m->cfg.num_multi_query_token, H = (size_t)m->H;
     const size_t tmax = (size_t)(m->ta > m->tf ? m->ta : m->tf);
+    const size_t D = (size_t)(m->cfg.audio_dim > m->cfg.video_dim ? m->cfg.audio_dim : m->cfg.video_dim);
     size_t off = 0;
     m->g_qout = carve(base, &off, T * H);
     m->g_query = carve(base, &off, T * H);
     m->g_enc = carve(base, &off, B * S * M);
     m->g_seg = carve(base, &off, B * tmax * M);
+    m->g_out = m->g_in = NULL;
+    if (m->on_device) {
+        m->g_out = carve(base, &off, T * (size_t)m->cfg.llm_hidden_size);
+        m->g_in = carve(base, &off, B * tmax * D);
+    }
     return off;
+}
+
+/* Grows bwd on m->be (grow-only, contents not kept). */
+static qf_status grow_bwd(qf_prefusion *m, size_t floats, const char *fn) {
+    if (!m->on_device) return grow(&m->bwd, &m->bwd_cap, floats, fn);
+    if (floats <= m->bwd_cap) return QF_OK;
+    m->be->free(m->bwd);
+    m->bwd = NULL;
+    m->bwd_cap = 0;
+    qf_status s = m->be->alloc((void **)&m->bwd, floats * sizeof(float));
+    if (s != QF_OK) return qf_fail_prefix(s, "%s (%zu bytes of backward buffers)", fn, floats * sizeof(float));
+    m->bwd_cap = floats;
+    return QF_OK;
+}
+
+/* A GPU model's device gradient block, made at its first backward from the host gradients. */
+static qf_status device_grads(qf_prefusion *m, const char *fn) {
+    if (!m->on_device || m->dgrads) return QF_OK;
+    const size_t bytes = m->params_total * sizeof(float);
+    m->grads_on_device = 0;
+    QF_TRY(m->be->alloc((void **)&m->dgrads, bytes));
+    qf_status s = m->be->copy2d(m->dgrads, bytes, m->grads, bytes, bytes, 1);
+    if (s != QF_OK) {
+        m->be->free(m->dgrads);
+        m->dgrads = NULL;
+        return qf_fail_prefix(s, "%s (uploading the gradients)", fn);
+    }
+    return QF_OK;
+}
+
+/* grads = dgrads when the device copy is newer (one download and a wait). */
+static qf_status sync_grads(qf_prefusion *m) {
+    if (!m->grads_on_device || !m->dgrads) return QF_OK;
+    const size_t bytes = m->params_total * sizeof(float);
+    QF_TRY(m->be->copy2d(m->grads, bytes, m->dgrads, bytes, bytes, 1));
+    QF_TRY(m->be->synchronize());
+    m->grads_on_device = 0;
+    return QF_OK;
 }
 
 /* Offsets of the two modalities inside the fused sequence. */
@@ -504,6 +562,7 @@ static qf_status forward_device(qf_prefusion *m, const qf_prefusion_args *a, con
     const int64_t key[8] = {B, ta, tf, m->has_mask, qkey[5], (int64_t)(intptr_t)m->qf->fwd,
                             (int64_t)(intptr_t)m->qf->mir, (int64_t)(intptr_t)m->dfwd};
     QF_TRY(qf_model_graph_run(be, &m->graph, key, 8, device_body, m));
+    m->qout = (float *)qf_qformer_result(m->qf); /* the LLM projection's input, for backward */
     const size_t n = (size_t)(B * nq * m->cfg.llm_hidden_size) * sizeof(float);
     QF_TRY(be->copy2d(out, n, m->out_buf, n, n, 1));
     QF_TRY(be->synchronize());
@@ -520,6 +579,8 @@ static qf_status forward_device(qf_prefusion *m, const qf_prefusion_args *a, con
     return QF_OK;
 }
 
+/* Frees what the model holds on a device (the gradients downloaded first) and the planned
+ * backward block on either side; the model is a CPU model again. */
 static void release_device(qf_prefusion *m) {
     if (m->on_device) {
         const qf_backend *be = m->be;
@@ -527,7 +588,15 @@ static void release_device(qf_prefusion *m) {
         be->free(m->dfwd);
         be->free(m->run_params);
         be->free(m->params_bf16);
+        be->free(m->bwd);
+        (void)sync_grads(m); /* grads keeps the newest gradients */
+        be->free(m->dgrads);
+    } else {
+        free(m->bwd);
     }
+    m->bwd = m->dgrads = NULL;
+    m->bwd_cap = 0;
+    m->grads_on_device = 0;
     free(m->hmask);
     m->hmask = NULL;
     m->hmask_cap = 0;
@@ -641,47 +710,70 @@ qf_status qf_prefusion_forward(qf_prefusion *m, const qf_prefusion_args *a, cons
     return QF_OK;
 }
 
-/* ---- backward ---- */
+/* ---- backward ----
+ * One code path for both backends: every op goes through m->be, the gradients of the
+ * parameters into pf_grad (grads, or dgrads on the GPU). On the GPU grad_out is staged into
+ * bwd first and each input gradient is made there and copied out (the caller's pointers may be
+ * host or device memory); the call returns after the GPU has finished. */
 
-qf_status qf_prefusion_backward(qf_prefusion *m, const float *grad_out, float *grad_audio, float *grad_face) {
+static qf_status backward_body(qf_prefusion *m, const float *grad_out, float *grad_audio, float *grad_face) {
     const char *fn = "qf_prefusion_backward";
-    if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
-    if (!grad_out) return qf_fail(QF_ERR_ARG, "%s: grad_out is NULL", fn);
-    if (m->on_device)
-        return qf_fail(QF_ERR_UNSUPPORTED, "%s: backward runs on the CPU only: this model runs on %s "
-                                           "(qf_prefusion_to_device(m, \"cpu\", QF_F32) first)", fn, m->be->name);
-    if (!m->have_fwd) return qf_fail(QF_ERR_ARG, "%s: no successful qf_prefusion_forward to differentiate", fn);
+    const qf_backend *be = m->be;
     const int64_t B = m->B, ta = m->ta, tf = m->tf, S = ta + tf, M = m->cfg.max_hidden_size;
-    const int64_t nq = m->cfg.num_multi_query_token, H = m->H, T = B * nq;
-    size_t need = plan_backward(m, NULL);
-    QF_TRY(grow(&m->bwd, &m->bwd_cap, need, fn));
-    plan_backward(m, m->bwd);
-
-    QF_TRY(qf_linear_backward(m->g_qout, m->gwl, m->gbl, grad_out, m->qout, m->wl, T, H, m->cfg.llm_hidden_size));
+    const int64_t nq = m->cfg.num_multi_query_token, H = m->H, T = B * nq, L = m->cfg.llm_hidden_size;
+    const float *gout = grad_out;
+    if (m->on_device) {
+        const size_t n = (size_t)(T * L) * sizeof(float);
+        QF_TRY(be->copy2d(m->g_out, n, grad_out, n, n, 1));
+        gout = m->g_out;
+    }
+    QF_TRY(be->linear_backward(m->g_qout, pf_grad(m, m->wl), pf_grad(m, m->bl), gout, m->qout, m->wl, T, H, L));
     qf_status s = qf_qformer_backward(m->qf, m->g_qout, m->g_query, m->g_enc, NULL, NULL);
     if (s != QF_OK) return qf_fail_prefix(s, "%s (multi_Qformer)", fn);
-    /* the queries are one parameter broadcast over the batch: its gradient sums over B */
-    for (int64_t b = 0; b < B; b++) {
-        const float *g = m->g_query + b * nq * H;
-        for (int64_t j = 0; j < nq * H; j++) m->gqtok[j] += g[j];
-    }
-    /* position rows 0..S-1 are shared by every item */
-    for (int64_t b = 0; b < B; b++) {
-        const float *g = m->g_enc + b * S * M;
-        for (int64_t j = 0; j < S * M; j++) m->gpos[j] += g[j];
-    }
+    /* the queries are one [nq, H] table broadcast over the batch and the position rows 0..S-1
+     * are shared by every item: each gradient sums its rows over B (a period of nq, S rows) */
+    QF_TRY(be->embedding_backward(NULL, pf_grad(m, m->qtok), m->g_query, NULL, -1, T, nq, H));
+    QF_TRY(be->embedding_backward(NULL, pf_grad(m, m->pos), m->g_enc, NULL, -1, B * S, S, M));
     int64_t off_a, off_f;
     segment_offsets(m, ta, tf, &off_a, &off_f);
     for (int mod = 0; mod < 2; mod++) {
         const int64_t t = mod ? ta : tf, D = mod ? m->cfg.audio_dim : m->cfg.video_dim, seg = mod ? off_a : off_f;
         float *gin = mod ? grad_audio : grad_face;
         if (!t) continue;
-        for (int64_t b = 0; b < B; b++)
-            memcpy(m->g_seg + b * t * M, m->g_enc + (b * S + seg) * M, (size_t)(t * M) * sizeof(float));
-        QF_TRY(qf_linear_backward(gin, mod ? m->gwa : m->gwv, mod ? m->gba : m->gbv, m->g_seg,
-                                  mod ? m->audio_in : m->face_in, mod ? m->wa : m->wv, B * t, D, M));
+        /* the modality's rows of every item, contiguous */
+        const size_t w = (size_t)(t * M) * sizeof(float);
+        QF_TRY(be->copy2d(m->g_seg, w, m->g_enc + seg * M, (size_t)(S * M) * sizeof(float), w, (size_t)B));
+        float *din = gin && m->on_device ? m->g_in : gin;
+        QF_TRY(be->linear_backward(din, pf_grad(m, mod ? m->wa : m->wv), pf_grad(m, mod ? m->ba : m->bv), m->g_seg,
+                                   mod ? m->audio_in : m->face_in, mod ? m->wa : m->wv, B * t, D, M));
+        if (din != gin) {
+            const size_t n = (size_t)(B * t * D) * sizeof(float);
+            QF_TRY(be->copy2d(gin, n, din, n, n, 1));
+        }
     }
     return QF_OK;
+}
+
+qf_status qf_prefusion_backward(qf_prefusion *m, const float *grad_out, float *grad_audio, float *grad_face) {
+    const char *fn = "qf_prefusion_backward";
+    if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
+    if (!grad_out) return qf_fail(QF_ERR_ARG, "%s: grad_out is NULL", fn);
+    if (m->params_bf16)
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: this model runs with bf16 weights on %s: backward is float32 only "
+                                           "(qf_prefusion_to_device(m, \"%s\", QF_F32) first)", fn, m->be->name,
+                       m->be->name);
+    if (!m->have_fwd) return qf_fail(QF_ERR_ARG, "%s: no successful qf_prefusion_forward to differentiate", fn);
+    size_t need = plan_backward(m, NULL);
+    QF_TRY(grow_bwd(m, need, fn));
+    plan_backward(m, m->bwd);
+    QF_TRY(device_grads(m, fn));
+    qf_status s = backward_body(m, grad_out, grad_audio, grad_face);
+    if (m->on_device) {
+        m->grads_on_device = 1; /* dgrads may have changed, even after a failure; downloaded when shown */
+        qf_status s2 = m->be->synchronize(); /* nothing may still run on bwd or the caller's buffers */
+        if (s == QF_OK) s = s2;
+    }
+    return s;
 }
 
 /* ---- parameters ---- */
@@ -698,6 +790,7 @@ qf_status qf_prefusion_param(qf_prefusion *m, int i, qf_param *out) {
         out->name = m->q_names[i - m->np];
         return QF_OK;
     }
+    QF_TRY(sync_grads(m));
     const pf_ptab *p = &m->ptab[i];
     memset(out, 0, sizeof *out);
     out->name = p->name;
@@ -710,7 +803,11 @@ qf_status qf_prefusion_param(qf_prefusion *m, int i, qf_param *out) {
 
 void qf_prefusion_zero_grad(qf_prefusion *m) {
     if (!m) return;
-    const pf_ptab *last = &m->ptab[m->np - 1];
-    memset(m->grads, 0, (last->off + last->n) * sizeof(float));
     qf_qformer_zero_grad(m->qf);
+    /* on the GPU: queued ahead of the next backward, the host copy refreshed when next shown */
+    if (m->dgrads && m->be->zero(m->dgrads, m->params_total * sizeof(float)) == QF_OK) {
+        m->grads_on_device = 1;
+        return;
+    }
+    if (m->grads) memset(m->grads, 0, m->params_total * sizeof(float));
 }
