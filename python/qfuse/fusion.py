@@ -279,7 +279,8 @@ class Prefusion(_Model):
 
     def to(self, device="cpu", dtype="float32"):
         """The whole pre-fusion forward on device "cpu" or "cuda" (dtype "bfloat16": bf16 GEMM
-        weights, cuda only); backward needs the CPU. Returns self."""
+        weights, cuda only); backward runs where the model is (float32 weights only). Returns
+        self."""
         from .qformer import _DTYPES
         if device not in ("cpu", "cuda") or dtype not in _DTYPES:
             raise QfuseError('Prefusion.to: device = %r, dtype = %r; expected "cpu"/"cuda" and '
@@ -380,7 +381,7 @@ class KVPrefix(_Model):
     def to(self, device="cpu", dtype="float32"):
         """The whole KV-prefix forward (global-feature MLP, prefix K/V, Q-Former) and project()
         on device "cpu" or "cuda" (dtype "bfloat16": bf16 GEMM weights, cuda only); backward
-        and project_backward need the CPU. Returns self."""
+        and project_backward run where the model is (float32 weights only). Returns self."""
         from .qformer import _DTYPES
         if device not in ("cpu", "cuda") or dtype not in _DTYPES:
             raise QfuseError('KVPrefix.to: device = %r, dtype = %r; expected "cpu"/"cuda" and '

@@ -246,9 +246,9 @@ def test_prefusion_vs_reference_and_cpu(tmp_path, case):
         assert util.rel_err(out, ref) < TOL, (case, seed, B)
         assert util.rel_err(out, cpu.fuse(audio=a, face=f, audio_mask=am, face_mask=fm)) < TOL, (case, seed)
         assert util.rel_err(bf.fuse(audio=a, face=f, audio_mask=am, face_mask=fm), ref) < BF16_TOL, (case, seed)
-    with pytest.raises(QfuseError) as e:
-        gpu.backward(np.ones_like(out))
-    assert e.value.status == "QF_ERR_UNSUPPORTED"
+    with pytest.raises(QfuseError) as e:  # float32 GPU backward: test_cuda_prefusion_backward.py
+        bf.backward(np.ones_like(out))
+    assert e.value.status == "QF_ERR_UNSUPPORTED" and "bf16" in str(e.value)
     if ta:
         a = a.copy()
         a[1, 2, 3] = np.nan
