@@ -78,6 +78,18 @@ typedef struct {
      * the check queues like a kernel; the caller reads *first after the work has finished. */
     qf_status (*screen_nonfinite)(const float *x, int64_t n, int64_t *first);
 
+    /* ---- bf16 activations (NULL in the CPU table): a model placed with bf16 weights keeps the
+     * inputs of its GEMMs in bfloat16 (gemm_nt's x_bf16 / out_bf16), written by the op that
+     * produces them, so no GEMM converts its input. Same rules as above. */
+    /* layernorm_forward that also writes out16 = bf16(out) [rows, C] */
+    qf_status (*layernorm_forward_x16)(float *out, uint16_t *out16, float *mean, float *rstd, const float *x,
+                                       const float *w, const float *b, int64_t rows, int64_t C, float eps);
+    /* out16 = bf16(gelu(x)) over n values */
+    qf_status (*gelu_forward_x16)(uint16_t *out16, const float *x, int64_t n, qf_gelu_kind kind);
+    /* sdpa_forward on bf16 q, k, v (strided problems allowed), bf16 out; lse may be NULL */
+    qf_status (*sdpa_forward_x16)(const qf_sdpa_problem *pr, const uint16_t *q, const uint16_t *k,
+                                  const uint16_t *v, uint16_t *out, float *lse);
+
     /* ---- backward ops (qformer_backward.c; same rules as above) ---- */
 
     /* qf_linear_backward on contiguous rows: d_in [N, Cin] = d_out·W (written), d_weight

@@ -608,6 +608,9 @@ float *qf_qformer_carve(float *base, size_t *off, size_t n) {
 }
 #define carve qf_qformer_carve
 
+/* n bf16 values from the float block (rounded up to whole floats; 64-byte aligned as carve) */
+static uint16_t *carve16(float *base, size_t *off, size_t n) { return (uint16_t *)carve(base, off, (n + 1) / 2); }
+
 /* strided_self: a self-attention block that runs strided (qf_qformer_strided): qh holds its
  * packed [rows, 3H] q|k|v projection (kept for backward), no heads */
 static void carve_attn(attn_acts *t, float *base, size_t *off, size_t rows, size_t kv_rows, size_t H, size_t nh,
@@ -672,6 +675,23 @@ static size_t plan_forward(qf_qformer *m, float *base) {
                 a->out = a->fq.out;
             }
         }
+    }
+    /* the bf16 activations (qf_qformer_act16), carved after the float32 ones */
+    const int p16 = qf_qformer_plan16(m);
+    m->emb16 = p16 ? carve16(base, &off, T * H) : NULL;
+    m->enc_kv16 = p16 ? carve16(base, &off, Te * 2 * H * (size_t)m->ncross) : NULL;
+    for (int64_t i = 0; p16 && i < m->cfg.num_hidden_layers; i++) {
+        layer_acts *a = &m->acts[i];
+        attn_acts *blocks[2] = {&a->self, m->layers[i].has_cross ? &a->cross : NULL};
+        for (int c = 0; c < 2; c++) {
+            if (!blocks[c]) continue;
+            const size_t rows = c ? Tq : T;
+            blocks[c]->proj16 = carve16(base, &off, rows * H * (c ? 1 : 3));
+            blocks[c]->merged16 = carve16(base, &off, rows * H);
+            blocks[c]->out16 = carve16(base, &off, rows * H);
+        }
+        a->fq.act16 = carve16(base, &off, Tq * I);
+        a->fq.out16 = carve16(base, &off, Tq * H);
     }
     return off;
 }
@@ -780,6 +800,23 @@ static qf_status linear(const qf_qformer *m, float *out, const float *in, const 
     return qf_model_linear(m->be, out, in, w, w16, b, res, rows, Cin, Cout);
 }
 
+/* linear with bf16 activations (qf_qformer_act16): reads in16 when given, writes out16 instead
+ * of out when given */
+static qf_status linear_x16(const qf_qformer *m, float *out, uint16_t *out16, const float *in, const uint16_t *in16,
+                            const float *w, const float *b, const float *res, int64_t rows, int64_t Cin, int64_t Cout) {
+    return qf_model_linear_x16(m->be, out, out16, in, in16, w, m->params_bf16 + (w - m->run_params), b, res, rows,
+                               Cin, Cout);
+}
+
+/* out = LN(x); with out16 also bf16(out) */
+static qf_status layernorm(const qf_qformer *m, float *out, uint16_t *out16, float *mean, float *rstd, const float *x,
+                           const float *w, const float *b, int64_t rows) {
+    const int64_t H = m->cfg.hidden_size;
+    const float eps = (float)m->cfg.layer_norm_eps;
+    if (out16) return m->be->layernorm_forward_x16(out, out16, mean, rstd, x, w, b, rows, H, eps);
+    return m->be->layernorm_forward(out, mean, rstd, x, w, b, rows, H, eps);
+}
+
 /* One attention block: t->out = LN(x + dense(MHA(x, [prefix ; kv]))). x has Lx tokens per item.
  * Self-attention projects x itself (kv unused); cross-attention reads its keys and values,
  * already projected but without their biases (added here), from kv: kv_len rows per item of
@@ -788,13 +825,18 @@ static qf_status linear(const qf_qformer *m, float *out, const float *in, const 
  * place from the packed projection rows (q|k|v of self-attention, the encoder's k|v with their
  * biases already added by the enc_kv GEMM) and the output is written merged, so no head is
  * split or merged. Not for a prefix (its keys come first) or an all-padding item. */
+/* With bf16 activations (x16 given: qf_qformer_act16) the projection, keys and values (kv16) and
+ * the attention output are bf16 and x16 = bf16(x) feeds the projection; the block writes t->out
+ * and t->out16. */
 static qf_status attention_block_strided(qf_qformer *m, const qformer_attn *w, attn_acts *t, const float *x,
-                                         int64_t Lx, const float *kv, int64_t kv_len, int64_t kv_ld, int cross) {
+                                         const uint16_t *x16, int64_t Lx, const float *kv, const uint16_t *kv16,
+                                         int64_t kv_len, int64_t kv_ld, int cross) {
     const qf_backend *be = m->be;
     const int64_t B = m->B, H = m->cfg.hidden_size, hd = m->hd, T = B * Lx;
     const int64_t qld = cross ? H : 3 * H;
     float *proj = t->qh; /* this block's own buffer: backward reads the projection again */
-    QF_TRY(linear(m, proj, x, w->wq, w->bq, NULL, T, H, qld));
+    if (x16) QF_TRY(linear_x16(m, NULL, t->proj16, x, x16, w->wq, w->bq, NULL, T, H, qld));
+    else QF_TRY(linear(m, proj, x, w->wq, w->bq, NULL, T, H, qld));
     const float *k = cross ? kv : proj + H, *v = cross ? kv + H : proj + 2 * H;
     const int64_t kld = cross ? kv_ld : 3 * H;
     qf_sdpa_params sp = qf_qformer_sdpa_params(m, cross);
@@ -806,26 +848,32 @@ static qf_status attention_block_strided(qf_qformer *m, const qformer_attn *w, a
         pr.q_sb = Lx * qld, pr.q_sh = hd, pr.q_si = qld;
         pr.k_sb = pr.v_sb = kv_len * kld, pr.k_sh = pr.v_sh = hd, pr.k_si = pr.v_si = kld;
         pr.o_sb = Lx * H, pr.o_sh = hd, pr.o_si = H;
-        s = be->sdpa_forward(&pr, proj, k, v, t->merged, t->lse, NULL);
+        if (x16) {
+            const uint16_t *k16 = cross ? kv16 : t->proj16 + H, *v16 = cross ? kv16 + H : t->proj16 + 2 * H;
+            s = be->sdpa_forward_x16(&pr, t->proj16, k16, v16, t->merged16, NULL);
+        } else {
+            s = be->sdpa_forward(&pr, proj, k, v, t->merged, t->lse, NULL);
+        }
     }
     if (s != QF_OK) return qf_fail_prefix(s, "qf_qformer_forward (%s-attention)", cross ? "cross" : "self");
-    QF_TRY(linear(m, t->sum, t->merged, w->wo, w->bo, x, T, H, H));
-    return be->layernorm_forward(t->out, t->mean, t->rstd, t->sum, w->ln_w, w->ln_b, T, H,
-                                 (float)m->cfg.layer_norm_eps);
+    if (x16) QF_TRY(linear_x16(m, t->sum, NULL, NULL, t->merged16, w->wo, w->bo, x, T, H, H));
+    else QF_TRY(linear(m, t->sum, t->merged, w->wo, w->bo, x, T, H, H));
+    return layernorm(m, t->out, x16 ? t->out16 : NULL, t->mean, t->rstd, t->sum, w->ln_w, w->ln_b, T);
 }
 
 /* 1 when run_layers adds the encoder k|v biases in the enc_kv GEMM (backends with strided SDPA);
  * else they are added as the heads are split (one write of enc_kv on the CPU) */
 static int kv_bias_in_gemm(const qf_qformer *m) { return m->be->sdpa_strided; }
 
-static qf_status attention_block(qf_qformer *m, const qformer_attn *w, attn_acts *t, const float *x, int64_t Lx,
-                                 const float *kv, int64_t kv_len, int64_t kv_ld, int cross) {
+static qf_status attention_block(qf_qformer *m, const qformer_attn *w, attn_acts *t, const float *x,
+                                 const uint16_t *x16, int64_t Lx, const float *kv, const uint16_t *kv16, int64_t kv_len,
+                                 int64_t kv_ld, int cross) {
     const char *fn = "qf_qformer_forward";
     const qf_backend *be = m->be;
     const int64_t B = m->B, H = m->cfg.hidden_size, nh = m->cfg.num_attention_heads, hd = m->hd;
     const int64_t P = cross ? m->P : 0, tot = P + kv_len, T = B * Lx;
     if (qf_qformer_strided(m, cross))
-        return attention_block_strided(m, w, t, x, Lx, kv, kv_len, kv_ld, cross);
+        return attention_block_strided(m, w, t, x, x16, Lx, kv, kv16, kv_len, kv_ld, cross);
     if (!cross) {
         /* one GEMM with the packed [3H, H] weight: rows of tmp are [q | k | v] */
         QF_PROF(QFP_QKV, QF_TRY(linear(m, m->tmp, x, w->wq, w->bq, NULL, T, H, 3 * H)));
@@ -863,9 +911,18 @@ static qf_status attention_block(qf_qformer *m, const qformer_attn *w, attn_acts
     return QF_OK;
 }
 
-static qf_status ffn_block(qf_qformer *m, const qformer_ffn *w, ffn_acts *f, const float *x, int64_t rows) {
+/* x16 given (qf_qformer_act16): x16 = bf16(x) feeds the first GEMM, GELU writes bf16, and the
+ * block also writes f->out16 */
+static qf_status ffn_block(qf_qformer *m, const qformer_ffn *w, ffn_acts *f, const float *x, const uint16_t *x16,
+                           int64_t rows) {
     const qf_backend *be = m->be;
     const int64_t H = m->cfg.hidden_size, I = m->cfg.intermediate_size;
+    if (x16) {
+        QF_TRY(linear_x16(m, f->pre, NULL, x, x16, w->w_in, w->b_in, NULL, rows, H, I));
+        QF_TRY(be->gelu_forward_x16(f->act16, f->pre, rows * I, m->cfg.hidden_act));
+        QF_TRY(linear_x16(m, f->sum, NULL, NULL, f->act16, w->w_out, w->b_out, x, rows, I, H));
+        return layernorm(m, f->out, f->out16, f->mean, f->rstd, f->sum, w->ln_w, w->ln_b, rows);
+    }
     QF_PROF(QFP_FFN_UP, QF_TRY(linear(m, f->pre, x, w->w_in, w->b_in, NULL, rows, H, I)));
     QF_PROF(QFP_GELU, QF_TRY(be->gelu_forward(f->act, f->pre, rows * I, m->cfg.hidden_act)));
     QF_PROF(QFP_FFN_DOWN_RES, QF_TRY(linear(m, f->sum, f->act, w->w_out, w->b_out, x, rows, I, H)));
@@ -888,29 +945,38 @@ static qf_status run_layers(qf_qformer *m) {
     }
     /* keys and values of every cross layer: one GEMM over the encoder rows (plan_params); the
      * biases are added as the heads are split (attention_block), so the GEMM writes once */
-    QF_PROF(QFP_ENC_KV, QF_TRY(linear(m, m->enc_kv, m->enc, m->enc_kv_w, kv_bias_in_gemm(m) ? m->enc_kv_b : NULL,
-                                      NULL, B * S, E, 2 * H * m->ncross)));
-    const float eps = (float)m->cfg.layer_norm_eps;
-    QF_PROF(QFP_LN, QF_TRY(be->layernorm_forward(m->emb, m->emb_mean, m->emb_rstd, m->x_in, m->ln_w, m->ln_b, T, H,
-                                                 eps)));
+    const int a16 = qf_qformer_act16(m); /* bf16 activations: every x16 below is non-NULL */
+    if (a16)
+        QF_TRY(linear_x16(m, NULL, m->enc_kv16, m->enc, NULL, m->enc_kv_w, m->enc_kv_b, NULL, B * S, E,
+                          2 * H * m->ncross));
+    else
+        QF_PROF(QFP_ENC_KV, QF_TRY(linear(m, m->enc_kv, m->enc, m->enc_kv_w, kv_bias_in_gemm(m) ? m->enc_kv_b : NULL,
+                                          NULL, B * S, E, 2 * H * m->ncross)));
+    QF_PROF(QFP_LN, QF_TRY(layernorm(m, m->emb, a16 ? m->emb16 : NULL, m->emb_mean, m->emb_rstd, m->x_in, m->ln_w,
+                                     m->ln_b, T)));
     const float *h = m->emb;
+    const uint16_t *h16 = a16 ? m->emb16 : NULL;
     for (int64_t i = 0; i < m->cfg.num_hidden_layers; i++) {
         const qformer_layer *l = &m->layers[i];
         layer_acts *t = &m->acts[i];
-        QF_TRY(attention_block(m, &l->self, &t->self, h, N, NULL, N, 0, 0));
+        QF_TRY(attention_block(m, &l->self, &t->self, h, h16, N, NULL, NULL, N, 0, 0));
         if (Lt) {
             QF_TRY(qf_qformer_rows_gather(m, t->aq, t->self.out, N, 0, Lq, H));
             QF_TRY(qf_qformer_rows_gather(m, t->at, t->self.out, N, Lq, Lt, H));
         }
-        const float *q = t->aq;
+        const float *q = t->aq; /* == self.out: a16 implies Lt == 0 */
+        const uint16_t *q16 = a16 ? t->self.out16 : NULL;
         if (l->has_cross) {
             const int64_t c = i / m->cfg.cross_attention_frequency, kv_ld = 2 * H * m->ncross;
-            QF_TRY(attention_block(m, &l->cross, &t->cross, q, Lq, m->enc_kv + c * 2 * H, S, kv_ld, 1));
+            QF_TRY(attention_block(m, &l->cross, &t->cross, q, q16, Lq, m->enc_kv + c * 2 * H,
+                                   a16 ? m->enc_kv16 + c * 2 * H : NULL, S, kv_ld, 1));
             q = t->cross.out;
+            q16 = a16 ? t->cross.out16 : NULL;
         }
-        QF_TRY(ffn_block(m, &l->fq, &t->fq, q, Tq));
+        QF_TRY(ffn_block(m, &l->fq, &t->fq, q, q16, Tq));
+        h16 = a16 ? t->fq.out16 : NULL;
         if (Lt) {
-            QF_TRY(ffn_block(m, &l->ft, &t->ft, t->at, Tt));
+            QF_TRY(ffn_block(m, &l->ft, &t->ft, t->at, NULL, Tt));
             QF_TRY(qf_qformer_rows_scatter(m, t->out, t->fq.out, N, 0, Lq, H));
             QF_TRY(qf_qformer_rows_scatter(m, t->out, t->ft.out, N, Lq, Lt, H));
         }

@@ -43,10 +43,14 @@ typedef struct {             /* activations of one attention block              
      * [T, 3H] q|k|v, cross: [Tq, H] q; biases added), kh, vh, oh are unused (NULL for self) and
      * the output is only in merged */
     float *qh, *kh, *vh, *oh, *lse, *merged, *sum, *mean, *rstd, *out;
+    /* bf16 activations (qf_qformer_act16), else unused: proj16 the packed projection rows in
+     * place of qh, merged16 the attention output in place of merged, out16 = bf16(out) */
+    uint16_t *proj16, *merged16, *out16;
 } attn_acts;
 
 typedef struct {
     float *pre, *act, *sum, *mean, *rstd, *out;
+    uint16_t *act16, *out16; /* bf16 activations: gelu's output in place of act, bf16(out) */
 } ffn_acts;
 
 typedef struct {
@@ -93,6 +97,7 @@ struct qf_qformer {
     float *txt;                     /* [B*Lt, H] word + position embeddings of the text       */
     float *x_in, *enc, *pk, *pv, *emb_mean, *emb_rstd, *emb, *tmp;
     float *enc_kv;                  /* [B*S, ncross*2H]: enc projected by enc_kv_w            */
+    uint16_t *emb16, *enc_kv16;     /* bf16 activations: bf16(emb); enc_kv in place of enc_kv  */
     int32_t *ids;
     uint8_t *self_mask;             /* [B, N] 1 = attend (when has_text_mask)                */
     uint8_t *cross_mask;            /* [B, P+S] 1 = attend (when has_enc_mask)               */
@@ -119,6 +124,20 @@ struct qf_qformer {
  * cross-attention with a prefix or an all-padding item. */
 static inline int qf_qformer_strided(const qf_qformer *m, int cross) {
     return m->be->sdpa_strided && !(cross && (m->P || m->any_dead));
+}
+
+/* 1 when the bf16 buffers are planned: bf16 weights on a backend with the bf16 activation entries
+ * (backend.h) and no text rows (their FFN inputs are gathered float32 copies). */
+static inline int qf_qformer_plan16(const qf_qformer *m) {
+    return m->params_bf16 && m->be->layernorm_forward_x16 && m->be->gelu_forward_x16 && m->be->sdpa_forward_x16 &&
+           !m->Lt;
+}
+
+/* 1 when the forward keeps the inputs of its GEMMs in bf16, each written by the op producing it
+ * (layer norms, GELU, attention, the q|k|v GEMMs): the bf16 buffers are planned and every
+ * attention block runs strided. Inference only: backward refuses bf16 weights. */
+static inline int qf_qformer_act16(const qf_qformer *m) {
+    return qf_qformer_plan16(m) && qf_qformer_strided(m, 0) && (m->ncross == 0 || qf_qformer_strided(m, 1));
 }
 
 /* The forward in steps, for a model that feeds the Q-Former from its own work on the same

@@ -42,6 +42,7 @@ enum {
     QF_CUDA_SCRATCH_SCREEN,      /* NaN/Inf screen: the first bad index                     */
     QF_CUDA_SCRATCH_GEMM_X16,    /* gemm_nt with bf16 weights: x rounded to bf16 [M, K]     */
     QF_CUDA_SCRATCH_DEAD_MEAN,   /* dead_rows_backward: per-row means (double) [B, nh, L]   */
+    QF_CUDA_SCRATCH_GEMM_OUT32,  /* gemm_nt to a bf16 out without cuBLASLt: float32 [M, N]  */
     QF_CUDA_SCRATCH_SLOTS
 };
 /* While a graph is being captured on the stream, a slot that would have to grow is refused
@@ -69,6 +70,9 @@ qf_status qf_cuda_gemm_skinny(const qf_gemm_nt_args *g, bool *done);
 qf_status qf_cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w,
                                     const float *b, int64_t rows, int64_t C, float eps);
 qf_status qf_cuda_gelu_forward(float *out, const float *x, int64_t n, qf_gelu_kind kind);
+qf_status qf_cuda_layernorm_forward_x16(float *out, uint16_t *out16, float *mean, float *rstd, const float *x,
+                                        const float *w, const float *b, int64_t rows, int64_t C, float eps);
+qf_status qf_cuda_gelu_forward_x16(uint16_t *out16, const float *x, int64_t n, qf_gelu_kind kind);
 qf_status qf_cuda_add(float *out, const float *a, const float *b, int64_t n);
 qf_status qf_cuda_embedding_forward(float *out, const int32_t *ids, const float *table, const float *pos,
                                     int64_t pos_rows, int64_t N, int64_t C);

@@ -6,8 +6,11 @@
  * Invariants:
  *   - Arguments are validated by the callers (the public ops or the model); these functions only
  *     queue work on qf_cuda_stream() and never synchronise, so a sequence of them can be captured
- *     as a CUDA graph. The only allocation is gemm_nt's bf16 copy of x (scratch slot
- *     QF_CUDA_SCRATCH_GEMM_X16), grow-only, refused while a capture is open.
+ *     as a CUDA graph. The only allocations are gemm_nt's bf16 copy of a float32 x (scratch slot
+ *     QF_CUDA_SCRATCH_GEMM_X16) and its float32 product for a bf16 out when cuBLASLt has no
+ *     algorithm (QF_CUDA_SCRATCH_GEMM_OUT32), grow-only, refused while a capture is open.
+ *   - bf16 activations (the _x16 entries, gemm_nt's x_bf16 / out_bf16): values are rounded to
+ *     nearest even once, where they are produced; every sum stays float32.
  *   - Numerics follow the CPU backend: layer norm in float32 with a two-pass variance (tree
  *     reduction over the row), GELU with erfcf / the exp form of tanh (cpu: gelu.c), the dead-row
  *     mean summed in double in key order (bit-identical to cpu.c), float32 products without TF32
@@ -50,16 +53,72 @@ __global__ void gemm_prologue(float *out, int64_t ldo, const float *bias, const 
     }
 }
 
-/* xb [M, K] contiguous = bf16(x [M, K], row stride ldx), round to nearest even (torch's .bfloat16()). */
-__global__ void to_bf16(__nv_bfloat16 *xb, const float *x, int64_t ldx, int64_t M, int64_t K) {
+/* xb [M, K] (row stride ldxb) = bf16(x [M, K], row stride ldx), round to nearest even (torch's
+ * .bfloat16()). */
+__global__ void to_bf16(__nv_bfloat16 *xb, int64_t ldxb, const float *x, int64_t ldx, int64_t M, int64_t K) {
     const int64_t n = M * K;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         int64_t m = i / K, k = i - m * K;
-        xb[i] = __float2bfloat16_rn(x[m * ldx + k]);
+        xb[m * ldxb + k] = __float2bfloat16_rn(x[m * ldx + k]);
     }
 }
 
-/* ---- layer norm: one block per row ------------------------------------------------------------- */
+/* four floats rounded to bf16 into 8 bytes at p (8-byte aligned) */
+__device__ __forceinline__ void store_bf16x4(__nv_bfloat16 *p, float4 v) {
+    __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+    uint2 u;
+    memcpy(&u.x, &lo, 4);
+    memcpy(&u.y, &hi, 4);
+    *(uint2 *)p = u;
+}
+
+/* ---- layer norm: one block per row (any C), or one warp per row (C = 128 NV: the row lives in
+ * registers, NV float4 per lane, and every reduction is a warp shuffle; 4 rows per block) -------- */
+
+template <int NV>
+__global__ void __launch_bounds__(128) layernorm_fwd_warp(float *out, __nv_bfloat16 *out16, float *mean_out,
+                                                          float *rstd_out, const float *x, const float *w,
+                                                          const float *b, int64_t rows, float eps) {
+    constexpr int C = 128 * NV;
+    const int64_t row = blockIdx.x * 4 + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const float4 *xr = (const float4 *)(x + row * C);
+    float4 v[NV];
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < NV; i++) {
+        v[i] = xr[lane + 32 * i];
+        s += (v[i].x + v[i].y) + (v[i].z + v[i].w);
+    }
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    const float mean = s / (float)C;
+    float q = 0.0f;
+#pragma unroll
+    for (int i = 0; i < NV; i++) {
+        const float d0 = v[i].x - mean, d1 = v[i].y - mean, d2 = v[i].z - mean, d3 = v[i].w - mean;
+        q += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+    }
+    for (int o = 16; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+    const float rstd = 1.0f / sqrtf(q / (float)C + eps);
+#pragma unroll
+    for (int i = 0; i < NV; i++) {
+        const int c = lane + 32 * i;
+        const float4 wv = w ? ((const float4 *)w)[c] : make_float4(1.f, 1.f, 1.f, 1.f);
+        const float4 bv = b ? ((const float4 *)b)[c] : make_float4(0.f, 0.f, 0.f, 0.f);
+        float4 r;
+        r.x = (v[i].x - mean) * rstd * wv.x + bv.x;
+        r.y = (v[i].y - mean) * rstd * wv.y + bv.y;
+        r.z = (v[i].z - mean) * rstd * wv.z + bv.z;
+        r.w = (v[i].w - mean) * rstd * wv.w + bv.w;
+        ((float4 *)(out + row * C))[c] = r;
+        if (out16) store_bf16x4(out16 + row * C + 4 * c, r);
+    }
+    if (lane == 0) {
+        if (mean_out) mean_out[row] = mean;
+        if (rstd_out) rstd_out[row] = rstd;
+    }
+}
 
 constexpr int kLnThreads = 128;
 
@@ -75,9 +134,9 @@ __device__ float block_sum(float v, float *sh) {
 }
 
 template <bool VEC>
-__global__ void __launch_bounds__(kLnThreads) layernorm_fwd(float *out, float *mean_out, float *rstd_out,
-                                                            const float *x, const float *w, const float *b,
-                                                            int64_t C, float eps) {
+__global__ void __launch_bounds__(kLnThreads) layernorm_fwd(float *out, __nv_bfloat16 *out16, float *mean_out,
+                                                            float *rstd_out, const float *x, const float *w,
+                                                            const float *b, int64_t C, float eps) {
     __shared__ float sh[kLnThreads / 32];
     const int64_t row = blockIdx.x;
     const float *xr = x + row * C;
@@ -117,10 +176,14 @@ __global__ void __launch_bounds__(kLnThreads) layernorm_fwd(float *out, float *m
             r.z = (v.z - mean) * rstd * wv.z + bv.z;
             r.w = (v.w - mean) * rstd * wv.w + bv.w;
             ((float4 *)yr)[c] = r;
+            if (out16) store_bf16x4(out16 + row * C + 4 * c, r);
         }
     } else {
-        for (int64_t c = threadIdx.x; c < C; c += kLnThreads)
-            yr[c] = (xr[c] - mean) * rstd * (w ? w[c] : 1.0f) + (b ? b[c] : 0.0f);
+        for (int64_t c = threadIdx.x; c < C; c += kLnThreads) {
+            const float r = (xr[c] - mean) * rstd * (w ? w[c] : 1.0f) + (b ? b[c] : 0.0f);
+            yr[c] = r;
+            if (out16) out16[row * C + c] = __float2bfloat16_rn(r);
+        }
     }
     if (threadIdx.x == 0) {
         if (mean_out) mean_out[row] = mean;
@@ -148,6 +211,19 @@ __global__ void gelu_kernel4(float4 *y, const float4 *x, int64_t n4, int tanh_fo
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n4; i += (int64_t)gridDim.x * blockDim.x) {
         float4 v = x[i];
         y[i] = make_float4(gelu1(v.x, tanh_form), gelu1(v.y, tanh_form), gelu1(v.z, tanh_form), gelu1(v.w, tanh_form));
+    }
+}
+
+__global__ void gelu_x16_kernel(__nv_bfloat16 *y, const float *x, int64_t n, int tanh_form) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        y[i] = __float2bfloat16_rn(gelu1(x[i], tanh_form));
+}
+
+__global__ void gelu_x16_kernel4(__nv_bfloat16 *y, const float4 *x, int64_t n4, int tanh_form) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n4; i += (int64_t)gridDim.x * blockDim.x) {
+        float4 v = x[i];
+        store_bf16x4(y + 4 * i, make_float4(gelu1(v.x, tanh_form), gelu1(v.y, tanh_form), gelu1(v.z, tanh_form),
+                                            gelu1(v.w, tanh_form)));
     }
 }
 
@@ -291,6 +367,7 @@ unsigned align_of(const void *p) { /* the largest power of two <= 256 dividing t
 struct LtKey {
     int64_t M, N, K, ldb, ldc, ldd;
     int bf16, bias, cmode, tf32; /* cmode: 0 no C (beta 0), 1 C = res, 2 C = out (accumulate) */
+    int out_bf16;                /* D (and the unused C) bf16: only with cmode 0 */
     unsigned al_a, al_b, al_c, al_d, al_bias;
 };
 
@@ -339,8 +416,9 @@ void lt_build(cublasLtHandle_t lt, const LtKey &k, const float *bias, size_t ws_
     }
     if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatrixLayoutCreate(&p->a, ab, (uint64_t)k.K, (uint64_t)k.N, k.K);
     if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatrixLayoutCreate(&p->b, ab, (uint64_t)k.K, (uint64_t)k.M, k.ldb);
-    if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatrixLayoutCreate(&p->c, CUDA_R_32F, (uint64_t)k.N, (uint64_t)k.M, k.ldc);
-    if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatrixLayoutCreate(&p->d, CUDA_R_32F, (uint64_t)k.N, (uint64_t)k.M, k.ldd);
+    const cudaDataType_t dt = k.out_bf16 ? CUDA_R_16BF : CUDA_R_32F;
+    if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatrixLayoutCreate(&p->c, dt, (uint64_t)k.N, (uint64_t)k.M, k.ldc);
+    if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatrixLayoutCreate(&p->d, dt, (uint64_t)k.N, (uint64_t)k.M, k.ldd);
     cublasLtMatmulPreference_t pref = nullptr;
     if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatmulPreferenceCreate(&pref);
     const uint64_t ws = ws_bytes;
@@ -370,12 +448,14 @@ qf_status lt_gemm(const qf_gemm_nt_args *g, const void *B, int64_t ldb, bool *do
     QF_TRY(qf_cuda_blaslt(&lt, &ws, &ws_bytes));
     const void *A = g->w_bf16 ? (const void *)g->w_bf16 : (const void *)g->w;
     const int cmode = g->res ? 1 : g->accumulate ? 2 : 0;
-    const void *C = cmode == 1 ? (const void *)g->res : (const void *)g->out;
+    void *D = g->out_bf16 ? (void *)g->out_bf16 : (void *)g->out;
+    const void *C = cmode == 1 ? (const void *)g->res : (const void *)D;
     LtKey k;
     memset(&k, 0, sizeof k); /* padding too: keys are compared with memcmp */
     k.M = g->M; k.N = g->N; k.K = g->K; k.ldb = ldb; k.ldc = cmode == 1 ? g->ldr : g->ldo; k.ldd = g->ldo;
     k.bf16 = g->w_bf16 != nullptr; k.bias = g->bias != nullptr; k.cmode = cmode; k.tf32 = qf_cuda_tf32();
-    k.al_a = align_of(A); k.al_b = align_of(B); k.al_c = align_of(C); k.al_d = align_of(g->out);
+    k.out_bf16 = g->out_bf16 != nullptr;
+    k.al_a = align_of(A); k.al_b = align_of(B); k.al_c = align_of(C); k.al_d = align_of(D);
     k.al_bias = g->bias ? align_of(g->bias) : 256;
     std::lock_guard<std::mutex> lock(g_plan_mu);
     LtPlan *p = nullptr;
@@ -393,7 +473,7 @@ qf_status lt_gemm(const qf_gemm_nt_args *g, const void *B, int64_t ldb, bool *do
                                                                  sizeof g->bias),
                                   "gemm (cuda): setting the bias pointer"));
     const float alpha = 1.0f, beta = cmode ? 1.0f : 0.0f;
-    QF_TRY(qf_cuda_blas_check(cublasLtMatmul(lt, p->op, &alpha, A, p->a, B, p->b, &beta, C, p->c, g->out, p->d, &p->algo,
+    QF_TRY(qf_cuda_blas_check(cublasLtMatmul(lt, p->op, &alpha, A, p->a, B, p->b, &beta, C, p->c, D, p->d, &p->algo,
                                              ws, ws_bytes, qf_cuda_stream()),
                               "gemm (cuda): cublasLtMatmul"));
     *done = true;
@@ -416,6 +496,10 @@ qf_status qf_cuda_gemm_nt(const qf_gemm_nt_args *g) {
         g->ldr > INT32_MAX)
         return qf_fail(QF_ERR_ARG, "gemm (cuda): M = %lld, N = %lld, K = %lld: sizes and strides must fit in int (cuBLAS)",
                        (long long)g->M, (long long)g->N, (long long)g->K);
+    if ((g->x_bf16 || g->out_bf16) && !g->w_bf16)
+        return qf_fail(QF_ERR_ARG, "gemm (cuda): a bf16 %s needs bf16 weights (w_bf16)", g->x_bf16 ? "x" : "out");
+    if (g->out_bf16 && (g->res || g->accumulate))
+        return qf_fail(QF_ERR_ARG, "gemm (cuda): a bf16 out takes no residual and no accumulation");
     if (g->M <= 0 || g->N <= 0) return QF_OK;
     if (g_skinny_on.load() && g->K > 0) {
         bool done;
@@ -423,12 +507,12 @@ qf_status qf_cuda_gemm_nt(const qf_gemm_nt_args *g) {
         if (done) return QF_OK;
     }
     cudaStream_t st = qf_cuda_stream();
-    const void *B = g->x;
+    const void *B = g->x_bf16 ? (const void *)g->x_bf16 : (const void *)g->x;
     int64_t ldb = g->ldx;
-    if (g->w_bf16 && g->K > 0) { /* x rounded to bf16, contiguous */
+    if (g->w_bf16 && !g->x_bf16 && g->K > 0) { /* x rounded to bf16, contiguous */
         void *buf;
         QF_TRY(qf_cuda_scratch(QF_CUDA_SCRATCH_GEMM_X16, sizeof(__nv_bfloat16) * (size_t)g->M * (size_t)g->K, &buf));
-        to_bf16<<<grid_for(g->M * g->K), kThreads, 0, st>>>((__nv_bfloat16 *)buf, g->x, g->ldx, g->M, g->K);
+        to_bf16<<<grid_for(g->M * g->K), kThreads, 0, st>>>((__nv_bfloat16 *)buf, g->K, g->x, g->ldx, g->M, g->K);
         QF_TRY(qf_cuda_launched("to_bf16"));
         B = buf;
         ldb = g->K;
@@ -439,6 +523,20 @@ qf_status qf_cuda_gemm_nt(const qf_gemm_nt_args *g) {
         bool done;
         QF_TRY(lt_gemm(g, B, ldb, &done));
         if (done) return QF_OK;
+    }
+    if (g->out_bf16) { /* without cuBLASLt: the float32 product in scratch, then rounded into out_bf16 */
+        void *buf;
+        QF_TRY(qf_cuda_scratch(QF_CUDA_SCRATCH_GEMM_OUT32, sizeof(float) * (size_t)g->M * (size_t)g->N, &buf));
+        qf_gemm_nt_args f = *g;
+        f.out_bf16 = nullptr;
+        f.out = (float *)buf;
+        f.ldo = g->N;
+        f.x_bf16 = (const uint16_t *)B; /* already bf16: not converted twice */
+        f.ldx = ldb;
+        QF_TRY(qf_cuda_gemm_nt(&f));
+        to_bf16<<<grid_for(g->M * g->N), kThreads, 0, st>>>((__nv_bfloat16 *)g->out_bf16, g->ldo, (const float *)buf,
+                                                            g->N, g->M, g->N);
+        return qf_cuda_launched("to_bf16");
     }
     float beta = g->accumulate ? 1.0f : 0.0f;
     if (g->bias || g->res) {
@@ -467,14 +565,42 @@ qf_status qf_cuda_gemm_nt(const qf_gemm_nt_args *g) {
                               "gemm (cuda): cublasGemmEx (bf16 weights)");
 }
 
-qf_status qf_cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w, const float *b,
-                                    int64_t rows, int64_t C, float eps) {
+qf_status qf_cuda_layernorm_forward_x16(float *out, uint16_t *out16, float *mean, float *rstd, const float *x,
+                                        const float *w, const float *b, int64_t rows, int64_t C, float eps) {
     if (rows <= 0 || C <= 0) return QF_OK;
     if (rows > INT32_MAX) return qf_fail(QF_ERR_ARG, "layernorm (cuda): %lld rows: at most 2^31-1", (long long)rows);
-    const bool vec = C % 4 == 0 && aligned16(out) && aligned16(x) && aligned16(w) && aligned16(b);
-    if (vec) layernorm_fwd<true><<<(unsigned)rows, kLnThreads, 0, qf_cuda_stream()>>>(out, mean, rstd, x, w, b, C, eps);
-    else layernorm_fwd<false><<<(unsigned)rows, kLnThreads, 0, qf_cuda_stream()>>>(out, mean, rstd, x, w, b, C, eps);
+    cudaStream_t st = qf_cuda_stream();
+    __nv_bfloat16 *o16 = (__nv_bfloat16 *)out16;
+    const bool vec = C % 4 == 0 && aligned16(out) && aligned16(x) && aligned16(w) && aligned16(b) &&
+                     ((uintptr_t)out16 & 7u) == 0;
+    if (vec && C % 128 == 0 && C <= 1024) {
+        const unsigned grid = (unsigned)((rows + 3) / 4);
+        switch (C / 128) {
+#define QF_LN_WARP(nv) case nv: layernorm_fwd_warp<nv><<<grid, 128, 0, st>>>(out, o16, mean, rstd, x, w, b, rows, eps); break;
+        QF_LN_WARP(1) QF_LN_WARP(2) QF_LN_WARP(3) QF_LN_WARP(4) QF_LN_WARP(5) QF_LN_WARP(6) QF_LN_WARP(7) QF_LN_WARP(8)
+#undef QF_LN_WARP
+        }
+        return qf_cuda_launched("layernorm_fwd_warp");
+    }
+    if (vec) layernorm_fwd<true><<<(unsigned)rows, kLnThreads, 0, st>>>(out, o16, mean, rstd, x, w, b, C, eps);
+    else layernorm_fwd<false><<<(unsigned)rows, kLnThreads, 0, st>>>(out, o16, mean, rstd, x, w, b, C, eps);
     return qf_cuda_launched("layernorm_fwd");
+}
+
+qf_status qf_cuda_layernorm_forward(float *out, float *mean, float *rstd, const float *x, const float *w, const float *b,
+                                    int64_t rows, int64_t C, float eps) {
+    return qf_cuda_layernorm_forward_x16(out, nullptr, mean, rstd, x, w, b, rows, C, eps);
+}
+
+qf_status qf_cuda_gelu_forward_x16(uint16_t *out16, const float *x, int64_t n, qf_gelu_kind kind) {
+    if (n <= 0) return QF_OK;
+    const int tf = kind == QF_GELU_TANH;
+    __nv_bfloat16 *y = (__nv_bfloat16 *)out16;
+    if (n % 4 == 0 && ((uintptr_t)out16 & 7u) == 0 && aligned16(x))
+        gelu_x16_kernel4<<<grid_for(n / 4), kThreads, 0, qf_cuda_stream()>>>(y, (const float4 *)x, n / 4, tf);
+    else
+        gelu_x16_kernel<<<grid_for(n), kThreads, 0, qf_cuda_stream()>>>(y, x, n, tf);
+    return qf_cuda_launched("gelu_x16");
 }
 
 qf_status qf_cuda_gelu_forward(float *out, const float *x, int64_t n, qf_gelu_kind kind) {

@@ -68,6 +68,10 @@ struct Args {
     int vec_q, vec_k, vec_v, vec_o, vec_do; /* 16-byte copies possible: columns % 8 == 0, aligned */
     const void *mask;
     int64_t ms_b, ms_h, ms_i, ms_j;
+    /* element strides (batch, head, row) of q, k, v, out as fwd_bf16 reads them: the contiguous
+     * [B, H, len, D] ones, or a strided problem's views (qf_sdpa_problem.strided: heads read in
+     * place from packed projection rows, output written merged); the other kernels are contiguous */
+    int64_t q_sb, q_sh, q_si, k_sb, k_sh, k_si, v_sb, v_sh, v_si, o_sb, o_sh, o_si;
 };
 
 /* ---- PTX helpers ---------------------------------------------------------------------------- */
@@ -124,13 +128,14 @@ __device__ __forceinline__ float mask_log2(const Args &a, int64_t base, int64_t 
     return ((const float *)a.mask)[at] * LOG2E;
 }
 
-/* Rows [row0, row0+64) x cols [0, DP) of the row-major [nrows, ncols] bf16 matrix src into tile
- * (row stride DP+8). vec: ncols % 8 == 0 and src 16-byte aligned: asynchronous 16-byte copies
+/* Rows [row0, row0+64) x cols [0, DP) of the row-major [nrows, ncols] bf16 matrix src (row stride
+ * ld elements) into tile (row stride DP+8). vec: ncols % 8 == 0, ld % 8 == 0 and src 16-byte
+ * aligned: asynchronous 16-byte copies
  * (cp.async; commit, wait and __syncthreads before use); else plain element copies (visible
  * after the next __syncthreads). Rows >= nrows and cols >= ncols become 0. */
 template <int DP>
 __device__ __forceinline__ void load_tile(uint16_t *tile, const uint16_t *src, int64_t row0, int64_t nrows,
-                                          int64_t ncols, int vec) {
+                                          int64_t ncols, int vec, int64_t ld) {
     constexpr int LDS = DP + 8;
     if (vec) {
         constexpr int C8 = DP / 8;
@@ -138,13 +143,13 @@ __device__ __forceinline__ void load_tile(uint16_t *tile, const uint16_t *src, i
         for (int idx = threadIdx.x; idx < 64 * C8; idx += NT) {
             const int r = idx / C8, c = (idx % C8) * 8;
             const bool ok = row0 + r < nrows && c < ncols;
-            cp_async16(tile + r * LDS + c, ok ? src + (row0 + r) * ncols + c : src, ok);
+            cp_async16(tile + r * LDS + c, ok ? src + (row0 + r) * ld + c : src, ok);
         }
     } else {
         for (int idx = threadIdx.x; idx < 64 * DP; idx += NT) {
             const int r = idx / DP, c = idx % DP;
             const bool ok = row0 + r < nrows && c < ncols;
-            tile[r * LDS + c] = ok ? src[(row0 + r) * ncols + c] : (uint16_t)0;
+            tile[r * LDS + c] = ok ? src[(row0 + r) * ld + c] : (uint16_t)0;
         }
     }
 }
@@ -167,8 +172,9 @@ __global__ void __launch_bounds__(NT, 2) fwd_bf16(Args a) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int64_t qb = a.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x; /* heaviest first */
     const int64_t h = blockIdx.y, b = blockIdx.z, hk = h / a.group, row0 = qb * BM;
-    const int64_t bh = b * a.Hq + h, bhk = b * a.Hkv + hk;
-    const uint16_t *q = a.q + bh * a.L * a.D, *k = a.k + bhk * a.S * a.D, *v = a.v + bhk * a.S * a.Dv;
+    const int64_t bh = b * a.Hq + h;
+    const uint16_t *q = a.q + b * a.q_sb + h * a.q_sh, *k = a.k + b * a.k_sb + hk * a.k_sh;
+    const uint16_t *v = a.v + b * a.v_sb + hk * a.v_sh;
     const int64_t mbase = b * a.ms_b + h * a.ms_h;
     const int wrow = warp * 16;                     /* this warp's first row in the tile */
     const bool active = row0 + wrow < a.L;          /* any of its rows exists */
@@ -178,8 +184,8 @@ __global__ void __launch_bounds__(NT, 2) fwd_bf16(Args a) {
         const int64_t last = (row0 + BM < a.L ? row0 + BM : a.L) - 1;
         if (last / BN + 1 < nkb) nkb = last / BN + 1;
     }
-    load_tile<DP>(Qs, q, row0, a.L, a.D, a.vec_q);
-    load_tile<DP>(Ks, k, 0, a.S, a.D, a.vec_k);
+    load_tile<DP>(Qs, q, row0, a.L, a.D, a.vec_q, a.q_si);
+    load_tile<DP>(Ks, k, 0, a.S, a.D, a.vec_k, a.k_si);
     cp_async_commit();
 
     uint32_t qf[KT][4];
@@ -197,7 +203,7 @@ __global__ void __launch_bounds__(NT, 2) fwd_bf16(Args a) {
                 ldsm4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3],
                       Qs + (wrow + (lane & 7) + 8 * ((lane >> 3) & 1)) * LDS + kk * 16 + 8 * (lane >> 4));
         }
-        load_tile<DP>(Vs, v, col0, a.S, a.Dv, a.vec_v);
+        load_tile<DP>(Vs, v, col0, a.S, a.Dv, a.vec_v, a.v_si);
         cp_async_commit();
         float s[8][4];
 #pragma unroll
@@ -266,7 +272,7 @@ __global__ void __launch_bounds__(NT, 2) fwd_bf16(Args a) {
         cp_async_wait<0>();
         __syncthreads(); /* V tile kb ready; every warp is done with K tile kb */
         if (kb + 1 < nkb) {
-            load_tile<DP>(Ks, k, col0 + BN, a.S, a.D, a.vec_k);
+            load_tile<DP>(Ks, k, col0 + BN, a.S, a.D, a.vec_k, a.k_si);
             cp_async_commit();
         }
         if (active) {
@@ -302,18 +308,18 @@ __global__ void __launch_bounds__(NT, 2) fwd_bf16(Args a) {
         *(uint32_t *)(Os + (g + 8) * LDS + 8 * n + 2 * t) = pack_bf16(o[n][2] * inv[1], o[n][3] * inv[1]);
     }
     __syncwarp();
-    uint16_t *out = a.out + (bh * a.L + row0 + wrow) * a.Dv;
+    uint16_t *out = a.out + b * a.o_sb + h * a.o_sh + (row0 + wrow) * a.o_si;
     const int64_t nrows = a.L - (row0 + wrow) < 16 ? a.L - (row0 + wrow) : 16;
     if (a.vec_o) {
         const int c8 = (int)(a.Dv / 8);
         for (int idx = lane; idx < nrows * c8; idx += 32) {
             const int r = idx / c8, c = (idx % c8) * 8;
-            *(uint4 *)(out + r * a.Dv + c) = *(const uint4 *)(Os + r * LDS + c);
+            *(uint4 *)(out + r * a.o_si + c) = *(const uint4 *)(Os + r * LDS + c);
         }
     } else {
         for (int64_t idx = lane; idx < nrows * a.Dv; idx += 32) {
             const int64_t r = idx / a.Dv, c = idx % a.Dv;
-            out[r * a.Dv + c] = Os[r * LDS + c];
+            out[r * a.o_si + c] = Os[r * LDS + c];
         }
     }
 }
@@ -805,8 +811,8 @@ __global__ void __launch_bounds__(NT, 2) bwd_bf16(Args a) {
     const int64_t bhk = b * a.Hkv + hk;
     const int wk = warp * 16; /* this warp's first key in the tile (and first query row for dQ) */
 
-    load_tile<DP>(Ks, a.k + bhk * a.S * a.D, col0, a.S, a.D, a.vec_k);
-    load_tile<DP>(Vs, a.v + bhk * a.S * a.Dv, col0, a.S, a.Dv, a.vec_v);
+    load_tile<DP>(Ks, a.k + bhk * a.S * a.D, col0, a.S, a.D, a.vec_k, a.D);
+    load_tile<DP>(Vs, a.v + bhk * a.S * a.Dv, col0, a.S, a.Dv, a.vec_v, a.Dv);
 
     const int64_t nqb = (a.L + BM - 1) / BM;
     const int64_t qb0 = a.causal ? col0 / BM : 0; /* earlier query tiles cannot see these keys */
@@ -816,8 +822,8 @@ __global__ void __launch_bounds__(NT, 2) bwd_bf16(Args a) {
     auto issue = [&](int64_t it) {
         const int64_t h = hk * a.group + it / per, row0 = (qb0 + it % per) * BM, bh = b * a.Hq + h;
         const int buf = (int)(it & 1);
-        load_tile<DP>(Qb + buf * TILE, a.q + bh * a.L * a.D, row0, a.L, a.D, a.vec_q);
-        load_tile<DP>(Ob + buf * TILE, a.dout + bh * a.L * a.Dv, row0, a.L, a.Dv, a.vec_do);
+        load_tile<DP>(Qb + buf * TILE, a.q + bh * a.L * a.D, row0, a.L, a.D, a.vec_q, a.D);
+        load_tile<DP>(Ob + buf * TILE, a.dout + bh * a.L * a.Dv, row0, a.L, a.Dv, a.vec_do, a.Dv);
         if (tid < BM) {
             const int64_t qi = row0 + tid;
             const float ls = qi < a.L ? a.lse_in[bh * a.L + qi] : -INFINITY;
@@ -1019,8 +1025,23 @@ qf_status make_args(const char *fn, const qf_sdpa_problem *pr, Args *a, int *dp)
     a->mask_kind = pr->mask ? (int)pr->mask_kind : (int)QF_MASK_NONE;
     a->mask = pr->mask;
     a->ms_b = pr->ms_b; a->ms_h = pr->ms_h; a->ms_i = pr->ms_i; a->ms_j = pr->ms_j;
+    if (pr->strided) {
+        a->q_sb = pr->q_sb; a->q_sh = pr->q_sh; a->q_si = pr->q_si;
+        a->k_sb = pr->k_sb; a->k_sh = pr->k_sh; a->k_si = pr->k_si;
+        a->v_sb = pr->v_sb; a->v_sh = pr->v_sh; a->v_si = pr->v_si;
+        a->o_sb = pr->o_sb; a->o_sh = pr->o_sh; a->o_si = pr->o_si;
+    } else {
+        a->q_si = pr->D; a->q_sh = pr->L * pr->D; a->q_sb = pr->Hq * pr->L * pr->D;
+        a->k_si = pr->D; a->k_sh = pr->S * pr->D; a->k_sb = pr->Hkv * pr->S * pr->D;
+        a->v_si = pr->Dv; a->v_sh = pr->S * pr->Dv; a->v_sb = pr->Hkv * pr->S * pr->Dv;
+        a->o_si = pr->Dv; a->o_sh = pr->L * pr->Dv; a->o_sb = pr->Hq * pr->L * pr->Dv;
+    }
     return QF_OK;
 }
+
+/* every stride a multiple of 8 elements (16 bytes): each row of a view starts 16-byte aligned
+ * when its base pointer is */
+bool strides8(int64_t sb, int64_t sh, int64_t si) { return sb % 8 == 0 && sh % 8 == 0 && si % 8 == 0; }
 
 template <int DP>
 qf_status launch_fwd(const Args &a) {
@@ -1102,11 +1123,11 @@ qf_status qf_cuda_sdpa_forward_bf16(const qf_sdpa_problem *pr, const uint16_t *q
     int dp;
     QF_TRY(make_args("sdpa_forward_bf16 (cuda)", pr, &a, &dp));
     a.q = q; a.k = k; a.v = v; a.out = out; a.lse = lse;
-    a.vec_q = pr->D % 8 == 0 && aligned16(q);
-    a.vec_k = pr->D % 8 == 0 && aligned16(k);
-    a.vec_v = pr->Dv % 8 == 0 && aligned16(v);
-    a.vec_o = pr->Dv % 8 == 0 && aligned16(out);
-    if (pr->D == pr->Dv && (pr->D == 64 || pr->D == 128) && a.vec_q && a.vec_k && a.vec_v && a.vec_o && pr->L > 64 &&
+    a.vec_q = pr->D % 8 == 0 && aligned16(q) && strides8(a.q_sb, a.q_sh, a.q_si);
+    a.vec_k = pr->D % 8 == 0 && aligned16(k) && strides8(a.k_sb, a.k_sh, a.k_si);
+    a.vec_v = pr->Dv % 8 == 0 && aligned16(v) && strides8(a.v_sb, a.v_sh, a.v_si);
+    a.vec_o = pr->Dv % 8 == 0 && aligned16(out) && strides8(a.o_sb, a.o_sh, a.o_si);
+    if (!pr->strided && pr->D == pr->Dv && (pr->D == 64 || pr->D == 128) && a.vec_q && a.vec_k && a.vec_v && a.vec_o && pr->L > 64 &&
         wgmma_built()) {
         if (wgmma_built() == 1) return pr->D == 64 ? launch_fwd_wgmma<64, 1>(a) : launch_fwd_wgmma<128, 1>(a);
         return pr->D == 64 ? launch_fwd_wgmma<64, 2>(a) : launch_fwd_wgmma<128, 2>(a);
@@ -1119,6 +1140,7 @@ qf_status qf_cuda_sdpa_backward_bf16(const qf_sdpa_problem *pr, const uint16_t *
                                      const uint16_t *grad_out, uint16_t *dq, uint16_t *dk, uint16_t *dv) {
     Args a;
     int dp;
+    if (pr->strided) return qf_fail(QF_ERR_INTERNAL, "sdpa_backward_bf16 (cuda): strided tensors are forward-only");
     QF_TRY(make_args("sdpa_backward_bf16 (cuda)", pr, &a, &dp));
     a.q = q; a.k = k; a.v = v; a.o = out; a.lse_in = lse; a.dout = grad_out;
     a.dq = dq; a.dk = dk; a.dv = dv;
