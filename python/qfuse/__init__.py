@@ -271,11 +271,16 @@ def sdpa_backward(q, k, v, grad_out, attn_mask=None, is_causal=False, scale=None
 
 # ---- multi-head attention ----------------------------------------------------------------------
 
+_native.declare({"qf_mha_to_device": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int])})
+_MHA_DTYPES = {"float32": 0, "f32": 0, "bfloat16": 3, "bf16": 3}   # qf_dtype: QF_F32, QF_BF16
+
+
 class MultiheadAttention:
     """torch.nn.MultiheadAttention (inference and backward) over a state dict in safetensors.
 
     Build with MultiheadAttention.load(...); the C handle is self._h (freed by close() or when
     the object is collected). Not thread-safe: forward/backward keep per-call state in C.
+    .to("cuda") runs forward and backward on the GPU (qf_mha_to_device), numpy in and out.
     """
 
     def __init__(self, handle, embed_dim, num_heads, kdim, vdim, bias, batch_first, dropout):
@@ -284,12 +289,14 @@ class MultiheadAttention:
         self.kdim, self.vdim = kdim, vdim
         self.bias, self.batch_first, self.dropout = bias, batch_first, dropout
         self._last = None  # (keepalive inputs, input shapes, out shape) of the last forward
+        self.device, self.dtype = "cpu", "float32"
 
     @classmethod
     def load(cls, path, embed_dim, num_heads, kdim=None, vdim=None, bias=True,
-             batch_first=False, dropout=0.0):
+             batch_first=False, dropout=0.0, device="cpu", dtype="float32"):
         """Loads in_proj_weight (or q/k/v_proj_weight), in_proj_bias, out_proj.weight,
-        out_proj.bias from a safetensors state dict; kdim/vdim None = embed_dim."""
+        out_proj.bias from a safetensors state dict; kdim/vdim None = embed_dim; then places
+        it (see to())."""
         E = _int(embed_dim, "MultiheadAttention.load: embed_dim")
         H = _int(num_heads, "MultiheadAttention.load: num_heads")
         kd = E if kdim is None else _int(kdim, "MultiheadAttention.load: kdim")
@@ -298,7 +305,29 @@ class MultiheadAttention:
                                     1 if bias else 0, 1 if batch_first else 0, float(dropout))
         h = ctypes.c_void_p()
         check(lib.qf_mha_load(os.fsencode(os.fspath(path)), ctypes.byref(cfg), ctypes.byref(h)))
-        return cls(h.value, E, H, kd, vd, bool(bias), bool(batch_first), float(dropout))
+        m = cls(h.value, E, H, kd, vd, bool(bias), bool(batch_first), float(dropout))
+        if device != "cpu" or dtype != "float32":
+            try:
+                m.to(device, dtype)
+            except Exception:
+                m.close()
+                raise
+        return m
+
+    def to(self, device="cpu", dtype="float32"):
+        """Runs forward and backward on device "cpu" or "cuda" from now on (parameters uploaded
+        once; gradients accumulated so far move along); dtype "bfloat16" (cuda only) makes the
+        projections read bf16 weight copies (forward only: backward needs float32). Returns self."""
+        h = self._handle("to")
+        fn = "MultiheadAttention.to"
+        if device not in ("cpu", "cuda"):
+            raise QfuseError('%s: device = %r; expected "cpu" or "cuda"' % (fn, device), "QF_ERR_ARG")
+        if dtype not in _MHA_DTYPES:
+            raise QfuseError('%s: dtype = %r; expected "float32" or "bfloat16"' % (fn, dtype), "QF_ERR_ARG")
+        check(lib.qf_mha_to_device(h, device.encode(), _MHA_DTYPES[dtype]))
+        self.device, self.dtype = device, dtype
+        self._last = None
+        return self
 
     def close(self):
         h, self._h = getattr(self, "_h", None), None

@@ -487,7 +487,7 @@ static qf_status report_screen(const qf_mha *m, const char *fn, const int64_t *f
         if (first[i] == INT64_MAX) continue;
         float v = NAN;
         (void)m->be->copy2d(&v, sizeof v, bufs[i] + first[i], sizeof v, sizeof v, 1);
-        (void)m->be->synchronize();
+        if (m->be->synchronize) (void)m->be->synchronize();
         return qf_fail(QF_ERR_NONFINITE, "%s: %s contains %s at flat index %lld (token row %lld, column %lld)", fn,
                        names[i], isnan(v) ? "NaN" : "Inf", (long long)first[i], (long long)(first[i] / cols[i]),
                        (long long)(first[i] % cols[i]));
