@@ -485,6 +485,9 @@ static qf_status forward_device(qf_kvprefix *m, const qf_qformer_args *a, const 
         return qf_fail(QF_ERR_NONFINITE, "%s: %s[%lld] = %g is not finite", fn, names[i], (long long)at[i],
                        (double)v);
     }
+    /* the staged Q-Former forward (qf_qformer_stage leaves its have_fwd 0) is complete and
+     * screened: its backward may differentiate it */
+    m->qf->have_fwd = 1;
     m->have_fwd = 1;
     return QF_OK;
 }

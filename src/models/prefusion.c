@@ -575,6 +575,9 @@ static qf_status forward_device(qf_prefusion *m, const qf_prefusion_args *a, con
         return qf_fail(QF_ERR_NONFINITE, "%s: %s[%lld] = %g is not finite", fn, i ? "face" : "audio",
                        (long long)screen[i], (double)v);
     }
+    /* the staged Q-Former forward (qf_qformer_stage leaves its have_fwd 0) is complete and
+     * screened: its backward may differentiate it */
+    m->qf->have_fwd = 1;
     m->have_fwd = 1;
     return QF_OK;
 }
