@@ -16,7 +16,11 @@ then project_backward) vs the CPU and torch; gradients accumulate over two backw
 qf_kvprefix_zero_grad clears the device copy; grad_out and the input gradients in GPU memory;
 moving the model back to the CPU keeps the device gradients; bf16 weights refused (backward and
 project_backward) with the reason. Skips with the library's reason where no CUDA backend / GPU
-is usable. QFUSE_TEST_QUICK=1 (the compute-sanitizer run) keeps two cases."""
+is usable. QFUSE_TEST_QUICK=1 (the compute-sanitizer run) keeps two cases.
+Device run (H100, library at 96cd9ff, 42 passed with the pre-fusion files): worst own-scale gradient
+error vs the CPU 5.9e-7 .. 1.2e-6, vs the float64 reference 5.5e-7 .. 7.9e-7 over the eight cases
+and the all-padding item; project_backward vs torch 1.0e-7; compute-sanitizer memcheck (QUICK):
+0 errors."""
 import ctypes
 import os
 

@@ -14,7 +14,11 @@ new data and another shape (planned buffers reused, grown); gradients accumulate
 backward calls and qf_prefusion_zero_grad clears the device copy; grad_out and the input
 gradients in GPU memory; moving the model back to the CPU keeps the device gradients; bf16
 weights refused with the reason. Skips with the library's reason where no CUDA backend / GPU is
-usable. QFUSE_TEST_QUICK=1 (the compute-sanitizer run) keeps two cases."""
+usable. QFUSE_TEST_QUICK=1 (the compute-sanitizer run) keeps two cases.
+Device run (H100, library at 96cd9ff, with test_cuda_kvprefix_backward.py, test_cuda_kvprefix.py and
+test_cuda_qformer.py's pre-fusion tests: 42 passed): worst own-scale gradient error vs the CPU
+6.1e-7 .. 7.5e-7, vs the float64 reference 5.0e-7 .. 6.3e-7 over the six cases; compute-sanitizer
+memcheck (QUICK, both backward files): 0 errors."""
 import ctypes
 import os
 
