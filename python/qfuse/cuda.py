@@ -71,7 +71,8 @@ class GemmNtArgs(ctypes.Structure):
     _fields_ = [("x", c_void_p), ("ldx", c_int64), ("w", c_void_p), ("bias", c_void_p),
                 ("res", c_void_p), ("ldr", c_int64), ("out", c_void_p), ("ldo", c_int64),
                 ("M", c_int64), ("N", c_int64), ("K", c_int64), ("accumulate", c_int),
-                ("w_bf16", c_void_p), ("x_bf16", c_void_p), ("out_bf16", c_void_p)]
+                ("w_bf16", c_void_p), ("x_bf16", c_void_p), ("out_bf16", c_void_p),
+                ("bias_bf16", c_void_p)]
 
 
 def backend_entry(which, op, restype, argtypes):

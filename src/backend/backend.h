@@ -84,8 +84,8 @@ typedef struct {
     /* layernorm_forward that also writes out16 = bf16(out) [rows, C] */
     qf_status (*layernorm_forward_x16)(float *out, uint16_t *out16, float *mean, float *rstd, const float *x,
                                        const float *w, const float *b, int64_t rows, int64_t C, float eps);
-    /* out16 = bf16(gelu(x)) over n values */
-    qf_status (*gelu_forward_x16)(uint16_t *out16, const float *x, int64_t n, qf_gelu_kind kind);
+    /* out16 = bf16(gelu(x16)) over n bf16 values; out16 may equal x16 */
+    qf_status (*gelu_forward_x16)(uint16_t *out16, const uint16_t *x16, int64_t n, qf_gelu_kind kind);
     /* sdpa_forward on bf16 q, k, v (strided problems allowed), bf16 out; lse may be NULL */
     qf_status (*sdpa_forward_x16)(const qf_sdpa_problem *pr, const uint16_t *q, const uint16_t *k,
                                   const uint16_t *v, uint16_t *out, float *lse);

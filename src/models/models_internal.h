@@ -44,7 +44,7 @@ void qf_model_graph_drop(const qf_backend *be, qf_model_graph *g);
  * is w's bfloat16 copy, which the GEMM reads instead.
  * qf_model_linear_x16: the same with bf16 activations (backend.h, gemm_nt's x_bf16 / out_bf16;
  * only with w16): in16, when not NULL, is read instead of in; out16, when not NULL, receives the
- * result instead of out (then res must be NULL). */
+ * result instead of out (then res must be NULL) and b16, b's bf16 copy, is its bias. */
 qf_status qf_model_check_device(const char *fn, const char *what, const char *device, qf_dtype weights, int *cuda);
 const qf_backend *qf_model_cuda_backend(void);
 qf_status qf_model_upload_params(const qf_backend *be, const float *host, size_t n, size_t extra, qf_dtype weights,
@@ -53,7 +53,7 @@ int qf_model_graphs_off(void);
 qf_status qf_model_linear(const qf_backend *be, float *out, const float *in, const float *w, const uint16_t *w16,
                           const float *b, const float *res, int64_t rows, int64_t Cin, int64_t Cout);
 qf_status qf_model_linear_x16(const qf_backend *be, float *out, uint16_t *out16, const float *in, const uint16_t *in16,
-                              const float *w, const uint16_t *w16, const float *b, const float *res, int64_t rows,
-                              int64_t Cin, int64_t Cout);
+                              const float *w, const uint16_t *w16, const float *b, const uint16_t *b16,
+                              const float *res, int64_t rows, int64_t Cin, int64_t Cout);
 
 #endif

@@ -70,14 +70,15 @@ int qf_model_graphs_off(void) {
 }
 
 qf_status qf_model_linear_x16(const qf_backend *be, float *out, uint16_t *out16, const float *in, const uint16_t *in16,
-                              const float *w, const uint16_t *w16, const float *b, const float *res, int64_t rows,
-                              int64_t Cin, int64_t Cout) {
+                              const float *w, const uint16_t *w16, const float *b, const uint16_t *b16,
+                              const float *res, int64_t rows, int64_t Cin, int64_t Cout) {
     qf_gemm_nt_args g = {.x = in, .ldx = Cin, .w = w, .bias = b, .res = res, .ldr = Cout, .out = out, .ldo = Cout,
-                         .M = rows, .N = Cout, .K = Cin, .w_bf16 = w16, .x_bf16 = in16, .out_bf16 = out16};
+                         .M = rows, .N = Cout, .K = Cin, .w_bf16 = w16, .x_bf16 = in16, .out_bf16 = out16,
+                         .bias_bf16 = b16};
     return be->gemm_nt(&g);
 }
 
 qf_status qf_model_linear(const qf_backend *be, float *out, const float *in, const float *w, const uint16_t *w16,
                           const float *b, const float *res, int64_t rows, int64_t Cin, int64_t Cout) {
-    return qf_model_linear_x16(be, out, NULL, in, NULL, w, w16, b, res, rows, Cin, Cout);
+    return qf_model_linear_x16(be, out, NULL, in, NULL, w, w16, b, NULL, res, rows, Cin, Cout);
 }

@@ -804,8 +804,9 @@ static qf_status linear(const qf_qformer *m, float *out, const float *in, const 
  * of out when given */
 static qf_status linear_x16(const qf_qformer *m, float *out, uint16_t *out16, const float *in, const uint16_t *in16,
                             const float *w, const float *b, const float *res, int64_t rows, int64_t Cin, int64_t Cout) {
-    return qf_model_linear_x16(m->be, out, out16, in, in16, w, m->params_bf16 + (w - m->run_params), b, res, rows,
-                               Cin, Cout);
+    const uint16_t *b16 = b ? m->params_bf16 + (b - m->run_params) : NULL;
+    return qf_model_linear_x16(m->be, out, out16, in, in16, w, m->params_bf16 + (w - m->run_params), b, b16, res,
+                               rows, Cin, Cout);
 }
 
 /* out = LN(x); with out16 also bf16(out) */
@@ -911,15 +912,15 @@ static qf_status attention_block(qf_qformer *m, const qformer_attn *w, attn_acts
     return QF_OK;
 }
 
-/* x16 given (qf_qformer_act16): x16 = bf16(x) feeds the first GEMM, GELU writes bf16, and the
- * block also writes f->out16 */
+/* x16 given (qf_qformer_act16): x16 = bf16(x) feeds the first GEMM, which writes its output in
+ * bf16 (act16) for GELU to rewrite in place, and the block also writes f->out16 */
 static qf_status ffn_block(qf_qformer *m, const qformer_ffn *w, ffn_acts *f, const float *x, const uint16_t *x16,
                            int64_t rows) {
     const qf_backend *be = m->be;
     const int64_t H = m->cfg.hidden_size, I = m->cfg.intermediate_size;
     if (x16) {
-        QF_TRY(linear_x16(m, f->pre, NULL, x, x16, w->w_in, w->b_in, NULL, rows, H, I));
-        QF_TRY(be->gelu_forward_x16(f->act16, f->pre, rows * I, m->cfg.hidden_act));
+        QF_TRY(linear_x16(m, NULL, f->act16, x, x16, w->w_in, w->b_in, NULL, rows, H, I));
+        QF_TRY(be->gelu_forward_x16(f->act16, f->act16, rows * I, m->cfg.hidden_act));
         QF_TRY(linear_x16(m, f->sum, NULL, NULL, f->act16, w->w_out, w->b_out, x, rows, I, H));
         return layernorm(m, f->out, f->out16, f->mean, f->rstd, f->sum, w->ln_w, w->ln_b, rows);
     }

@@ -50,7 +50,8 @@ typedef struct {             /* activations of one attention block              
 
 typedef struct {
     float *pre, *act, *sum, *mean, *rstd, *out;
-    uint16_t *act16, *out16; /* bf16 activations: gelu's output in place of act, bf16(out) */
+    uint16_t *act16, *out16; /* bf16 activations: the up-projection then its GELU in place of pre
+                              * and act, bf16(out) */
 } ffn_acts;
 
 typedef struct {

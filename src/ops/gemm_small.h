@@ -36,6 +36,8 @@ typedef struct {
     const uint16_t *x_bf16; /* NULL, or the input as bfloat16 [M, K] (row stride ldx) in place of x */
     uint16_t *out_bf16;     /* NULL, or the result rounded to bfloat16 [M, N] (row stride ldo),
                              * written in place of out (then res == NULL and accumulate == 0) */
+    const uint16_t *bias_bf16; /* NULL, or bias as bfloat16: with out_bf16 the bias cuBLASLt's
+                                * bf16 epilogue reads (it takes a bias of the output's type) */
 } qf_gemm_nt_args;
 
 /* Rows up to which qf_gemm_nt_small is used in place of the BLAS (see gemm_small.c). */

@@ -3,7 +3,8 @@ out_bf16, layernorm_forward_x16, gelu_forward_x16; the strided bf16 attention th
 covered through the Q-Former in test_cuda_qformer.py). Fresh random inputs each run.
 
 Bounds (max|a - ref| / max|ref|, util.rel_err):
-- gemm_nt with bf16 x given (x_bf16) and/or a bf16 out: the reference is float64 on the
+- gemm_nt with bf16 x given (x_bf16) and/or a bf16 out (with the bias as float32 or also as its
+  bf16 copy, bias_bf16): the reference is float64 on the
   bf16-rounded x and w; a float32 out <= 1e-4 of it (float32 accumulation only), a bf16 out
   <= 8e-3 (one rounding of each output to bf16: 2^-8 relative at most, on top of that) and
   equal to the float32 out rounded to bf16 except where the two accumulation orders straddle a
@@ -11,7 +12,8 @@ Bounds (max|a - ref| / max|ref|, util.rel_err):
 - layernorm_forward_x16: out within 1e-5 of float64 torch (as layernorm_forward) and out16 exactly
   bf16(out) (round to nearest even), at widths that take the warp-per-row kernel (C = 128 n, n <= 8)
   and the block kernel.
-- gelu_forward_x16: exactly bf16 of the float32 GELU the same backend computes (gelu_forward).
+- gelu_forward_x16 (bf16 in and out, in place too): exactly bf16 of the float32 GELU the same
+  backend computes (gelu_forward) on the same bf16 values.
 Skips cleanly without the CUDA backend or a GPU."""
 import os
 from ctypes import POINTER, byref, c_float, c_int, c_int64, c_void_p
@@ -75,16 +77,20 @@ def up(dev, a):
 
 
 @pytest.mark.parametrize("M,N,K", [(32, 2304, 768), (257, 1536, 1408), (5, 40, 24), (64, 768, 3072)])
-@pytest.mark.parametrize("x16,o16", [(True, False), (False, True), (True, True)])
-def test_gemm_nt_bf16_activations(rng, dev, gemm_path, M, N, K, x16, o16):
+@pytest.mark.parametrize("x16,o16,bias16", [(True, False, False), (False, True, False), (True, True, False),
+                                            (True, True, True)])
+def test_gemm_nt_bf16_activations(rng, dev, gemm_path, M, N, K, x16, o16, bias16):
+    """bias16: the bias's bf16 copy given too (bias_bf16, which cuBLASLt's bf16-out epilogue reads);
+    the bias values are drawn bf16-exact so both forms mean the same sum."""
     gemm = entry("gemm_nt", c_int, [POINTER(qfuse.cuda.GemmNtArgs)])
     ldx = K + 8  # a strided x (row stride a multiple of 8: 16-byte rows)
     x, w, bias = rng.standard_normal((M, ldx), np.float32), rng.standard_normal((N, K), np.float32), \
         rng.standard_normal(N, np.float32)
+    bbits, bias = bf16_round(bias)
     xbits, xr = bf16_round(x)
     wbits, wr = bf16_round(w)
     ref = xr[:, :K].astype(np.float64) @ wr.T.astype(np.float64) + bias
-    dxf, dxb, dw, db = up(dev, x), up(dev, xbits), up(dev, wbits), up(dev, bias)
+    dxf, dxb, dw, db, dbb = up(dev, x), up(dev, xbits), up(dev, wbits), up(dev, bias), up(dev, bbits)
     # the float32-out product from the float32 x (converted inside gemm_nt): the comparison point
     do32 = dev.empty((M, N))
     check(gemm(byref(qfuse.cuda.GemmNtArgs(dxf, ldx, None, db, None, 0, do32, N, M, N, K, 0, dw, None, None))))
@@ -93,15 +99,15 @@ def test_gemm_nt_bf16_activations(rng, dev, gemm_path, M, N, K, x16, o16):
     if o16:
         do16 = dev.alloc(M * N * 2)
         a = qfuse.cuda.GemmNtArgs(None if x16 else dxf, ldx, None, db, None, 0, None, N, M, N, K, 0, dw,
-                                  dxb if x16 else None, do16)
+                                  dxb if x16 else None, do16, dbb if bias16 else None)
         check(gemm(byref(a)))
         o = bf16_value(down(do16, (M, N), np.uint16))
         e = rel_err(o, ref)
         rounded = bf16_value(bf16_round(o32)[0])
         ulp = np.abs(rounded) * 2.0 ** -7 + 1e-30
         far = np.abs(o - rounded) > ulp
-        print("%s %dx%dx%d out16 (x16=%d): %.3g, %d of %d off the rounded float32 out by <= 1 ulp"
-              % (gemm_path, M, N, K, x16, e, np.count_nonzero(o != rounded), o.size))
+        print("%s %dx%dx%d out16 (x16=%d bias16=%d): %.3g, %d of %d off the rounded float32 out by <= 1 ulp"
+              % (gemm_path, M, N, K, x16, bias16, e, np.count_nonzero(o != rounded), o.size))
         assert e <= 8e-3 and not far.any(), (e, np.count_nonzero(far))
     else:
         do = dev.empty((M, N))
@@ -144,10 +150,14 @@ def test_layernorm_x16(rng, dev, rows, C):
 @pytest.mark.parametrize("n", [2048 * 3072, 1001])
 @pytest.mark.parametrize("kind", [0, 1])
 def test_gelu_x16(rng, dev, n, kind):
+    """bf16 in, bf16 out (in place too) == bf16 of the float32 GELU of the same bf16 values."""
     gelu16 = entry("gelu_forward_x16", c_int, [_P, _P, _I, c_int])
     gelu = entry("gelu_forward", c_int, [_P, _P, _I, c_int])
-    x = (rng.standard_normal(n) * 4).astype(np.float32)
-    dx, do, d16 = up(dev, x), dev.empty((n,)), dev.alloc(n * 2)
-    check(gelu(do, dx, n, kind))
-    check(gelu16(d16, dx, n, kind))
-    assert np.array_equal(down(d16, (n,), np.uint16), bf16_round(down(do, (n,)))[0])
+    xbits, xr = bf16_round((rng.standard_normal(n) * 4).astype(np.float32))
+    dxr, do, dx16, d16 = up(dev, xr), dev.empty((n,)), up(dev, xbits), dev.alloc(n * 2)
+    check(gelu(do, dxr, n, kind))
+    want = bf16_round(down(do, (n,)))[0]
+    check(gelu16(d16, dx16, n, kind))
+    assert np.array_equal(down(d16, (n,), np.uint16), want)
+    check(gelu16(dx16, dx16, n, kind))  # in place
+    assert np.array_equal(down(dx16, (n,), np.uint16), want)

@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(128) layernorm_fwd_warp(float *out, __nv_bfloa
                                                           float *rstd_out, const float *x, const float *w,
                                                           const float *b, int64_t rows, float eps) {
     constexpr int C = 128 * NV;
-    const int64_t row = blockIdx.x * 4 + (threadIdx.x >> 5);
+    const int64_t row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;
     const float4 *xr = (const float4 *)(x + row * C);
@@ -214,16 +214,24 @@ __global__ void gelu_kernel4(float4 *y, const float4 *x, int64_t n4, int tanh_fo
     }
 }
 
-__global__ void gelu_x16_kernel(__nv_bfloat16 *y, const float *x, int64_t n, int tanh_form) {
+__global__ void gelu_x16_kernel(__nv_bfloat16 *y, const __nv_bfloat16 *x, int64_t n, int tanh_form) {
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-        y[i] = __float2bfloat16_rn(gelu1(x[i], tanh_form));
+        y[i] = __float2bfloat16_rn(gelu1(__bfloat162float(x[i]), tanh_form));
 }
 
-__global__ void gelu_x16_kernel4(__nv_bfloat16 *y, const float4 *x, int64_t n4, int tanh_form) {
-    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n4; i += (int64_t)gridDim.x * blockDim.x) {
-        float4 v = x[i];
-        store_bf16x4(y + 4 * i, make_float4(gelu1(v.x, tanh_form), gelu1(v.y, tanh_form), gelu1(v.z, tanh_form),
-                                            gelu1(v.w, tanh_form)));
+/* 8 values per thread: one 16-byte load and store */
+__global__ void gelu_x16_kernel8(uint4 *y, const uint4 *x, int64_t n8, int tanh_form) {
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n8; i += (int64_t)gridDim.x * blockDim.x) {
+        uint4 u = x[i];
+        __nv_bfloat162 h[4];
+        memcpy(h, &u, 16);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const float2 f = __bfloat1622float2(h[j]);
+            h[j] = __floats2bfloat162_rn(gelu1(f.x, tanh_form), gelu1(f.y, tanh_form));
+        }
+        memcpy(&u, h, 16);
+        y[i] = u;
     }
 }
 
@@ -368,6 +376,7 @@ struct LtKey {
     int64_t M, N, K, ldb, ldc, ldd;
     int bf16, bias, cmode, tf32; /* cmode: 0 no C (beta 0), 1 C = res, 2 C = out (accumulate) */
     int out_bf16;                /* D (and the unused C) bf16: only with cmode 0 */
+    int bias_bf16;               /* the bias is bf16 (with out_bf16) */
     unsigned al_a, al_b, al_c, al_d, al_bias;
 };
 
@@ -395,7 +404,7 @@ void lt_destroy(LtPlan *p) {
 
 /* Descriptors and the heuristic's first algorithm for k; p->ok = false when any step fails or no
  * algorithm fits (the caller then takes the classic path, which reports real errors). */
-void lt_build(cublasLtHandle_t lt, const LtKey &k, const float *bias, size_t ws_bytes, LtPlan *p) {
+void lt_build(cublasLtHandle_t lt, const LtKey &k, const void *bias, size_t ws_bytes, LtPlan *p) {
     memset(p, 0, sizeof *p);
     p->key = k;
     p->used = true;
@@ -407,7 +416,7 @@ void lt_build(cublasLtHandle_t lt, const LtKey &k, const float *bias, size_t ws_
     if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb);
     if (st == CUBLAS_STATUS_SUCCESS && k.bias) {
         const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
-        const int32_t bt = CUDA_R_32F;
+        const int32_t bt = k.bias_bf16 ? CUDA_R_16BF : CUDA_R_32F;
         st = cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi);
         if (st == CUBLAS_STATUS_SUCCESS)
             st = cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt);
@@ -455,8 +464,11 @@ qf_status lt_gemm(const qf_gemm_nt_args *g, const void *B, int64_t ldb, bool *do
     k.M = g->M; k.N = g->N; k.K = g->K; k.ldb = ldb; k.ldc = cmode == 1 ? g->ldr : g->ldo; k.ldd = g->ldo;
     k.bf16 = g->w_bf16 != nullptr; k.bias = g->bias != nullptr; k.cmode = cmode; k.tf32 = qf_cuda_tf32();
     k.out_bf16 = g->out_bf16 != nullptr;
+    /* cuBLASLt's bf16-out bias epilogue wants a bf16 bias: the caller's copy when it has one */
+    const void *bias = g->out_bf16 && g->bias_bf16 ? (const void *)g->bias_bf16 : (const void *)g->bias;
+    k.bias_bf16 = bias && bias == (const void *)g->bias_bf16;
     k.al_a = align_of(A); k.al_b = align_of(B); k.al_c = align_of(C); k.al_d = align_of(D);
-    k.al_bias = g->bias ? align_of(g->bias) : 256;
+    k.al_bias = bias ? align_of(bias) : 256;
     std::lock_guard<std::mutex> lock(g_plan_mu);
     LtPlan *p = nullptr;
     for (int i = 0; i < kLtPlans && !p; i++)
@@ -465,12 +477,12 @@ qf_status lt_gemm(const qf_gemm_nt_args *g, const void *B, int64_t ldb, bool *do
         p = &g_plans[g_plan_next];
         g_plan_next = (g_plan_next + 1) % kLtPlans;
         lt_destroy(p);
-        lt_build(lt, k, g->bias, ws_bytes, p);
+        lt_build(lt, k, bias, ws_bytes, p);
     }
     if (!p->ok) return QF_OK;
-    if (g->bias)
-        QF_TRY(qf_cuda_blas_check(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g->bias,
-                                                                 sizeof g->bias),
+    if (bias)
+        QF_TRY(qf_cuda_blas_check(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
+                                                                 sizeof bias),
                                   "gemm (cuda): setting the bias pointer"));
     const float alpha = 1.0f, beta = cmode ? 1.0f : 0.0f;
     QF_TRY(qf_cuda_blas_check(cublasLtMatmul(lt, p->op, &alpha, A, p->a, B, p->b, &beta, C, p->c, D, p->d, &p->algo,
@@ -529,6 +541,7 @@ qf_status qf_cuda_gemm_nt(const qf_gemm_nt_args *g) {
         QF_TRY(qf_cuda_scratch(QF_CUDA_SCRATCH_GEMM_OUT32, sizeof(float) * (size_t)g->M * (size_t)g->N, &buf));
         qf_gemm_nt_args f = *g;
         f.out_bf16 = nullptr;
+        f.bias_bf16 = nullptr;
         f.out = (float *)buf;
         f.ldo = g->N;
         f.x_bf16 = (const uint16_t *)B; /* already bf16: not converted twice */
@@ -574,9 +587,11 @@ qf_status qf_cuda_layernorm_forward_x16(float *out, uint16_t *out16, float *mean
     const bool vec = C % 4 == 0 && aligned16(out) && aligned16(x) && aligned16(w) && aligned16(b) &&
                      ((uintptr_t)out16 & 7u) == 0;
     if (vec && C % 128 == 0 && C <= 1024) {
-        const unsigned grid = (unsigned)((rows + 3) / 4);
+        /* few rows (batch-1 queries): one warp per block, so the rows spread over as many SMs */
+        const int per = rows >= 4 * 132 ? 4 : 1;
+        const unsigned grid = (unsigned)((rows + per - 1) / per);
         switch (C / 128) {
-#define QF_LN_WARP(nv) case nv: layernorm_fwd_warp<nv><<<grid, 128, 0, st>>>(out, o16, mean, rstd, x, w, b, rows, eps); break;
+#define QF_LN_WARP(nv) case nv: layernorm_fwd_warp<nv><<<grid, 32 * per, 0, st>>>(out, o16, mean, rstd, x, w, b, rows, eps); break;
         QF_LN_WARP(1) QF_LN_WARP(2) QF_LN_WARP(3) QF_LN_WARP(4) QF_LN_WARP(5) QF_LN_WARP(6) QF_LN_WARP(7) QF_LN_WARP(8)
 #undef QF_LN_WARP
         }
@@ -592,14 +607,14 @@ qf_status qf_cuda_layernorm_forward(float *out, float *mean, float *rstd, const 
     return qf_cuda_layernorm_forward_x16(out, nullptr, mean, rstd, x, w, b, rows, C, eps);
 }
 
-qf_status qf_cuda_gelu_forward_x16(uint16_t *out16, const float *x, int64_t n, qf_gelu_kind kind) {
+qf_status qf_cuda_gelu_forward_x16(uint16_t *out16, const uint16_t *x16, int64_t n, qf_gelu_kind kind) {
     if (n <= 0) return QF_OK;
     const int tf = kind == QF_GELU_TANH;
-    __nv_bfloat16 *y = (__nv_bfloat16 *)out16;
-    if (n % 4 == 0 && ((uintptr_t)out16 & 7u) == 0 && aligned16(x))
-        gelu_x16_kernel4<<<grid_for(n / 4), kThreads, 0, qf_cuda_stream()>>>(y, (const float4 *)x, n / 4, tf);
+    if (n % 8 == 0 && aligned16(out16) && aligned16(x16))
+        gelu_x16_kernel8<<<grid_for(n / 8), kThreads, 0, qf_cuda_stream()>>>((uint4 *)out16, (const uint4 *)x16, n / 8, tf);
     else
-        gelu_x16_kernel<<<grid_for(n), kThreads, 0, qf_cuda_stream()>>>(y, x, n, tf);
+        gelu_x16_kernel<<<grid_for(n), kThreads, 0, qf_cuda_stream()>>>((__nv_bfloat16 *)out16,
+                                                                        (const __nv_bfloat16 *)x16, n, tf);
     return qf_cuda_launched("gelu_x16");
 }
 
