@@ -13,6 +13,9 @@ against qfuse on the CPU.
   grow and are reused across shapes, NaN/Inf screening (named), a mask in GPU memory refused,
   dropout and bf16 backward refused, bf16 weights forward (< 3e-2), moving back to the CPU,
   parameter gradients accumulating across placements, fully masked rows.
+Device run (H100, torch 2.11): 19 passed; the worst of every comparison per case (GPU and CPU vs
+torch, GPU vs CPU, every output and gradient) 2.5e-7..7.3e-7; bf16 weights out 2.8e-3, weights
+7.5e-4; compute-sanitizer memcheck (QUICK, 12 tests) 0 errors.
 Every GPU test skips with the library's reason where libqfuse has no CUDA backend or no GPU is
 usable; test_device_argument_* run everywhere. QFUSE_TEST_QUICK=1 runs a subset (the sanitizer run
 of bench/device_cuda.sh: `python3 tests/python/test_cuda_mha.py`)."""
