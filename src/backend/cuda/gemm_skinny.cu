@@ -367,11 +367,13 @@ std::atomic<int> g_force{0};
  *     and M = 48..64 (64x3072x768 20.1 / 16.1), where these tiles are too wide in M.
  *   bf16 weights, M <= 16, N <= 1024, K >= 768: 1x768x3072 7.4 / 9.1, 8x768x768 5.0 / 5.7,
  *     16x768x3072 7.8 / 9.5; with bf16 x also M <= 32 at K >= 3072 (32x768x3072 7.9 / 9.6). Not
- *     taken: wide N (32x3072x768 14.2 / 6.7: cuBLAS's nvjet kernels are far ahead there). */
+ *     taken: wide N (32x3072x768 14.2 / 6.7: cuBLAS's nvjet kernels are far ahead there).
+ *   bf16 weights are NOT taken by default: in the whole Q-Former at batch 1 the bf16-x case was
+ *   slower than cuBLAS (12 x 32x768x3072: 101 us vs 95 us, bench/profile_cuda_qformer.py), and the
+ *   file's bf16 test (forced) hit an intermittent illegal address on the H100 once, not reproduced
+ *   under compute-sanitizer or alone (2026-11-23): unresolved, so the bf16 kernel only runs forced. */
 bool skinny_wins(int64_t M, int64_t N, int64_t K, int kind) {
-    if (kind == 0) return M >= 8 && M <= 32 && N * K <= 3072 * 768;
-    if (M <= 16 && N <= 1024 && K >= 768) return true;
-    return kind == 2 && M <= 32 && N <= 1024 && K >= 3072;
+    return kind == 0 && M >= 8 && M <= 32 && N * K <= 3072 * 768;
 }
 
 /* Cluster size: enough blocks for ~2 per SM, at most 8, and no more K splits than K steps. */

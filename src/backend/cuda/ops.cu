@@ -586,9 +586,10 @@ qf_status qf_cuda_layernorm_forward_x16(float *out, uint16_t *out16, float *mean
     __nv_bfloat16 *o16 = (__nv_bfloat16 *)out16;
     const bool vec = C % 4 == 0 && aligned16(out) && aligned16(x) && aligned16(w) && aligned16(b) &&
                      ((uintptr_t)out16 & 7u) == 0;
-    if (vec && C % 128 == 0 && C <= 1024) {
-        /* few rows (batch-1 queries): one warp per block, so the rows spread over as many SMs */
-        const int per = rows >= 4 * 132 ? 4 : 1;
+    /* measured on the H100 (C = 768): 2048 rows 5.6 us warp / 6.0 us block kernel; 32 rows 4.0 us
+     * warp (even at one warp per block) / 2.9 us block: the warp kernel only for many rows */
+    if (vec && C % 128 == 0 && C <= 1024 && rows >= 1024) {
+        const int per = 4;
         const unsigned grid = (unsigned)((rows + per - 1) / per);
         switch (C / 128) {
 #define QF_LN_WARP(nv) case nv: layernorm_fwd_warp<nv><<<grid, 32 * per, 0, st>>>(out, o16, mean, rstd, x, w, b, rows, eps); break;

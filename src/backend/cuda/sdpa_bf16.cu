@@ -163,12 +163,17 @@ constexpr size_t bwd_smem_bytes() {
 
 /* ---- forward -------------------------------------------------------------------------------- */
 
-/* out[b,h,rows] (bf16), lse[b,h,rows] (float, optional). grid (ceil(L/64), Hq, B), 128 threads. */
-template <int DP>
+/* out[b,h,rows] (bf16), lse[b,h,rows] (float, optional). grid (ceil(L/64), Hq, B), 128 threads.
+ * ALL (few keys: every K and V tile fits in shared memory, kResidentTiles at most): every tile is
+ * requested at once before the first product, so a block waits for memory once instead of once
+ * per tile - what decides the time when each (batch, head) has a single query tile (the
+ * Q-Former's 32 queries over 257 keys). */
+template <int DP, bool ALL>
 __global__ void __launch_bounds__(NT, 2) fwd_bf16(Args a) {
-    constexpr int LDS = DP + 8, KT = DP / 16, NO = DP / 8;
+    constexpr int LDS = DP + 8, KT = DP / 16, NO = DP / 8, TILE = 64 * LDS;
     extern __shared__ uint4 smem_fwd[];
-    uint16_t *Qs = (uint16_t *)smem_fwd, *Ks = Qs + 64 * LDS, *Vs = Ks + 64 * LDS;
+    const int64_t ntiles = (a.S + BN - 1) / BN; /* ALL: K tiles at Ks, V tiles after them */
+    uint16_t *Qs = (uint16_t *)smem_fwd, *Ks = Qs + TILE, *Vs = Ks + (ALL ? ntiles : 1) * TILE;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int64_t qb = a.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x; /* heaviest first */
     const int64_t h = blockIdx.y, b = blockIdx.z, hk = h / a.group, row0 = qb * BM;
@@ -186,6 +191,11 @@ __global__ void __launch_bounds__(NT, 2) fwd_bf16(Args a) {
     }
     load_tile<DP>(Qs, q, row0, a.L, a.D, a.vec_q, a.q_si);
     load_tile<DP>(Ks, k, 0, a.S, a.D, a.vec_k, a.k_si);
+    if (ALL)
+        for (int64_t kb = 0; kb < nkb; kb++) {
+            if (kb) load_tile<DP>(Ks + kb * TILE, k, kb * BN, a.S, a.D, a.vec_k, a.k_si);
+            load_tile<DP>(Vs + kb * TILE, v, kb * BN, a.S, a.Dv, a.vec_v, a.v_si);
+        }
     cp_async_commit();
 
     uint32_t qf[KT][4];
@@ -203,8 +213,11 @@ __global__ void __launch_bounds__(NT, 2) fwd_bf16(Args a) {
                 ldsm4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3],
                       Qs + (wrow + (lane & 7) + 8 * ((lane >> 3) & 1)) * LDS + kk * 16 + 8 * (lane >> 4));
         }
-        load_tile<DP>(Vs, v, col0, a.S, a.Dv, a.vec_v, a.v_si);
-        cp_async_commit();
+        const uint16_t *Kt = ALL ? Ks + kb * TILE : Ks, *Vt = ALL ? Vs + kb * TILE : Vs;
+        if (!ALL) {
+            load_tile<DP>(Vs, v, col0, a.S, a.Dv, a.vec_v, a.v_si);
+            cp_async_commit();
+        }
         float s[8][4];
 #pragma unroll
         for (int n = 0; n < 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
@@ -214,7 +227,7 @@ __global__ void __launch_bounds__(NT, 2) fwd_bf16(Args a) {
 #pragma unroll
                 for (int np = 0; np < 4; np++) {
                     uint32_t b0, b1, b2, b3;
-                    ldsm4(b0, b1, b2, b3, Ks + (16 * np + (lane & 7) + 8 * (lane >> 4)) * LDS + kk * 16 + 8 * ((lane >> 3) & 1));
+                    ldsm4(b0, b1, b2, b3, Kt + (16 * np + (lane & 7) + 8 * (lane >> 4)) * LDS + kk * 16 + 8 * ((lane >> 3) & 1));
                     mma(s[2 * np], qf[kk], b0, b1);
                     mma(s[2 * np + 1], qf[kk], b2, b3);
                 }
@@ -271,7 +284,7 @@ __global__ void __launch_bounds__(NT, 2) fwd_bf16(Args a) {
         }
         cp_async_wait<0>();
         __syncthreads(); /* V tile kb ready; every warp is done with K tile kb */
-        if (kb + 1 < nkb) {
+        if (!ALL && kb + 1 < nkb) {
             load_tile<DP>(Ks, k, col0 + BN, a.S, a.D, a.vec_k, a.k_si);
             cp_async_commit();
         }
@@ -281,7 +294,7 @@ __global__ void __launch_bounds__(NT, 2) fwd_bf16(Args a) {
 #pragma unroll
                 for (int dp = 0; dp < NO / 2; dp++) {
                     uint32_t b0, b1, b2, b3;
-                    ldsm4t(b0, b1, b2, b3, Vs + (16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1)) * LDS + 16 * dp + 8 * (lane >> 4));
+                    ldsm4t(b0, b1, b2, b3, Vt + (16 * kk + (lane & 7) + 8 * ((lane >> 3) & 1)) * LDS + 16 * dp + 8 * (lane >> 4));
                     mma(o[2 * dp], pa[kk], b0, b1);
                     mma(o[2 * dp + 1], pa[kk], b2, b3);
                 }
@@ -1043,17 +1056,29 @@ qf_status make_args(const char *fn, const qf_sdpa_problem *pr, Args *a, int *dp)
  * when its base pointer is */
 bool strides8(int64_t sb, int64_t sh, int64_t si) { return sb % 8 == 0 && sh % 8 == 0 && si % 8 == 0; }
 
+/* fwd_bf16 with every K/V tile resident (ALL) when the keys fit in kResidentTiles tiles (8 x 64
+ * keys at D <= 64: 157 KB of shared memory; 4 at D <= 128, the same bytes) and there is a single
+ * query tile (each block would otherwise fetch the same keys again per query tile) */
+template <int DP>
+constexpr int resident_tiles() { return DP == 64 ? 8 : 4; }
+
 template <int DP>
 qf_status launch_fwd(const Args &a) {
-    static bool attr_set = false; /* idempotent, so a race between threads is harmless */
-    const size_t smem = fwd_smem_bytes<DP>();
-    if (!attr_set) {
-        QF_TRY(qf_cuda_check(cudaFuncSetAttribute(fwd_bf16<DP>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+    static bool attr_set[2] = {false, false}; /* idempotent, so a race between threads is harmless */
+    constexpr int kResidentTiles = resident_tiles<DP>();
+    const int64_t ntiles = (a.S + BN - 1) / BN;
+    const bool all = ntiles <= kResidentTiles && a.L <= BM;
+    const size_t tile = sizeof(uint16_t) * 64 * (DP + 8);
+    const size_t smem = all ? tile * (1 + 2 * (size_t)ntiles) : fwd_smem_bytes<DP>();
+    auto kernel = all ? fwd_bf16<DP, true> : fwd_bf16<DP, false>;
+    if (!attr_set[all]) {
+        const size_t most = all ? tile * (1 + 2 * kResidentTiles) : smem;
+        QF_TRY(qf_cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)most),
                              "sdpa bf16 forward: cudaFuncSetAttribute"));
-        attr_set = true;
+        attr_set[all] = true;
     }
     dim3 grid((unsigned)((a.L + BM - 1) / BM), (unsigned)a.Hq, (unsigned)a.B);
-    fwd_bf16<DP><<<grid, NT, smem, qf_cuda_stream()>>>(a);
+    kernel<<<grid, NT, smem, qf_cuda_stream()>>>(a);
     return qf_cuda_launched("fwd_bf16");
 }
 
