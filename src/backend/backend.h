@@ -86,6 +86,9 @@ typedef struct {
                                        const float *w, const float *b, int64_t rows, int64_t C, float eps);
     /* out16 = bf16(gelu(x16)) over n bf16 values; out16 may equal x16 */
     qf_status (*gelu_forward_x16)(uint16_t *out16, const uint16_t *x16, int64_t n, qf_gelu_kind kind);
+    /* dst16 = bf16(src) over n values, and src screened as screen_nonfinite does (the first NaN
+     * or ±Inf index folded into *first): a model input taken into bf16 in one pass */
+    qf_status (*stage_x16)(uint16_t *dst16, const float *src, int64_t n, int64_t *first);
     /* sdpa_forward on bf16 q, k, v (strided problems allowed), bf16 out; lse may be NULL */
     qf_status (*sdpa_forward_x16)(const qf_sdpa_problem *pr, const uint16_t *q, const uint16_t *k,
                                   const uint16_t *v, uint16_t *out, float *lse);

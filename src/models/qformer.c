@@ -680,6 +680,7 @@ static size_t plan_forward(qf_qformer *m, float *base) {
     const int p16 = qf_qformer_plan16(m);
     m->emb16 = p16 ? carve16(base, &off, T * H) : NULL;
     m->enc_kv16 = p16 ? carve16(base, &off, Te * 2 * H * (size_t)m->ncross) : NULL;
+    m->enc16 = p16 ? carve16(base, &off, Te * E) : NULL;
     for (int64_t i = 0; p16 && i < m->cfg.num_hidden_layers; i++) {
         layer_acts *a = &m->acts[i];
         attn_acts *blocks[2] = {&a->self, m->layers[i].has_cross ? &a->cross : NULL};
@@ -947,9 +948,9 @@ static qf_status run_layers(qf_qformer *m) {
     /* keys and values of every cross layer: one GEMM over the encoder rows (plan_params); the
      * biases are added as the heads are split (attention_block), so the GEMM writes once */
     const int a16 = qf_qformer_act16(m); /* bf16 activations: every x16 below is non-NULL */
-    if (a16)
-        QF_TRY(linear_x16(m, NULL, m->enc_kv16, m->enc, NULL, m->enc_kv_w, m->enc_kv_b, NULL, B * S, E,
-                          2 * H * m->ncross));
+    if (a16) /* from the input's bf16 copy when the forward staged one, else converted in the GEMM */
+        QF_TRY(linear_x16(m, NULL, m->enc_kv16, m->enc, m->enc16_staged ? m->enc16 : NULL, m->enc_kv_w, m->enc_kv_b,
+                          NULL, B * S, E, 2 * H * m->ncross));
     else
         QF_PROF(QFP_ENC_KV, QF_TRY(linear(m, m->enc_kv, m->enc, m->enc_kv_w, kv_bias_in_gemm(m) ? m->enc_kv_b : NULL,
                                           NULL, B * S, E, 2 * H * m->ncross)));
@@ -1006,7 +1007,7 @@ void qf_qformer_key(const qf_qformer *m, int64_t key[6]) {
 /* The NaN/Inf screen's verdict on the inputs (screen[] read on the host): which one, where, what. */
 static qf_status report_screen(qf_qformer *m, const char *fn, const int64_t *screen) {
     static const char *const names[4] = {"query_embeds", "encoder_hidden_states", "prefix_k", "prefix_v"};
-    const float *bufs[4] = {m->qin, m->enc, m->pk, m->pv};
+    const float *bufs[4] = {m->qin, m->enc_src, m->pk, m->pv};
     for (int i = 0; i < 4; i++) {
         if (screen[i] == INT64_MAX) continue;
         float v = NAN;
@@ -1055,7 +1056,10 @@ qf_status qf_qformer_stage(qf_qformer *m, const qf_qformer_args *a, const char *
     m->P = P;
     m->has_enc_mask = a->encoder_attention_mask != NULL;
     m->has_text_mask = Lt && a->text_attention_mask != NULL;
+    m->enc16_staged = 0;
+    m->enc_src = m->enc;
     QF_TRY(plan(m, fn));
+    m->enc_src = m->enc;
 
     /* the small integer inputs, built on the host (in place on the CPU) */
     uint8_t *hm = m->hmir;
@@ -1111,13 +1115,30 @@ qf_status qf_qformer_forward(qf_qformer *m, const qf_qformer_args *a, const floa
     /* the inputs into the planned buffers (host or device pointers on the GPU), then screened */
     const qf_backend *be = m->be;
     QF_TRY(qf_qformer_copy(m, m->qin, query_embeds, (size_t)(Tq * H) * sizeof(float)));
-    QF_TRY(qf_qformer_copy(m, m->enc, encoder_hidden_states, (size_t)(B * S * E) * sizeof(float)));
+    /* bf16 activations: the encoder input goes into bf16 in one pass that also screens it, read
+     * in place when it is already on this backend (else uploaded into enc first) */
+    const int stage16 = qf_qformer_act16(m) && be->stage_x16;
+    const float *enc_src = m->enc;
+    if (stage16) {
+        const qf_backend *enc_be = NULL;
+        const void *encp = encoder_hidden_states;
+        const char *encn = "encoder_hidden_states";
+        QF_TRY(qf_backend_for(fn, &encp, &encn, 1, &enc_be));
+        if (enc_be == be) enc_src = encoder_hidden_states;
+    }
+    if (enc_src == m->enc) QF_TRY(qf_qformer_copy(m, m->enc, encoder_hidden_states, (size_t)(B * S * E) * sizeof(float)));
     if (P) {
         QF_TRY(qf_qformer_copy(m, m->pk, a->prefix_k, (size_t)(B * P * H) * sizeof(float)));
         QF_TRY(qf_qformer_copy(m, m->pv, a->prefix_v, (size_t)(B * P * H) * sizeof(float)));
     }
     QF_TRY(be->screen_nonfinite(m->qin, Tq * H, m->screen + 0));
-    QF_TRY(be->screen_nonfinite(m->enc, B * S * E, m->screen + 1));
+    if (stage16) {
+        QF_TRY(be->stage_x16(m->enc16, enc_src, B * S * E, m->screen + 1));
+        m->enc_src = enc_src;
+        m->enc16_staged = 1;
+    } else {
+        QF_TRY(be->screen_nonfinite(m->enc, B * S * E, m->screen + 1));
+    }
     if (P) {
         QF_TRY(be->screen_nonfinite(m->pk, B * P * H, m->screen + 2));
         QF_TRY(be->screen_nonfinite(m->pv, B * P * H, m->screen + 3));

@@ -99,6 +99,11 @@ struct qf_qformer {
     float *x_in, *enc, *pk, *pv, *emb_mean, *emb_rstd, *emb, *tmp;
     float *enc_kv;                  /* [B*S, ncross*2H]: enc projected by enc_kv_w            */
     uint16_t *emb16, *enc_kv16;     /* bf16 activations: bf16(emb); enc_kv in place of enc_kv  */
+    uint16_t *enc16;                /* bf16(encoder_hidden_states) [B*S, E], screened as it is
+                                     * written (stage_x16) by qf_qformer_forward            */
+    int enc16_staged;               /* 1: the enc_kv GEMM reads enc16 (set per forward; 0 for
+                                     * callers that write enc themselves, qf_qformer_stage)  */
+    const float *enc_src;           /* where the float32 encoder input sits (screen message)   */
     int32_t *ids;
     uint8_t *self_mask;             /* [B, N] 1 = attend (when has_text_mask)                */
     uint8_t *cross_mask;            /* [B, P+S] 1 = attend (when has_enc_mask)               */

@@ -73,6 +73,7 @@ qf_status qf_cuda_gelu_forward(float *out, const float *x, int64_t n, qf_gelu_ki
 qf_status qf_cuda_layernorm_forward_x16(float *out, uint16_t *out16, float *mean, float *rstd, const float *x,
                                         const float *w, const float *b, int64_t rows, int64_t C, float eps);
 qf_status qf_cuda_gelu_forward_x16(uint16_t *out16, const uint16_t *x16, int64_t n, qf_gelu_kind kind);
+qf_status qf_cuda_stage_x16(uint16_t *dst16, const float *src, int64_t n, int64_t *first);
 qf_status qf_cuda_add(float *out, const float *a, const float *b, int64_t n);
 qf_status qf_cuda_embedding_forward(float *out, const int32_t *ids, const float *table, const float *pos,
                                     int64_t pos_rows, int64_t N, int64_t C);

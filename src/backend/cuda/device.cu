@@ -349,6 +349,7 @@ static qf_backend make_cuda_backend() {
     b.layernorm_forward_x16 = qf_cuda_layernorm_forward_x16;
     b.gelu_forward_x16 = qf_cuda_gelu_forward_x16;
     b.sdpa_forward_x16 = qf_cuda_sdpa_forward_bf16;
+    b.stage_x16 = qf_cuda_stage_x16;
     b.add = qf_cuda_add;
     b.embedding_forward = qf_cuda_embedding_forward;
     b.split_heads = qf_cuda_split_heads;
@@ -391,7 +392,7 @@ extern "C" void *qf_cuda_backend_entry(int which, const char *op) {
         QF_FIELD(layernorm_backward), QF_FIELD(gelu_backward), QF_FIELD(dead_rows_backward),
         QF_FIELD(embedding_backward), QF_FIELD(zero), QF_FIELD(alloc), QF_FIELD(free),
         QF_FIELD(synchronize), QF_FIELD(capture_begin), QF_FIELD(capture_end), QF_FIELD(graph_launch),
-        QF_FIELD(graph_free), QF_FIELD(layernorm_forward_x16), QF_FIELD(gelu_forward_x16), QF_FIELD(sdpa_forward_x16),
+        QF_FIELD(graph_free), QF_FIELD(layernorm_forward_x16), QF_FIELD(gelu_forward_x16), QF_FIELD(sdpa_forward_x16), QF_FIELD(stage_x16),
 #undef QF_FIELD
     };
     if (!op) return nullptr;

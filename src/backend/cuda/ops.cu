@@ -342,9 +342,49 @@ __global__ void screen_kernel(const uint32_t *x, int64_t n, long long *first) {
     if ((threadIdx.x & 31) == 0 && best != LLONG_MAX) atomicMin(first, best);
 }
 
+/* dst = bf16(src) and the screen above in the same pass: V = 4 values per step (float4 in, 8 bytes
+ * out; n4 steps) or 1. A thread's first hit is its smallest bad index (its steps ascend). */
+template <int V>
+__global__ void stage_x16_kernel(__nv_bfloat16 *dst, const float *src, int64_t steps, long long *first) {
+    long long best = LLONG_MAX;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < steps; i += (int64_t)gridDim.x * blockDim.x) {
+        if (V == 4) {
+            const float4 v = ((const float4 *)src)[i];
+            store_bf16x4(dst + 4 * i, v);
+            if (best == LLONG_MAX) {
+                const float c[4] = {v.x, v.y, v.z, v.w};
+                for (int j = 0; j < 4; j++)
+                    if (!isfinite(c[j])) {
+                        best = 4 * i + j;
+                        break;
+                    }
+            }
+        } else {
+            const float v = src[i];
+            dst[i] = __float2bfloat16_rn(v);
+            if (best == LLONG_MAX && !isfinite(v)) best = i;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        long long other = __shfl_xor_sync(0xffffffffu, best, o);
+        best = other < best ? other : best;
+    }
+    if ((threadIdx.x & 31) == 0 && best != LLONG_MAX) atomicMin(first, best);
+}
+
 } // namespace
 
 /* ---- entries ------------------------------------------------------------------------------------ */
+
+qf_status qf_cuda_stage_x16(uint16_t *dst16, const float *src, int64_t n, int64_t *first) {
+    if (n <= 0) return QF_OK;
+    __nv_bfloat16 *d = (__nv_bfloat16 *)dst16;
+    if (n % 4 == 0 && aligned16(src) && ((uintptr_t)dst16 & 7u) == 0)
+        stage_x16_kernel<4><<<grid_for(n / 4), kThreads, 0, qf_cuda_stream()>>>(d, src, n / 4, (long long *)first);
+    else
+        stage_x16_kernel<1><<<grid_for(n), kThreads, 0, qf_cuda_stream()>>>(d, src, n, (long long *)first);
+    return qf_cuda_launched("stage_x16");
+}
 
 /* ---- gemm_nt ------------------------------------------------------------------------------------
  * Row-major out[M, N] is column-major outᵀ [N, M]: outᵀ = w · xᵀ, w read as the column-major [K, N]
