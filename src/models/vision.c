@@ -52,7 +52,8 @@ typedef struct {
 
 typedef struct {             /* activations of one layer; x_in is the previous layer's x_out  */
     float *ln1, *ln1_mean, *ln1_rstd;       /* layer_norm1(x_in)                              */
-    float *qh, *kh, *vh, *oh, *lse;         /* heads [B,nh,N,hd], lse [B,nh,N]                */
+    float *qh, *kh, *vh, *oh, *lse;         /* heads [B,nh,N,hd] (CPU), lse [B,nh,N]          */
+    float *qkv;                             /* device: packed q|k|v rows [T,3H] (no heads)    */
     float *merged;                          /* [T,H] projection input                         */
     float *x_mid;                           /* x_in + projection(...)                         */
     float *ln2, *ln2_mean, *ln2_rstd;
@@ -97,6 +98,15 @@ struct qf_vision {
     float *hcols;
     size_t hcols_cap;
     qf_model_graph graph;
+    int kept;                /* the last device forward kept the activations (plan_device keep) */
+    /* GPU backward: parameter gradients accumulate in the device block dgrads (parallel to
+     * dparams, made from grads at the first GPU backward that wants them); grads_on_device = 1
+     * while it is newer than grads, which qf_vision_param and moving back to the CPU download
+     * first (sync_grads). hgrad: host staging of the pixel gradient (col2im runs on the host). */
+    float *dgrads;
+    int grads_on_device;
+    float *hgrad;
+    size_t hgrad_cap;
 };
 
 /* ---- parameters ---- */
@@ -333,6 +343,7 @@ qf_status qf_vision_load_parts(const qf_config *cfg, const char *cfg_prefix, con
 }
 
 static void release_device(qf_vision *m);
+static qf_status sync_grads(qf_vision *m);
 
 void qf_vision_free(qf_vision *m) {
     if (!m) return;
@@ -363,6 +374,7 @@ qf_status qf_vision_param(qf_vision *m, int i, qf_param *out) {
     if (!out) return qf_fail(QF_ERR_ARG, "qf_vision_param: out is NULL");
     if (i < 0 || i >= m->np)
         return qf_fail(QF_ERR_ARG, "qf_vision_param: index %d is out of range (the model has %d parameters)", i, m->np);
+    QF_TRY(sync_grads(m));
     const vision_ptab *p = &m->ptab[i];
     out->name = p->name;
     out->data = m->params + p->off;
@@ -373,7 +385,13 @@ qf_status qf_vision_param(qf_vision *m, int i, qf_param *out) {
 }
 
 void qf_vision_zero_grad(qf_vision *m) {
-    if (m) memset(m->grads, 0, m->nparams * sizeof(float));
+    if (!m) return;
+    /* on the GPU: queued ahead of the next backward, the host copy refreshed when next shown */
+    if (m->dgrads && m->be->zero(m->dgrads, m->nparams * sizeof(float)) == QF_OK) {
+        m->grads_on_device = 1;
+        return;
+    }
+    memset(m->grads, 0, m->nparams * sizeof(float));
 }
 
 void qf_vision_set_frozen(qf_vision *m, int frozen) {
@@ -414,6 +432,7 @@ static size_t plan_forward(qf_vision *m, float *base, int64_t B) {
         a->ln1 = carve(base, &off, T * H);
         a->ln1_mean = carve(base, &off, T);
         a->ln1_rstd = carve(base, &off, T);
+        a->qkv = NULL;
         a->qh = carve(base, &off, T * H);
         a->kh = carve(base, &off, T * H);
         a->vh = carve(base, &off, T * H);
@@ -465,7 +484,7 @@ static void col2im(float *pix, const float *cols, int64_t B, int64_t C, int64_t 
             }
 }
 
-/* qkv [T, 3H] (q | k | v) <-> heads [B, nh, N, hd] of part `part` (0 q, 1 k, 2 v). */
+/* qkv [T, 3H] (q | k | v) -> heads [B, nh, N, hd] of part `part` (0 q, 1 k, 2 v). */
 static void qkv_to_heads(float *heads, const float *qkv, int part, int64_t B, int64_t nh, int64_t N, int64_t hd) {
     const int64_t H = nh * hd;
 #pragma omp parallel for collapse(2) num_threads(qf_threads()) if (B * N * H > 65536)
@@ -476,17 +495,7 @@ static void qkv_to_heads(float *heads, const float *qkv, int part, int64_t B, in
                        (size_t)hd * sizeof(float));
 }
 
-static void heads_to_qkv(float *qkv, const float *heads, int part, int64_t B, int64_t nh, int64_t N, int64_t hd) {
-    const int64_t H = nh * hd;
-#pragma omp parallel for collapse(2) num_threads(qf_threads()) if (B * N * H > 65536)
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t i = 0; i < N; i++)
-            for (int64_t h = 0; h < nh; h++)
-                memcpy(qkv + (b * N + i) * 3 * H + part * H + h * hd, heads + ((b * nh + h) * N + i) * hd,
-                       (size_t)hd * sizeof(float));
-}
-
-/* tokens [B*N, H] <-> heads [B, nh, N, hd] */
+/* heads [B, nh, N, hd] -> tokens [B*N, H] */
 static void merge_heads(float *tok, const float *heads, int64_t B, int64_t nh, int64_t N, int64_t hd) {
     const int64_t H = nh * hd;
 #pragma omp parallel for collapse(2) num_threads(qf_threads()) if (B * N * H > 65536)
@@ -494,15 +503,6 @@ static void merge_heads(float *tok, const float *heads, int64_t B, int64_t nh, i
         for (int64_t i = 0; i < N; i++)
             for (int64_t h = 0; h < nh; h++)
                 memcpy(tok + (b * N + i) * H + h * hd, heads + ((b * nh + h) * N + i) * hd, (size_t)hd * sizeof(float));
-}
-
-static void split_heads(float *heads, const float *tok, int64_t B, int64_t nh, int64_t N, int64_t hd) {
-    const int64_t H = nh * hd;
-#pragma omp parallel for collapse(2) num_threads(qf_threads()) if (B * N * H > 65536)
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t i = 0; i < N; i++)
-            for (int64_t h = 0; h < nh; h++)
-                memcpy(heads + ((b * nh + h) * N + i) * hd, tok + (b * N + i) * H + h * hd, (size_t)hd * sizeof(float));
 }
 
 /* A NaN/Inf pixel is named as pixel_values[b,c,y,x] (the first in memory order), not as
@@ -541,19 +541,61 @@ static qf_status dev_linear(const qf_vision *m, float *out, const float *in, con
     return qf_model_linear(m->be, out, in, DEV(w), w16, b ? DEV(b) : NULL, res, rows, Cin, Cout);
 }
 
-/* Lays out the device block for batch B; base NULL only counts (floats). */
-static size_t plan_device(qf_vision *m, float *base, int64_t B) {
+/* Lays out the device block for batch B; base NULL only counts (floats). keep = 0 (inference):
+ * every layer writes the same few buffers (x and mid alternate, GELU in place, no LayerNorm
+ * statistics, no lse). keep = 1 (a backward may follow): every layer's activations get their own
+ * buffers, as the CPU forward keeps them, except that the attention's heads are not split out:
+ * the layer keeps its packed qkv rows and merged output, and backward splits the heads from
+ * them. The views go into m->acts / x0 / post_mean / post_rstd, which backward reads on either
+ * backend (qh..oh NULL here, qkv NULL on the CPU). */
+static size_t plan_device(qf_vision *m, float *base, int64_t B, int keep) {
     const size_t H = (size_t)m->cfg.hidden_size, I = (size_t)m->cfg.intermediate_size, T = (size_t)(B * m->N);
+    const size_t nh = (size_t)m->cfg.num_attention_heads;
     size_t off = 0;
     m->dcols = carve(base, &off, T * (size_t)m->K);
     m->dx = carve(base, &off, T * H);
-    m->dln = carve(base, &off, T * H);
-    m->dqkv = carve(base, &off, T * 3 * H);
-    m->dmerged = carve(base, &off, T * H);
-    m->dmid = carve(base, &off, T * H);
-    m->dact = carve(base, &off, T * I);
     m->dout = carve(base, &off, T * H);
     m->dscreen = (int64_t *)carve(base, &off, 2);
+    m->cols = NULL;
+    m->tmp = NULL;
+    m->x0 = m->dx;
+    m->post_mean = keep ? carve(base, &off, T) : NULL;
+    m->post_rstd = keep ? carve(base, &off, T) : NULL;
+    float *ln = NULL, *qkv = NULL, *merged = NULL, *mid = NULL, *act = NULL;
+    if (!keep) {
+        ln = carve(base, &off, T * H);
+        qkv = carve(base, &off, T * 3 * H);
+        merged = carve(base, &off, T * H);
+        mid = carve(base, &off, T * H);
+        act = carve(base, &off, T * I);
+    }
+    for (int64_t i = 0; i < m->cfg.num_hidden_layers; i++) {
+        vision_acts *a = &m->acts[i];
+        a->qh = a->kh = a->vh = a->oh = NULL;
+        if (!keep) {
+            a->ln1 = a->ln2 = ln;
+            a->qkv = qkv;
+            a->merged = merged;
+            a->x_mid = mid;
+            a->pre = a->act = act;
+            a->x_out = m->dx;
+            a->ln1_mean = a->ln1_rstd = a->ln2_mean = a->ln2_rstd = a->lse = NULL;
+            continue;
+        }
+        a->ln1 = carve(base, &off, T * H);
+        a->ln1_mean = carve(base, &off, T);
+        a->ln1_rstd = carve(base, &off, T);
+        a->qkv = carve(base, &off, T * 3 * H);
+        a->lse = carve(base, &off, T * nh);
+        a->merged = carve(base, &off, T * H);
+        a->x_mid = carve(base, &off, T * H);
+        a->ln2 = carve(base, &off, T * H);
+        a->ln2_mean = carve(base, &off, T);
+        a->ln2_rstd = carve(base, &off, T);
+        a->pre = carve(base, &off, T * I);
+        a->act = carve(base, &off, T * I);
+        a->x_out = carve(base, &off, T * H);
+    }
     return off;
 }
 
@@ -564,12 +606,14 @@ static qf_status device_body(void *ctx) {
     const int64_t H = c->hidden_size, I = c->intermediate_size, nh = c->num_attention_heads, hd = m->hd;
     const int64_t B = m->B, N = m->N, T = B * N;
     const float eps = (float)c->layer_norm_eps;
-    QF_TRY(dev_linear(m, m->dx, m->dcols, m->patch_w, NULL, NULL, T, m->K, H));
-    QF_TRY(be->add_periodic(m->dx, m->dx, m->etab, T, N, H));
+    QF_TRY(dev_linear(m, m->x0, m->dcols, m->patch_w, NULL, NULL, T, m->K, H));
+    QF_TRY(be->add_periodic(m->x0, m->x0, m->etab, T, N, H));
+    const float *x = m->x0;
     for (int64_t li = 0; li < c->num_hidden_layers; li++) {
         const vision_layer *l = &m->layers[li];
-        QF_TRY(be->layernorm_forward(m->dln, NULL, NULL, m->dx, DEV(l->ln1_w), DEV(l->ln1_b), T, H, eps));
-        QF_TRY(dev_linear(m, m->dqkv, m->dln, l->wqkv, l->bqkv, NULL, T, H, 3 * H));
+        const vision_acts *a = &m->acts[li];
+        QF_TRY(be->layernorm_forward(a->ln1, a->ln1_mean, a->ln1_rstd, x, DEV(l->ln1_w), DEV(l->ln1_b), T, H, eps));
+        QF_TRY(dev_linear(m, a->qkv, a->ln1, l->wqkv, l->bqkv, NULL, T, H, 3 * H));
         qf_sdpa_params sp = qf_sdpa_defaults(B, nh, nh, N, N, hd);
         sp.check_finite = 0; /* the pixels were screened; the weights are finite */
         qf_sdpa_problem pr;
@@ -580,16 +624,39 @@ static qf_status device_body(void *ctx) {
             pr.q_sh = pr.k_sh = pr.v_sh = hd;
             pr.q_si = pr.k_si = pr.v_si = 3 * H;
             pr.o_sb = N * H, pr.o_sh = hd, pr.o_si = H;
-            s = be->sdpa_forward(&pr, m->dqkv, m->dqkv + H, m->dqkv + 2 * H, m->dmerged, NULL, NULL);
+            s = be->sdpa_forward(&pr, a->qkv, a->qkv + H, a->qkv + 2 * H, a->merged, a->lse, NULL);
         }
         if (s != QF_OK) return qf_fail_prefix(s, "qf_vision_forward (layer %lld self-attention)", (long long)li);
-        QF_TRY(dev_linear(m, m->dmid, m->dmerged, l->wo, l->bo, m->dx, T, H, H));
-        QF_TRY(be->layernorm_forward(m->dln, NULL, NULL, m->dmid, DEV(l->ln2_w), DEV(l->ln2_b), T, H, eps));
-        QF_TRY(dev_linear(m, m->dact, m->dln, l->w1, l->b1, NULL, T, H, I));
-        QF_TRY(be->gelu_forward(m->dact, m->dact, T * I, c->hidden_act));
-        QF_TRY(dev_linear(m, m->dx, m->dact, l->w2, l->b2, m->dmid, T, I, H));
+        QF_TRY(dev_linear(m, a->x_mid, a->merged, l->wo, l->bo, x, T, H, H));
+        QF_TRY(be->layernorm_forward(a->ln2, a->ln2_mean, a->ln2_rstd, a->x_mid, DEV(l->ln2_w), DEV(l->ln2_b), T, H,
+                                     eps));
+        QF_TRY(dev_linear(m, a->pre, a->ln2, l->w1, l->b1, NULL, T, H, I));
+        QF_TRY(be->gelu_forward(a->act, a->pre, T * I, c->hidden_act));
+        QF_TRY(dev_linear(m, a->x_out, a->act, l->w2, l->b2, a->x_mid, T, I, H));
+        x = a->x_out;
     }
-    return be->layernorm_forward(m->dout, NULL, NULL, m->dx, DEV(m->post_w), DEV(m->post_b), T, H, eps);
+    return be->layernorm_forward(m->dout, m->post_mean, m->post_rstd, x, DEV(m->post_w), DEV(m->post_b), T, H, eps);
+}
+
+/* Plans the device block for m->B (keep as plan_device), uploads the host columns hcols and
+ * queues the forward (one graph per key). Nothing waits for the GPU here. */
+static qf_status device_pass(qf_vision *m, int keep) {
+    const qf_backend *be = m->be;
+    const size_t need = plan_device(m, NULL, m->B, keep);
+    if (need > m->dfwd_cap) {
+        qf_model_graph_drop(be, &m->graph);
+        be->free(m->dfwd);
+        m->dfwd = NULL;
+        m->dfwd_cap = 0;
+        QF_TRY(be->alloc((void **)&m->dfwd, need * sizeof(float)));
+        m->dfwd_cap = need;
+    }
+    plan_device(m, m->dfwd, m->B, keep);
+    m->kept = keep;
+    const size_t ncols = (size_t)(m->B * m->N) * (size_t)m->K;
+    QF_TRY(be->copy2d(m->dcols, ncols * sizeof(float), m->hcols, ncols * sizeof(float), ncols * sizeof(float), 1));
+    const int64_t key[3] = {m->B, (int64_t)(intptr_t)m->dfwd, keep};
+    return qf_model_graph_run(be, &m->graph, key, 3, device_body, m);
 }
 
 static qf_status forward_device(qf_vision *m, int64_t B, const float *pixel_values, float *out) {
@@ -609,16 +676,6 @@ static qf_status forward_device(qf_vision *m, int64_t B, const float *pixel_valu
      * screen cannot see them: the whole image is checked here then (rare configurations) */
     if (G * p != S) QF_TRY(check_pixels(m, B, pixel_values, fn));
 
-    const size_t need = plan_device(m, NULL, B);
-    if (need > m->dfwd_cap) {
-        qf_model_graph_drop(be, &m->graph);
-        be->free(m->dfwd);
-        m->dfwd = NULL;
-        m->dfwd_cap = 0;
-        QF_TRY(be->alloc((void **)&m->dfwd, need * sizeof(float)));
-        m->dfwd_cap = need;
-    }
-    plan_device(m, m->dfwd, B);
     const size_t ncols = (size_t)T * (size_t)K;
     if (ncols > m->hcols_cap) {
         void *h = NULL;
@@ -635,12 +692,12 @@ static qf_status forward_device(qf_vision *m, int64_t B, const float *pixel_valu
         memset(rows, 0, (size_t)K * sizeof(float)); /* the class token's row */
         im2col(rows + K, pixel_values + b * C * S * S, 1, C, S, p, G);
     }
+    /* a trainable float32 tower keeps what backward needs; a frozen one (or bf16) does not, and
+     * its backward, when a pixel gradient is asked, runs the forward again from hcols */
+    QF_TRY(device_pass(m, !m->frozen && !m->dbf16));
     int64_t screen = INT64_MAX;
     QF_TRY(be->copy2d(m->dscreen, sizeof screen, &screen, sizeof screen, sizeof screen, 1));
-    QF_TRY(be->copy2d(m->dcols, ncols * sizeof(float), m->hcols, ncols * sizeof(float), ncols * sizeof(float), 1));
     QF_TRY(be->screen_nonfinite(m->dcols, (int64_t)ncols, m->dscreen));
-    const int64_t key[2] = {B, (int64_t)(intptr_t)m->dfwd};
-    QF_TRY(qf_model_graph_run(be, &m->graph, key, 2, device_body, m));
     const size_t n = (size_t)(T * H) * sizeof(float);
     QF_TRY(be->copy2d(out, n, m->dout, n, n, 1));
     QF_TRY(be->synchronize());
@@ -651,9 +708,12 @@ static qf_status forward_device(qf_vision *m, int64_t B, const float *pixel_valu
         return qf_fail(QF_ERR_INTERNAL, "%s: the device found a non-finite im2col value at %lld but the host "
                                         "pixels are finite (were they changed during the call?)", fn, (long long)screen);
     }
+    m->have_fwd = 1;
     return QF_OK;
 }
 
+/* Frees what the model holds on a device (the gradients downloaded first, so grads keeps the
+ * newest) and the host staging buffers; the model is a CPU model again. */
 static void release_device(qf_vision *m) {
     if (m->on_device) {
         const qf_backend *be = m->be;
@@ -661,10 +721,19 @@ static void release_device(qf_vision *m) {
         be->free(m->dfwd);
         be->free(m->dparams);
         be->free(m->dbf16);
+        be->free(m->bwd);
+        (void)sync_grads(m);
+        be->free(m->dgrads);
+        m->bwd = NULL;
+        m->bwd_cap = 0;
     }
+    m->dgrads = NULL;
+    m->grads_on_device = 0;
+    m->kept = 0;
     free(m->hcols);
-    m->hcols = NULL;
-    m->hcols_cap = 0;
+    free(m->hgrad);
+    m->hcols = m->hgrad = NULL;
+    m->hcols_cap = m->hgrad_cap = 0;
     m->dfwd = m->dparams = m->etab = NULL;
     m->dfwd_cap = 0;
     m->dbf16 = NULL;
@@ -779,91 +848,224 @@ qf_status qf_vision_forward(qf_vision *m, int64_t B, const float *pixel_values, 
     return QF_OK;
 }
 
-/* ---- backward ---- */
+/* ---- backward ----
+ * One code path for both backends: every op goes through the backend that holds the model (the
+ * CPU table, or m->be on the GPU); parameters are read as PV(view) and their gradients go to
+ * GV(view) (grads, or dgrads on the GPU). The forwards keep different things: the CPU forward
+ * the attention heads, the device forward the packed qkv rows and merged output, from which the
+ * heads are split into bwd here; the device's embedding ran as one GEMM over zero class-token
+ * rows (hcols), whose patch rows are compacted here for the patch weight gradient. On the GPU
+ * grad_out is staged in bwd (host or device pointer), and the pixel gradient's columns are
+ * downloaded for the host col2im (copied to the caller's buffer, host or device); the call
+ * returns after the GPU has finished. */
+
+typedef struct {
+    float *dx, *dln, *dtmp, *dqkv, *dqh, *dkh, *dvh, *doh, *dpre, *dcols, *drows;
+    float *qh, *kh, *vh, *oh, *gout, *cols; /* device only: heads, staged grad_out, patch columns */
+} vision_bwd;
+
+static size_t plan_backward(const qf_vision *m, float *base, int pixels, vision_bwd *w) {
+    const size_t H = (size_t)m->cfg.hidden_size, I = (size_t)m->cfg.intermediate_size;
+    const size_t T = (size_t)(m->B * m->N), BP = (size_t)(m->B * m->P), K = (size_t)m->K;
+    size_t off = 0;
+    w->dx = carve(base, &off, T * H);
+    w->dln = carve(base, &off, T * H);
+    w->dtmp = carve(base, &off, T * H);
+    w->dqkv = carve(base, &off, T * 3 * H);
+    w->dqh = carve(base, &off, T * H);
+    w->dkh = carve(base, &off, T * H);
+    w->dvh = carve(base, &off, T * H);
+    w->doh = carve(base, &off, T * H);
+    w->dpre = carve(base, &off, T * I);
+    w->dcols = carve(base, &off, pixels ? BP * K : 0);
+    w->drows = carve(base, &off, (size_t)m->B * H); /* the class-token rows of dx */
+    w->qh = w->kh = w->vh = w->oh = w->gout = w->cols = NULL;
+    if (m->on_device) {
+        w->qh = carve(base, &off, T * H);
+        w->kh = carve(base, &off, T * H);
+        w->vh = carve(base, &off, T * H);
+        w->oh = carve(base, &off, T * H);
+        w->gout = carve(base, &off, T * H);
+        w->cols = carve(base, &off, BP * K);
+    }
+    return off;
+}
+
+/* Grows bwd on the model's backend (grow-only, contents not kept). */
+static qf_status grow_bwd(qf_vision *m, size_t floats, const char *fn) {
+    if (!m->on_device) return grow(&m->bwd, &m->bwd_cap, floats, fn);
+    if (floats <= m->bwd_cap) return QF_OK;
+    m->be->free(m->bwd);
+    m->bwd = NULL;
+    m->bwd_cap = 0;
+    qf_status s = m->be->alloc((void **)&m->bwd, floats * sizeof(float));
+    if (s != QF_OK) return qf_fail_prefix(s, "%s (%zu bytes of backward buffers)", fn, floats * sizeof(float));
+    m->bwd_cap = floats;
+    return QF_OK;
+}
+
+/* A GPU model's device gradient block, made at its first backward from the host gradients. */
+static qf_status device_grads(qf_vision *m, const char *fn) {
+    if (!m->on_device || m->dgrads) return QF_OK;
+    const size_t bytes = m->nparams * sizeof(float);
+    m->grads_on_device = 0;
+    QF_TRY(m->be->alloc((void **)&m->dgrads, bytes));
+    qf_status s = m->be->copy2d(m->dgrads, bytes, m->grads, bytes, bytes, 1);
+    if (s != QF_OK) {
+        m->be->free(m->dgrads);
+        m->dgrads = NULL;
+        return qf_fail_prefix(s, "%s (uploading the gradients)", fn);
+    }
+    return QF_OK;
+}
+
+/* grads = dgrads when the device copy is newer (one download and a wait). */
+static qf_status sync_grads(qf_vision *m) {
+    if (!m->grads_on_device || !m->dgrads) return QF_OK;
+    const size_t bytes = m->nparams * sizeof(float);
+    QF_TRY(m->be->copy2d(m->grads, bytes, m->dgrads, bytes, bytes, 1));
+    QF_TRY(m->be->synchronize());
+    m->grads_on_device = 0;
+    return QF_OK;
+}
+
+/* The pixel gradient from its columns gcols [B*P, K] (this backend's memory): col2im on the
+ * host, into grad_pixel_values directly when it is host memory. */
+static qf_status pixel_grad(qf_vision *m, const float *gcols, float *grad_pixel_values, const char *fn) {
+    const qf_vision_config *c = &m->cfg;
+    const int64_t B = m->B;
+    if (!m->on_device) {
+        col2im(grad_pixel_values, gcols, B, c->num_channels, c->image_size, c->patch_size, m->G);
+        return QF_OK;
+    }
+    const size_t ncols = (size_t)(B * m->P) * (size_t)m->K;
+    const size_t npix = (size_t)(B * c->num_channels) * (size_t)(c->image_size * c->image_size);
+    int dev_dst = 0;
+#ifdef QF_HAVE_CUDA
+    dev_dst = qf_cuda_is_device_ptr(grad_pixel_values);
+#endif
+    const size_t need = ncols + (dev_dst ? npix : 0);
+    if (need > m->hgrad_cap) {
+        void *h = NULL;
+        if (posix_memalign(&h, 64, need * sizeof(float)))
+            return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes for the pixel gradient", fn,
+                           need * sizeof(float));
+        free(m->hgrad);
+        m->hgrad = h;
+        m->hgrad_cap = need;
+    }
+    QF_TRY(m->be->copy2d(m->hgrad, ncols * sizeof(float), gcols, ncols * sizeof(float), ncols * sizeof(float), 1));
+    QF_TRY(m->be->synchronize());
+    float *dst = dev_dst ? m->hgrad + ncols : grad_pixel_values;
+    col2im(dst, m->hgrad, B, c->num_channels, c->image_size, c->patch_size, m->G);
+    if (dev_dst) QF_TRY(m->be->copy2d(grad_pixel_values, npix * sizeof(float), dst, npix * sizeof(float),
+                                      npix * sizeof(float), 1));
+    return QF_OK;
+}
+
+static qf_status backward_body(qf_vision *m, const vision_bwd *w, const float *grad_out, float *grad_pixel_values) {
+    const char *fn = "qf_vision_backward";
+    const qf_backend *be = m->on_device ? m->be : qf_backend_cpu();
+    const qf_vision_config *c = &m->cfg;
+    const int64_t B = m->B, H = c->hidden_size, I = c->intermediate_size, nh = c->num_attention_heads, hd = m->hd;
+    const int64_t N = m->N, P = m->P, K = m->K, T = B * N, L = c->num_hidden_layers;
+    const int pg = !m->frozen; /* parameter gradients wanted */
+    float *const gbase = m->on_device ? m->dgrads : m->grads;
+    const float *const pbase = m->on_device ? m->dparams : m->params;
+#define PV(p) (pbase + ((p) - m->params))
+#define GV(p) (pg ? gbase + ((p) - m->params) : NULL)
+    const float *gout = grad_out;
+    if (m->on_device) {
+        const size_t n = (size_t)(T * H) * sizeof(float);
+        QF_TRY(be->copy2d(w->gout, n, grad_out, n, n, 1));
+        gout = w->gout;
+    }
+    float *dx = w->dx, *dln = w->dln, *dtmp = w->dtmp;
+    QF_TRY(be->layernorm_backward(dx, GV(m->post_w), GV(m->post_b), gout, m->acts[L - 1].x_out, PV(m->post_w),
+                                  m->post_mean, m->post_rstd, T, H));
+    for (int64_t li = L - 1; li >= 0; li--) {
+        const vision_layer *l = &m->layers[li];
+        const vision_acts *a = &m->acts[li];
+        const float *x_in = li ? m->acts[li - 1].x_out : m->x0;
+        /* x_out = x_mid + fc2(act(fc1(ln2(x_mid)))) */
+        QF_TRY(be->linear_backward(w->dpre, GV(l->w2), GV(l->b2), dx, a->act, PV(l->w2), T, I, H));
+        QF_TRY(be->gelu_backward(w->dpre, w->dpre, a->pre, T * I, c->hidden_act));
+        QF_TRY(be->linear_backward(dln, GV(l->w1), GV(l->b1), w->dpre, a->ln2, PV(l->w1), T, H, I));
+        QF_TRY(be->layernorm_backward(dtmp, GV(l->ln2_w), GV(l->ln2_b), dln, a->x_mid, PV(l->ln2_w), a->ln2_mean,
+                                      a->ln2_rstd, T, H));
+        QF_TRY(be->add(dx, dx, dtmp, T * H));
+        /* x_mid = x_in + projection(attention(ln1(x_in))) */
+        QF_TRY(be->linear_backward(dtmp, GV(l->wo), GV(l->bo), dx, a->merged, PV(l->wo), T, H, H));
+        QF_TRY(be->split_heads(w->doh, dtmp, H, NULL, B, nh, N, 0, N, hd));
+        const float *qh = a->qh, *kh = a->kh, *vh = a->vh, *oh = a->oh;
+        if (!qh) { /* the device forward kept the packed rows: the heads, contiguous */
+            QF_TRY(be->split_heads(w->qh, a->qkv, 3 * H, NULL, B, nh, N, 0, N, hd));
+            QF_TRY(be->split_heads(w->kh, a->qkv + H, 3 * H, NULL, B, nh, N, 0, N, hd));
+            QF_TRY(be->split_heads(w->vh, a->qkv + 2 * H, 3 * H, NULL, B, nh, N, 0, N, hd));
+            QF_TRY(be->split_heads(w->oh, a->merged, H, NULL, B, nh, N, 0, N, hd));
+            qh = w->qh, kh = w->kh, vh = w->vh, oh = w->oh;
+        }
+        qf_sdpa_params sp = qf_sdpa_defaults(B, nh, nh, N, N, hd);
+        if (m->on_device) sp.check_finite = 0; /* a screen would wait for the GPU at every layer */
+        qf_status s = qf_sdpa_backward(&sp, qh, kh, vh, oh, a->lse, w->doh, w->dqh, w->dkh, w->dvh);
+        if (s != QF_OK) return qf_fail_prefix(s, "%s (layer %lld self-attention)", fn, (long long)li);
+        QF_TRY(be->merge_heads(w->dqkv, 3 * H, w->dqh, B, nh, N, 0, N, hd, 0));
+        QF_TRY(be->merge_heads(w->dqkv + H, 3 * H, w->dkh, B, nh, N, 0, N, hd, 0));
+        QF_TRY(be->merge_heads(w->dqkv + 2 * H, 3 * H, w->dvh, B, nh, N, 0, N, hd, 0));
+        QF_TRY(be->linear_backward(dln, GV(l->wqkv), l->bqkv ? GV(l->bqkv) : NULL, w->dqkv, a->ln1, PV(l->wqkv), T,
+                                   H, 3 * H));
+        QF_TRY(be->layernorm_backward(dtmp, GV(l->ln1_w), GV(l->ln1_b), dln, x_in, PV(l->ln1_w), a->ln1_mean,
+                                      a->ln1_rstd, T, H));
+        QF_TRY(be->add(dx, dx, dtmp, T * H));
+    }
+
+    /* embeddings: x0[b,i] = (i ? patch(b,i-1) : cls) + pos[i]; position row i sums rows i of
+     * every item, the class token rows 0 */
+    if (pg) {
+        QF_TRY(be->embedding_backward(NULL, GV(m->pos), dx, NULL, -1, T, N, H));
+        QF_TRY(be->copy2d(w->drows, (size_t)H * sizeof(float), dx, (size_t)(N * H) * sizeof(float),
+                          (size_t)H * sizeof(float), (size_t)B));
+        QF_TRY(be->embedding_backward(NULL, GV(m->cls), w->drows, NULL, -1, B, 1, H));
+    }
+    /* the patch rows, contiguous [B*P, H], into dln (T*H >= B*P*H) */
+    const size_t prow = (size_t)(P * H) * sizeof(float);
+    QF_TRY(be->copy2d(dln, prow, dx + H, (size_t)(N * H) * sizeof(float), prow, (size_t)B));
+    const float *cols = m->cols;
+    if (m->on_device) { /* the device columns [B*N, K] have each item's zero class-token row first */
+        const size_t crow = (size_t)(P * K) * sizeof(float);
+        QF_TRY(be->copy2d(w->cols, crow, m->dcols + K, (size_t)(N * K) * sizeof(float), crow, (size_t)B));
+        cols = w->cols;
+    }
+    float *gcols = grad_pixel_values ? w->dcols : NULL;
+    QF_TRY(be->linear_backward(gcols, GV(m->patch_w), GV(m->patch_b), dln, cols, PV(m->patch_w), B * P, K, H));
+    if (grad_pixel_values) QF_TRY(pixel_grad(m, gcols, grad_pixel_values, fn));
+#undef PV
+#undef GV
+    return QF_OK;
+}
 
 qf_status qf_vision_backward(qf_vision *m, const float *grad_out, float *grad_pixel_values) {
     const char *fn = "qf_vision_backward";
     if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
     if (!grad_out) return qf_fail(QF_ERR_ARG, "%s: grad_out is NULL", fn);
-    if (m->on_device)
-        return qf_fail(QF_ERR_UNSUPPORTED, "%s: backward runs on the CPU only: this model runs on %s "
-                                           "(qf_vision_to_device(m, \"cpu\", QF_F32) first)", fn, m->be->name);
+    if (m->dbf16)
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: this model runs with bf16 weights on %s: backward is float32 only "
+                                           "(qf_vision_to_device(m, \"%s\", QF_F32) first)", fn, m->be->name,
+                       m->be->name);
     if (!m->have_fwd) return qf_fail(QF_ERR_ARG, "%s: no successful qf_vision_forward on this model to differentiate", fn);
     if (m->frozen && !grad_pixel_values) return QF_OK; /* nothing asked for */
-    const qf_vision_config *c = &m->cfg;
-    const int64_t B = m->B, H = c->hidden_size, I = c->intermediate_size, nh = c->num_attention_heads, hd = m->hd;
-    const int64_t N = m->N, P = m->P, T = B * N;
-    const size_t nT = (size_t)T, nH = (size_t)H;
-    const int pg = !m->frozen; /* parameter gradients wanted */
-#define G(p) (pg ? (p) : NULL)
-
-    float *base = NULL, *dx = NULL, *dln = NULL, *dtmp = NULL, *dqkv = NULL, *dqh = NULL, *dkh = NULL,
-          *dvh = NULL, *doh = NULL, *dpre = NULL, *dcols = NULL;
-    for (int pass = 0; pass < 2; pass++) {
-        size_t off = 0;
-        dx = carve(base, &off, nT * nH);
-        dln = carve(base, &off, nT * nH);
-        dtmp = carve(base, &off, nT * nH);
-        dqkv = carve(base, &off, nT * 3 * nH);
-        dqh = carve(base, &off, nT * nH);
-        dkh = carve(base, &off, nT * nH);
-        dvh = carve(base, &off, nT * nH);
-        doh = carve(base, &off, nT * nH);
-        dpre = carve(base, &off, nT * (size_t)I);
-        dcols = carve(base, &off, grad_pixel_values ? (size_t)(B * P) * (size_t)m->K : 0);
-        if (pass == 0) {
-            QF_TRY(grow(&m->bwd, &m->bwd_cap, off, fn));
-            base = m->bwd;
-        }
+    /* a device forward that kept no activations (the tower was frozen then) runs again, keeping
+     * them, from the columns it left in hcols (its output is not needed again) */
+    if (m->on_device && !m->kept) QF_TRY(device_pass(m, 1));
+    vision_bwd w;
+    QF_TRY(grow_bwd(m, plan_backward(m, NULL, grad_pixel_values != NULL, &w), fn));
+    plan_backward(m, m->bwd, grad_pixel_values != NULL, &w);
+    if (!m->frozen) QF_TRY(device_grads(m, fn));
+    qf_status s = backward_body(m, &w, grad_out, grad_pixel_values);
+    if (m->on_device) {
+        if (!m->frozen) m->grads_on_device = 1; /* dgrads may have changed, even after a failure */
+        qf_status s2 = m->be->synchronize();   /* nothing may still run on bwd or the caller's buffers */
+        if (s == QF_OK) s = s2;
     }
-
-    const int64_t L = c->num_hidden_layers;
-    const float *x_last = m->acts[L - 1].x_out;
-    QF_TRY(qf_layernorm_backward(dx, G(m->g_post_w), G(m->g_post_b), grad_out, x_last, m->post_w, m->post_mean,
-                                 m->post_rstd, T, H));
-    for (int64_t li = L - 1; li >= 0; li--) {
-        const vision_layer *l = &m->layers[li];
-        vision_acts *a = &m->acts[li];
-        const float *x_in = li ? m->acts[li - 1].x_out : m->x0;
-        /* x_out = x_mid + fc2(act(fc1(ln2(x_mid)))) */
-        QF_TRY(qf_linear_backward(dpre, G(l->g_w2), G(l->g_b2), dx, a->act, l->w2, T, I, H));
-        QF_TRY(qf_gelu_backward(dpre, dpre, a->pre, T * I, c->hidden_act));
-        QF_TRY(qf_linear_backward(dln, G(l->g_w1), G(l->g_b1), dpre, a->ln2, l->w1, T, H, I));
-        QF_TRY(qf_layernorm_backward(dtmp, G(l->g_ln2_w), G(l->g_ln2_b), dln, a->x_mid, l->ln2_w, a->ln2_mean,
-                                     a->ln2_rstd, T, H));
-        QF_TRY(qf_residual_forward(dx, dx, dtmp, T * H));
-        /* x_mid = x_in + projection(attention(ln1(x_in))) */
-        QF_TRY(qf_linear_backward(dtmp, G(l->g_wo), G(l->g_bo), dx, a->merged, l->wo, T, H, H));
-        split_heads(doh, dtmp, B, nh, N, hd);
-        qf_sdpa_params sp = qf_sdpa_defaults(B, nh, nh, N, N, hd);
-        qf_status s = qf_sdpa_backward(&sp, a->qh, a->kh, a->vh, a->oh, a->lse, doh, dqh, dkh, dvh);
-        if (s != QF_OK) return qf_fail_prefix(s, "%s (layer %lld self-attention)", fn, (long long)li);
-        heads_to_qkv(dqkv, dqh, 0, B, nh, N, hd);
-        heads_to_qkv(dqkv, dkh, 1, B, nh, N, hd);
-        heads_to_qkv(dqkv, dvh, 2, B, nh, N, hd);
-        QF_TRY(qf_linear_backward(dln, G(l->g_wqkv), G(l->g_bqkv), dqkv, a->ln1, l->wqkv, T, H, 3 * H));
-        QF_TRY(qf_layernorm_backward(dtmp, G(l->g_ln1_w), G(l->g_ln1_b), dln, x_in, l->ln1_w, a->ln1_mean,
-                                     a->ln1_rstd, T, H));
-        QF_TRY(qf_residual_forward(dx, dx, dtmp, T * H));
-    }
-
-    /* embeddings: x0[b,i] = (i ? patch(b,i-1) : cls) + pos[i] */
-    if (pg) {
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t i = 0; i < N; i++) {
-                const float *d = dx + (b * N + i) * H;
-                float *gp = m->g_pos + i * H;
-                for (int64_t j = 0; j < H; j++) gp[j] += d[j];
-                if (!i)
-                    for (int64_t j = 0; j < H; j++) m->g_cls[j] += d[j];
-            }
-    }
-    /* the patch rows, contiguous [B*P, H], into dln (T*H >= B*P*H) */
-    for (int64_t b = 0; b < B; b++)
-        memcpy(dln + b * P * H, dx + (b * N + 1) * H, (size_t)(P * H) * sizeof(float));
-    QF_TRY(qf_linear_backward(grad_pixel_values ? dcols : NULL, G(m->g_patch_w), G(m->g_patch_b), dln, m->cols,
-                              m->patch_w, B * P, m->K, H));
-    if (grad_pixel_values) col2im(grad_pixel_values, dcols, B, c->num_channels, c->image_size, c->patch_size, m->G);
-#undef G
-    return QF_OK;
+    return s;
 }
