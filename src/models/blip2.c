@@ -66,6 +66,11 @@ struct qf_blip2 {
     size_t dfwd_cap;
     float *dvis, *dqexp, *dqout, *dqrows, *dout;
     int64_t dq_B;
+    /* GPU backward: the own parameters' gradients accumulate in the device block dgrads (own_off
+     * layout, made from grads at the first GPU backward); grads_on_device = 1 while it is newer
+     * than grads, which qf_blip2_param and moving back to the CPU download first (sync_grads). */
+    float *dgrads;
+    int grads_on_device;
 };
 
 /* ---- sharded checkpoints ---- */
@@ -79,6 +84,7 @@ static int wanted_tensor(const char *name) {
 /* ---- loading ---- */
 
 static void release_device(qf_blip2 *m);
+static qf_status sync_grads(qf_blip2 *m);
 
 void qf_blip2_free(qf_blip2 *m) {
     if (!m) return;
@@ -236,6 +242,7 @@ qf_status qf_blip2_param(qf_blip2 *m, int i, qf_param *out) {
     } else if (i < m->nv + m->nqf) {
         QF_TRY(qf_qformer_param(m->qformer, i - m->nv, out));
     } else {
+        QF_TRY(sync_grads(m));
         const int k = i - m->nv - m->nqf;
         const unsigned group = k == OWN_QUERY ? QF_GROUP_QUERY_TOKENS : QF_GROUP_PROJECTION;
         out->data = m->params + m->own_off[k];
@@ -263,6 +270,11 @@ void qf_blip2_zero_grad(qf_blip2 *m) {
     if (!m) return;
     qf_vision_zero_grad(m->vision);
     qf_qformer_zero_grad(m->qformer);
+    /* on the GPU: queued ahead of the next backward, the host copy refreshed when next shown */
+    if (m->dgrads && m->be->zero(m->dgrads, m->own_n * sizeof(float)) == QF_OK) {
+        m->grads_on_device = 1;
+        return;
+    }
     memset(m->grads, 0, m->own_n * sizeof(float));
 }
 
@@ -353,6 +365,7 @@ static qf_status fuse_device(qf_blip2 *m, int64_t B, const float *pixel_values, 
         QF_TRY(be->copy2d(m->dqrows, w, m->dqout, (size_t)(Lq * qh) * sizeof(float), w, (size_t)B));
         rows = m->dqrows;
     }
+    m->qrows = (float *)rows; /* the projection's input, for backward */
     s = qf_model_linear(be, m->dout, rows, m->dparams + m->own_off[OWN_PROJ_W],
                         m->dbf16 ? m->dbf16 + m->own_off[OWN_PROJ_W] : NULL, m->dparams + m->own_off[OWN_PROJ_B], NULL,
                         B * nq, qh, m->D);
@@ -362,15 +375,26 @@ static qf_status fuse_device(qf_blip2 *m, int64_t B, const float *pixel_values, 
     QF_TRY(be->synchronize());
     m->B = B;
     m->Lt = text_len;
+    m->have_fwd = 1;
     return QF_OK;
 }
 
+/* Frees the own device memory (the gradients downloaded first, so grads keeps the newest); the
+ * planned backward block too, on either side. */
 static void release_device(qf_blip2 *m) {
     if (m->on_device) {
         m->be->free(m->dfwd);
         m->be->free(m->dparams);
         m->be->free(m->dbf16);
+        m->be->free(m->bwd);
+        (void)sync_grads(m);
+        m->be->free(m->dgrads);
+    } else {
+        free(m->bwd);
     }
+    m->bwd = m->dgrads = NULL;
+    m->bwd_cap = 0;
+    m->grads_on_device = 0;
     m->dfwd = m->dparams = NULL;
     m->dbf16 = NULL;
     m->dfwd_cap = 0;
@@ -460,53 +484,113 @@ qf_status qf_blip2_fuse(qf_blip2 *m, int64_t B, const float *pixel_values, int64
     return QF_OK;
 }
 
-/* ---- backward ---- */
+/* ---- backward ----
+ * One code path for both backends: every op goes through the backend that holds the model (the
+ * CPU table, or m->be on the GPU), the own parameters' gradients into grads (dgrads on the GPU).
+ * language_projection -> Q-Former (its own backward, which takes host or device pointers) ->
+ * vision tower (its own backward). On the GPU grad_out is staged into bwd and the intermediate
+ * gradients stay there; the call returns after the GPU has finished. */
 
-qf_status qf_blip2_backward(qf_blip2 *m, const float *grad_out, float *grad_pixel_values) {
+/* A GPU model's device gradient block, made at its first backward from the host gradients. */
+static qf_status device_grads(qf_blip2 *m, const char *fn) {
+    if (!m->on_device || m->dgrads) return QF_OK;
+    const size_t bytes = m->own_n * sizeof(float);
+    m->grads_on_device = 0;
+    QF_TRY(m->be->alloc((void **)&m->dgrads, bytes));
+    qf_status s = m->be->copy2d(m->dgrads, bytes, m->grads, bytes, bytes, 1);
+    if (s != QF_OK) {
+        m->be->free(m->dgrads);
+        m->dgrads = NULL;
+        return qf_fail_prefix(s, "%s (uploading the gradients)", fn);
+    }
+    return QF_OK;
+}
+
+/* grads = dgrads when the device copy is newer (one download and a wait). */
+static qf_status sync_grads(qf_blip2 *m) {
+    if (!m->grads_on_device || !m->dgrads) return QF_OK;
+    const size_t bytes = m->own_n * sizeof(float);
+    QF_TRY(m->be->copy2d(m->grads, bytes, m->dgrads, bytes, bytes, 1));
+    QF_TRY(m->be->synchronize());
+    m->grads_on_device = 0;
+    return QF_OK;
+}
+
+static qf_status backward_body(qf_blip2 *m, const float *grad_out, float *grad_pixel_values) {
     const char *fn = "qf_blip2_backward";
-    if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
-    if (!grad_out) return qf_fail(QF_ERR_ARG, "%s: grad_out is NULL", fn);
-    if (m->on_device)
-        return qf_fail(QF_ERR_UNSUPPORTED, "%s: backward runs on the CPU only: this model runs on %s "
-                                           "(qf_blip2_to_device(m, \"cpu\", QF_F32) first)", fn, m->be->name);
-    if (!m->have_fwd) return qf_fail(QF_ERR_ARG, "%s: no successful qf_blip2_fuse on this model to differentiate", fn);
-    const int64_t B = m->B, nq = m->nq, qh = m->qh, Lq = nq + m->Lt;
+    const qf_backend *be = m->on_device ? m->be : qf_backend_cpu();
+    const int64_t B = m->B, nq = m->nq, qh = m->qh, Lq = nq + m->Lt, D = m->D;
     const int proj_g = !(m->frozen & QF_GROUP_PROJECTION);
     const int query_g = !(m->frozen & QF_GROUP_QUERY_TOKENS);
     const int qformer_g = !(m->frozen & QF_GROUP_QFORMER);
     const int vision_g = !(m->frozen & QF_GROUP_VISION) || grad_pixel_values;
     /* how far back the gradient must travel */
     const int need_qformer = qformer_g || query_g || vision_g;
-    const int need_rows = need_qformer;
+    float *const gbase = m->on_device ? m->dgrads : m->grads;
+    const float *const pbase = m->on_device ? m->dparams : m->params;
 
-    float *base = NULL, *d_rows = NULL, *d_qout = NULL, *d_query = NULL, *d_vis = NULL;
+    float *base = NULL, *d_rows = NULL, *d_qout = NULL, *d_query = NULL, *d_vis = NULL, *gout = NULL;
     for (int pass = 0; pass < 2; pass++) {
         size_t off = 0;
         d_rows = carve(base, &off, (size_t)(B * nq * qh));
         d_qout = carve(base, &off, (size_t)(B * Lq * qh));
         d_query = carve(base, &off, (size_t)(B * nq * qh));
         d_vis = carve(base, &off, (size_t)(B * m->N * m->Hv));
+        gout = carve(base, &off, m->on_device ? (size_t)(B * nq * D) : 0);
         if (pass == 0) {
-            QF_TRY(grow(&m->bwd, &m->bwd_cap, off, fn));
+            if (!m->on_device) {
+                QF_TRY(grow(&m->bwd, &m->bwd_cap, off, fn));
+            } else if (off > m->bwd_cap) {
+                m->be->free(m->bwd);
+                m->bwd = NULL;
+                m->bwd_cap = 0;
+                qf_status s = m->be->alloc((void **)&m->bwd, off * sizeof(float));
+                if (s != QF_OK) return qf_fail_prefix(s, "%s (%zu bytes of backward buffers)", fn, off * sizeof(float));
+                m->bwd_cap = off;
+            }
             base = m->bwd;
         }
     }
-    QF_TRY(qf_linear_backward(need_rows ? d_rows : NULL, proj_g ? m->grads + m->own_off[OWN_PROJ_W] : NULL,
-                              proj_g ? m->grads + m->own_off[OWN_PROJ_B] : NULL, grad_out, m->qrows,
-                              m->params + m->own_off[OWN_PROJ_W], B * nq, qh, m->D));
+    const float *g = grad_out;
+    if (m->on_device) {
+        const size_t n = (size_t)(B * nq * D) * sizeof(float);
+        QF_TRY(be->copy2d(gout, n, grad_out, n, n, 1));
+        g = gout;
+    }
+    QF_TRY(be->linear_backward(need_qformer ? d_rows : NULL, proj_g ? gbase + m->own_off[OWN_PROJ_W] : NULL,
+                               proj_g ? gbase + m->own_off[OWN_PROJ_B] : NULL, g, m->qrows,
+                               pbase + m->own_off[OWN_PROJ_W], B * nq, qh, D));
     if (!need_qformer) return QF_OK;
-    for (int64_t b = 0; b < B; b++) {
-        memcpy(d_qout + b * Lq * qh, d_rows + b * nq * qh, (size_t)(nq * qh) * sizeof(float));
-        if (m->Lt) memset(d_qout + (b * Lq + nq) * qh, 0, (size_t)(m->Lt * qh) * sizeof(float));
+    /* the Q-Former's output rows: the query rows get d_rows, the instruction rows nothing */
+    if (m->Lt) QF_TRY(be->zero(d_qout, (size_t)(B * Lq * qh) * sizeof(float)));
+    const size_t w = (size_t)(nq * qh) * sizeof(float);
+    QF_TRY(be->copy2d(d_qout, (size_t)(Lq * qh) * sizeof(float), d_rows, w, w, (size_t)B));
+    qf_status s = qf_qformer_backward(m->qformer, d_qout, query_g ? d_query : NULL, vision_g ? d_vis : NULL, NULL, NULL);
+    if (s != QF_OK) return qf_fail_prefix(s, "%s (qformer)", fn);
+    /* the query tokens are one [nq, qh] table broadcast over the batch: their gradient sums over B */
+    if (query_g) QF_TRY(be->embedding_backward(NULL, gbase + m->own_off[OWN_QUERY], d_query, NULL, -1, B * nq, nq, qh));
+    if (vision_g) {
+        s = qf_vision_backward(m->vision, d_vis, grad_pixel_values);
+        if (s != QF_OK) return qf_fail_prefix(s, "%s (vision_model)", fn);
     }
-    QF_TRY(qf_qformer_backward(m->qformer, d_qout, query_g ? d_query : NULL, vision_g ? d_vis : NULL, NULL, NULL));
-    if (query_g) {
-        float *g = m->grads + m->own_off[OWN_QUERY];
-        for (int64_t b = 0; b < B; b++) {
-            const float *d = d_query + b * nq * qh;
-            for (int64_t j = 0; j < nq * qh; j++) g[j] += d[j];
-        }
-    }
-    if (vision_g) QF_TRY(qf_vision_backward(m->vision, d_vis, grad_pixel_values));
     return QF_OK;
+}
+
+qf_status qf_blip2_backward(qf_blip2 *m, const float *grad_out, float *grad_pixel_values) {
+    const char *fn = "qf_blip2_backward";
+    if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
+    if (!grad_out) return qf_fail(QF_ERR_ARG, "%s: grad_out is NULL", fn);
+    if (m->dbf16)
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: this model runs with bf16 weights on %s: backward is float32 only "
+                                           "(qf_blip2_to_device(m, \"%s\", QF_F32) first)", fn, m->be->name,
+                       m->be->name);
+    if (!m->have_fwd) return qf_fail(QF_ERR_ARG, "%s: no successful qf_blip2_fuse on this model to differentiate", fn);
+    QF_TRY(device_grads(m, fn));
+    qf_status s = backward_body(m, grad_out, grad_pixel_values);
+    if (m->on_device) {
+        m->grads_on_device = 1; /* dgrads may have changed, even after a failure; downloaded when shown */
+        qf_status s2 = m->be->synchronize(); /* nothing may still run on bwd or the caller's buffers */
+        if (s == QF_OK) s = s2;
+    }
+    return s;
 }
