@@ -12,6 +12,9 @@ Bounds (max|a - ref| / max|ref|, util.rel_err):
 - layernorm_forward_x16: out within 1e-5 of float64 torch (as layernorm_forward) and out16 exactly
   bf16(out) (round to nearest even), at widths that take the warp-per-row kernel (C = 128 n, n <= 8)
   and the block kernel.
+- stage_x16: exactly bf16(src), and the first NaN/Inf index found; a bf16 Q-Former forward
+  staging its encoder input that way (host and device input) within 3e-2 of the float32 CPU
+  model, a NaN named with its index and value.
 - gelu_forward_x16 (bf16 in and out, in place too): exactly bf16 of the float32 GELU the same
   backend computes (gelu_forward) on the same bf16 values.
 Skips cleanly without the CUDA backend or a GPU."""
@@ -161,3 +164,56 @@ def test_gelu_x16(rng, dev, n, kind):
     assert np.array_equal(down(d16, (n,), np.uint16), want)
     check(gelu16(dx16, dx16, n, kind))  # in place
     assert np.array_equal(down(dx16, (n,), np.uint16), want)
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_qformer_bf16_encoder_staging(tmp_path, rng, on_device):
+    """A bf16 Q-Former takes the encoder input into bf16 in one screening pass (stage_x16), read in
+    place when it is GPU memory (on_device) or after its upload: the output matches the float32
+    CPU model within the bf16 bound (3e-2, as test_cuda_qformer.py), and a NaN is reported with
+    its tensor, flat index and value either way."""
+    import ctypes
+    import test_cuda_qformer as TQ
+    from qfuse.qformer import QFormer, qf_qformer_args
+    cfg, sd, inp = TQ._random_case(rng, False, 0, 0, 2, "gelu", "pad")
+    folder = TQ._write(str(tmp_path / "m"), cfg, sd, False)
+    want = TQ._fwd(QFormer.load(folder), inp)
+    gpu = QFormer.load(folder, device="cuda", dtype="bfloat16")
+    mask = np.ascontiguousarray(inp["encoder_attention_mask"], np.uint8)
+
+    def run(enc):
+        if not on_device:
+            return TQ._fwd(gpu, dict(inp, encoder_hidden_states=enc))
+        q = inp["query_embeds"]
+        B, Lq, H = q.shape
+        with qfuse.cuda.DeviceBuffers() as bufs:
+            dq, denc, dout = bufs.upload(q), bufs.upload(np.ascontiguousarray(enc)), bufs.empty((B, Lq, H))
+            a = qf_qformer_args(B=B, num_queries=Lq, encoder_len=enc.shape[1])
+            a.encoder_attention_mask = mask.ctypes.data
+            check(lib.qf_qformer_forward(gpu._h, ctypes.byref(a), dq, denc, dout))
+            return down(dout, (B, Lq, H))
+    for _ in range(2):  # eager, then the captured graph
+        e = rel_err(run(inp["encoder_hidden_states"]), want)
+        assert e < 3e-2, e
+    bad = inp["encoder_hidden_states"].copy()
+    bad[1, 2, 3] = np.nan
+    with pytest.raises(QfuseError) as err:
+        run(bad)
+    flat = int(np.ravel_multi_index((1, 2, 3), bad.shape))
+    assert err.value.status == "QF_ERR_NONFINITE"
+    assert "encoder_hidden_states[%d] = nan" % flat in str(err.value), str(err.value)
+    assert rel_err(run(inp["encoder_hidden_states"]), want) < 3e-2  # intact afterwards
+
+
+def test_stage_x16(rng, dev):
+    """dst16 == bf16(src) exactly; the screen folds the first NaN/Inf index into *first."""
+    stage = entry("stage_x16", c_int, [_P, _P, _I, _P])
+    for n in (4096 * 3 + 4, 1001):
+        x = rng.standard_normal(n).astype(np.float32) * 10
+        d16, first = dev.alloc(n * 2), dev.upload(np.array([n], np.int64))
+        check(stage(d16, up(dev, x), n, first))
+        assert np.array_equal(down(d16, (n,), np.uint16), bf16_round(x)[0])
+        assert down(first, (1,), np.int64)[0] == n
+        x[[n - 5, 700, 901]] = [np.inf, np.nan, -np.inf]
+        check(stage(d16, up(dev, x), n, first))
+        assert down(first, (1,), np.int64)[0] == 700
