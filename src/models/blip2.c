@@ -26,7 +26,10 @@
  *   - have_fwd is set only after a fuse fully succeeded; backward refuses without one.
  *   - On a device (qf_blip2_to_device) the parts are placed by their own *_to_device and the own
  *     parameters are uploaded once (dparams, dbf16 for bf16 weights); the fuse then keeps every
- *     intermediate in device memory (see "fuse on a device"); the CPU fuse is untouched by it. */
+ *     intermediate in device memory (see "fuse on a device"); the CPU fuse is untouched by it.
+ *     Backward is one code for both backends (the parts' own backwards, the own ops over the
+ *     backend table); on the GPU the own gradients accumulate in dgrads and reach grads only when
+ *     shown (qf_blip2_param) or when the model moves back to the CPU; bf16 weights are refused. */
 #include "models_internal.h"
 #include "qformer_internal.h"
 #include <cjson/cJSON.h>

@@ -30,7 +30,12 @@
  *   - On a device (qf_vision_to_device): the parameters (and a bf16 copy read by the GEMMs) live
  *     there once, with the embedding table etab; host views (cls, layers[i].wqkv, ...) stay the
  *     CPU's and a device pointer is dparams + (view - params). The forward is the "forward on a
- *     device" section below; the CPU forward and backward are untouched by it. */
+ *     device" section below; it keeps the activations backward needs only for a trainable
+ *     float32 tower (kept = 1), and a backward after a forward that kept none runs it again from
+ *     the host columns hcols. The backward is one code for both backends (over the backend
+ *     table); on the GPU the parameter gradients accumulate in dgrads and reach grads only when
+ *     shown (qf_vision_param) or when the model moves back to the CPU; bf16 weights are refused
+ *     by backward (float32 products only). */
 #include "models_internal.h"
 #include <math.h>
 #include <stdio.h>
