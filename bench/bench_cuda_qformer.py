@@ -193,6 +193,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--qformer-only", action="store_true", help="skip the backward and pre-fusion sections")
     ap.add_argument("--out")
     args = ap.parse_args()
     from transformers import Blip2QFormerConfig, Blip2QFormerModel
@@ -261,8 +262,9 @@ def main():
                 t_comp / t_ours, tf, err, "off" if os.environ.get("QFUSE_CUDA_GRAPHS") == "0" else "on")
             lines.append(line)
             print(line, flush=True)
-    lines += backward_section(ref, ours["float32"], folder)
-    lines += prefusion_section(args)
+    if not args.qformer_only:
+        lines += backward_section(ref, ours["float32"], folder)
+        lines += prefusion_section(args)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -168,7 +168,8 @@ void qf_vision_set_frozen(qf_vision *m, int frozen);
 /* Places the vision tower on "cpu" or "cuda", weights QF_F32 or QF_BF16 (cuda), as
  * qf_qformer_to_device says; on the GPU pixel_values stay host memory (their im2col runs on the
  * host), out may be host or GPU memory, everything after the pixel upload is one graph per B,
- * and backward needs the CPU. */
+ * and backward runs there too with float32 weights (bf16 weights: refused; parameter gradients
+ * stay on the GPU until qf_vision_param reads them). */
 qf_status qf_vision_to_device(qf_vision *m, const char *device, qf_dtype weights);
 
 /* ---- BLIP-2 / InstructBLIP: image -> LLM-space tokens (model_type "blip-2", "instructblip") --
@@ -196,7 +197,7 @@ void qf_blip2_set_frozen(qf_blip2 *m, unsigned groups, int frozen);
 /* Places the whole fuse (vision tower, Q-Former, query tokens, language_projection) on "cpu" or
  * "cuda", weights QF_F32 or QF_BF16 (cuda), as qf_qformer_to_device says; on the GPU
  * pixel_values and the text ids/mask are host memory, out host or GPU memory, and backward
- * needs the CPU. */
+ * runs there too with float32 weights (bf16: refused). */
 qf_status qf_blip2_to_device(qf_blip2 *m, const char *device, qf_dtype weights);
 
 /* ---- AffectGPT pre-fusion (model_type "affectgpt_prefusion") ---------------------------------
@@ -232,7 +233,8 @@ qf_status qf_prefusion_backward(qf_prefusion *m, const float *grad_out, float *g
 /* Places the whole pre-fusion (projections, position rows, Q-Former, LLM projection) on "cpu"
  * or "cuda", weights QF_F32 or QF_BF16 (cuda), as qf_qformer_to_device says; on the GPU the
  * forward after its input copies is one graph per shape, audio/face/out may be host or GPU
- * pointers (masks: host), and backward needs the CPU. */
+ * pointers (masks: host), and backward runs there too with float32 weights (bf16: refused;
+ * gradients stay on the GPU until qf_prefusion_param reads them). */
 qf_status qf_prefusion_to_device(qf_prefusion *m, const char *device, qf_dtype weights);
 int qf_prefusion_num_params(const qf_prefusion *m);
 qf_status qf_prefusion_param(qf_prefusion *m, int i, qf_param *out);  /* checkpoint names */
@@ -270,7 +272,8 @@ qf_status qf_kvprefix_project_backward(qf_kvprefix *m, int64_t rows, const float
  * projections, the Q-Former) and qf_kvprefix_project on "cpu" or "cuda", weights QF_F32 or
  * QF_BF16 (cuda), as qf_qformer_to_device says; on the GPU the forward after its input copies
  * is one graph per shape, global_feature/query_embeds/encoder_hidden_states/out (and project's
- * in/out) may be host or GPU pointers (masks: host), and both backwards need the CPU. */
+ * in/out) may be host or GPU pointers (masks: host), and both backwards run there too with
+ * float32 weights (bf16: refused). */
 qf_status qf_kvprefix_to_device(qf_kvprefix *m, const char *device, qf_dtype weights);
 
 /* ---- attention heatmap ------------------------------------------------------------------------

@@ -144,7 +144,8 @@ class Blip2:
     def to(self, device="cpu", dtype="float32"):
         """The whole fuse (vision tower, Q-Former, query tokens, language_projection) on device
         "cpu" or "cuda" (dtype "bfloat16": bf16 GEMM weights, cuda only); vision() and qformer()
-        run there too. Backward, vision_backward and the attention maps need the CPU. Returns self."""
+        run there too, backward and vision_backward as well with float32 weights (bf16 weights are
+        forward only); the attention maps need the CPU. Returns self."""
         from .qformer import _DTYPES
         if device not in ("cpu", "cuda") or dtype not in _DTYPES:
             raise QfuseError('Blip2.to: device = %r, dtype = %r; expected "cpu"/"cuda" and '
