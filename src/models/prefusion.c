@@ -339,10 +339,6 @@ static void release_device(qf_prefusion *m);
 void qf_prefusion_free(qf_prefusion *m) {
     if (!m) return;
     release_device(m);
-    /* qf_qformer_free frees the Q-Former's grads before its release_forward downloads the
-     * device gradients into them (a host use-after-free after a GPU backward whose gradients
-     * were never shown): download them here, while grads is alive. */
-    if (m->qf) (void)qf_qformer_sync_grads(m->qf);
     qf_qformer_free(m->qf);
     free(m->q_names);               /* one block (models_internal.h) */
     free(m->params);

@@ -441,6 +441,10 @@ static void release_forward(qf_qformer *m);
 
 void qf_qformer_free(qf_qformer *m) {
     if (!m) return;
+    /* device memory first, while the host blocks still exist (release_forward may write grads);
+     * gradients still on the device are dropped with the model, not downloaded */
+    m->grads_on_device = 0;
+    release_forward(m);
     for (int i = 0; i < m->np; i++) {
         free(m->ptab[i].name);
         free(m->ptab[i].file_name);
@@ -450,8 +454,6 @@ void qf_qformer_free(qf_qformer *m) {
     free(m->grads);
     free(m->layers);
     free(m->acts);
-    release_forward(m);
-    free(m->bwd);
     free(m);
 }
 
