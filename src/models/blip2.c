@@ -299,17 +299,6 @@ static float *carve(float *base, size_t *off, size_t n) {
     return p;
 }
 
-static qf_status grow(float **buf, size_t *cap, size_t floats, const char *what) {
-    if (floats <= *cap) return QF_OK;
-    void *p = NULL;
-    if (posix_memalign(&p, 64, floats * sizeof(float)))
-        return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes of activations", what, floats * sizeof(float));
-    free(*buf);
-    *buf = p;
-    *cap = floats;
-    return QF_OK;
-}
-
 /* ---- fuse on a device (qf_blip2_to_device) ----
  * vision forward (its own graph) into dvis -> the Q-Former reads dvis and the broadcast query
  * tokens dqexp (device pointers; it copies them into its planned block) and writes dqout ->
@@ -461,7 +450,7 @@ qf_status qf_blip2_fuse(qf_blip2 *m, int64_t B, const float *pixel_values, int64
         m->qout = carve(base, &off, (size_t)(B * Lq * qh));
         m->qrows = carve(base, &off, (size_t)(B * nq * qh));
         if (pass == 0) {
-            QF_TRY(grow(&m->fwd, &m->fwd_cap, off, fn));
+            QF_TRY(qf_model_grow(NULL, &m->fwd, &m->fwd_cap, off, fn));
             base = m->fwd;
         }
     }
@@ -494,31 +483,6 @@ qf_status qf_blip2_fuse(qf_blip2 *m, int64_t B, const float *pixel_values, int64
  * vision tower (its own backward). On the GPU grad_out is staged into bwd and the intermediate
  * gradients stay there; the call returns after the GPU has finished. */
 
-/* A GPU model's device gradient block, made at its first backward from the host gradients. */
-static qf_status device_grads(qf_blip2 *m, const char *fn) {
-    if (!m->on_device || m->dgrads) return QF_OK;
-    const size_t bytes = m->own_n * sizeof(float);
-    m->grads_on_device = 0;
-    QF_TRY(m->be->alloc((void **)&m->dgrads, bytes));
-    qf_status s = m->be->copy2d(m->dgrads, bytes, m->grads, bytes, bytes, 1);
-    if (s != QF_OK) {
-        m->be->free(m->dgrads);
-        m->dgrads = NULL;
-        return qf_fail_prefix(s, "%s (uploading the gradients)", fn);
-    }
-    return QF_OK;
-}
-
-/* grads = dgrads when the device copy is newer (one download and a wait). */
-static qf_status sync_grads(qf_blip2 *m) {
-    if (!m->grads_on_device || !m->dgrads) return QF_OK;
-    const size_t bytes = m->own_n * sizeof(float);
-    QF_TRY(m->be->copy2d(m->grads, bytes, m->dgrads, bytes, bytes, 1));
-    QF_TRY(m->be->synchronize());
-    m->grads_on_device = 0;
-    return QF_OK;
-}
-
 static qf_status backward_body(qf_blip2 *m, const float *grad_out, float *grad_pixel_values) {
     const char *fn = "qf_blip2_backward";
     const qf_backend *be = m->on_device ? m->be : qf_backend_cpu();
@@ -542,7 +506,7 @@ static qf_status backward_body(qf_blip2 *m, const float *grad_out, float *grad_p
         gout = carve(base, &off, m->on_device ? (size_t)(B * nq * D) : 0);
         if (pass == 0) {
             if (!m->on_device) {
-                QF_TRY(grow(&m->bwd, &m->bwd_cap, off, fn));
+                QF_TRY(qf_model_grow(NULL, &m->bwd, &m->bwd_cap, off, fn));
             } else if (off > m->bwd_cap) {
                 m->be->free(m->bwd);
                 m->bwd = NULL;
@@ -577,6 +541,16 @@ static qf_status backward_body(qf_blip2 *m, const float *grad_out, float *grad_p
         if (s != QF_OK) return qf_fail_prefix(s, "%s (vision_model)", fn);
     }
     return QF_OK;
+}
+
+/* the device gradient block at the first GPU backward (placement.c) */
+static qf_status device_grads(qf_blip2 *m, const char *fn) {
+    return qf_model_device_grads(m->be, m->on_device, &m->dgrads, m->grads, m->own_n, &m->grads_on_device, fn);
+}
+
+/* grads = dgrads when the device copy is newer (placement.c) */
+static qf_status sync_grads(qf_blip2 *m) {
+    return qf_model_sync_grads(m->be, m->grads, m->dgrads, m->own_n, &m->grads_on_device);
 }
 
 qf_status qf_blip2_backward(qf_blip2 *m, const float *grad_out, float *grad_pixel_values) {

@@ -271,17 +271,6 @@ qf_status qf_kvprefix_get_shape(const qf_kvprefix *m, qf_kvprefix_shape *out) {
 
 /* ---- planned buffers ---- */
 
-static qf_status grow(float **buf, size_t *cap, size_t floats, const char *what) {
-    if (floats <= *cap) return QF_OK;
-    void *p = NULL;
-    if (posix_memalign(&p, 64, floats * sizeof(float)))
-        return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes of activations", what, floats * sizeof(float));
-    free(*buf);
-    *buf = p;
-    *cap = floats;
-    return QF_OK;
-}
-
 static float *carve(float *base, size_t *off, size_t n) {
     float *p = base ? base + *off : NULL;
     *off += qf_align_up(n ? n : 1, 16);
@@ -315,44 +304,6 @@ static size_t plan_backward(qf_kvprefix *m, float *base) {
     m->item_of = (int32_t *)carve(base, &off, BP); /* int32 and float are both 4 bytes */
     m->g_feat = m->on_device ? carve(base, &off, B * F) : NULL;
     return off;
-}
-
-/* Grows bwd on m->be (grow-only, contents not kept). */
-static qf_status grow_bwd(qf_kvprefix *m, size_t floats, const char *fn) {
-    if (!m->on_device) return grow(&m->bwd, &m->bwd_cap, floats, fn);
-    if (floats <= m->bwd_cap) return QF_OK;
-    m->be->free(m->bwd);
-    m->bwd = NULL;
-    m->bwd_cap = 0;
-    qf_status s = m->be->alloc((void **)&m->bwd, floats * sizeof(float));
-    if (s != QF_OK) return qf_fail_prefix(s, "%s (%zu bytes of backward buffers)", fn, floats * sizeof(float));
-    m->bwd_cap = floats;
-    return QF_OK;
-}
-
-/* A GPU model's device gradient block, made at its first backward from the host gradients. */
-static qf_status device_grads(qf_kvprefix *m, const char *fn) {
-    if (!m->on_device || m->dgrads) return QF_OK;
-    const size_t bytes = m->params_total * sizeof(float);
-    m->grads_on_device = 0;
-    QF_TRY(m->be->alloc((void **)&m->dgrads, bytes));
-    qf_status s = m->be->copy2d(m->dgrads, bytes, m->grads, bytes, bytes, 1);
-    if (s != QF_OK) {
-        m->be->free(m->dgrads);
-        m->dgrads = NULL;
-        return qf_fail_prefix(s, "%s (uploading the gradients)", fn);
-    }
-    return QF_OK;
-}
-
-/* grads = dgrads when the device copy is newer (one download and a wait). */
-static qf_status sync_grads(qf_kvprefix *m) {
-    if (!m->grads_on_device || !m->dgrads) return QF_OK;
-    const size_t bytes = m->params_total * sizeof(float);
-    QF_TRY(m->be->copy2d(m->grads, bytes, m->dgrads, bytes, bytes, 1));
-    QF_TRY(m->be->synchronize());
-    m->grads_on_device = 0;
-    return QF_OK;
 }
 
 /* After a backward's work is queued: on the GPU, dgrads is the newest copy (even after a
@@ -516,6 +467,16 @@ static qf_status project_device(qf_kvprefix *m, int64_t rows, const float *in, f
     return be->synchronize();
 }
 
+/* the device gradient block at the first GPU backward (placement.c) */
+static qf_status device_grads(qf_kvprefix *m, const char *fn) {
+    return qf_model_device_grads(m->be, m->on_device, &m->dgrads, m->grads, m->params_total, &m->grads_on_device, fn);
+}
+
+/* grads = dgrads when the device copy is newer (placement.c) */
+static qf_status sync_grads(qf_kvprefix *m) {
+    return qf_model_sync_grads(m->be, m->grads, m->dgrads, m->params_total, &m->grads_on_device);
+}
+
 /* Frees what the model holds on a device (the Q-Former's are its own; the gradients are
  * downloaded first) and the planned backward block on either side; views are rebound by the
  * caller. */
@@ -599,7 +560,7 @@ qf_status qf_kvprefix_forward(qf_kvprefix *m, const qf_qformer_args *a, const fl
     m->have_fwd = 0;
     if (m->on_device) return forward_device(m, a, global_feature, query_embeds, encoder_hidden_states, out);
     size_t need = plan_forward(m, NULL, B, Lq);
-    QF_TRY(grow(&m->fwd, &m->fwd_cap, need, fn));
+    QF_TRY(qf_model_grow(NULL, &m->fwd, &m->fwd_cap, need, fn));
     plan_forward(m, m->fwd, B, Lq);
     m->B = B;
     m->Lq = Lq;
@@ -745,7 +706,7 @@ qf_status qf_kvprefix_backward(qf_kvprefix *m, const float *grad_out, float *gra
                        m->be->name);
     if (!m->have_fwd) return qf_fail(QF_ERR_ARG, "%s: no successful qf_kvprefix_forward to differentiate", fn);
     size_t need = plan_backward(m, NULL);
-    QF_TRY(grow_bwd(m, need, fn));
+    QF_TRY(qf_model_grow(m->be, &m->bwd, &m->bwd_cap, need, fn));
     plan_backward(m, m->bwd);
     QF_TRY(device_grads(m, fn));
     return finish_backward(m, backward_body(m, grad_out, grad_global_feature, grad_query_embeds, grad_encoder));

@@ -410,29 +410,6 @@ qf_status qf_mha_to_device(qf_mha *m, const char *device, qf_dtype weights) {
 
 /* ---- planned buffers ---- */
 
-/* Grow-only block of `floats` floats in be's memory (host for the CPU table); contents are not
- * kept. */
-static qf_status grow(const qf_backend *be, float **buf, size_t *cap, size_t floats, const char *what) {
-    if (floats <= *cap) return QF_OK;
-    void *p = NULL;
-    if (be->alloc) {
-        be->free(*buf); /* waits for queued work that may still read it */
-        *buf = NULL;
-        *cap = 0;
-        qf_status s = be->alloc(&p, floats * sizeof(float));
-        if (s != QF_OK)
-            return qf_fail_prefix(s, "%s: cannot allocate %zu bytes of activations on %s", what,
-                                  floats * sizeof(float), be->name);
-    } else {
-        if (posix_memalign(&p, 64, floats * sizeof(float)))
-            return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes of activations", what, floats * sizeof(float));
-        free(*buf);
-    }
-    *buf = p;
-    *cap = floats;
-    return QF_OK;
-}
-
 /* Carves n floats (64-byte aligned) from a running offset. */
 static float *carve(float *base, size_t *off, size_t n) {
     float *p = base ? base + *off : NULL;
@@ -642,7 +619,7 @@ qf_status qf_mha_forward(qf_mha *m, const qf_mha_args *a, const float *query, co
         m->outd = carve(base, &off, out_in_place ? 0 : nq);
         m->screen = (int64_t *)carve(base, &off, 8);
         if (pass == 0) {
-            QF_TRY(grow(be, &m->fwd, &m->fwd_cap, off, fn));
+            QF_TRY(qf_model_grow(be, &m->fwd, &m->fwd_cap, off, fn));
             base = m->fwd;
         }
     }
@@ -670,7 +647,7 @@ qf_status qf_mha_forward(qf_mha *m, const qf_mha_args *a, const float *query, co
         void *hm = m->mask;
         if (m->on_device) {
             float *h = m->hmask;
-            QF_TRY(grow(qf_backend_cpu(), &h, &m->hmask_cap, nmask, fn));
+            QF_TRY(qf_model_grow(qf_backend_cpu(), &h, &m->hmask_cap, nmask, fn));
             m->hmask = hm = h;
         }
         sp.mask.kind = build_mask(m, a, Hm, hm);
@@ -777,7 +754,7 @@ qf_status qf_mha_backward(qf_mha *m, const float *grad_out, float *grad_query, f
         gv = carve(base, &off, grad_value && !gv_in_place ? nxv : 0);
         screen = (int64_t *)carve(base, &off, 8);
         if (pass == 0) {
-            QF_TRY(grow(be, &m->bwd, &m->bwd_cap, off, fn));
+            QF_TRY(qf_model_grow(be, &m->bwd, &m->bwd_cap, off, fn));
             base = m->bwd;
         }
     }

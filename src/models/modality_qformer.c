@@ -189,17 +189,6 @@ static qf_status qformer_config(const char *fn, const char *path, int64_t D, qf_
     return s;
 }
 
-static qf_status grow(float **buf, size_t *cap, size_t floats, const char *what) {
-    if (floats <= *cap) return QF_OK;
-    void *p = NULL;
-    if (posix_memalign(&p, 64, floats * sizeof(float)))
-        return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes of activations", what, floats * sizeof(float));
-    free(*buf);
-    *buf = p;
-    *cap = floats;
-    return QF_OK;
-}
-
 static float *carve(float *base, size_t *off, size_t n) {
     float *p = base ? base + *off : NULL;
     *off += qf_align_up(n ? n : 1, 16);
@@ -395,7 +384,7 @@ qf_status qf_modality_qformer_forward(qf_modality_qformer *m, const qf_modality_
         return qf_fail(QF_ERR_ARG, "%s: B*frames*tokens_per_frame*input_dim = %lld*%lld*%lld*%lld is too large", fn,
                        (long long)B, (long long)T, (long long)K, (long long)D);
     m->have_fwd = 0;
-    QF_TRY(grow(&m->fwd, &m->fwd_cap, mq_plan_forward(m, NULL, B, S), fn));
+    QF_TRY(qf_model_grow(NULL, &m->fwd, &m->fwd_cap, mq_plan_forward(m, NULL, B, S), fn));
     mq_plan_forward(m, m->fwd, B, S);
     m->B = B;
     m->T = T;
@@ -436,7 +425,7 @@ qf_status qf_modality_qformer_backward(qf_modality_qformer *m, const float *grad
     if (!m->have_fwd) return qf_fail(QF_ERR_ARG, "%s: no successful qf_modality_qformer_forward to differentiate", fn);
     const int64_t B = m->B, T = m->T, K = m->K, S = T * K, D = m->cfg.input_dim;
     const int64_t nq = m->cfg.num_query_token, H = m->H;
-    QF_TRY(grow(&m->bwd, &m->bwd_cap, mq_plan_backward(m, NULL), fn));
+    QF_TRY(qf_model_grow(NULL, &m->bwd, &m->bwd_cap, mq_plan_backward(m, NULL), fn));
     mq_plan_backward(m, m->bwd);
     QF_TRY(qf_linear_backward(m->g_qout, pgrad(&m->p, MQ_PW), pgrad(&m->p, MQ_PB), grad_out, m->qout,
                               pdata(&m->p, MQ_PW), B * nq, H, m->cfg.llm_hidden_size));
@@ -665,7 +654,7 @@ qf_status qf_attn_fusion_forward(qf_attn_fusion *m, const qf_prefusion_args *a, 
     if (!audio || !face) return qf_fail(QF_ERR_ARG, "%s: audio and face are both required", fn);
     m->have_fwd = 0;
     const int64_t M = m->cfg.max_hidden_size, L = m->cfg.llm_hidden_size, nq = m->cfg.num_multi_query_token;
-    QF_TRY(grow(&m->fwd, &m->fwd_cap, af_plan_forward(m, NULL, B, ta, tf), fn));
+    QF_TRY(qf_model_grow(NULL, &m->fwd, &m->fwd_cap, af_plan_forward(m, NULL, B, ta, tf), fn));
     af_plan_forward(m, m->fwd, B, ta, tf);
     QF_TRY(time_mean(fn, "face", face, a->face_mask, m->fmask, B, tf, m->cfg.video_dim, m->vbar, m->inv_f));
     QF_TRY(time_mean(fn, "audio", audio, a->audio_mask, m->amask, B, ta, m->cfg.audio_dim, m->abar, m->inv_a));
@@ -698,7 +687,7 @@ qf_status qf_attn_fusion_backward(qf_attn_fusion *m, const float *grad_out, floa
     if (!grad_out) return qf_fail(QF_ERR_ARG, "%s: grad_out is NULL", fn);
     if (!m->have_fwd) return qf_fail(QF_ERR_ARG, "%s: no successful qf_attn_fusion_forward to differentiate", fn);
     const int64_t B = m->B, M = m->cfg.max_hidden_size, L = m->cfg.llm_hidden_size, nq = m->cfg.num_multi_query_token;
-    QF_TRY(grow(&m->bwd, &m->bwd_cap, af_plan_backward(m, NULL), fn));
+    QF_TRY(qf_model_grow(NULL, &m->bwd, &m->bwd_cap, af_plan_backward(m, NULL), fn));
     af_plan_backward(m, m->bwd);
     mq_params *p = &m->p;
     /* the nq output rows are copies of one row: their gradients sum */

@@ -50,6 +50,18 @@ const qf_backend *qf_model_cuda_backend(void);
 qf_status qf_model_upload_params(const qf_backend *be, const float *host, size_t n, size_t extra, qf_dtype weights,
                                  float **dev, uint16_t **dev_bf16, const char *fn);
 int qf_model_graphs_off(void);
+/* A grow-only block of `floats` floats (contents not kept): host memory, 64-byte aligned, when
+ * be is NULL or has no allocator (the CPU table); be's memory otherwise (the old block is freed
+ * first: the backend waits for queued work that may still read it). `what` names the caller. */
+qf_status qf_model_grow(const qf_backend *be, float **buf, size_t *cap, size_t floats, const char *what);
+/* A GPU model's parameter gradients (models keep them on the device between backwards and show
+ * them on demand): qf_model_device_grads makes *dgrads [n] at the first backward from the host
+ * grads (nothing when on_device is 0 or it exists; *grads_on_device = 0 then);
+ * qf_model_sync_grads copies dgrads into grads when *grads_on_device (one download and a wait)
+ * and clears the flag. */
+qf_status qf_model_device_grads(const qf_backend *be, int on_device, float **dgrads, const float *grads, size_t n,
+                                int *grads_on_device, const char *fn);
+qf_status qf_model_sync_grads(const qf_backend *be, float *grads, const float *dgrads, size_t n, int *grads_on_device);
 qf_status qf_model_linear(const qf_backend *be, float *out, const float *in, const float *w, const uint16_t *w16,
                           const float *b, const float *res, int64_t rows, int64_t Cin, int64_t Cout);
 qf_status qf_model_linear_x16(const qf_backend *be, float *out, uint16_t *out16, const float *in, const uint16_t *in16,

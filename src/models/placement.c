@@ -82,3 +82,48 @@ qf_status qf_model_linear(const qf_backend *be, float *out, const float *in, con
                           const float *b, const float *res, int64_t rows, int64_t Cin, int64_t Cout) {
     return qf_model_linear_x16(be, out, NULL, in, NULL, w, w16, b, NULL, res, rows, Cin, Cout);
 }
+
+qf_status qf_model_grow(const qf_backend *be, float **buf, size_t *cap, size_t floats, const char *what) {
+    if (floats <= *cap) return QF_OK;
+    void *p = NULL;
+    if (be && be->alloc) {
+        be->free(*buf);
+        *buf = NULL;
+        *cap = 0;
+        qf_status s = be->alloc(&p, floats * sizeof(float));
+        if (s != QF_OK)
+            return qf_fail_prefix(s, "%s: cannot allocate %zu bytes of planned buffers on %s", what,
+                                  floats * sizeof(float), be->name);
+    } else {
+        if (posix_memalign(&p, 64, floats * sizeof(float)))
+            return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes of activations", what, floats * sizeof(float));
+        free(*buf);
+    }
+    *buf = p;
+    *cap = floats;
+    return QF_OK;
+}
+
+qf_status qf_model_device_grads(const qf_backend *be, int on_device, float **dgrads, const float *grads, size_t n,
+                                int *grads_on_device, const char *fn) {
+    if (!on_device || *dgrads) return QF_OK;
+    const size_t bytes = n * sizeof(float);
+    *grads_on_device = 0;
+    QF_TRY(be->alloc((void **)dgrads, bytes));
+    qf_status s = be->copy2d(*dgrads, bytes, grads, bytes, bytes, 1);
+    if (s != QF_OK) {
+        be->free(*dgrads);
+        *dgrads = NULL;
+        return qf_fail_prefix(s, "%s (uploading the gradients)", fn);
+    }
+    return QF_OK;
+}
+
+qf_status qf_model_sync_grads(const qf_backend *be, float *grads, const float *dgrads, size_t n, int *grads_on_device) {
+    if (!*grads_on_device || !dgrads) return QF_OK;
+    const size_t bytes = n * sizeof(float);
+    QF_TRY(be->copy2d(grads, bytes, dgrads, bytes, bytes, 1));
+    QF_TRY(be->synchronize());
+    *grads_on_device = 0;
+    return QF_OK;
+}

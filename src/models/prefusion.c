@@ -358,17 +358,6 @@ qf_qformer *qf_prefusion_qformer(qf_prefusion *m) { return m ? m->qf : NULL; }
 
 /* ---- planned buffers ---- */
 
-static qf_status grow(float **buf, size_t *cap, size_t floats, const char *what) {
-    if (floats <= *cap) return QF_OK;
-    void *p = NULL;
-    if (posix_memalign(&p, 64, floats * sizeof(float)))
-        return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes of activations", what, floats * sizeof(float));
-    free(*buf);
-    *buf = p;
-    *cap = floats;
-    return QF_OK;
-}
-
 static float *carve(float *base, size_t *off, size_t n) {
     float *p = base ? base + *off : NULL;
     *off += qf_align_up(n ? n : 1, 16);
@@ -406,44 +395,6 @@ static size_t plan_backward(qf_prefusion *m, float *base) {
         m->g_in = carve(base, &off, B * tmax * D);
     }
     return off;
-}
-
-/* Grows bwd on m->be (grow-only, contents not kept). */
-static qf_status grow_bwd(qf_prefusion *m, size_t floats, const char *fn) {
-    if (!m->on_device) return grow(&m->bwd, &m->bwd_cap, floats, fn);
-    if (floats <= m->bwd_cap) return QF_OK;
-    m->be->free(m->bwd);
-    m->bwd = NULL;
-    m->bwd_cap = 0;
-    qf_status s = m->be->alloc((void **)&m->bwd, floats * sizeof(float));
-    if (s != QF_OK) return qf_fail_prefix(s, "%s (%zu bytes of backward buffers)", fn, floats * sizeof(float));
-    m->bwd_cap = floats;
-    return QF_OK;
-}
-
-/* A GPU model's device gradient block, made at its first backward from the host gradients. */
-static qf_status device_grads(qf_prefusion *m, const char *fn) {
-    if (!m->on_device || m->dgrads) return QF_OK;
-    const size_t bytes = m->params_total * sizeof(float);
-    m->grads_on_device = 0;
-    QF_TRY(m->be->alloc((void **)&m->dgrads, bytes));
-    qf_status s = m->be->copy2d(m->dgrads, bytes, m->grads, bytes, bytes, 1);
-    if (s != QF_OK) {
-        m->be->free(m->dgrads);
-        m->dgrads = NULL;
-        return qf_fail_prefix(s, "%s (uploading the gradients)", fn);
-    }
-    return QF_OK;
-}
-
-/* grads = dgrads when the device copy is newer (one download and a wait). */
-static qf_status sync_grads(qf_prefusion *m) {
-    if (!m->grads_on_device || !m->dgrads) return QF_OK;
-    const size_t bytes = m->params_total * sizeof(float);
-    QF_TRY(m->be->copy2d(m->grads, bytes, m->dgrads, bytes, bytes, 1));
-    QF_TRY(m->be->synchronize());
-    m->grads_on_device = 0;
-    return QF_OK;
 }
 
 /* Offsets of the two modalities inside the fused sequence. */
@@ -582,6 +533,16 @@ static qf_status forward_device(qf_prefusion *m, const qf_prefusion_args *a, con
     return QF_OK;
 }
 
+/* the device gradient block at the first GPU backward (placement.c) */
+static qf_status device_grads(qf_prefusion *m, const char *fn) {
+    return qf_model_device_grads(m->be, m->on_device, &m->dgrads, m->grads, m->params_total, &m->grads_on_device, fn);
+}
+
+/* grads = dgrads when the device copy is newer (placement.c) */
+static qf_status sync_grads(qf_prefusion *m) {
+    return qf_model_sync_grads(m->be, m->grads, m->dgrads, m->params_total, &m->grads_on_device);
+}
+
 /* Frees what the model holds on a device (the gradients downloaded first) and the planned
  * backward block on either side; the model is a CPU model again. */
 static void release_device(qf_prefusion *m) {
@@ -666,7 +627,7 @@ qf_status qf_prefusion_forward(qf_prefusion *m, const qf_prefusion_args *a, cons
     const int64_t M = m->cfg.max_hidden_size, S = ta + tf, nq = m->cfg.num_multi_query_token, H = m->H;
     const int64_t Da = m->cfg.audio_dim, Dv = m->cfg.video_dim;
     size_t need = plan_forward(m, NULL, B, ta, tf);
-    QF_TRY(grow(&m->fwd, &m->fwd_cap, need, fn));
+    QF_TRY(qf_model_grow(NULL, &m->fwd, &m->fwd_cap, need, fn));
     plan_forward(m, m->fwd, B, ta, tf);
     m->B = B;
     m->ta = ta;
@@ -767,7 +728,7 @@ qf_status qf_prefusion_backward(qf_prefusion *m, const float *grad_out, float *g
                        m->be->name);
     if (!m->have_fwd) return qf_fail(QF_ERR_ARG, "%s: no successful qf_prefusion_forward to differentiate", fn);
     size_t need = plan_backward(m, NULL);
-    QF_TRY(grow_bwd(m, need, fn));
+    QF_TRY(qf_model_grow(m->be, &m->bwd, &m->bwd_cap, need, fn));
     plan_backward(m, m->bwd);
     QF_TRY(device_grads(m, fn));
     qf_status s = backward_body(m, grad_out, grad_audio, grad_face);

@@ -533,12 +533,7 @@ static void fill_param(qf_qformer *m, int i, qf_param *out) {
 }
 
 qf_status qf_qformer_sync_grads(qf_qformer *m) {
-    if (!m->grads_on_device || !m->dgrads) return QF_OK;
-    const size_t bytes = m->params_total * sizeof(float);
-    QF_TRY(m->be->copy2d(m->grads, bytes, m->dgrads, bytes, bytes, 1));
-    QF_TRY(m->be->synchronize());
-    m->grads_on_device = 0;
-    return QF_OK;
+    return qf_model_sync_grads(m->be, m->grads, m->dgrads, m->params_total, &m->grads_on_device);
 }
 
 qf_status qf_qformer_param(qf_qformer *m, int i, qf_param *out) {
@@ -591,17 +586,6 @@ int qf_qformer_num_cross_layers(const qf_qformer *m) {
 }
 
 /* ---- planned buffers ---- */
-
-qf_status qf_qformer_grow(float **buf, size_t *cap, size_t floats, const char *what) {
-    if (floats <= *cap) return QF_OK;
-    void *p = NULL;
-    if (posix_memalign(&p, 64, floats * sizeof(float)))
-        return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes of activations", what, floats * sizeof(float));
-    free(*buf);
-    *buf = p;
-    *cap = floats;
-    return QF_OK;
-}
 
 float *qf_qformer_carve(float *base, size_t *off, size_t n) {
     float *p = base ? base + *off : NULL;
@@ -724,7 +708,7 @@ static size_t plan_mirror(qf_qformer *m, char *base) {
 static qf_status plan(qf_qformer *m, const char *fn) {
     const size_t need = plan_forward(m, NULL), mir = plan_mirror(m, NULL);
     if (!m->on_device) {
-        QF_TRY(qf_qformer_grow(&m->fwd, &m->fwd_cap, need, fn));
+        QF_TRY(qf_model_grow(NULL, &m->fwd, &m->fwd_cap, need, fn));
         if (mir > m->mir_cap) {
             void *p = NULL;
             if (posix_memalign(&p, 64, mir)) return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes of masks", fn, mir);

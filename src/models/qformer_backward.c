@@ -81,19 +81,6 @@ static qf_status copy_floats(const qf_qformer *m, float *dst, const float *src, 
     return qf_qformer_copy(m, dst, src, (size_t)n * sizeof(float));
 }
 
-/* Grows bwd on m->be (grow-only, contents not kept). */
-static qf_status grow_bwd(qf_qformer *m, size_t floats, const char *fn) {
-    if (!m->on_device) return qf_qformer_grow(&m->bwd, &m->bwd_cap, floats, fn);
-    if (floats <= m->bwd_cap) return QF_OK;
-    m->be->free(m->bwd);
-    m->bwd = NULL;
-    m->bwd_cap = 0;
-    qf_status s = m->be->alloc((void **)&m->bwd, floats * sizeof(float));
-    if (s != QF_OK) return qf_fail_prefix(s, "%s (%zu bytes of backward buffers)", fn, floats * sizeof(float));
-    m->bwd_cap = floats;
-    return QF_OK;
-}
-
 /* Backward of attention_block (qformer.c): d_out [B*Lx, H] -> d_x [B*Lx, H] (written). Self:
  * the packed q|k|v GEMM gives d_x's three projection paths in one. Cross: kv (row stride kv_ld)
  * is the block's projected encoder [k | v] rows as the forward read them; the gradient of those
@@ -251,19 +238,11 @@ qf_status qf_qformer_backward(qf_qformer *m, const float *grad_out, float *grad_
 
     bwd_bufs w;
     size_t need = plan_backward(m, NULL, &w);
-    QF_TRY(grow_bwd(m, need, fn));
+    QF_TRY(qf_model_grow(m->be, &m->bwd, &m->bwd_cap, need, fn));
     plan_backward(m, m->bwd, &w);
-    if (m->on_device && !m->frozen && !m->dgrads) { /* the device gradients start from the host's */
-        m->grads_on_device = 0;
-        const size_t bytes = m->params_total * sizeof(float);
-        QF_TRY(be->alloc((void **)&m->dgrads, bytes));
-        qf_status s = be->copy2d(m->dgrads, bytes, m->grads, bytes, bytes, 1);
-        if (s != QF_OK) {
-            be->free(m->dgrads);
-            m->dgrads = NULL;
-            return qf_fail_prefix(s, "%s (uploading the gradients)", fn);
-        }
-    }
+    /* the device gradients start from the host's */
+    if (!m->frozen)
+        QF_TRY(qf_model_device_grads(be, m->on_device, &m->dgrads, m->grads, m->params_total, &m->grads_on_device, fn));
     /* on the GPU the encoder and prefix gradients are made in bwd and copied out at the end */
     float *genc = grad_encoder, *gpk = P ? grad_prefix_k : NULL, *gpv = P ? grad_prefix_v : NULL;
     if (m->on_device) {

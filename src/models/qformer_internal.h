@@ -166,7 +166,6 @@ static inline float *qformer_grad(const qf_qformer *m, const float *p) {
     return m->frozen ? NULL : (m->on_device ? m->dgrads : m->grads) + (p - m->run_params);
 }
 
-qf_status qf_qformer_grow(float **buf, size_t *cap, size_t floats, const char *what);
 float *qf_qformer_carve(float *base, size_t *off, size_t n);
 /* Copies on m->be, either side host or device memory: bytes from src to dst; rows [r0, r0+len)
  * of each item of src [B, tot, C] -> dst [B, len, C] (gather) and back (scatter). */

@@ -405,17 +405,6 @@ void qf_vision_set_frozen(qf_vision *m, int frozen) {
 
 /* ---- planned buffers ---- */
 
-static qf_status grow(float **buf, size_t *cap, size_t floats, const char *what) {
-    if (floats <= *cap) return QF_OK;
-    void *p = NULL;
-    if (posix_memalign(&p, 64, floats * sizeof(float)))
-        return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate %zu bytes of activations", what, floats * sizeof(float));
-    free(*buf);
-    *buf = p;
-    *cap = floats;
-    return QF_OK;
-}
-
 static float *carve(float *base, size_t *off, size_t n) {
     float *p = base ? base + *off : NULL;
     *off += qf_align_up(n ? n : 1, 16);
@@ -810,7 +799,7 @@ qf_status qf_vision_forward(qf_vision *m, int64_t B, const float *pixel_values, 
         return qf_fail(QF_ERR_ARG, "%s: B = %lld gives activations above the BLAS's int range", fn, (long long)B);
 
     size_t need = plan_forward(m, NULL, B);
-    QF_TRY(grow(&m->fwd, &m->fwd_cap, need, fn));
+    QF_TRY(qf_model_grow(NULL, &m->fwd, &m->fwd_cap, need, fn));
     plan_forward(m, m->fwd, B);
     m->B = B;
 
@@ -894,44 +883,6 @@ static size_t plan_backward(const qf_vision *m, float *base, int pixels, vision_
         w->cols = carve(base, &off, BP * K);
     }
     return off;
-}
-
-/* Grows bwd on the model's backend (grow-only, contents not kept). */
-static qf_status grow_bwd(qf_vision *m, size_t floats, const char *fn) {
-    if (!m->on_device) return grow(&m->bwd, &m->bwd_cap, floats, fn);
-    if (floats <= m->bwd_cap) return QF_OK;
-    m->be->free(m->bwd);
-    m->bwd = NULL;
-    m->bwd_cap = 0;
-    qf_status s = m->be->alloc((void **)&m->bwd, floats * sizeof(float));
-    if (s != QF_OK) return qf_fail_prefix(s, "%s (%zu bytes of backward buffers)", fn, floats * sizeof(float));
-    m->bwd_cap = floats;
-    return QF_OK;
-}
-
-/* A GPU model's device gradient block, made at its first backward from the host gradients. */
-static qf_status device_grads(qf_vision *m, const char *fn) {
-    if (!m->on_device || m->dgrads) return QF_OK;
-    const size_t bytes = m->nparams * sizeof(float);
-    m->grads_on_device = 0;
-    QF_TRY(m->be->alloc((void **)&m->dgrads, bytes));
-    qf_status s = m->be->copy2d(m->dgrads, bytes, m->grads, bytes, bytes, 1);
-    if (s != QF_OK) {
-        m->be->free(m->dgrads);
-        m->dgrads = NULL;
-        return qf_fail_prefix(s, "%s (uploading the gradients)", fn);
-    }
-    return QF_OK;
-}
-
-/* grads = dgrads when the device copy is newer (one download and a wait). */
-static qf_status sync_grads(qf_vision *m) {
-    if (!m->grads_on_device || !m->dgrads) return QF_OK;
-    const size_t bytes = m->nparams * sizeof(float);
-    QF_TRY(m->be->copy2d(m->grads, bytes, m->dgrads, bytes, bytes, 1));
-    QF_TRY(m->be->synchronize());
-    m->grads_on_device = 0;
-    return QF_OK;
 }
 
 /* The pixel gradient from its columns gcols [B*P, K] (this backend's memory): col2im on the
@@ -1049,6 +1000,16 @@ static qf_status backward_body(qf_vision *m, const vision_bwd *w, const float *g
     return QF_OK;
 }
 
+/* the device gradient block at the first GPU backward (placement.c) */
+static qf_status device_grads(qf_vision *m, const char *fn) {
+    return qf_model_device_grads(m->be, m->on_device, &m->dgrads, m->grads, m->nparams, &m->grads_on_device, fn);
+}
+
+/* grads = dgrads when the device copy is newer (placement.c) */
+static qf_status sync_grads(qf_vision *m) {
+    return qf_model_sync_grads(m->be, m->grads, m->dgrads, m->nparams, &m->grads_on_device);
+}
+
 qf_status qf_vision_backward(qf_vision *m, const float *grad_out, float *grad_pixel_values) {
     const char *fn = "qf_vision_backward";
     if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
@@ -1063,7 +1024,7 @@ qf_status qf_vision_backward(qf_vision *m, const float *grad_out, float *grad_pi
      * them, from the columns it left in hcols (its output is not needed again) */
     if (m->on_device && !m->kept) QF_TRY(device_pass(m, 1));
     vision_bwd w;
-    QF_TRY(grow_bwd(m, plan_backward(m, NULL, grad_pixel_values != NULL, &w), fn));
+    QF_TRY(qf_model_grow(m->be, &m->bwd, &m->bwd_cap, plan_backward(m, NULL, grad_pixel_values != NULL, &w), fn));
     plan_backward(m, m->bwd, grad_pixel_values != NULL, &w);
     if (!m->frozen) QF_TRY(device_grads(m, fn));
     qf_status s = backward_body(m, &w, grad_out, grad_pixel_values);
