@@ -151,6 +151,11 @@ qf_status qf_cpu_residual_forward(float *out, const float *a, const float *b, in
 qf_status qf_backend_for(const char *op, const void *const *ptrs, const char *const *names, int n,
                          const qf_backend **out);
 
+#ifdef QF_FAKE_DEVICE
+/* fake_device.c: the test-only stand-in GPU (host memory), which placement uses for "cuda" */
+const qf_backend *qf_backend_fake(void);
+#endif
+
 #ifdef QF_HAVE_CUDA
 /* src/backend/cuda/: the GPU backend, and whether the CUDA runtime has been initialised here
  * (until then no pointer is asked about, so CPU-only callers never create a GPU context). */

@@ -21,7 +21,9 @@ qf_status qf_model_check_device(const char *fn, const char *what, const char *de
     if (weights == QF_BF16 && !*cuda)
         return qf_fail(QF_ERR_UNSUPPORTED, "%s: bf16 weights run on the cuda device only (the CPU %s is float32)", fn,
                        what);
-#ifdef QF_HAVE_CUDA
+#if defined(QF_FAKE_DEVICE)
+    /* the test-only stand-in (fake_device.c): "cuda" is host memory, nothing to start */
+#elif defined(QF_HAVE_CUDA)
     if (*cuda) QF_TRY(qf_cuda_init());
 #else
     if (*cuda)
@@ -32,7 +34,9 @@ qf_status qf_model_check_device(const char *fn, const char *what, const char *de
 }
 
 const qf_backend *qf_model_cuda_backend(void) {
-#ifdef QF_HAVE_CUDA
+#if defined(QF_FAKE_DEVICE)
+    return qf_backend_fake();
+#elif defined(QF_HAVE_CUDA)
     return qf_backend_cuda();
 #else
     return NULL;
