@@ -18,6 +18,9 @@ C.unavailable_reason = lambda: None
 # test ids (substrings) that need the real device, and why
 NEEDS_GPU = {
     "test_cuda_qformer_backward.py::test_device_pointers_and_back_to_cpu": "calls qf_cuda_download",
+    "test_cuda_qformer.py::test_device_pointers_in_and_out": "calls qf_cuda_download",
+    "test_cuda_kvprefix.py::test_device_pointers_in_and_out": "calls qf_cuda_download",
+    "test_cuda_vision.py::test_device_memory_out_and_pixels_refused": "device vs host pointers (all host here)",
     "test_cuda_mha.py::test_device_pointers": "device vs host pointers (all host here)",
     "test_cuda_mha.py::test_refusals_and_bf16": "the dropout refusal lives in the CUDA kernels",
 }
