@@ -21,6 +21,11 @@ NEEDS_GPU = {
     "test_cuda_qformer.py::test_device_pointers_in_and_out": "calls qf_cuda_download",
     "test_cuda_kvprefix.py::test_device_pointers_in_and_out": "calls qf_cuda_download",
     "test_cuda_vision.py::test_device_memory_out_and_pixels_refused": "device vs host pointers (all host here)",
+    "test_cuda_act16.py::test_gemm": "calls the CUDA backend table directly (qf_cuda_backend_entry)",
+    "test_cuda_act16.py::test_layernorm_x16": "calls the CUDA backend table directly (qf_cuda_backend_entry)",
+    "test_cuda_act16.py::test_gelu_x16": "calls the CUDA backend table directly (qf_cuda_backend_entry)",
+    "test_cuda_act16.py::test_stage_x16": "calls the CUDA backend table directly (qf_cuda_backend_entry)",
+    "test_cuda_act16.py::test_qformer_bf16_encoder_staging[True]": "calls qf_cuda_download",
     "test_cuda_mha.py::test_device_pointers": "device vs host pointers (all host here)",
     "test_cuda_mha.py::test_refusals_and_bf16": "the dropout refusal lives in the CUDA kernels",
 }
