@@ -345,6 +345,11 @@ int qf_modality_qformer_num_params(const qf_modality_qformer *m);
 qf_status qf_modality_qformer_param(qf_modality_qformer *m, int i, qf_param *out);
 void qf_modality_qformer_zero_grad(qf_modality_qformer *m);
 qf_qformer *qf_modality_qformer_qformer(qf_modality_qformer *m);   /* owned by m */
+/* Places the whole per-modality Q-Former (position rows, query tokens, Q-Former, projection) on
+ * "cpu" or "cuda", weights QF_F32 or QF_BF16 (cuda), as qf_prefusion_to_device does: on the GPU
+ * the forward after its input copies is one graph per shape, frames/out may be host or GPU
+ * pointers (frame_mask: host), backward runs there with float32 weights (bf16: refused). */
+qf_status qf_modality_qformer_to_device(qf_modality_qformer *m, const char *device, qf_dtype weights);
 
 /* Attention fusion (model_type "affectgpt_attention_fusion", AffectGPT's multi_fusion_type
  * "attention"): v = multi_video_embs(mean_t face), a = multi_audio_embs(mean_t audio) [B,M];

@@ -28,6 +28,7 @@ import numpy as np
 from . import _native
 from ._native import QfuseError, check, lib
 from .fusion import _Model, _f32, _mask, _ptr, _seq, _shape, qf_prefusion_args
+from .qformer import _DTYPES
 
 __all__ = ["ModalityQFormer", "AttentionFusion"]
 
@@ -59,6 +60,7 @@ _native.declare({
     "qf_modality_qformer_param": (c_int, [c_void_p, c_int, P(_native.qf_param)]),
     "qf_modality_qformer_zero_grad": (None, [c_void_p]),
     "qf_modality_qformer_qformer": (c_void_p, [c_void_p]),
+    "qf_modality_qformer_to_device": (c_int, [c_void_p, c_char_p, c_int]),
     "qf_attn_fusion_load": (c_int, [c_char_p, P(c_void_p)]),
     "qf_attn_fusion_free": (None, [c_void_p]),
     "qf_attn_fusion_get_config": (c_int, [c_void_p, P(qf_attn_fusion_config)]),
@@ -69,6 +71,23 @@ _native.declare({
     "qf_attn_fusion_param": (c_int, [c_void_p, c_int, P(_native.qf_param)]),
     "qf_attn_fusion_zero_grad": (None, [c_void_p]),
 })
+
+
+def _check_placement(fn, device, dtype):
+    if device not in ("cpu", "cuda") or dtype not in _DTYPES:
+        raise QfuseError('%s: device = %r, dtype = %r; expected "cpu"/"cuda" and "float32"/"bfloat16"'
+                         % (fn, device, dtype), "QF_ERR_ARG")
+
+
+def _placed(m, device, dtype):
+    """m.to(device, dtype) unless it is the CPU default; m is closed when placing fails."""
+    if device != "cpu" or dtype != "float32":
+        try:
+            m.to(device, dtype)
+        except Exception:
+            m.close()
+            raise
+    return m
 
 
 class ModalityQFormer(_Model):
@@ -90,12 +109,19 @@ class ModalityQFormer(_Model):
         self._query_name = self.modality + "_query_tokens"
 
     @classmethod
-    def load(cls, folder):
+    def load(cls, folder, device="cpu", dtype="float32"):
         """Loads FOLDER/config.json (model_type "affectgpt_video_qformer" or
-        "affectgpt_audio_qformer") and its weights."""
+        "affectgpt_audio_qformer") and its weights, then places it (see to())."""
         h = c_void_p()
         check(lib.qf_modality_qformer_load(os.fsencode(os.fspath(folder)), ctypes.byref(h)))
-        return cls(h.value, os.fspath(folder))
+        return _placed(cls(h.value, os.fspath(folder)), device, dtype)
+
+    def to(self, device="cpu", dtype="float32"):
+        """The whole forward on device "cpu" or "cuda" (dtype "bfloat16": bf16 GEMM weights,
+        cuda only); backward runs where the model is (float32 weights only). Returns self."""
+        _check_placement("ModalityQFormer.to", device, dtype)
+        check(lib.qf_modality_qformer_to_device(self._handle("to"), device.encode(), _DTYPES[dtype]))
+        return self
 
     def fuse(self, frames, frame_mask=None):
         """-> LLM-space tokens [B, num_query_token, llm_hidden_size]. frames [B,T,input_dim]

@@ -50,7 +50,10 @@
  *   - have_fwd is set only after a forward fully succeeded; backward refuses without one.
  *   - Load fully succeeds or frees everything; every failure names the file and key/tensor. */
 #include "models_internal.h"
+#include "qformer_internal.h"
 #include <cjson/cJSON.h>
+#include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -223,17 +226,47 @@ struct qf_modality_qformer {
     int nq_params;
     char **q_names;                 /* "video_Qformer." / "audio_Qformer." + the core's names */
 
-    float *fwd;
+    float *fwd;                     /* CPU planned block                                       */
     size_t fwd_cap;
-    float *enc;                     /* [B, T*K, D] frames + position rows */
-    uint8_t *mask;                  /* [B, T*K] when has_mask */
-    float *queries, *qout;          /* [B*nq, H] */
-    float *bwd;
+    float *enc;                     /* [B, T*K, D] frames + position rows (CPU)                */
+    uint8_t *mask;                  /* [B, T*K] when has_mask (CPU)                            */
+    float *queries, *qout;          /* [B*nq, H] (qout: on the GPU the Q-Former's result)      */
+    int32_t *ids;                   /* [B*T*K] position row of every token (on be)            */
+    float *bwd;                     /* on be (device memory on the GPU)                        */
     size_t bwd_cap;
     float *g_qout, *g_query, *g_enc;
+    float *g_out;                   /* GPU only: grad_out staged in bwd                        */
     int64_t B, T, K;
     int has_mask, have_fwd;
+
+    /* placement (qf_modality_qformer_to_device), as prefusion.c: be holds run_params (p.params
+     * on the CPU, a device copy on the GPU) and, on the GPU, params_bf16, the planned device
+     * block dfwd (frames_in, ids, out_buf, dscreen) and the captured graph; hmask / hids are
+     * host copies of the expanded mask (handed to the Q-Former) and the position ids. */
+    const qf_backend *be;
+    int on_device;
+    float *run_params;
+    uint16_t *params_bf16;
+    float *dfwd;
+    size_t dfwd_cap;
+    float *frames_in;               /* [B*T*K, D] staged frames                                */
+    float *out_buf;                 /* [B*nq, llm_hidden_size]                                 */
+    int64_t *dscreen;               /* [1] first non-finite index of frames_in                 */
+    uint8_t *hmask;
+    int32_t *hids;
+    size_t hcap;                    /* entries of hmask and of hids                            */
+    qf_model_graph graph;
+    /* A GPU model's own parameter gradients (placement.c): dgrads parallel to run_params,
+     * grads_on_device = 1 while newer than p.grads (downloaded when shown or moved back). */
+    float *dgrads;
+    int grads_on_device;
 };
+
+/* parameter i's view in run_params (host or device) and its gradient (grads, dgrads on the GPU) */
+static const float *mq_w(const qf_modality_qformer *m, int i) { return m->run_params + m->p.t[i].off; }
+static float *mq_g(const qf_modality_qformer *m, int i) {
+    return (m->on_device ? m->dgrads : m->p.grads) + m->p.t[i].off;
+}
 
 static qf_status mq_load_into(qf_modality_qformer *m, const char *folder) {
     const char *fn = "qf_modality_qformer_load";
@@ -302,6 +335,10 @@ static qf_status mq_load_into(qf_modality_qformer *m, const char *folder) {
         m->nq_params = qf_qformer_num_params(m->qf);
         s = qf_model_prefixed_qformer_names(m->qf, qprefix, fn, &m->q_names);
     }
+    if (s == QF_OK) {
+        m->be = qf_backend_cpu();
+        m->run_params = m->p.params;
+    }
     qf_st_close(st);
     qf_config_free(qcfg);
     qf_config_free(cfg);
@@ -323,14 +360,16 @@ qf_status qf_modality_qformer_load(const char *folder, qf_modality_qformer **out
     return QF_OK;
 }
 
+static void mq_release_device(qf_modality_qformer *m);
+
 void qf_modality_qformer_free(qf_modality_qformer *m) {
     if (!m) return;
+    if (m->be) mq_release_device(m);
     qf_qformer_free(m->qf);
     free(m->q_names);               /* one block (models_internal.h) */
     free(m->p.params);
     free(m->p.grads);
     free(m->fwd);
-    free(m->bwd);
     free(m);
 }
 
@@ -350,6 +389,7 @@ static size_t mq_plan_forward(qf_modality_qformer *m, float *base, int64_t B, in
     m->mask = (uint8_t *)carve(base, &off, ((size_t)(B * S) + 3) / 4);
     m->queries = carve(base, &off, T * H);
     m->qout = carve(base, &off, T * H);
+    m->ids = (int32_t *)carve(base, &off, (size_t)(B * S));
     return off;
 }
 
@@ -359,7 +399,194 @@ static size_t mq_plan_backward(qf_modality_qformer *m, float *base) {
     m->g_qout = carve(base, &off, T * H);
     m->g_query = carve(base, &off, T * H);
     m->g_enc = carve(base, &off, (size_t)(m->B * m->T * m->K * m->cfg.input_dim));
+    m->g_out = m->on_device ? carve(base, &off, T * (size_t)m->cfg.llm_hidden_size) : NULL;
     return off;
+}
+
+/* position row of every token: ids[b*S + i] = i / K (host) */
+static void mq_fill_ids(int32_t *ids, int64_t B, int64_t S, int64_t K) {
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i < S; i++) ids[b * S + i] = (int32_t)(i / K);
+}
+
+/* ---- forward on a device (qf_modality_qformer_to_device) ----
+ * The CPU forward below as backend calls: the frames are staged and screened, the position rows
+ * added by embedding_forward (table row ids[i] + staged frame row i, into the Q-Former's encoder
+ * buffer), the query tokens broadcast by add_periodic, the Q-Former's layers and the projection
+ * follow; everything after the input copies is one graph per key (graph.c). */
+
+/* out = in . w^T + b on m's backend (the bf16 copy of w when placed so) */
+static qf_status mq_linear(const qf_modality_qformer *m, float *out, const float *in, int wi, int bi, int64_t rows,
+                           int64_t Cin, int64_t Cout) {
+    const float *w = mq_w(m, wi);
+    const uint16_t *w16 = m->params_bf16 ? m->params_bf16 + (w - m->run_params) : NULL;
+    return qf_model_linear(m->be, out, in, w, w16, mq_w(m, bi), NULL, rows, Cin, Cout);
+}
+
+static size_t mq_plan_device(qf_modality_qformer *m, float *base, int64_t B, int64_t S) {
+    size_t off = 0;
+    m->frames_in = carve(base, &off, (size_t)(B * S * m->cfg.input_dim));
+    m->out_buf = carve(base, &off, (size_t)(B * m->cfg.num_query_token * m->cfg.llm_hidden_size));
+    m->ids = (int32_t *)carve(base, &off, (size_t)(B * S));
+    m->dscreen = (int64_t *)carve(base, &off, 2);
+    return off;
+}
+
+static qf_status mq_device_body(void *ctx) {
+    qf_modality_qformer *m = ctx;
+    const qf_backend *be = m->be;
+    qf_qformer *qf = m->qf;
+    const int64_t B = m->B, S = m->T * m->K, D = m->cfg.input_dim, nq = m->cfg.num_query_token, H = m->H;
+    QF_TRY(be->embedding_forward(qf->enc, m->ids, mq_w(m, MQ_POS), m->frames_in, B * S, B * S, D));
+    QF_TRY(be->add_periodic(qf->qin, NULL, mq_w(m, MQ_QTOK), B * nq, nq, H));
+    QF_TRY(qf_qformer_run(qf));
+    return mq_linear(m, m->out_buf, qf_qformer_result(qf), MQ_PW, MQ_PB, B * nq, H, m->cfg.llm_hidden_size);
+}
+
+static qf_status mq_forward_device(qf_modality_qformer *m, const qf_modality_qformer_args *a, const float *frames,
+                                   float *out) {
+    const char *fn = "qf_modality_qformer_forward";
+    const qf_backend *be = m->be;
+    const int64_t B = a->B, T = a->frames, K = a->tokens_per_frame ? a->tokens_per_frame : 1, S = T * K;
+    const int64_t D = m->cfg.input_dim, nq = m->cfg.num_query_token;
+    const size_t need = mq_plan_device(m, NULL, B, S);
+    if (need > m->dfwd_cap) {
+        qf_model_graph_drop(be, &m->graph);
+        be->free(m->dfwd);
+        m->dfwd = NULL;
+        m->dfwd_cap = 0;
+        QF_TRY(be->alloc((void **)&m->dfwd, need * sizeof(float)));
+        m->dfwd_cap = need;
+    }
+    mq_plan_device(m, m->dfwd, B, S);
+    if ((size_t)(B * S) > m->hcap) {
+        uint8_t *hm = malloc((size_t)(B * S));
+        int32_t *hi = malloc((size_t)(B * S) * sizeof(int32_t));
+        if (!hm || !hi) {
+            free(hm);
+            free(hi);
+            return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate the frame mask and position ids", fn);
+        }
+        free(m->hmask);
+        free(m->hids);
+        m->hmask = hm;
+        m->hids = hi;
+        m->hcap = (size_t)(B * S);
+    }
+    m->B = B;
+    m->T = T;
+    m->K = K;
+    m->has_mask = a->frame_mask != NULL;
+    if (m->has_mask)
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t i = 0; i < S; i++) m->hmask[b * S + i] = a->frame_mask[b * T + i / K] != 0;
+    qf_qformer_args qa;
+    memset(&qa, 0, sizeof qa);
+    qa.B = B;
+    qa.num_queries = nq;
+    qa.encoder_len = S;
+    qa.encoder_attention_mask = m->has_mask ? m->hmask : NULL;
+    const char *qname = m->cfg.modality == QF_MODALITY_VIDEO ? "video" : "audio";
+    qf_status s = qf_qformer_stage(m->qf, &qa, fn);
+    if (s != QF_OK) return qf_fail_prefix(s, "%s (%s_Qformer)", fn, qname);
+
+    mq_fill_ids(m->hids, B, S, K);
+    QF_TRY(be->copy2d(m->ids, (size_t)(B * S) * sizeof(int32_t), m->hids, (size_t)(B * S) * sizeof(int32_t),
+                      (size_t)(B * S) * sizeof(int32_t), 1));
+    int64_t screen = INT64_MAX;
+    QF_TRY(be->copy2d(m->dscreen, sizeof screen, &screen, sizeof screen, sizeof screen, 1));
+    const size_t n = (size_t)(B * S * D) * sizeof(float);
+    QF_TRY(be->copy2d(m->frames_in, n, frames, n, n, 1));
+    QF_TRY(be->screen_nonfinite(m->frames_in, B * S * D, m->dscreen));
+    /* the key: every shape and flag that changes the calls, and the planned blocks' addresses
+     * (the Q-Former's may move when its plan grows) */
+    int64_t qkey[6];
+    qf_qformer_key(m->qf, qkey);
+    const int64_t key[8] = {B, S, m->has_mask, qkey[5], (int64_t)(intptr_t)m->qf->fwd, (int64_t)(intptr_t)m->qf->mir,
+                            (int64_t)(intptr_t)m->dfwd, 0};
+    QF_TRY(qf_model_graph_run(be, &m->graph, key, 8, mq_device_body, m));
+    m->qout = (float *)qf_qformer_result(m->qf); /* the projection's input, for backward */
+    const size_t no = (size_t)(B * nq * m->cfg.llm_hidden_size) * sizeof(float);
+    QF_TRY(be->copy2d(out, no, m->out_buf, no, no, 1));
+    QF_TRY(be->synchronize());
+    QF_TRY(be->copy2d(&screen, sizeof screen, m->dscreen, sizeof screen, sizeof screen, 1));
+    if (screen != INT64_MAX) {
+        float v = NAN;
+        (void)be->copy2d(&v, sizeof v, m->frames_in + screen, sizeof v, sizeof v, 1);
+        return qf_fail(QF_ERR_NONFINITE, "%s: frames[%lld] = %g is not finite", fn, (long long)screen, (double)v);
+    }
+    /* the staged Q-Former forward (qf_qformer_stage leaves its have_fwd 0) is complete and
+     * screened: its backward may differentiate it */
+    m->qf->have_fwd = 1;
+    m->have_fwd = 1;
+    return QF_OK;
+}
+
+static qf_status mq_device_grads(qf_modality_qformer *m, const char *fn) {
+    return qf_model_device_grads(m->be, m->on_device, &m->dgrads, m->p.grads, m->p.total, &m->grads_on_device, fn);
+}
+
+static qf_status mq_sync_grads(qf_modality_qformer *m) {
+    return qf_model_sync_grads(m->be, m->p.grads, m->dgrads, m->p.total, &m->grads_on_device);
+}
+
+/* Frees what the model holds on a device (the gradients downloaded first) and the planned
+ * backward block on either side; the model is a CPU model again. */
+static void mq_release_device(qf_modality_qformer *m) {
+    if (m->on_device) {
+        const qf_backend *be = m->be;
+        qf_model_graph_drop(be, &m->graph);
+        be->free(m->dfwd);
+        be->free(m->run_params);
+        be->free(m->params_bf16);
+        be->free(m->bwd);
+        (void)mq_sync_grads(m); /* p.grads keeps the newest gradients */
+        be->free(m->dgrads);
+    } else {
+        free(m->bwd);
+    }
+    m->bwd = m->dgrads = NULL;
+    m->bwd_cap = 0;
+    m->grads_on_device = 0;
+    free(m->hmask);
+    free(m->hids);
+    m->hmask = NULL;
+    m->hids = NULL;
+    m->hcap = 0;
+    m->dfwd = NULL;
+    m->dfwd_cap = 0;
+    m->params_bf16 = NULL;
+    m->on_device = 0;
+    m->have_fwd = 0;
+    m->be = qf_backend_cpu();
+    m->run_params = m->p.params;
+}
+
+qf_status qf_modality_qformer_to_device(qf_modality_qformer *m, const char *device, qf_dtype weights) {
+    const char *fn = "qf_modality_qformer_to_device";
+    if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
+    /* the Q-Former first: it checks device and weights and starts the GPU */
+    qf_status s = qf_qformer_to_device(m->qf, device, weights);
+    if (s != QF_OK) return qf_fail_prefix(s, "%s", fn);
+    mq_release_device(m);
+    free(m->fwd); /* the CPU's planned block is not used on a device */
+    m->fwd = NULL;
+    m->fwd_cap = 0;
+    if (strcmp(device, "cuda")) return QF_OK;
+    const qf_backend *be = m->qf->be;
+    float *dp;
+    uint16_t *db;
+    s = qf_model_upload_params(be, m->p.params, m->p.total, 0, weights, &dp, &db, fn);
+    if (s != QF_OK) {
+        (void)qf_qformer_to_device(m->qf, "cpu", QF_F32);
+        return s;
+    }
+    m->be = be;
+    m->on_device = 1;
+    m->graph.off = qf_model_graphs_off();
+    m->run_params = dp;
+    m->params_bf16 = db;
+    return QF_OK;
 }
 
 qf_status qf_modality_qformer_forward(qf_modality_qformer *m, const qf_modality_qformer_args *a,
@@ -384,11 +611,13 @@ qf_status qf_modality_qformer_forward(qf_modality_qformer *m, const qf_modality_
         return qf_fail(QF_ERR_ARG, "%s: B*frames*tokens_per_frame*input_dim = %lld*%lld*%lld*%lld is too large", fn,
                        (long long)B, (long long)T, (long long)K, (long long)D);
     m->have_fwd = 0;
+    if (m->on_device) return mq_forward_device(m, a, frames, out);
     QF_TRY(qf_model_grow(NULL, &m->fwd, &m->fwd_cap, mq_plan_forward(m, NULL, B, S), fn));
     mq_plan_forward(m, m->fwd, B, S);
     m->B = B;
     m->T = T;
     m->K = K;
+    mq_fill_ids(m->ids, B, S, K);
     const float *pos = pdata(&m->p, MQ_POS);
 #pragma omp parallel for collapse(2) num_threads(qf_threads()) if (B * S * D > 65536)
     for (int64_t b = 0; b < B; b++)
@@ -418,35 +647,57 @@ qf_status qf_modality_qformer_forward(qf_modality_qformer *m, const qf_modality_
     return QF_OK;
 }
 
+/* ---- backward ----
+ * One code path for both backends (as prefusion.c): every op goes through m->be, the parameter
+ * gradients into mq_g (p.grads, or dgrads on the GPU). On the GPU grad_out is staged into bwd
+ * first and grad_frames is copied out of it (host or device pointer); the call returns after the
+ * GPU has finished. */
+static qf_status mq_backward_body(qf_modality_qformer *m, const float *grad_out, float *grad_frames) {
+    const char *fn = "qf_modality_qformer_backward";
+    const qf_backend *be = m->be;
+    const int64_t B = m->B, S = m->T * m->K, D = m->cfg.input_dim;
+    const int64_t nq = m->cfg.num_query_token, H = m->H, L = m->cfg.llm_hidden_size;
+    const float *gout = grad_out;
+    if (m->on_device) {
+        const size_t n = (size_t)(B * nq * L) * sizeof(float);
+        QF_TRY(be->copy2d(m->g_out, n, grad_out, n, n, 1));
+        gout = m->g_out;
+    }
+    QF_TRY(be->linear_backward(m->g_qout, mq_g(m, MQ_PW), mq_g(m, MQ_PB), gout, m->qout, mq_w(m, MQ_PW), B * nq, H,
+                               L));
+    qf_status s = qf_qformer_backward(m->qf, m->g_qout, m->g_query, m->g_enc, NULL, NULL);
+    if (s != QF_OK) return qf_fail_prefix(s, "%s", fn);
+    /* the query tokens are one parameter broadcast over the batch (a period of nq rows); position
+     * row t is shared by every item and by the K tokens of frame t (ids[i] = t) */
+    QF_TRY(be->embedding_backward(NULL, mq_g(m, MQ_QTOK), m->g_query, NULL, -1, B * nq, nq, H));
+    QF_TRY(be->embedding_backward(mq_g(m, MQ_POS), NULL, m->g_enc, m->ids, -1, B * S, B * S, D));
+    /* frames enter X by identity */
+    if (grad_frames) {
+        const size_t n = (size_t)(B * S * D) * sizeof(float);
+        QF_TRY(be->copy2d(grad_frames, n, m->g_enc, n, n, 1));
+    }
+    return QF_OK;
+}
+
 qf_status qf_modality_qformer_backward(qf_modality_qformer *m, const float *grad_out, float *grad_frames) {
     const char *fn = "qf_modality_qformer_backward";
     if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
     if (!grad_out) return qf_fail(QF_ERR_ARG, "%s: grad_out is NULL", fn);
+    if (m->params_bf16)
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: this model runs with bf16 weights on %s: backward is float32 only "
+                                           "(qf_modality_qformer_to_device(m, \"%s\", QF_F32) first)", fn, m->be->name,
+                       m->be->name);
     if (!m->have_fwd) return qf_fail(QF_ERR_ARG, "%s: no successful qf_modality_qformer_forward to differentiate", fn);
-    const int64_t B = m->B, T = m->T, K = m->K, S = T * K, D = m->cfg.input_dim;
-    const int64_t nq = m->cfg.num_query_token, H = m->H;
-    QF_TRY(qf_model_grow(NULL, &m->bwd, &m->bwd_cap, mq_plan_backward(m, NULL), fn));
+    QF_TRY(qf_model_grow(m->be, &m->bwd, &m->bwd_cap, mq_plan_backward(m, NULL), fn));
     mq_plan_backward(m, m->bwd);
-    QF_TRY(qf_linear_backward(m->g_qout, pgrad(&m->p, MQ_PW), pgrad(&m->p, MQ_PB), grad_out, m->qout,
-                              pdata(&m->p, MQ_PW), B * nq, H, m->cfg.llm_hidden_size));
-    qf_status s = qf_qformer_backward(m->qf, m->g_qout, m->g_query, m->g_enc, NULL, NULL);
-    if (s != QF_OK) return qf_fail_prefix(s, "%s", fn);
-    /* the query tokens are one parameter broadcast over the batch: its gradient sums over B */
-    float *gq = pgrad(&m->p, MQ_QTOK);
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t j = 0; j < nq * H; j++) gq[j] += m->g_query[b * nq * H + j];
-    /* position row t is shared by every item and by the K tokens of frame t */
-    float *gpos = pgrad(&m->p, MQ_POS);
-#pragma omp parallel for num_threads(qf_threads()) if (S * D * B > 65536)
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t k = 0; k < K; k++) {
-                const float *g = m->g_enc + (b * S + t * K + k) * D;
-                for (int64_t c = 0; c < D; c++) gpos[t * D + c] += g[c];
-            }
-    /* frames enter X by identity */
-    if (grad_frames) memcpy(grad_frames, m->g_enc, (size_t)(B * S * D) * sizeof(float));
-    return QF_OK;
+    QF_TRY(mq_device_grads(m, fn));
+    qf_status s = mq_backward_body(m, grad_out, grad_frames);
+    if (m->on_device) {
+        m->grads_on_device = 1; /* dgrads may have changed, even after a failure; downloaded when shown */
+        qf_status s2 = m->be->synchronize(); /* nothing may still run on bwd or the caller's buffers */
+        if (s == QF_OK) s = s2;
+    }
+    return s;
 }
 
 int qf_modality_qformer_num_params(const qf_modality_qformer *m) { return m ? m->p.np + m->nq_params : 0; }
@@ -462,13 +713,19 @@ qf_status qf_modality_qformer_param(qf_modality_qformer *m, int i, qf_param *out
         out->name = m->q_names[i - m->p.np];
         return QF_OK;
     }
+    QF_TRY(mq_sync_grads(m));
     return param_view(&m->p, i, out);
 }
 
 void qf_modality_qformer_zero_grad(qf_modality_qformer *m) {
     if (!m) return;
-    memset(m->p.grads, 0, m->p.total * sizeof(float));
     qf_qformer_zero_grad(m->qf);
+    /* on the GPU: queued ahead of the next backward, the host copy refreshed when next shown */
+    if (m->dgrads && m->be->zero(m->dgrads, m->p.total * sizeof(float)) == QF_OK) {
+        m->grads_on_device = 1;
+        return;
+    }
+    memset(m->p.grads, 0, m->p.total * sizeof(float));
 }
 
 /* ======================================================================================== */
