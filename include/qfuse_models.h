@@ -374,6 +374,11 @@ qf_status qf_attn_fusion_weights(const qf_attn_fusion *m, float *weights);
 int qf_attn_fusion_num_params(const qf_attn_fusion *m);
 qf_status qf_attn_fusion_param(qf_attn_fusion *m, int i, qf_param *out);   /* checkpoint names */
 void qf_attn_fusion_zero_grad(qf_attn_fusion *m);
+/* Places the attention fusion on "cpu" or "cuda", weights QF_F32 or QF_BF16 (cuda), as
+ * qf_prefusion_to_device does: audio/face/out may be host or GPU pointers (masks: host), the
+ * forward after its input copies is one graph per shape, backward runs there with float32
+ * weights (bf16: refused). */
+qf_status qf_attn_fusion_to_device(qf_attn_fusion *m, const char *device, qf_dtype weights);
 
 /* ---- BLIP-2 / InstructBLIP with their language model (section added by helper "vlm";
  * src/models/blip2_lm.c) ------------------------------------------------------------------------

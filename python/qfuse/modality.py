@@ -70,6 +70,7 @@ _native.declare({
     "qf_attn_fusion_num_params": (c_int, [c_void_p]),
     "qf_attn_fusion_param": (c_int, [c_void_p, c_int, P(_native.qf_param)]),
     "qf_attn_fusion_zero_grad": (None, [c_void_p]),
+    "qf_attn_fusion_to_device": (c_int, [c_void_p, c_char_p, c_int]),
 })
 
 
@@ -194,11 +195,20 @@ class AttentionFusion:
         self._state = None
 
     @classmethod
-    def load(cls, folder):
-        """Loads FOLDER/config.json (model_type "affectgpt_attention_fusion") and its weights."""
+    def load(cls, folder, device="cpu", dtype="float32"):
+        """Loads FOLDER/config.json (model_type "affectgpt_attention_fusion") and its weights,
+        then places it (see to())."""
         h = c_void_p()
         check(lib.qf_attn_fusion_load(os.fsencode(os.fspath(folder)), ctypes.byref(h)))
-        return cls(h.value, os.fspath(folder))
+        return _placed(cls(h.value, os.fspath(folder)), device, dtype)
+
+    def to(self, device="cpu", dtype="float32"):
+        """The whole fusion on device "cpu" or "cuda" (dtype "bfloat16": bf16 GEMM weights, cuda
+        only); backward runs where the model is (float32 weights only). Returns self."""
+        _check_placement("AttentionFusion.to", device, dtype)
+        check(lib.qf_attn_fusion_to_device(self._handle("to"), device.encode(), _DTYPES[dtype]))
+        self._state = None
+        return self
 
     def close(self):
         h, self._h = getattr(self, "_h", None), None

@@ -114,7 +114,6 @@ static qf_status param_view(mq_params *p, int i, qf_param *out) {
 }
 
 static float *pdata(mq_params *p, int i) { return p->params + p->t[i].off; }
-static float *pgrad(mq_params *p, int i) { return p->grads + p->t[i].off; }
 
 static qf_status cfg_int(const qf_config *cfg, const char *fn, const char *path, const char *key, int64_t lo,
                          int64_t hi, int has_def, int64_t def, int64_t *out) {
@@ -736,22 +735,38 @@ enum { AF_VW, AF_VB, AF_AW, AF_AB, AF_MW, AF_MB, AF_FW, AF_FB, AF_LW, AF_LB, AF_
 struct qf_attn_fusion {
     qf_attn_fusion_config cfg;
     mq_params p;
-    float *fwd;
+    float *fwd;                     /* planned forward block on be (device memory on the GPU)  */
     size_t fwd_cap;
+    const float *audio_x, *face_x;  /* the inputs read: the caller's (CPU) or staged copies     */
+    float *audio_in, *face_in;      /* GPU only: staged inputs [B*ta,Da], [B*tf,Dv]            */
+    float *wts_a, *wts_f;           /* [B*ta], [B*tf]: 1 / real count for a real frame, else 0  */
     float *vbar, *abar;             /* [B,Dv], [B,Da] time means */
-    float *inv_f, *inv_a;           /* [B] 1 / real frame counts */
-    uint8_t *fmask, *amask;         /* [B,tf], [B,ta] 1 = real (always filled) */
-    float *cat;                     /* [B,2M] = [v ; a] */
-    float *v, *a;                   /* [B,M] each (contiguous copies for the linears) */
+    float *cat;                     /* [B,2M] = [v ; a] (row b: v_b then a_b, a [2,M] matrix)  */
     float *hid;                     /* [B,M] attention_mlp output */
     float *w;                       /* [B,2] modality weights (fc_att output) */
     float *fused;                   /* [B,M] */
     float *o;                       /* [B,llm] */
-    float *bwd;
+    float *out_buf;                 /* GPU only: [B*nq, llm] */
+    int64_t *dscreen;               /* GPU only: [2] first non-finite index of audio_in, face_in */
+    float *bwd;                     /* planned backward block on be */
     size_t bwd_cap;
+    float *g_out, *g_in;            /* GPU only: grad_out staged, an input gradient made there  */
     float *g_o, *g_fused, *g_w, *g_hid, *g_cat, *g_v, *g_a, *g_vbar, *g_abar;
+    float *hwts;                    /* host [B*(ta+tf)]: the weights built before an upload     */
+    size_t hwts_cap;
     int64_t B, ta, tf;
     int have_fwd;
+
+    /* placement (qf_attn_fusion_to_device), as prefusion.c: be holds run_params (p.params on
+     * the CPU, a device copy on the GPU), params_bf16 and the captured graph; dgrads is the
+     * device gradient block, grads_on_device = 1 while newer than p.grads. */
+    const qf_backend *be;
+    int on_device;
+    float *run_params;
+    uint16_t *params_bf16;
+    qf_model_graph graph;
+    float *dgrads;
+    int grads_on_device;
 };
 
 static qf_status af_load_into(qf_attn_fusion *m, const char *folder) {
@@ -802,6 +817,10 @@ static qf_status af_load_into(qf_attn_fusion *m, const char *folder) {
                  (long long)c->audio_dim, (long long)c->video_dim, (long long)M);
         s = read_params(p, st, fn, what);
     }
+    if (s == QF_OK) {
+        m->be = qf_backend_cpu();
+        m->run_params = m->p.params;
+    }
     qf_st_close(st);
     qf_config_free(cfg);
     return s;
@@ -822,12 +841,14 @@ qf_status qf_attn_fusion_load(const char *folder, qf_attn_fusion **out) {
     return QF_OK;
 }
 
+static void af_release_device(qf_attn_fusion *m);
+
 void qf_attn_fusion_free(qf_attn_fusion *m) {
     if (!m) return;
+    if (m->be) af_release_device(m);
     free(m->p.params);
     free(m->p.grads);
-    free(m->fwd);
-    free(m->bwd);
+    free(m->hwts);
     free(m);
 }
 
@@ -838,18 +859,25 @@ qf_status qf_attn_fusion_get_config(const qf_attn_fusion *m, qf_attn_fusion_conf
     return QF_OK;
 }
 
+static const float *af_w(const qf_attn_fusion *m, int i) { return m->run_params + m->p.t[i].off; }
+static float *af_g(const qf_attn_fusion *m, int i) { return (m->on_device ? m->dgrads : m->p.grads) + m->p.t[i].off; }
+
 static size_t af_plan_forward(qf_attn_fusion *m, float *base, int64_t B, int64_t ta, int64_t tf) {
     const size_t M = (size_t)m->cfg.max_hidden_size, b = (size_t)B;
     size_t off = 0;
+    m->audio_in = m->face_in = m->out_buf = NULL;
+    m->dscreen = NULL;
+    if (m->on_device) {
+        m->audio_in = carve(base, &off, b * (size_t)(ta * m->cfg.audio_dim));
+        m->face_in = carve(base, &off, b * (size_t)(tf * m->cfg.video_dim));
+        m->out_buf = carve(base, &off, b * (size_t)(m->cfg.num_multi_query_token * m->cfg.llm_hidden_size));
+        m->dscreen = (int64_t *)carve(base, &off, 4);
+    }
+    m->wts_a = carve(base, &off, b * (size_t)ta);
+    m->wts_f = carve(base, &off, b * (size_t)tf);
     m->vbar = carve(base, &off, b * (size_t)m->cfg.video_dim);
     m->abar = carve(base, &off, b * (size_t)m->cfg.audio_dim);
-    m->inv_f = carve(base, &off, b);
-    m->inv_a = carve(base, &off, b);
-    m->fmask = (uint8_t *)carve(base, &off, (b * (size_t)tf + 3) / 4);
-    m->amask = (uint8_t *)carve(base, &off, (b * (size_t)ta + 3) / 4);
     m->cat = carve(base, &off, b * 2 * M);
-    m->v = carve(base, &off, b * M);
-    m->a = carve(base, &off, b * M);
     m->hid = carve(base, &off, b * M);
     m->w = carve(base, &off, b * 2);
     m->fused = carve(base, &off, b * M);
@@ -858,9 +886,15 @@ static size_t af_plan_forward(qf_attn_fusion *m, float *base, int64_t B, int64_t
 }
 
 static size_t af_plan_backward(qf_attn_fusion *m, float *base) {
-    const size_t M = (size_t)m->cfg.max_hidden_size, b = (size_t)m->B;
+    const size_t M = (size_t)m->cfg.max_hidden_size, b = (size_t)m->B, L = (size_t)m->cfg.llm_hidden_size;
     size_t off = 0;
-    m->g_o = carve(base, &off, b * (size_t)m->cfg.llm_hidden_size);
+    m->g_out = m->g_in = NULL;
+    if (m->on_device) {
+        const size_t na = (size_t)(m->ta * m->cfg.audio_dim), nf = (size_t)(m->tf * m->cfg.video_dim);
+        m->g_out = carve(base, &off, b * (size_t)m->cfg.num_multi_query_token * L);
+        m->g_in = carve(base, &off, b * (na > nf ? na : nf));
+    }
+    m->g_o = carve(base, &off, b * L);
     m->g_fused = carve(base, &off, b * M);
     m->g_w = carve(base, &off, b * 2);
     m->g_hid = carve(base, &off, b * M);
@@ -872,28 +906,69 @@ static size_t af_plan_backward(qf_attn_fusion *m, float *base) {
     return off;
 }
 
-/* Masked time mean x [B,t,D] -> mean [B,D]; inv[b] = 1 / real count. */
-static qf_status time_mean(const char *fn, const char *what, const float *x, const uint8_t *mask_in, uint8_t *mask,
-                           int64_t B, int64_t t, int64_t D, float *mean, float *inv) {
+/* The time-mean weights of one modality (host): wts[b*t + i] = 1 / (real frames of item b) for a
+ * real frame, 0 for a padded one; an item with none is an error. */
+static qf_status mean_weights(const char *fn, const char *what, const uint8_t *mask, int64_t B, int64_t t,
+                              float *wts) {
     for (int64_t b = 0; b < B; b++) {
         int64_t n = 0;
-        for (int64_t i = 0; i < t; i++) {
-            mask[b * t + i] = mask_in ? (mask_in[b * t + i] != 0) : 1;
-            n += mask[b * t + i];
-        }
+        for (int64_t i = 0; i < t; i++) n += mask ? (mask[b * t + i] != 0) : 1;
         if (!n)
             return qf_fail(QF_ERR_ARG, "%s: %s_mask: batch item %lld has no real %s frame (the time mean is undefined)",
                            fn, what, (long long)b, what);
-        inv[b] = 1.0f / (float)n;
-        float *mb = mean + b * D;
-        memset(mb, 0, (size_t)D * sizeof(float));
-        for (int64_t i = 0; i < t; i++) {
-            if (!mask[b * t + i]) continue;
-            const float *xi = x + (b * t + i) * D;
-            for (int64_t c = 0; c < D; c++) mb[c] += xi[c];
-        }
-        for (int64_t c = 0; c < D; c++) mb[c] *= inv[b];
+        const float inv = 1.0f / (float)n;
+        for (int64_t i = 0; i < t; i++) wts[b * t + i] = !mask || mask[b * t + i] ? inv : 0.0f;
     }
+    return QF_OK;
+}
+
+/* out [rows, Cout] (row stride ldo) = in . w^T + b on m's backend (w's bf16 copy when placed so) */
+static qf_status af_linear(const qf_attn_fusion *m, float *out, int64_t ldo, const float *in, int wi, int bi,
+                           int64_t rows, int64_t Cin, int64_t Cout) {
+    const float *w = af_w(m, wi);
+    qf_gemm_nt_args g = {.x = in, .ldx = Cin, .w = w, .bias = af_w(m, bi), .out = out, .ldo = ldo, .M = rows,
+                         .N = Cout, .K = Cin,
+                         .w_bf16 = m->params_bf16 ? m->params_bf16 + (w - m->run_params) : NULL};
+    return m->be->gemm_nt(&g);
+}
+
+/* out [M, N] (row stride ldo) (+)= x [M, K] (row stride ldx) . w [N, K]^T: float32 activations */
+static qf_status af_gemm(const qf_backend *be, float *out, int64_t ldo, const float *x, int64_t ldx, const float *w,
+                         int64_t M, int64_t N, int64_t K, int accumulate) {
+    qf_gemm_nt_args g = {.x = x, .ldx = ldx, .w = w, .out = out, .ldo = ldo, .M = M, .N = N, .K = K,
+                         .accumulate = accumulate};
+    return be->gemm_nt(&g);
+}
+
+/* The forward after the inputs and the mean weights are in place, as backend calls only (one
+ * code for the CPU and, captured as a graph, the GPU). The per-item products are GEMMs with one
+ * side a column: mean_b = wts_bᵀ x_b and fused_b = w_bᵀ [v_b ; a_b] as linear_backward's weight
+ * gradient (d_W += d_outᵀ in) into zeroed rows. */
+static qf_status af_body(void *ctx) {
+    qf_attn_fusion *m = ctx;
+    const qf_backend *be = m->be;
+    const int64_t B = m->B, ta = m->ta, tf = m->tf, M = m->cfg.max_hidden_size, L = m->cfg.llm_hidden_size;
+    const int64_t Da = m->cfg.audio_dim, Dv = m->cfg.video_dim, nq = m->cfg.num_multi_query_token;
+    QF_TRY(be->zero(m->vbar, (size_t)(B * Dv) * sizeof(float)));
+    QF_TRY(be->zero(m->abar, (size_t)(B * Da) * sizeof(float)));
+    QF_TRY(be->zero(m->fused, (size_t)(B * M) * sizeof(float)));
+    for (int64_t b = 0; b < B; b++) {
+        QF_TRY(be->linear_backward(NULL, m->vbar + b * Dv, NULL, m->wts_f + b * tf, m->face_x + b * tf * Dv, NULL, tf,
+                                   Dv, 1));
+        QF_TRY(be->linear_backward(NULL, m->abar + b * Da, NULL, m->wts_a + b * ta, m->audio_x + b * ta * Da, NULL, ta,
+                                   Da, 1));
+    }
+    QF_TRY(af_linear(m, m->cat, 2 * M, m->vbar, AF_VW, AF_VB, B, Dv, M));
+    QF_TRY(af_linear(m, m->cat + M, 2 * M, m->abar, AF_AW, AF_AB, B, Da, M));
+    QF_TRY(af_linear(m, m->hid, M, m->cat, AF_MW, AF_MB, B, 2 * M, M));
+    QF_TRY(af_linear(m, m->w, 2, m->hid, AF_FW, AF_FB, B, M, 2));
+    for (int64_t b = 0; b < B; b++)
+        QF_TRY(be->linear_backward(NULL, m->fused + b * M, NULL, m->w + 2 * b, m->cat + b * 2 * M, NULL, 2, M, 1));
+    QF_TRY(af_linear(m, m->o, L, m->fused, AF_LW, AF_LB, B, M, L));
+    if (m->out_buf) /* the nq equal rows of every item */
+        for (int64_t j = 0; j < nq; j++)
+            QF_TRY(be->copy2d(m->out_buf + j * L, (size_t)(nq * L) * sizeof(float), m->o, (size_t)L * sizeof(float),
+                              (size_t)L * sizeof(float), (size_t)B));
     return QF_OK;
 }
 
@@ -910,31 +985,115 @@ qf_status qf_attn_fusion_forward(qf_attn_fusion *m, const qf_prefusion_args *a, 
                        "modalities (each 1 .. 2^24 frames)", fn, (long long)ta, (long long)tf);
     if (!audio || !face) return qf_fail(QF_ERR_ARG, "%s: audio and face are both required", fn);
     m->have_fwd = 0;
-    const int64_t M = m->cfg.max_hidden_size, L = m->cfg.llm_hidden_size, nq = m->cfg.num_multi_query_token;
-    QF_TRY(qf_model_grow(NULL, &m->fwd, &m->fwd_cap, af_plan_forward(m, NULL, B, ta, tf), fn));
+    const qf_backend *be = m->be;
+    const int64_t L = m->cfg.llm_hidden_size, nq = m->cfg.num_multi_query_token;
+    const int64_t Da = m->cfg.audio_dim, Dv = m->cfg.video_dim;
+    /* the mean weights first (host): a maskless item check needs no planned block */
+    const size_t nw = (size_t)(B * (ta + tf));
+    if (nw > m->hwts_cap) {
+        float *p = malloc(nw * sizeof(float));
+        if (!p) return qf_fail(QF_ERR_NOMEM, "%s: cannot allocate the time-mean weights", fn);
+        free(m->hwts);
+        m->hwts = p;
+        m->hwts_cap = nw;
+    }
+    QF_TRY(mean_weights(fn, "face", a->face_mask, B, tf, m->hwts));
+    QF_TRY(mean_weights(fn, "audio", a->audio_mask, B, ta, m->hwts + B * tf));
+    const size_t need = af_plan_forward(m, NULL, B, ta, tf);
+    if (need > m->fwd_cap) qf_model_graph_drop(be, &m->graph);
+    QF_TRY(qf_model_grow(be, &m->fwd, &m->fwd_cap, need, fn));
     af_plan_forward(m, m->fwd, B, ta, tf);
-    QF_TRY(time_mean(fn, "face", face, a->face_mask, m->fmask, B, tf, m->cfg.video_dim, m->vbar, m->inv_f));
-    QF_TRY(time_mean(fn, "audio", audio, a->audio_mask, m->amask, B, ta, m->cfg.audio_dim, m->abar, m->inv_a));
-    mq_params *p = &m->p;
-    QF_TRY(qf_linear_forward(m->v, m->vbar, pdata(p, AF_VW), pdata(p, AF_VB), B, m->cfg.video_dim, M));
-    QF_TRY(qf_linear_forward(m->a, m->abar, pdata(p, AF_AW), pdata(p, AF_AB), B, m->cfg.audio_dim, M));
-    for (int64_t b = 0; b < B; b++) {
-        memcpy(m->cat + b * 2 * M, m->v + b * M, (size_t)M * sizeof(float));
-        memcpy(m->cat + b * 2 * M + M, m->a + b * M, (size_t)M * sizeof(float));
-    }
-    QF_TRY(qf_linear_forward(m->hid, m->cat, pdata(p, AF_MW), pdata(p, AF_MB), B, 2 * M, M));
-    QF_TRY(qf_linear_forward(m->w, m->hid, pdata(p, AF_FW), pdata(p, AF_FB), B, M, 2));
-    for (int64_t b = 0; b < B; b++) {
-        const float w0 = m->w[2 * b], w1 = m->w[2 * b + 1];
-        for (int64_t c = 0; c < M; c++) m->fused[b * M + c] = w0 * m->v[b * M + c] + w1 * m->a[b * M + c];
-    }
-    QF_TRY(qf_linear_forward(m->o, m->fused, pdata(p, AF_LW), pdata(p, AF_LB), B, M, L));
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t j = 0; j < nq; j++) memcpy(out + (b * nq + j) * L, m->o + b * L, (size_t)L * sizeof(float));
     m->B = B;
     m->ta = ta;
     m->tf = tf;
+    QF_TRY(be->copy2d(m->wts_f, (size_t)(B * tf) * sizeof(float), m->hwts, (size_t)(B * tf) * sizeof(float),
+                      (size_t)(B * tf) * sizeof(float), 1));
+    QF_TRY(be->copy2d(m->wts_a, (size_t)(B * ta) * sizeof(float), m->hwts + B * tf, (size_t)(B * ta) * sizeof(float),
+                      (size_t)(B * ta) * sizeof(float), 1));
+    if (!m->on_device) {
+        m->audio_x = audio;
+        m->face_x = face;
+        QF_TRY(af_body(m));
+        for (int64_t j = 0; j < nq; j++) /* the nq equal rows of every item */
+            QF_TRY(be->copy2d(out + j * L, (size_t)(nq * L) * sizeof(float), m->o, (size_t)L * sizeof(float),
+                              (size_t)L * sizeof(float), (size_t)B));
+        m->have_fwd = 1;
+        return QF_OK;
+    }
+    /* GPU: the inputs staged and screened, the rest one graph per shape */
+    int64_t screen[2] = {INT64_MAX, INT64_MAX};
+    QF_TRY(be->copy2d(m->dscreen, sizeof screen, screen, sizeof screen, sizeof screen, 1));
+    const size_t na = (size_t)(B * ta * Da) * sizeof(float), nf = (size_t)(B * tf * Dv) * sizeof(float);
+    QF_TRY(be->copy2d(m->audio_in, na, audio, na, na, 1));
+    QF_TRY(be->screen_nonfinite(m->audio_in, B * ta * Da, m->dscreen));
+    QF_TRY(be->copy2d(m->face_in, nf, face, nf, nf, 1));
+    QF_TRY(be->screen_nonfinite(m->face_in, B * tf * Dv, m->dscreen + 1));
+    m->audio_x = m->audio_in;
+    m->face_x = m->face_in;
+    const int64_t key[4] = {B, ta, tf, (int64_t)(intptr_t)m->fwd};
+    QF_TRY(qf_model_graph_run(be, &m->graph, key, 4, af_body, m));
+    const size_t no = (size_t)(B * nq * L) * sizeof(float);
+    QF_TRY(be->copy2d(out, no, m->out_buf, no, no, 1));
+    QF_TRY(be->synchronize());
+    QF_TRY(be->copy2d(screen, sizeof screen, m->dscreen, sizeof screen, sizeof screen, 1));
+    for (int i = 0; i < 2; i++) {
+        if (screen[i] == INT64_MAX) continue;
+        float v = NAN;
+        (void)be->copy2d(&v, sizeof v, (i ? m->face_in : m->audio_in) + screen[i], sizeof v, sizeof v, 1);
+        return qf_fail(QF_ERR_NONFINITE, "%s: %s[%lld] = %g is not finite", fn, i ? "face" : "audio",
+                       (long long)screen[i], (double)v);
+    }
     m->have_fwd = 1;
+    return QF_OK;
+}
+
+/* ---- backward: one code path over m->be (gradients into af_g: p.grads, or dgrads on the GPU;
+ * on the GPU grad_out is staged into bwd and each input gradient is made in g_in and copied out) */
+static qf_status af_backward_body(qf_attn_fusion *m, const float *grad_out, float *grad_audio, float *grad_face) {
+    const qf_backend *be = m->be;
+    const int64_t B = m->B, M = m->cfg.max_hidden_size, L = m->cfg.llm_hidden_size, nq = m->cfg.num_multi_query_token;
+    const float *gout = grad_out;
+    if (m->on_device) {
+        const size_t n = (size_t)(B * nq * L) * sizeof(float);
+        QF_TRY(be->copy2d(m->g_out, n, grad_out, n, n, 1));
+        gout = m->g_out;
+    }
+    /* the nq output rows are copies of one row: their gradients sum (column sums per item) */
+    QF_TRY(be->zero(m->g_o, (size_t)(B * L) * sizeof(float)));
+    for (int64_t b = 0; b < B; b++)
+        QF_TRY(be->linear_backward(NULL, NULL, m->g_o + b * L, gout + b * nq * L, NULL, NULL, nq, 1, L));
+    QF_TRY(be->linear_backward(m->g_fused, af_g(m, AF_LW), af_g(m, AF_LB), m->g_o, m->fused, af_w(m, AF_LW), B, M, L));
+    /* g_w[b, j] = g_fused_b . [v_b ; a_b]_j */
+    for (int64_t b = 0; b < B; b++)
+        QF_TRY(af_gemm(be, m->g_w + 2 * b, 2, m->g_fused + b * M, M, m->cat + b * 2 * M, 1, 2, M, 0));
+    QF_TRY(be->linear_backward(m->g_hid, af_g(m, AF_FW), af_g(m, AF_FB), m->g_w, m->hid, af_w(m, AF_FW), B, M, 2));
+    QF_TRY(be->linear_backward(m->g_cat, af_g(m, AF_MW), af_g(m, AF_MB), m->g_hid, m->cat, af_w(m, AF_MW), B, 2 * M,
+                               M));
+    /* v and a reach the output twice: through the weights' MLP and through the weighted sum:
+     * [g_v ; g_a]_b += w_b (a [2,1] column) . g_fused_b */
+    for (int64_t b = 0; b < B; b++)
+        QF_TRY(af_gemm(be, m->g_cat + b * 2 * M, M, m->w + 2 * b, 1, m->g_fused + b * M, 2, M, 1, 1));
+    const size_t row = (size_t)M * sizeof(float);
+    QF_TRY(be->copy2d(m->g_v, row, m->g_cat, 2 * row, row, (size_t)B));
+    QF_TRY(be->copy2d(m->g_a, row, m->g_cat + M, 2 * row, row, (size_t)B));
+    QF_TRY(be->linear_backward(m->g_vbar, af_g(m, AF_VW), af_g(m, AF_VB), m->g_v, m->vbar, af_w(m, AF_VW), B,
+                               m->cfg.video_dim, M));
+    QF_TRY(be->linear_backward(m->g_abar, af_g(m, AF_AW), af_g(m, AF_AB), m->g_a, m->abar, af_w(m, AF_AW), B,
+                               m->cfg.audio_dim, M));
+    /* the time mean: frame i of item b gets wts[b,i] g_mean_b (0 for a padded frame) */
+    for (int mod = 0; mod < 2; mod++) {
+        float *gin = mod ? grad_audio : grad_face;
+        if (!gin) continue;
+        const int64_t t = mod ? m->ta : m->tf, D = mod ? m->cfg.audio_dim : m->cfg.video_dim;
+        const float *gm = mod ? m->g_abar : m->g_vbar, *wts = mod ? m->wts_a : m->wts_f;
+        float *din = m->on_device ? m->g_in : gin;
+        for (int64_t b = 0; b < B; b++)
+            QF_TRY(af_gemm(be, din + b * t * D, D, wts + b * t, 1, gm + b * D, t, D, 1, 0));
+        if (din != gin) {
+            const size_t n = (size_t)(B * t * D) * sizeof(float);
+            QF_TRY(be->copy2d(gin, n, din, n, n, 1));
+        }
+    }
     return QF_OK;
 }
 
@@ -942,65 +1101,75 @@ qf_status qf_attn_fusion_backward(qf_attn_fusion *m, const float *grad_out, floa
     const char *fn = "qf_attn_fusion_backward";
     if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
     if (!grad_out) return qf_fail(QF_ERR_ARG, "%s: grad_out is NULL", fn);
+    if (m->params_bf16)
+        return qf_fail(QF_ERR_UNSUPPORTED, "%s: this model runs with bf16 weights on %s: backward is float32 only "
+                                           "(qf_attn_fusion_to_device(m, \"%s\", QF_F32) first)", fn, m->be->name,
+                       m->be->name);
     if (!m->have_fwd) return qf_fail(QF_ERR_ARG, "%s: no successful qf_attn_fusion_forward to differentiate", fn);
-    const int64_t B = m->B, M = m->cfg.max_hidden_size, L = m->cfg.llm_hidden_size, nq = m->cfg.num_multi_query_token;
-    QF_TRY(qf_model_grow(NULL, &m->bwd, &m->bwd_cap, af_plan_backward(m, NULL), fn));
+    QF_TRY(qf_model_grow(m->be, &m->bwd, &m->bwd_cap, af_plan_backward(m, NULL), fn));
     af_plan_backward(m, m->bwd);
-    mq_params *p = &m->p;
-    /* the nq output rows are copies of one row: their gradients sum */
-    for (int64_t b = 0; b < B; b++) {
-        float *g = m->g_o + b * L;
-        memset(g, 0, (size_t)L * sizeof(float));
-        for (int64_t j = 0; j < nq; j++)
-            for (int64_t c = 0; c < L; c++) g[c] += grad_out[(b * nq + j) * L + c];
+    QF_TRY(qf_model_device_grads(m->be, m->on_device, &m->dgrads, m->p.grads, m->p.total, &m->grads_on_device, fn));
+    qf_status s = af_backward_body(m, grad_out, grad_audio, grad_face);
+    if (m->on_device) {
+        m->grads_on_device = 1; /* dgrads may have changed, even after a failure; downloaded when shown */
+        qf_status s2 = m->be->synchronize(); /* nothing may still run on bwd or the caller's buffers */
+        if (s == QF_OK) s = s2;
     }
-    QF_TRY(qf_linear_backward(m->g_fused, pgrad(p, AF_LW), pgrad(p, AF_LB), m->g_o, m->fused, pdata(p, AF_LW), B, M, L));
-    for (int64_t b = 0; b < B; b++) {
-        double s0 = 0, s1 = 0;
-        for (int64_t c = 0; c < M; c++) {
-            s0 += (double)m->g_fused[b * M + c] * m->v[b * M + c];
-            s1 += (double)m->g_fused[b * M + c] * m->a[b * M + c];
-        }
-        m->g_w[2 * b] = (float)s0;
-        m->g_w[2 * b + 1] = (float)s1;
-    }
-    QF_TRY(qf_linear_backward(m->g_hid, pgrad(p, AF_FW), pgrad(p, AF_FB), m->g_w, m->hid, pdata(p, AF_FW), B, M, 2));
-    QF_TRY(qf_linear_backward(m->g_cat, pgrad(p, AF_MW), pgrad(p, AF_MB), m->g_hid, m->cat, pdata(p, AF_MW), B,
-                              2 * M, M));
-    /* v and a reach the output twice: through the weights' MLP and through the weighted sum */
-    for (int64_t b = 0; b < B; b++) {
-        const float w0 = m->w[2 * b], w1 = m->w[2 * b + 1];
-        for (int64_t c = 0; c < M; c++) {
-            m->g_v[b * M + c] = m->g_cat[b * 2 * M + c] + w0 * m->g_fused[b * M + c];
-            m->g_a[b * M + c] = m->g_cat[b * 2 * M + M + c] + w1 * m->g_fused[b * M + c];
-        }
-    }
-    QF_TRY(qf_linear_backward(m->g_vbar, pgrad(p, AF_VW), pgrad(p, AF_VB), m->g_v, m->vbar, pdata(p, AF_VW), B,
-                              m->cfg.video_dim, M));
-    QF_TRY(qf_linear_backward(m->g_abar, pgrad(p, AF_AW), pgrad(p, AF_AB), m->g_a, m->abar, pdata(p, AF_AW), B,
-                              m->cfg.audio_dim, M));
-    /* the time mean: each real frame gets g_mean / count, a padded one 0 */
-    for (int mod = 0; mod < 2; mod++) {
-        float *gin = mod ? grad_audio : grad_face;
-        if (!gin) continue;
-        const int64_t t = mod ? m->ta : m->tf, D = mod ? m->cfg.audio_dim : m->cfg.video_dim;
-        const uint8_t *mask = mod ? m->amask : m->fmask;
-        const float *gm = mod ? m->g_abar : m->g_vbar, *inv = mod ? m->inv_a : m->inv_f;
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t i = 0; i < t; i++) {
-                float *g = gin + (b * t + i) * D;
-                const float sc = mask[b * t + i] ? inv[b] : 0.0f;
-                for (int64_t c = 0; c < D; c++) g[c] = sc * gm[b * D + c];
-            }
-    }
-    return QF_OK;
+    return s;
 }
 
 qf_status qf_attn_fusion_weights(const qf_attn_fusion *m, float *weights) {
     if (!m) return qf_fail(QF_ERR_ARG, "qf_attn_fusion_weights: m is NULL");
     if (!weights) return qf_fail(QF_ERR_ARG, "qf_attn_fusion_weights: weights is NULL");
     if (!m->have_fwd) return qf_fail(QF_ERR_ARG, "qf_attn_fusion_weights: no successful forward yet");
-    memcpy(weights, m->w, (size_t)(2 * m->B) * sizeof(float));
+    const size_t n = (size_t)(2 * m->B) * sizeof(float);
+    QF_TRY(m->be->copy2d(weights, n, m->w, n, n, 1));
+    return m->on_device ? m->be->synchronize() : QF_OK;
+}
+
+/* Frees what the model holds on a device (the gradients downloaded first) and its planned
+ * blocks on either side; the model is a CPU model again. */
+static void af_release_device(qf_attn_fusion *m) {
+    if (m->on_device) {
+        const qf_backend *be = m->be;
+        qf_model_graph_drop(be, &m->graph);
+        be->free(m->fwd);
+        be->free(m->bwd);
+        be->free(m->run_params);
+        be->free(m->params_bf16);
+        (void)qf_model_sync_grads(be, m->p.grads, m->dgrads, m->p.total, &m->grads_on_device);
+        be->free(m->dgrads);
+    } else {
+        free(m->fwd);
+        free(m->bwd);
+    }
+    m->fwd = m->bwd = m->dgrads = NULL;
+    m->fwd_cap = m->bwd_cap = 0;
+    m->grads_on_device = 0;
+    m->params_bf16 = NULL;
+    m->on_device = 0;
+    m->have_fwd = 0;
+    m->be = qf_backend_cpu();
+    m->run_params = m->p.params;
+}
+
+qf_status qf_attn_fusion_to_device(qf_attn_fusion *m, const char *device, qf_dtype weights) {
+    const char *fn = "qf_attn_fusion_to_device";
+    if (!m) return qf_fail(QF_ERR_ARG, "%s: m is NULL", fn);
+    int cuda = 0;
+    QF_TRY(qf_model_check_device(fn, "attention fusion", device, weights, &cuda));
+    const qf_backend *be = cuda ? qf_model_cuda_backend() : NULL;
+    if (cuda && !be) return qf_fail(QF_ERR_UNSUPPORTED, "%s: this libqfuse has no CUDA backend", fn);
+    af_release_device(m);
+    if (!cuda) return QF_OK;
+    float *dp;
+    uint16_t *db;
+    QF_TRY(qf_model_upload_params(be, m->p.params, m->p.total, 0, weights, &dp, &db, fn));
+    m->be = be;
+    m->on_device = 1;
+    m->graph.off = qf_model_graphs_off();
+    m->run_params = dp;
+    m->params_bf16 = db;
     return QF_OK;
 }
 
@@ -1011,10 +1180,16 @@ qf_status qf_attn_fusion_param(qf_attn_fusion *m, int i, qf_param *out) {
     if (!out) return qf_fail(QF_ERR_ARG, "qf_attn_fusion_param: out is NULL");
     if (i < 0 || i >= m->p.np)
         return qf_fail(QF_ERR_ARG, "qf_attn_fusion_param: index %d is out of range [0, %d)", i, m->p.np);
+    QF_TRY(qf_model_sync_grads(m->be, m->p.grads, m->dgrads, m->p.total, &m->grads_on_device));
     return param_view(&m->p, i, out);
 }
 
 void qf_attn_fusion_zero_grad(qf_attn_fusion *m) {
     if (!m) return;
+    /* on the GPU: queued ahead of the next backward, the host copy refreshed when next shown */
+    if (m->dgrads && m->be->zero(m->dgrads, m->p.total * sizeof(float)) == QF_OK) {
+        m->grads_on_device = 1;
+        return;
+    }
     memset(m->p.grads, 0, m->p.total * sizeof(float));
 }
