@@ -94,7 +94,7 @@ test-c-san: $(TEST_BIN)
 # on a stand-in device that is host memory (src/backend/fake_device.c, -DQF_FAKE_DEVICE), under
 # ASan/UBSan: host-side memory errors of that code show without a GPU (tests/python/fakedev.py).
 FAKEDEV_TESTS := $(addprefix tests/python/test_cuda_,qformer.py qformer_backward.py kvprefix.py kvprefix_backward.py \
-  prefusion_backward.py vision.py vision_backward.py mha.py act16.py)
+  prefusion_backward.py vision.py vision_backward.py mha.py act16.py modality.py)
 fakedev:
 	$(MAKE) BUILD=build-fakedev CFLAGS="-O1 -g $(SAN_FLAGS) -DQF_FAKE_DEVICE" LDFLAGS="$(SAN_FLAGS)" build-fakedev/libqfuse.so
 	ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
