@@ -4,7 +4,11 @@
  *      learned queries -> projection to the LLM width;
  *   2. the "attention" multi-fusion type (model_type "affectgpt_attention_fusion"): time-mean
  *      features of face and audio -> two modality weights from an MLP -> weighted sum -> LLM width.
- * Forward and backward side by side, on qf_linear_* and the Q-Former core (qformer.c).
+ * Forward and backward side by side, on the Q-Former core (qformer.c) and the backend table
+ * (m->be): each model may be placed on the GPU (qf_modality_qformer_to_device /
+ * qf_attn_fusion_to_device, as prefusion.c): the per-modality forward stages its frames there and
+ * runs the position rows, queries, Q-Former and projection as one graph per shape; its backward,
+ * and the attention fusion's forward and backward, are one code path for both backends.
  *
  * Semantics followed: AffectGPT my_affectgpt/models/affectgpt.py (read in a public fork,
  * ouyangjutian/AffectGPT; the structure is Video-LLaMA's video/audio branch, which AffectGPT
@@ -48,7 +52,12 @@
  *   - Activations are grow-only planned blocks (a call with earlier shapes allocates nothing);
  *     the forward keeps what backward needs, so callers may reuse their buffers.
  *   - have_fwd is set only after a forward fully succeeded; backward refuses without one.
- *   - Load fully succeeds or frees everything; every failure names the file and key/tensor. */
+ *   - Load fully succeeds or frees everything; every failure names the file and key/tensor.
+ *   - Placement (as prefusion.c): run_params is p.params on the CPU or its device copy (with a
+ *     bf16 copy for QF_BF16 weights, read by the forward's GEMMs; backward refuses bf16); on the
+ *     GPU the inputs are staged and screened (a non-finite value is named by its flat index) and
+ *     the parameter gradients accumulate in the device block dgrads, downloaded into p.grads
+ *     when shown (*_param) or when the model moves back to the CPU. */
 #include "models_internal.h"
 #include "qformer_internal.h"
 #include <cjson/cJSON.h>
