@@ -103,11 +103,9 @@ def load(folder, weights="f32", block=0, part=None, device="cpu", dtype="float32
     - every Q-Former family member (and BLIP-2 with part="fusion") as a FusionModel.
     weights ("f32", "bf16", "int8", "q4"; block: the scale block) is the storage of the
     language model's linear layers.
-    device="cuda" runs the Q-Former of a fusion model on the GPU (dtype "float32" or "bfloat16"
-    for its weights); the AffectGPT pre-fusion, the KV-prefix model and BLIP-2 / InstructBLIP
-    (vision tower included) run their whole forward there, the other models' remaining parts stay
-    on the CPU, and language models run on the CPU
-    only."""
+    device="cuda" runs a fusion model on the GPU (dtype "float32" or "bfloat16" for its weights):
+    the whole forward of every Q-Former family member (BLIP-2 / InstructBLIP with its vision
+    tower), and backward with float32 weights; language models run on the CPU only."""
     kind = model_kind(folder)
     if part not in (None, "fusion"):
         raise QfuseError("load: part = %r; expected None or \"fusion\"" % (part,))
@@ -169,15 +167,11 @@ class FusionModel:
             self._qprefix, self._query_name = "qformer.", "query_tokens"
         self._maps_from = self._qf
         if device != "cpu" or dtype != "float32":
-            if self._qf is None:
-                self.impl.close()
-                raise QfuseError("FusionModel: a %s model has no Q-Former to place on %s" % (self.kind, device),
-                                 "QF_ERR_UNSUPPORTED")
             try:
-                if self.kind in ("prefusion", "kv_prefix", "blip2"):
-                    self.impl.to(device, dtype)      # the whole model's forward, not only its Q-Former
-                else:
+                if self.kind == "qformer":
                     self._qf.to(device, dtype)
+                else:
+                    self.impl.to(device, dtype)      # the whole model's forward, not only its Q-Former
             except Exception:
                 self.impl.close()
                 raise

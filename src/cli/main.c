@@ -270,14 +270,13 @@ static const char *fuse_help =
     "  --threads N           worker threads (also: qfuse --threads N fuse ...)\n"
     "\n"
     "device (a libqfuse built with make CUDA=1 and a GPU; otherwise --device cuda fails with the reason):\n"
-    "  --device cpu|cuda     where the fusion model runs (default cpu). cuda runs the whole forward of\n"
-    "                        BLIP-2 / InstructBLIP (vision tower, Q-Former, language_projection),\n"
-    "                        affectgpt_prefusion and blip2_kv_prefix (and --project) on the GPU, and the\n"
-    "                        Q-Former of the others (a bare Q-Former; the video/audio Q-Formers, whose\n"
-    "                        frame projections stay on the CPU); affectgpt_attention_fusion has no\n"
-    "                        Q-Former and runs on the CPU only. Not with --attn-png (the attention maps\n"
-    "                        are computed on the CPU). The first forward of a shape also captures it as\n"
-    "                        a CUDA graph, so its time includes the capture.\n"
+    "  --device cpu|cuda     where the fusion model runs (default cpu). cuda runs the whole forward on\n"
+    "                        the GPU: BLIP-2 / InstructBLIP (vision tower, Q-Former, language_projection),\n"
+    "                        a bare Q-Former, affectgpt_prefusion, blip2_kv_prefix (and --project), the\n"
+    "                        video/audio Q-Formers (frame projection and position rows too) and\n"
+    "                        affectgpt_attention_fusion (its time means and MLP). Not with --attn-png\n"
+    "                        (the attention maps are computed on the CPU). The first forward of a shape\n"
+    "                        also captures it as a CUDA graph, so its time includes the capture.\n"
     "  --dtype float32|bfloat16   GPU weights (cuda only; default float32): bfloat16 GEMM weights with\n"
     "                        float32 accumulation and activations\n"
     "\n"
@@ -445,6 +444,8 @@ static qf_status place_qformer(void *m, const char *d, qf_dtype w) { return qf_q
 static qf_status place_prefusion(void *m, const char *d, qf_dtype w) { return qf_prefusion_to_device(m, d, w); }
 static qf_status place_kvprefix(void *m, const char *d, qf_dtype w) { return qf_kvprefix_to_device(m, d, w); }
 static qf_status place_blip2(void *m, const char *d, qf_dtype w) { return qf_blip2_to_device(m, d, w); }
+static qf_status place_modality(void *m, const char *d, qf_dtype w) { return qf_modality_qformer_to_device(m, d, w); }
+static qf_status place_attn_fusion(void *m, const char *d, qf_dtype w) { return qf_attn_fusion_to_device(m, d, w); }
 
 /* blip_2_qformer / instructblip_qformer */
 static int fuse_qformer(const fuse_opts *o, const char *type) {
@@ -746,8 +747,8 @@ static int fuse_modality(const fuse_opts *o, const char *type, int video) {
     double t_load = now_ms() - t0;
     qf_modality_qformer_config c;
     qf_modality_qformer_get_config(model, &c);
-    if ((rc = fuse_place(o, "the Q-Former (frame projection and LLM projection on the CPU)", place_qformer,
-                         qf_modality_qformer_qformer(model))))
+    if ((rc = fuse_place(o, "the whole modality Q-Former (frame projection, position rows, Q-Former, LLM "
+                            "projection)", place_modality, model)))
         goto done;
     if ((rc = fuse_read_f32(flag, frames, video ? FRAMES_NDIM : 3, &x, d))) goto done;
     int nd = x.ndim == 4 ? 4 : 3;
@@ -807,11 +808,6 @@ static int fuse_attention(const fuse_opts *o, const char *type) {
         return 2;
     }
     if (!o->audio || !o->face) return usage_error("fuse: %s models need both --audio and --face", type);
-    if (!strcmp(o->device, "cuda")) {
-        fprintf(stderr, "qfuse: fuse: --device cuda: %s models have no Q-Former to place on the GPU (two time "
-                "means and a small MLP): they run on the CPU only; drop --device\n", type);
-        return 2;
-    }
     qf_npy au = {0}, fa = {0}, am = {0}, fm = {0};
     int64_t ad[4] = {0}, fd[4] = {0}, md[2];
     float *out = NULL, *w = NULL;
@@ -821,6 +817,8 @@ static int fuse_attention(const fuse_opts *o, const char *type) {
     double t_load = now_ms() - t0;
     qf_attn_fusion_config c;
     qf_attn_fusion_get_config(model, &c);
+    if ((rc = fuse_place(o, "the whole attention fusion (time means, MLP, weighted sum)", place_attn_fusion, model)))
+        goto done;
     if ((rc = fuse_read_f32("--audio", o->audio, 3, &au, ad))) goto done;
     if (ad[2] != c.audio_dim) { rc = fuse_shape_error("--audio", o->audio, ad, 3, "[B,ta,audio_dim]"); goto done; }
     if ((rc = fuse_read_f32("--face", o->face, 3, &fa, fd))) goto done;
