@@ -99,7 +99,12 @@ qf_status qf_sdpa_resolve(const qf_sdpa_params *p, qf_sdpa_problem *pr) {
     pr->seed = p->seed;
     pr->offset = p->offset;
     pr->screen = NULL;
-    pr->strided = 0; /* contiguous tensors; a strided view is set by the caller (sdpa_internal.h) */
+    /* contiguous tensors; a strided view is set by the caller (sdpa_internal.h) */
+    pr->strided = 0;
+    pr->q_si = pr->D, pr->q_sh = pr->L * pr->D, pr->q_sb = pr->Hq * pr->L * pr->D;
+    pr->k_si = pr->D, pr->k_sh = pr->S * pr->D, pr->k_sb = pr->Hkv * pr->S * pr->D;
+    pr->v_si = pr->Dv, pr->v_sh = pr->S * pr->Dv, pr->v_sb = pr->Hkv * pr->S * pr->Dv;
+    pr->o_si = pr->Dv, pr->o_sh = pr->L * pr->Dv, pr->o_sb = pr->Hq * pr->L * pr->Dv;
     return resolve_mask(p, pr);
 }
 

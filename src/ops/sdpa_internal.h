@@ -31,11 +31,11 @@ typedef struct {
      * read every input value through its screen sets QF_SDPA_FINITE or QF_SDPA_NONFINITE (the
      * caller then names the value). */
     int *screen;
-    /* strided = 1: q, k, v and out are not the contiguous [B, H, len, D] tensors but views with
-     * element strides (batch, head, row) below and unit stride inside a row, e.g. heads read
-     * straight from packed projection rows [B, len, H*D]. Set by a caller after
-     * qf_sdpa_resolve (which leaves 0), and taken only by the CUDA forward without weights
-     * (qformer.c on the GPU); every other kernel requires strided == 0. */
+    /* The element strides (batch, head, row) of q, k, v and out, unit stride inside a row:
+     * qf_sdpa_resolve sets those of the contiguous [B, H, len, D] tensors and strided = 0. A
+     * caller sets strided = 1 with strides of views, e.g. heads read straight from packed
+     * projection rows [B, len, H*D]; taken only by the CUDA forwards without weights (the
+     * models on the GPU); every other kernel requires strided == 0. */
     int strided;
     int64_t q_sb, q_sh, q_si, k_sb, k_sh, k_si, v_sb, v_sh, v_si, o_sb, o_sh, o_si;
 } qf_sdpa_problem;

@@ -1038,17 +1038,11 @@ qf_status make_args(const char *fn, const qf_sdpa_problem *pr, Args *a, int *dp)
     a->mask_kind = pr->mask ? (int)pr->mask_kind : (int)QF_MASK_NONE;
     a->mask = pr->mask;
     a->ms_b = pr->ms_b; a->ms_h = pr->ms_h; a->ms_i = pr->ms_i; a->ms_j = pr->ms_j;
-    if (pr->strided) {
-        a->q_sb = pr->q_sb; a->q_sh = pr->q_sh; a->q_si = pr->q_si;
-        a->k_sb = pr->k_sb; a->k_sh = pr->k_sh; a->k_si = pr->k_si;
-        a->v_sb = pr->v_sb; a->v_sh = pr->v_sh; a->v_si = pr->v_si;
-        a->o_sb = pr->o_sb; a->o_sh = pr->o_sh; a->o_si = pr->o_si;
-    } else {
-        a->q_si = pr->D; a->q_sh = pr->L * pr->D; a->q_sb = pr->Hq * pr->L * pr->D;
-        a->k_si = pr->D; a->k_sh = pr->S * pr->D; a->k_sb = pr->Hkv * pr->S * pr->D;
-        a->v_si = pr->Dv; a->v_sh = pr->S * pr->Dv; a->v_sb = pr->Hkv * pr->S * pr->Dv;
-        a->o_si = pr->Dv; a->o_sh = pr->L * pr->Dv; a->o_sb = pr->Hq * pr->L * pr->Dv;
-    }
+    /* the contiguous tensors' strides unless the problem is strided (qf_sdpa_resolve) */
+    a->q_sb = pr->q_sb; a->q_sh = pr->q_sh; a->q_si = pr->q_si;
+    a->k_sb = pr->k_sb; a->k_sh = pr->k_sh; a->k_si = pr->k_si;
+    a->v_sb = pr->v_sb; a->v_sh = pr->v_sh; a->v_si = pr->v_si;
+    a->o_sb = pr->o_sb; a->o_sh = pr->o_sh; a->o_si = pr->o_si;
     return QF_OK;
 }
 
